@@ -1,0 +1,125 @@
+"""Typed configuration shared by every engine, the server and the experiment runner.
+
+The dataclasses double as Hydra structured-config schemas (registered in
+``semipd_engine.conf_store``), so an unknown key or a wrong type fails when the
+config is composed, before any process starts. Engines receive frozen copies
+(``freeze``) so nothing mutates a config after start-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+
+@dataclass
+class ModelConfig:
+    # A preset name from semipd_engine.model.presets, used when `path` is unset.
+    name: str = "tiny"
+    # A local Hugging Face checkpoint directory (config.json + *.safetensors).
+    path: Optional[str] = None
+    # Tokenizer directory; defaults to `path`, else the built-in byte-level BPE.
+    tokenizer: Optional[str] = None
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    seed: int = 0
+    # Longest prompt + output the engine accepts; 0 means the model's own limit.
+    max_model_len: int = 0
+    attention_backend: str = "auto"  # auto | torch | triton
+    device: str = "cpu"
+
+
+@dataclass
+class EngineConfig:
+    # Registry name (semipd_engine.registry): unified, unified_chunked, ...
+    name: str = "unified"
+    # Scheduler policy: prefill_priority | chunked (see semipd_engine.scheduler).
+    policy: str = "prefill_priority"
+    max_num_seqs: int = 64
+    # Token budget of one iteration. For `chunked` it is the Sarathi chunk budget.
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    # KV pool size: an explicit block count, or (when 0) derived from kv_cache_mb.
+    num_kv_blocks: int = 0
+    kv_cache_mb: int = 256
+    # Admission keeps this fraction of the pool free for running decodes.
+    watermark: float = 0.01
+    # Intra-op threads per worker; 0 = as many as the worker's cores.
+    num_threads: int = 0
+    # semi-PD compute shares (percent caps of the device); used by semipd engines.
+    prefill_share: int = 100
+    decode_share: int = 100
+    partition_backend: str = "auto"  # auto | cpu_affinity | green_context | mps | none
+    # Disaggregated baseline: instance counts and KV memory split.
+    num_prefill_instances: int = 1
+    num_decode_instances: int = 1
+    prefill_kv_fraction: float = 0.5
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # Seconds to wait at start-up for the engine workers to load the model.
+    startup_timeout_s: float = 300.0
+    # On SIGTERM, in-flight requests get this long to finish before they are failed.
+    drain_timeout_s: float = 5.0
+    # Optional JSONL file of per-request server-side lifecycle timestamps.
+    request_log: Optional[str] = None
+    served_model_name: Optional[str] = None
+    log_level: str = "INFO"
+
+
+@dataclass
+class ServeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+T = TypeVar("T")
+
+
+def freeze(cls: type[T], cfg: Any) -> T:
+    """Build a frozen instance of dataclass ``cls`` from a DictConfig/dict/dataclass."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    elif dataclasses.is_dataclass(cfg):
+        cfg = dataclasses.asdict(cfg)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(cfg) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} key(s): {sorted(unknown)}")
+    kwargs = {}
+    for name, value in cfg.items():
+        if dataclasses.is_dataclass(hints[name]) and value is not None:
+            value = freeze(hints[name], value)
+        kwargs[name] = value
+    return _frozen_twin(cls)(**kwargs)
+
+
+_FROZEN: dict[type, type] = {}
+
+
+def _frozen_twin(cls: type) -> type:
+    # Hydra needs mutable schemas to merge overrides; engines get a frozen twin
+    # with the same fields, so a config cannot change after start-up.
+    if cls not in _FROZEN:
+        _FROZEN[cls] = dataclasses.make_dataclass(
+            "Frozen" + cls.__name__,
+            [(f.name, f.type, f) for f in dataclasses.fields(cls)],
+            frozen=True,
+            namespace={"__module__": cls.__module__, "__doc__": cls.__doc__},
+        )
+    return _FROZEN[cls]
+
+
+# Module-level names so frozen configs pickle into spawned worker processes.
+FrozenModelConfig = _frozen_twin(ModelConfig)
+FrozenEngineConfig = _frozen_twin(EngineConfig)
+FrozenServerConfig = _frozen_twin(ServerConfig)
+FrozenServeConfig = _frozen_twin(ServeConfig)

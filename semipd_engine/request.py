@@ -1,0 +1,137 @@
+"""The one request type every engine schedules, and its sampling parameters.
+
+A request's tokens are ``prompt_token_ids + output_token_ids``; the KV cache
+holds the first ``num_computed_tokens`` of them. Prefill, a prefill chunk, a
+decode step and a recompute after preemption are all the same operation:
+compute ``tokens[num_computed:num_computed + n]`` and, when that reaches the
+end, sample one more token.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 = disabled
+    seed: Optional[int] = None
+    ignore_eos: bool = False
+    # Stop strings are matched on detokenized text by the server front end.
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_tokens or the context limit
+    ABORT = "abort"  # client went away or server shut down
+    ERROR = "error"  # the engine failed
+
+
+@dataclass
+class Timestamps:
+    """Server-side lifecycle, all ``time.monotonic()`` (system-wide on Linux, so
+    comparable across the server and worker processes)."""
+
+    arrival: float = 0.0
+    first_scheduled: Optional[float] = None
+    first_token: Optional[float] = None
+    tokens: list[float] = field(default_factory=list)
+    finished: Optional[float] = None
+    preemptions: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_ids: tuple[int, ...] = ()
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: Optional[FinishReason] = None
+    times: Timestamps = field(default_factory=Timestamps)
+    # torch.Generator state for seeded sampling; travels with the request.
+    rng_state: Optional[object] = None
+
+    def __post_init__(self) -> None:
+        if not self.times.arrival:
+            self.times.arrival = time.monotonic()
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_remaining(self) -> int:
+        """Tokens whose KV is not yet in the cache (1 for a decoding request)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def in_decode(self) -> bool:
+        return bool(self.output_token_ids) and self.num_remaining == 1
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_token_ids)
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+
+    @property
+    def last_token_id(self) -> int:
+        return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]
+
+    def append_token(self, token_id: int, now: float) -> None:
+        self.output_token_ids.append(token_id)
+        if self.times.first_token is None:
+            self.times.first_token = now
+        self.times.tokens.append(now)
+
+    def check_finished(self, max_model_len: int) -> Optional[FinishReason]:
+        if not self.output_token_ids:
+            return None
+        last = self.output_token_ids[-1]
+        if not self.params.ignore_eos and last in self.eos_token_ids:
+            return FinishReason.STOP
+        if len(self.output_token_ids) >= self.params.max_tokens or self.num_tokens >= max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What a worker reports for one request after one iteration."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    token_times: tuple[float, ...]
+    finished: bool
+    finish_reason: Optional[str]
+    num_prompt_tokens: int
+    num_output_tokens: int
+    # Lifecycle, filled in on the finishing output only.
+    first_scheduled: Optional[float] = None
+    preemptions: tuple[float, ...] = ()
+    error: Optional[str] = None

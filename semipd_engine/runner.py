@@ -1,0 +1,73 @@
+"""ModelRunner: a scheduled batch -> packed tensors -> forward -> sampled tokens.
+
+The runner owns the model and a view of the KV pool; it does not decide what
+runs (the scheduler does) nor what a token means (the engine core does).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from semipd_engine.kv_cache import KVCache
+from semipd_engine.model.attention import AttentionMetadata, PrefillSeq
+from semipd_engine.request import Request
+from semipd_engine.sampler import sample
+
+
+class ModelRunner:
+    def __init__(self, model, kv: KVCache):
+        self.model, self.kv = model, kv
+        self.kv_layers = kv.layers()
+        self.block_size = kv.block_size
+
+    def prepare(self, items: list[tuple[Request, int]]):
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        prefills: list[PrefillSeq] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        sample_rows: list[int] = []
+        sample_reqs: list[Request] = []
+        for req, n in items:
+            start, end = req.num_computed_tokens, req.num_computed_tokens + n
+            row0 = len(ids)
+            ids += req.token_ids(start, end)
+            table = req.block_table
+            for p in range(start, end):
+                pos.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+            if n == 1:
+                decode_rows.append(row0)
+                decode_tables.append(table[: (end + bs - 1) // bs])
+                decode_lens.append(end)
+            else:
+                prefills.append(PrefillSeq(row0, row0 + n, end, torch.tensor(table[: (end + bs - 1) // bs])))
+            if end == req.num_tokens:  # reached the end of the known tokens: sample the next
+                sample_rows.append(row0 + n - 1)
+                sample_reqs.append(req)
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots), prefills=prefills)
+        if decode_rows:
+            width = max(len(t) for t in decode_tables)
+            meta.decode_idx = torch.tensor(decode_rows)
+            meta.decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables])
+            meta.decode_ctx_lens = torch.tensor(decode_lens)
+        return torch.tensor(ids), torch.tensor(pos), meta, sample_rows, sample_reqs
+
+    @torch.inference_mode()
+    def run(self, items: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
+        """Run one iteration; returns (request, sampled token) for requests that reached their end."""
+        input_ids, positions, meta, rows, reqs = self.prepare(items)
+        hidden = self.model(input_ids, positions, meta, self.kv_layers)
+        if not rows:
+            return []
+        logits = self.model.compute_logits(hidden[torch.tensor(rows)])
+        return list(zip(reqs, sample(logits, reqs)))
+
+    @torch.inference_mode()
+    def prefill_logits(self, items: list[tuple[Request, int]]) -> torch.Tensor:
+        """Logits of every new token (tests compare them with transformers)."""
+        input_ids, positions, meta, _, _ = self.prepare(items)
+        return self.model.compute_logits(self.model(input_ids, positions, meta, self.kv_layers))
