@@ -103,14 +103,18 @@ class EngineCore:
         for req, n in batch.items:
             req.num_computed_tokens += n
         outputs = [self._postprocess(req, tok, time.monotonic()) for req, tok in sampled]
-        stats = IterationStats(
-            phase=phase_of(n_prefill, batch.num_tokens - n_prefill), duration_s=duration,
-            num_prefill_tokens=n_prefill, num_decode_tokens=batch.num_tokens - n_prefill,
+        return outputs, self.snapshot(phase_of(n_prefill, batch.num_tokens - n_prefill), duration,
+                                      n_prefill, batch.num_tokens - n_prefill)
+
+    def snapshot(self, phase: str = "idle", duration: float = 0.0, n_prefill: int = 0,
+                 n_decode: int = 0) -> IterationStats:
+        """Pool and queue state; phase "idle" reports state without an iteration."""
+        return IterationStats(
+            phase=phase, duration_s=duration, num_prefill_tokens=n_prefill, num_decode_tokens=n_decode,
             kv_blocks_used=self.pool.num_used, kv_blocks_total=self.pool.num_blocks,
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             preemptions_total=self.scheduler.num_preemptions,
         )
-        return outputs, stats
 
     def _postprocess(self, req: Request, token: int, now: float) -> RequestOutput:
         req.append_token(token, now)

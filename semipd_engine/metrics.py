@@ -1,0 +1,68 @@
+"""Prometheus metrics of a serving engine (text format at GET /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
+                   1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0)
+
+
+class EngineMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.kv_blocks_total = Gauge("kv_blocks_total", "KV blocks in the pool", ["instance"], registry=r)
+        self.kv_blocks_used = Gauge("kv_blocks_used", "KV blocks allocated", ["instance"], registry=r)
+        self.requests_running = Gauge("requests_running", "Requests with KV in the pool", ["instance"], registry=r)
+        self.requests_waiting = Gauge("requests_waiting", "Requests queued for prefill", ["instance"], registry=r)
+        self.requests_in_flight = Gauge("requests_in_flight", "Requests the server is answering", registry=r)
+        self.preemptions = Counter("preemptions", "Requests preempted by recompute", registry=r)
+        self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("generation_tokens", "Generated tokens", registry=r)
+        self.request_success = Counter("request_success", "Finished requests", ["finish_reason"], registry=r)
+        self.iteration_time = Histogram("iteration_time_seconds", "Engine iteration time by phase",
+                                        ["phase", "instance"], buckets=LATENCY_BUCKETS, registry=r)
+        self.iteration_tokens = Counter("iteration_tokens", "Tokens computed by phase", ["phase"], registry=r)
+        self.ttft = Histogram("time_to_first_token_seconds", "Server-side TTFT", buckets=LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("e2e_request_latency_seconds", "Server-side end-to-end latency",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("time_per_output_token_seconds", "Server-side TPOT", buckets=LATENCY_BUCKETS,
+                              registry=r)
+        self._preempt_seen: dict[str, int] = {}
+
+    def engine_ready(self, worker_info: dict[str, dict]) -> None:
+        for worker, info in worker_info.items():
+            self.kv_blocks_total.labels(worker).set(info["kv_blocks_total"])
+            self.kv_blocks_used.labels(worker).set(0)
+            self.requests_running.labels(worker).set(0)
+            self.requests_waiting.labels(worker).set(0)
+
+    def observe_iteration(self, worker: str, s) -> None:
+        if s.phase != "idle":
+            self.iteration_time.labels(s.phase, worker).observe(s.duration_s)
+        if s.num_prefill_tokens:
+            self.iteration_tokens.labels("prefill").inc(s.num_prefill_tokens)
+        if s.num_decode_tokens:
+            self.iteration_tokens.labels("decode").inc(s.num_decode_tokens)
+        self.kv_blocks_total.labels(worker).set(s.kv_blocks_total)
+        self.kv_blocks_used.labels(worker).set(s.kv_blocks_used)
+        self.requests_running.labels(worker).set(s.num_running)
+        self.requests_waiting.labels(worker).set(s.num_waiting)
+        new = s.preemptions_total - self._preempt_seen.get(worker, 0)
+        if new > 0:
+            self.preemptions.inc(new)
+        self._preempt_seen[worker] = s.preemptions_total
+
+    def observe_request(self, arrival: float, first_token, finished: float, prompt_tokens: int,
+                        output_tokens: int, finish_reason: str) -> None:
+        self.request_success.labels(finish_reason).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(output_tokens)
+        if first_token is not None:
+            self.ttft.observe(first_token - arrival)
+            if output_tokens > 1:
+                self.tpot.observe((finished - first_token) / (output_tokens - 1))
+        self.e2e.observe(finished - arrival)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,163 @@
+"""OpenAI request validation -> (prompt ids, SamplingParams), and response shapes.
+
+Every rejection is an `ApiError` that the server turns into an HTTP status and
+an OpenAI-style body: {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from semipd_engine.request import SamplingParams
+
+
+class ApiError(Exception):
+    def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
+                 type_: str = "invalid_request_error", code: Optional[str] = None):
+        super().__init__(message)
+        self.message, self.param, self.status, self.type, self.code = message, param, status, type_, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number(body, key, default, lo, hi):
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ApiError(f"'{key}' must be a number, got {type(v).__name__}", key)
+    if not lo <= v <= hi:
+        raise ApiError(f"'{key}' must be in [{lo}, {hi}], got {v}", key)
+    return float(v)
+
+
+def _bool(body, key, default=False) -> bool:
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ApiError(f"'{key}' must be a boolean, got {type(v).__name__}", key)
+    return v
+
+
+def parse_sampling(body: dict, prompt_len: int, max_model_len: int) -> tuple[SamplingParams, bool, bool]:
+    room = max_model_len - prompt_len
+    if room <= 0:
+        raise ApiError(f"prompt has {prompt_len} tokens; the context limit is {max_model_len} tokens", "prompt",
+                       code="context_length_exceeded")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(key)
+    if max_tokens is None:
+        max_tokens = min(16, room) if key == "max_tokens" and "messages" not in body else room
+    if not _is_int(max_tokens) or max_tokens <= 0:
+        raise ApiError(f"'{key}' must be a positive integer, got {max_tokens!r}", key)
+    if max_tokens > room:
+        raise ApiError(f"'{key}' is {max_tokens} but the prompt ({prompt_len} tokens) leaves room for only "
+                       f"{room} within the context limit of {max_model_len}", key, code="context_length_exceeded")
+    top_k = body.get("top_k", -1)
+    if top_k is None:
+        top_k = -1
+    if not _is_int(top_k) or (top_k < 1 and top_k != -1):
+        raise ApiError(f"'top_k' must be -1 (off) or a positive integer, got {top_k!r}", "top_k")
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise ApiError(f"'seed' must be an integer, got {seed!r}", "seed")
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError("'stop' must be a non-empty string or a list of non-empty strings", "stop")
+    n = body.get("n", 1)
+    if n is not None and n != 1:
+        raise ApiError("only n=1 is supported", "n")
+    stream = _bool(body, "stream")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise ApiError("'stream_options' must be an object", "stream_options")
+    include_usage = _bool(opts, "include_usage")
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
+        top_k=top_k, seed=seed, ignore_eos=_bool(body, "ignore_eos"), stop=tuple(stop),
+    )
+    return params, stream, include_usage
+
+
+def parse_prompt(body: dict, tokenizer, vocab_size: int) -> list[int]:
+    if "prompt" not in body:
+        raise ApiError("'prompt' is required", "prompt")
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ApiError("'prompt' must not be empty", "prompt")
+        return tokenizer.encode(prompt)
+    if isinstance(prompt, list):
+        if not prompt:
+            raise ApiError("'prompt' must not be empty", "prompt")
+        if not all(_is_int(t) for t in prompt):
+            raise ApiError("'prompt' must be a string or a list of token ids (integers); batches of several "
+                           "prompts are not supported", "prompt")
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise ApiError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})", "prompt")
+        return list(prompt)
+    raise ApiError(f"'prompt' must be a string or a list of token ids, got {type(prompt).__name__}", "prompt")
+
+
+def parse_messages(body: dict, tokenizer) -> list[int]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError("'messages' must be a non-empty list", "messages")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ApiError(f"messages[{i}] must be an object with string 'role' and 'content'", f"messages[{i}]")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApiError("this model's tokenizer has no chat template; use /v1/completions", "messages")
+    ids = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(rid: str, model: str, chat: bool, text: Optional[str], finish: Optional[str],
+                    stream: bool, created: Optional[int] = None, first: bool = False) -> dict[str, Any]:
+    created = created or int(time.time())
+    if chat:
+        if stream:
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": finish}
+        obj = "chat.completion.chunk" if stream else "chat.completion"
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
