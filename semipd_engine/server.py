@@ -63,6 +63,8 @@ class ApiServer:
         return web.json_response({"status": "ok", "engine": self.engine.name})
 
     async def models(self, request: web.Request) -> web.Response:
+        if not self.engine.ready:
+            return error_response(ApiError("engine is not ready", status=503, type_="server_error"))
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "semipd-harness",
                 "max_model_len": self.engine.max_model_len}
         return web.json_response({"object": "list", "data": [card]})

@@ -177,3 +177,35 @@ def _children(pid: int) -> list[int]:
         with open(f"/proc/{pid}/task/{task}/children") as f:
             out += [int(x) for x in f.read().split()]
     return out
+
+
+def test_crashed_worker_fails_requests_and_health():
+    srv = ServerProcess("engine=unified", "model=tiny", "engine.kv_cache_mb=16")
+    try:
+        worker = _children(srv.proc.pid)
+        worker = [p for p in worker if "spawn_main" in open(f"/proc/{p}/cmdline").read()]
+        import threading
+
+        result = {}
+
+        def long_request():
+            result["resp"] = post(srv.url + "/v1/completions",
+                                  {"prompt": "x", "max_tokens": 3000, "ignore_eos": True})
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        time.sleep(1.0)
+        os.kill(worker[0], 9)
+        t.join(30)
+        assert not t.is_alive(), "request hung after the worker died"
+        status, body = result["resp"]
+        assert status == 500 and "worker" in body["error"]["message"]
+        try:
+            urllib.request.urlopen(srv.url + "/health")
+            raise AssertionError("health should fail")
+        except urllib.error.HTTPError as e:
+            assert e.code == 503
+        status, body = post(srv.url + "/v1/completions", {"prompt": "x"})
+        assert status == 503
+    finally:
+        srv.stop()

@@ -1,0 +1,25 @@
+"""Registers the experiment schemas with Hydra's ConfigStore (engine ones included)."""
+
+from __future__ import annotations
+
+import os
+
+from hydra.core.config_store import ConfigStore
+
+from experiments.config import (ExperimentConfig, LoadgenConfig, LoadgenJob, RunConfig, SLOConfig, WandbConfig,
+                                WorkloadConfig)
+from semipd_engine import conf_store as engine_store
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+def register() -> None:
+    engine_store.register()
+    cs = ConfigStore.instance()
+    cs.store(name="loadgen_schema", node=LoadgenJob)
+    cs.store(name="run_schema", node=RunConfig)
+    cs.store(group="workload", name="workload_schema", node=WorkloadConfig)
+    cs.store(group="slo", name="slo_schema", node=SLOConfig)
+    cs.store(group="experiment", name="experiment_schema", node=ExperimentConfig)
+    cs.store(group="loadgen", name="loadgen_schema", node=LoadgenConfig)
+    cs.store(group="wandb", name="wandb_schema", node=WandbConfig)

@@ -1,0 +1,384 @@
+"""Load generator for any OpenAI-compatible server.
+
+    python -m experiments.loadgen base_url=http://127.0.0.1:8000 workload=synthetic \
+        workload.rate=4 workload.num_requests=200 output_dir=DIR
+
+The whole schedule is computed first and dispatched against absolute monotonic
+times; each request's clock starts at its scheduled time. Connections are
+opened before the run so TCP set-up never lands in a TTFT. Writes
+DIR/requests.parquet (one row per request) and DIR/summary.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import aiohttp
+import numpy as np
+import pandas as pd
+
+from experiments import metrics as M
+from experiments.arrivals import schedule
+from experiments.prompts import PromptBuilder
+from experiments.workloads import Workload, load_workload
+
+log = logging.getLogger("loadgen")
+
+
+class LoadgenError(RuntimeError):
+    pass
+
+
+@dataclass
+class Planned:
+    idx: int
+    prompt: Any  # str or list[int]
+    prompt_tokens: int  # expected, -1 if unknown
+    output_tokens: int
+    offset: Optional[float]  # seconds from start; None in a closed loop
+
+
+@dataclass
+class Record:
+    idx: int
+    scheduled: float = math.nan
+    send: float = math.nan
+    first_token: float = math.nan
+    finish: float = math.nan
+    token_times: list[float] = field(default_factory=list)
+    prompt_tokens: Optional[int] = None
+    output_tokens: Optional[int] = None
+    chunks: int = 0
+    status: Optional[int] = None
+    error: Optional[str] = None
+
+
+def plan(workload: Workload, wcfg, lcfg, tokenizer) -> list[Planned]:
+    offsets = schedule(wcfg, len(workload.items),
+                       [it.timestamp for it in workload.items] if workload.has_timestamps else None)
+    builder = PromptBuilder(tokenizer, seed=wcfg.seed)
+    out = []
+    for i, it in enumerate(workload.items):
+        if lcfg.prompt_format == "token_ids":
+            prompt, n = builder.token_ids(it.prompt_len), it.prompt_len
+        elif it.prompt_text is not None:
+            prompt, n = it.prompt_text, (len(tokenizer.encode(it.prompt_text)) if tokenizer else -1)
+        else:
+            prompt, n = builder.text(it.prompt_len)
+        out.append(Planned(i, prompt, n, it.output_len, None if offsets is None else float(offsets[i])))
+    return out
+
+
+class LoadGenerator:
+    def __init__(self, lcfg, wcfg, model: str):
+        self.lcfg, self.wcfg, self.model = lcfg, wcfg, model
+        base = lcfg.base_url.rstrip("/")
+        self.url = base + "/v1/completions"
+        self.stop = asyncio.Event()
+        self.loop_lag: list[float] = []
+        self.t0 = 0.0
+
+    def payload(self, p: Planned) -> dict[str, Any]:
+        body = {"model": self.model, "prompt": p.prompt, "max_tokens": p.output_tokens, "temperature": 0.0,
+                "stream": self.lcfg.stream}
+        if self.lcfg.ignore_eos:
+            body["ignore_eos"] = True
+        if self.lcfg.stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    async def one(self, session: aiohttp.ClientSession, p: Planned, rec: Record) -> None:
+        body = json.dumps(self.payload(p))
+        rec.send = time.monotonic()
+        try:
+            async with session.post(self.url, data=body, headers={"Content-Type": "application/json"}) as resp:
+                rec.status = resp.status
+                if resp.status != 200:
+                    rec.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
+                    return
+                if not self.lcfg.stream:
+                    obj = await resp.json()
+                    rec.first_token = rec.finish = time.monotonic()
+                    rec.token_times = [rec.finish]
+                    self._usage(obj, rec)
+                    return
+                async for line in resp.content:
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        break
+                    now = time.monotonic()
+                    obj = json.loads(data)
+                    if "error" in obj:
+                        rec.error = f"stream error: {obj['error'].get('message')}"
+                        break
+                    ch = obj.get("choices")
+                    if ch:
+                        c = ch[0]
+                        text = c.get("text") if "text" in c else (c.get("delta") or {}).get("content")
+                        if text:
+                            rec.chunks += 1
+                            rec.token_times.append(now)
+                            if math.isnan(rec.first_token):
+                                rec.first_token = now
+                    self._usage(obj, rec)
+            rec.finish = time.monotonic()
+            if rec.error is None and math.isnan(rec.first_token) and (rec.output_tokens or 0) > 0:
+                rec.error = "stream ended without any token text"
+        except asyncio.TimeoutError:
+            rec.error = f"timeout after {self.lcfg.request_timeout_s}s"
+        except asyncio.CancelledError:
+            rec.error = "interrupted"
+            raise
+        except (aiohttp.ClientError, ConnectionError) as e:
+            rec.error = f"{type(e).__name__}: {e}"
+        except json.JSONDecodeError as e:
+            rec.error = f"bad SSE chunk: {e}"
+
+    @staticmethod
+    def _usage(obj, rec: Record) -> None:
+        u = obj.get("usage")
+        if u:
+            rec.prompt_tokens = u.get("prompt_tokens")
+            rec.output_tokens = u.get("completion_tokens")
+
+    async def _lag_monitor(self) -> None:
+        period = 0.01
+        while not self.stop.is_set():
+            t = time.monotonic()
+            await asyncio.sleep(period)
+            self.loop_lag.append(max(0.0, time.monotonic() - t - period))
+
+    async def run(self, planned: list[Planned], progress=None) -> list[Record]:
+        records = [Record(p.idx) for p in planned]
+        timeout = aiohttp.ClientTimeout(total=self.lcfg.request_timeout_s)
+        conn = aiohttp.TCPConnector(limit=self.lcfg.max_connections, keepalive_timeout=600, force_close=False)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self.stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+            await self._prewarm(session)
+            monitor = asyncio.create_task(self._lag_monitor())
+            tasks: list[asyncio.Task] = []
+
+            def done(_):
+                if progress is not None:
+                    progress.update(1)
+
+            if planned and planned[0].offset is None:
+                await self._closed_loop(session, planned, records, tasks, done)
+            else:
+                await self._open_loop(session, planned, records, tasks, done)
+            pending = [t for t in tasks if not t.done()]
+            if pending:
+                stopper = asyncio.create_task(self.stop.wait())
+                waiter = asyncio.gather(*pending, return_exceptions=True)
+                await asyncio.wait({stopper, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+            self.stop.set()
+            await monitor
+        for r in records:  # never sent: interrupted before their time
+            if math.isnan(r.send) and r.error is None:
+                r.error = "not sent (interrupted)"
+        return records
+
+    async def _prewarm(self, session) -> None:
+        n = max(1, self.lcfg.prewarm_connections)
+        models = self.lcfg.base_url.rstrip("/") + "/v1/models"
+
+        async def ping():
+            async with session.get(models) as r:
+                await r.read()
+
+        await asyncio.gather(*(ping() for _ in range(n)), return_exceptions=True)
+
+    async def _open_loop(self, session, planned, records, tasks, done) -> None:
+        self.t0 = time.monotonic() + 0.05
+        for p, rec in zip(planned, records):
+            target = self.t0 + p.offset
+            delay = target - time.monotonic()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(self.stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+            if self.stop.is_set():
+                break
+            rec.scheduled = target
+            t = asyncio.create_task(self.one(session, p, rec))
+            t.add_done_callback(done)
+            tasks.append(t)
+
+    async def _closed_loop(self, session, planned, records, tasks, done) -> None:
+        self.t0 = time.monotonic()
+        sem = asyncio.Semaphore(self.wcfg.max_concurrency)
+
+        async def guarded(p, rec):
+            async with sem:
+                if self.stop.is_set():
+                    return
+                rec.scheduled = time.monotonic()
+                await self.one(session, p, rec)
+
+        for p, rec in zip(planned, records):
+            t = asyncio.create_task(guarded(p, rec))
+            t.add_done_callback(done)
+            tasks.append(t)
+
+
+def to_frame(records: list[Record], planned: list[Planned], t0: float) -> pd.DataFrame:
+    rows = []
+    for r, p in zip(records, planned):
+        out_tokens = r.output_tokens if r.output_tokens is not None else (r.chunks if r.error is None else 0)
+        rows.append({
+            "request_id": r.idx, "scheduled_s": r.scheduled - t0, "send_s": r.send - t0,
+            "first_token_s": r.first_token - t0, "finish_s": r.finish - t0,
+            "token_times_s": [t - t0 for t in r.token_times],
+            "prompt_tokens": r.prompt_tokens if r.prompt_tokens is not None else p.prompt_tokens,
+            "output_tokens": out_tokens, "expected_prompt_tokens": p.prompt_tokens,
+            "expected_output_tokens": p.output_tokens, "num_chunks": r.chunks, "http_status": r.status,
+            "error": r.error,
+        })
+    return pd.DataFrame(rows)
+
+
+async def fetch_model(base_url: str) -> str:
+    url = base_url.rstrip("/") + "/v1/models"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+            async with s.get(url) as r:
+                if r.status != 200:
+                    raise LoadgenError(f"{url} answered HTTP {r.status}")
+                data = await r.json()
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        raise LoadgenError(f"server at {base_url} is unreachable: {type(e).__name__}: {e}") from None
+    try:
+        return data["data"][0]["id"]
+    except (KeyError, IndexError, TypeError):
+        raise LoadgenError(f"{url} returned no model") from None
+
+
+def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_config: Any = None) -> dict[str, Any]:
+    """Plan, run and summarise one load run; writes requests.parquet and summary.json."""
+    from semipd_engine.tokenizer import load_tokenizer
+
+    tok = None
+    if lcfg.tokenizer and lcfg.tokenizer != "none":
+        tok = load_tokenizer(None if lcfg.tokenizer == "builtin" else lcfg.tokenizer)
+    workload = load_workload(wcfg, tok)  # fails on a bad file before anything is sent
+    planned = plan(workload, wcfg, lcfg, tok)
+    model = lcfg.model or asyncio.run(fetch_model(lcfg.base_url))
+    gen = LoadGenerator(lcfg, wcfg, model)
+    progress = None
+    if lcfg.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(planned), desc=f"{wcfg.name} @ {wcfg.rate}/s", unit="req", file=sys.stderr)
+    try:
+        records = asyncio.run(gen.run(planned, progress))
+    finally:
+        if progress is not None:
+            progress.close()
+    df = M.derive(to_frame(records, planned, gen.t0), lcfg.measure_from if wcfg.arrival != "closed" else "send")
+    window = M.measured_window(df, lcfg.warmup_s, lcfg.cooldown_s)
+    sent = window["send_s"].dropna()
+    duration = float(window["finish_s"].max() - sent.min()) if len(sent) else 0.0
+    summary = {
+        "aggregates": M.aggregate(window, slo.ttft_s, slo.tpot_s, duration),
+        "self_check": M.self_check(df, wcfg, gen.loop_lag, wcfg.arrival),
+        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+        "workload": {"name": workload.name, "num_requests": len(planned), "num_clipped": workload.num_clipped,
+                     "arrival": wcfg.arrival, "rate": wcfg.rate},
+        "model": model, "base_url": lcfg.base_url, "interrupted": gen.stop.is_set() and
+        any(r.error and "interrupted" in r.error for r in records),
+        "length_mismatch": length_mismatch(df),
+        "config": resolved_config,
+        "t0_monotonic": gen.t0,  # monotonic time of the run's origin (all *_s columns are relative to it)
+    }
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+        df.to_parquet(os.path.join(output_dir, "requests.parquet"), index=False)
+        with open(os.path.join(output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    return summary
+
+
+def length_mismatch(df: pd.DataFrame) -> dict[str, Any]:
+    ok = df[df["error"].isna()]
+    known = ok[ok["expected_prompt_tokens"] >= 0]
+    p = int((known["prompt_tokens"] != known["expected_prompt_tokens"]).sum())
+    o = int((ok["output_tokens"] != ok["expected_output_tokens"]).sum())
+    return {"prompt_mismatched": p, "output_mismatched": o, "checked": int(len(ok))}
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    a, c = s["aggregates"], s["self_check"]
+
+    def ms(d, k):
+        return "-" if d[k] is None else f"{1e3 * d[k]:.1f}"
+
+    lines = [f"requests {a['num_ok']}/{a['num_requests']} ok, {a['num_errors']} errors, "
+             f"{a['request_throughput']:.2f} req/s, {a['output_token_throughput']:.1f} tok/s out",
+             f"{'metric':<22}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}   (ms)"]
+    for k in ("ttft_s", "tpot_s", "itl_s", "e2e_s", "dispatch_lateness_s"):
+        lines.append(f"{k:<22}" + "".join(f"{ms(a[k], q):>10}" for q in ("mean", "p50", "p90", "p99")))
+    lines.append(f"SLO (TTFT<={s['slo']['ttft_s']}s, TPOT<={s['slo']['tpot_s']}s): attainment "
+                 f"{100 * a['slo_attainment']:.1f}%, goodput {a['goodput']:.2f} req/s")
+    lm = s["length_mismatch"]
+    if lm["prompt_mismatched"] or lm["output_mismatched"]:
+        lines.append(f"length mismatch: {lm['prompt_mismatched']} prompts, {lm['output_mismatched']} outputs "
+                     f"of {lm['checked']}")
+    lines.append("client self-check: " + ("valid" if c["valid"] else "INVALID: " + "; ".join(c["reasons"])))
+    return "\n".join(lines)
+
+
+def _main_from_hydra(cfg) -> None:
+    from omegaconf import OmegaConf
+
+    from experiments.config import LoadgenConfig, SLOConfig, WorkloadConfig
+    from semipd_engine.config import freeze
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    lc = dict(container["loadgen"])
+    for key in ("base_url", "output_dir", "model"):  # top-level shorthands win
+        if container.get(key) is not None:
+            lc[key] = container[key]
+    lcfg, wcfg, slo = freeze(LoadgenConfig, lc), freeze(WorkloadConfig, cfg.workload), freeze(SLOConfig, cfg.slo)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        summary = run_loadgen(lcfg, wcfg, slo, lcfg.output_dir, container)
+    except (LoadgenError, ValueError, FileNotFoundError) as e:
+        print(f"experiments.loadgen: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(format_summary(summary))
+    if lcfg.output_dir:
+        print(f"wrote {lcfg.output_dir}/requests.parquet and summary.json")
+
+
+def main() -> None:
+    import hydra
+
+    from experiments import conf_store
+
+    conf_store.register()
+    hydra.main(version_base=None, config_path=conf_store.CONF_DIR, config_name="loadgen")(_main_from_hydra)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Prompts of a requested token length, as text or as token ids.
+
+Text is cut from a long pseudo-natural token stream and re-encoded; if the
+round trip changes the count, the window is resized and tried again, so the
+target tokenizer sees exactly the requested length (the residual mismatch is
+reported). With no tokenizer, lengths are approximate (one word per token).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+
+class PromptBuilder:
+    def __init__(self, tokenizer=None, seed: int = 0, vocab_hint: int = 1000):
+        self.tok = tokenizer
+        self.rng = np.random.default_rng(seed + 104729)
+        from semipd_engine.tokenizer import synthetic_corpus
+
+        text = " ".join(synthetic_corpus(seed=4321, num_lines=4000))
+        self.words = text.split()
+        if tokenizer is not None:
+            self.stream = tokenizer.encode(text, add_special_tokens=False)
+            special = set(getattr(tokenizer, "all_special_ids", []) or [])
+            self.id_pool = np.array([i for i in range(len(tokenizer)) if i not in special])
+        else:
+            self.stream = None
+            self.id_pool = np.arange(10, vocab_hint)
+
+    def token_ids(self, n: int) -> list[int]:
+        return self.rng.choice(self.id_pool, size=n).tolist()
+
+    def text(self, n: int) -> tuple[str, int]:
+        """(text, its token count under the target tokenizer; -1 when unknown)."""
+        if self.tok is None:
+            start = int(self.rng.integers(0, len(self.words) - n - 1))
+            return " ".join(self.words[start : start + n]), -1
+        start = int(self.rng.integers(0, len(self.stream) - 2 * n - 8))
+        width = n
+        best: Optional[tuple[str, int]] = None
+        for _ in range(6):
+            text = self.tok.decode(self.stream[start : start + width]).strip()
+            got = len(self.tok.encode(text))
+            if best is None or abs(got - n) < abs(best[1] - n):
+                best = (text, got)
+            if got == n:
+                break
+            width = max(1, width + (n - got))
+        return best

@@ -1,0 +1,228 @@
+"""Workloads: (prompt length, output length[, arrival time]) per request.
+
+- `synthetic`: ShareGPT-like log-normal lengths. The means (prompt 161.3,
+  output 338.0 tokens) are the ShareGPT averages reported in the vLLM paper
+  (Kwon et al., SOSP 2023, Fig. 11: 8.4x the prompts and 5.8x the outputs of
+  Alpaca's 19.3 / 58.5). The log-normal sigmas (1.1, 0.9) are our choice to give
+  the heavy right tail of that figure; both are config keys.
+- `longbench_synthetic`: long prompts, short answers, in the spirit of LongBench.
+- `fixed`: every request the same lengths.
+- `sharegpt`: the public ShareGPT JSON; a human turn is the prompt and the
+  following model turn's length the output length, roles checked.
+- `mooncake` (JSONL), `azure` (CSV), `burstgpt` (CSV): real traces with their
+  own timestamps; a window, a time scale and a length scale apply.
+
+Datasets without timestamps drop requests outside the length filters (the
+semi-PD/DistServe protocol); traces clip lengths instead, so their arrival
+process stays intact, and say how many they clipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+TRACE_DIR = Path(__file__).parent / "data" / "traces"
+DEFAULT_TRACES = {
+    "mooncake": TRACE_DIR / "mooncake_fast25_conversation.jsonl",
+    "azure": TRACE_DIR / "azure_llm_2023_conv.csv",
+}
+
+
+class WorkloadError(ValueError):
+    """A malformed workload file; the message names the file and the line or record."""
+
+
+@dataclass
+class WorkItem:
+    prompt_len: int
+    output_len: int
+    timestamp: Optional[float] = None  # seconds from the trace start
+    prompt_text: Optional[str] = None  # real text (ShareGPT); otherwise built to length
+
+
+@dataclass
+class Workload:
+    items: list[WorkItem]
+    name: str
+    num_clipped: int = 0
+
+    @property
+    def has_timestamps(self) -> bool:
+        return bool(self.items) and self.items[0].timestamp is not None
+
+
+def _lognormal(rng, mean: float, sigma: float, n: int) -> np.ndarray:
+    mu = math.log(mean) - sigma**2 / 2  # so that E[X] = mean
+    return rng.lognormal(mu, sigma, n)
+
+
+def _ok(cfg, p: int, o: int) -> bool:
+    return (cfg.min_prompt_len <= p <= cfg.max_prompt_len and o >= cfg.min_output_len
+            and p + o <= cfg.max_total_len)
+
+
+def synthetic(cfg, prompt_mean=None, prompt_sigma=None, output_mean=None, output_sigma=None) -> Workload:
+    rng = np.random.default_rng(cfg.seed)
+    items: list[WorkItem] = []
+    for _ in range(1000):  # rejection sampling against the length filters
+        n = max(64, 2 * (cfg.num_requests - len(items)))
+        ps = _lognormal(rng, prompt_mean or cfg.prompt_mean, prompt_sigma or cfg.prompt_sigma, n)
+        os_ = _lognormal(rng, output_mean or cfg.output_mean, output_sigma or cfg.output_sigma, n)
+        for p, o in zip(ps, os_):
+            p, o = _scale(p, cfg), _scale(o, cfg)
+            if _ok(cfg, p, o):
+                items.append(WorkItem(p, o))
+        if len(items) >= cfg.num_requests:
+            return Workload(items[: cfg.num_requests], cfg.name)
+    raise WorkloadError("the length filters reject almost every synthetic request; loosen them")
+
+
+def fixed(cfg) -> Workload:
+    p, o = _scale(cfg.prompt_len, cfg), _scale(cfg.output_len, cfg)
+    return Workload([WorkItem(p, o) for _ in range(cfg.num_requests)], cfg.name)
+
+
+def _scale(x: float, cfg) -> int:
+    return max(1, int(round(x * cfg.length_scale)))
+
+
+PROMPT_ROLES = {"human", "user"}
+REPLY_ROLES = {"gpt", "chatgpt", "assistant", "bard", "bing", "model"}
+
+
+def sharegpt(cfg, tokenizer=None) -> Workload:
+    path = _path(cfg)
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise WorkloadError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+    if not isinstance(data, list):
+        raise WorkloadError(f"{path}: expected a JSON list of conversations")
+    order = np.random.default_rng(cfg.seed).permutation(len(data))
+    count = (lambda s: len(tokenizer.encode(s))) if tokenizer is not None else (lambda s: max(1, len(s) // 4))
+    items = []
+    for idx in order:
+        rec = data[idx]
+        conv = rec.get("conversations") if isinstance(rec, dict) else None
+        if not isinstance(conv, list):
+            raise WorkloadError(f"{path}: record {idx} has no 'conversations' list")
+        for j, turn in enumerate(conv):
+            if not (isinstance(turn, dict) and isinstance(turn.get("from"), str)
+                    and isinstance(turn.get("value"), str)):
+                raise WorkloadError(f"{path}: record {idx} turn {j} needs string 'from' and 'value'")
+        # The first turn must be the user's; the next one the model's answer.
+        if len(conv) < 2 or conv[0]["from"].lower() not in PROMPT_ROLES or conv[1]["from"].lower() not in REPLY_ROLES:
+            continue
+        prompt = conv[0]["value"]
+        p, o = _scale(count(prompt), cfg), _scale(count(conv[1]["value"]), cfg)
+        if _ok(cfg, p, o):
+            items.append(WorkItem(p, o, prompt_text=prompt if cfg.length_scale == 1.0 else None))
+        if len(items) >= cfg.num_requests:
+            break
+    if not items:
+        raise WorkloadError(f"{path}: no conversation passed the role and length filters")
+    return Workload(items, cfg.name)
+
+
+def mooncake(cfg) -> Workload:
+    path = _path(cfg)
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                rows.append((float(rec["timestamp"]) / 1000.0, int(rec["input_length"]), int(rec["output_length"])))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise WorkloadError(f"{path}:{lineno}: bad Mooncake record ({type(e).__name__}: {e}); "
+                                    "need 'timestamp' (ms), 'input_length', 'output_length'") from None
+    return _trace(cfg, rows)
+
+
+def _read_csv(path: str, columns: tuple[str, str, str], parse_time) -> list[tuple[float, int, int]]:
+    rows = []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise WorkloadError(f"{path}:1: missing column(s) {missing}; have {reader.fieldnames}")
+        for lineno, rec in enumerate(reader, 2):
+            try:
+                rows.append((parse_time(rec[columns[0]]), int(float(rec[columns[1]])), int(float(rec[columns[2]]))))
+            except (TypeError, ValueError) as e:
+                raise WorkloadError(f"{path}:{lineno}: bad record ({e})") from None
+    return rows
+
+
+def azure(cfg) -> Workload:
+    from datetime import datetime
+
+    def parse(s: str) -> float:
+        s = s.strip()
+        if "." in s:  # the trace has 7 fractional digits; datetime takes 6
+            head, frac = s.split(".")
+            s = f"{head}.{frac[:6]}"
+        return datetime.fromisoformat(s).timestamp()
+
+    return _trace(cfg, _read_csv(_path(cfg), ("TIMESTAMP", "ContextTokens", "GeneratedTokens"), parse))
+
+
+def burstgpt(cfg) -> Workload:
+    rows = _read_csv(_path(cfg), ("Timestamp", "Request tokens", "Response tokens"), float)
+    return _trace(cfg, [r for r in rows if r[2] > 0])  # zero-token responses are failed requests
+
+
+def _trace(cfg, rows: list[tuple[float, int, int]]) -> Workload:
+    if not rows:
+        raise WorkloadError(f"{_path(cfg)}: the trace is empty")
+    rows.sort(key=lambda r: r[0])
+    t0 = rows[0][0] + cfg.window_start_s
+    end = t0 + cfg.window_s if cfg.window_s else math.inf
+    items, clipped = [], 0
+    for t, p, o in rows:
+        if t < t0 or t >= end:
+            continue
+        p, o = _scale(p, cfg), _scale(o, cfg)
+        cp = min(max(p, cfg.min_prompt_len), cfg.max_prompt_len)
+        co = max(cfg.min_output_len, min(o, cfg.max_total_len - cp))
+        clipped += (cp, co) != (p, o)
+        items.append(WorkItem(cp, co, timestamp=(t - t0) / cfg.time_scale))
+        if len(items) >= cfg.num_requests:
+            break
+    if not items:
+        raise WorkloadError(f"{_path(cfg)}: no request inside the window")
+    return Workload(items, cfg.name, num_clipped=clipped)
+
+
+def _path(cfg) -> str:
+    path = cfg.path or DEFAULT_TRACES.get(cfg.name)
+    if not path:
+        raise WorkloadError(f"workload {cfg.name!r} needs workload.path=FILE")
+    if not os.path.isfile(path):
+        raise WorkloadError(f"workload.path={path}: no such file")
+    return str(path)
+
+
+def load_workload(cfg, tokenizer=None) -> Workload:
+    if cfg.name == "synthetic":
+        return synthetic(cfg)
+    if cfg.name == "longbench_synthetic":
+        return synthetic(cfg)  # its conf sets long prompt / short output means
+    if cfg.name == "fixed":
+        return fixed(cfg)
+    if cfg.name == "sharegpt":
+        return sharegpt(cfg, tokenizer)
+    loaders = {"mooncake": mooncake, "azure": azure, "burstgpt": burstgpt}
+    if cfg.name not in loaders:
+        raise WorkloadError(f"unknown workload {cfg.name!r}; known: synthetic, longbench_synthetic, fixed, "
+                            f"sharegpt, {', '.join(loaders)}")
+    return loaders[cfg.name](cfg)
