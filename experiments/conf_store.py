@@ -6,8 +6,15 @@ import os
 
 from hydra.core.config_store import ConfigStore
 
-from experiments.config import (ExperimentConfig, LoadgenConfig, LoadgenJob, RunConfig, SLOConfig, WandbConfig,
-                                WorkloadConfig)
+from experiments.config import (
+    ExperimentConfig,
+    LoadgenConfig,
+    LoadgenJob,
+    RunConfig,
+    SLOConfig,
+    WandbConfig,
+    WorkloadConfig,
+)
 from semipd_engine import conf_store as engine_store
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig
 
@@ -116,4 +116,3 @@ class RunConfig:
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     results_dir: str = "results"
-    extra: dict[str, Any] = field(default_factory=dict)

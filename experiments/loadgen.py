@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import aiohttp
-import numpy as np
 import pandas as pd
 
 from experiments import metrics as M

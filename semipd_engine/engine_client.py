@@ -14,7 +14,8 @@ import multiprocessing as mp
 import queue
 import threading
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from semipd_engine.request import Request, RequestOutput
 from semipd_engine.worker import WorkerSpec, worker_main

@@ -11,8 +11,6 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 from semipd_engine.kv_cache import BlockPool, KVCache
 from semipd_engine.model import load_weights, resolve
 from semipd_engine.model.loader import build_model, torch_dtype

@@ -29,13 +29,6 @@ class KVCache:
         if share and self.data.device.type == "cpu":
             self.data.share_memory_()
 
-    @classmethod
-    def from_tensor(cls, data: torch.Tensor) -> "KVCache":
-        """Wrap a pool tensor received from another process (no copy)."""
-        obj = cls.__new__(cls)
-        obj.data, obj.num_blocks, obj.block_size = data, data.shape[2], data.shape[3]
-        return obj
-
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.data[i, 0], self.data[i, 1]
 

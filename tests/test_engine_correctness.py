@@ -19,7 +19,6 @@ def prompts(vocab: int, seed: int = 1):
 
 
 def hf_greedy(path, prompt, max_new):
-    from transformers import AutoModelForCausalLM
 
     model = _hf_model(path)
     out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False, min_new_tokens=max_new,

@@ -11,8 +11,9 @@ registering a class with the same `forward` signature.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,11 @@ class AttentionMetadata:
     decode_ctx_lens: Optional[torch.Tensor] = None  # [B]
 
 
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    # index_select copies whole rows; on CPU it is 5-10x faster than advanced indexing here.
+    return cache.index_select(0, block_ids)
+
+
 class TorchAttention:
     """Reference implementation with `scaled_dot_product_attention`."""
 
@@ -58,34 +64,49 @@ class TorchAttention:
         v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
         for p in meta.prefills:
-            qs = q[p.start : p.end].transpose(0, 1)
+            qs = q[p.start : p.end]
             if p.fresh:
                 ks, vs = k[p.start : p.end], v[p.start : p.end]
                 mask, causal = None, True
             else:
-                ks = k_cache[p.block_ids].flatten(0, 1)[: p.ctx_len]
-                vs = v_cache[p.block_ids].flatten(0, 1)[: p.ctx_len]
+                ks = gather_blocks(k_cache, p.block_ids).flatten(0, 1)[: p.ctx_len]
+                vs = gather_blocks(v_cache, p.block_ids).flatten(0, 1)[: p.ctx_len]
                 q_len = p.end - p.start
                 q_pos = torch.arange(p.ctx_len - q_len, p.ctx_len).unsqueeze(1)
                 mask, causal = torch.arange(p.ctx_len).unsqueeze(0) <= q_pos, False
+            # 4-D [1, heads, tokens, dim]: with 3-D inputs the CPU kernel falls back to the
+            # math path, which materialises the whole score matrix (~5x slower at 2k tokens).
             o = F.scaled_dot_product_attention(
-                qs, ks.transpose(0, 1), vs.transpose(0, 1),
+                qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
                 attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True,
             )
-            out[p.start : p.end] = o.transpose(0, 1)
+            out[p.start : p.end] = o[0].transpose(0, 1)
         if meta.decode_idx is not None:
-            bt = meta.decode_block_tables
-            b = bt.shape[0]
-            ks = k_cache[bt].view(b, -1, kvh, d).transpose(1, 2)  # [B, KVH, L, D]
-            vs = v_cache[bt].view(b, -1, kvh, d).transpose(1, 2)
-            length = ks.shape[2]
-            mask = torch.arange(length).unsqueeze(0) < meta.decode_ctx_lens.unsqueeze(1)
-            qd = q[meta.decode_idx].unsqueeze(2)  # [B, H, 1, D]
-            o = F.scaled_dot_product_attention(
-                qd, ks, vs, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True
-            )
-            out[meta.decode_idx] = o.squeeze(2)
+            out[meta.decode_idx] = self._decode(q[meta.decode_idx], k_cache, v_cache, meta, scale)
         return out
+
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """One query per sequence over its paged context: [B, H, D] -> [B, H, D]."""
+        _, _, kvh, d = k_cache.shape
+        bt = meta.decode_block_tables
+        b = bt.shape[0]
+        ks = gather_blocks(k_cache, bt.flatten()).view(b, -1, kvh, d).transpose(1, 2)  # [B, KVH, L, D]
+        vs = gather_blocks(v_cache, bt.flatten()).view(b, -1, kvh, d).transpose(1, 2)
+        valid = torch.arange(ks.shape[2]).unsqueeze(0) < meta.decode_ctx_lens.unsqueeze(1)  # [B, L]
+        if q.dtype == torch.float32:
+            o = F.scaled_dot_product_attention(
+                q.unsqueeze(2), ks, vs, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
+            )
+            return o.squeeze(2)
+        # Half precision: the CPU SDPA kernel takes ~7 ms per layer for single-token queries at batch 32
+        # (bf16, 272-token contexts); grouped-query matmuls on contiguous K/V take ~0.5 ms.
+        g = q.shape[1] // kvh
+        scores = torch.matmul(q.view(b, kvh, g, d), ks.contiguous().transpose(-1, -2)).float() * scale
+        scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        return torch.matmul(probs, vs.contiguous()).view(b, kvh * g, d)
 
 
 ATTENTION_BACKENDS: dict[str, Callable[[], object]] = {"torch": TorchAttention}

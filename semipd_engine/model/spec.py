@@ -32,7 +32,7 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
 
     @classmethod
-    def from_hf_config(cls, cfg: Any) -> "ModelSpec":
+    def from_hf_config(cls, cfg: Any) -> ModelSpec:
         model_type = getattr(cfg, "model_type", None)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(

@@ -1,0 +1,163 @@
+"""One Hydra job: launch an engine server -> replay the workload -> save -> track.
+
+`run(cfg, job_dir)` is what `run.py` calls; it is plain Python so tests call it
+too. A job writes into its directory:
+  job.json           status (ok | failed), engine, rate, swept overrides, headline metrics
+  requests.parquet   one row per request (the load generator's columns)
+  summary.json       aggregates, client self-check, SLOs, resolved config
+  provenance.json    git commit + dirty flag, packages, machine, resolved config
+  server.log, server_requests.jsonl, metrics.prom   the engine server's side
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+import traceback
+import urllib.request
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from experiments import provenance, tracking
+from experiments.config import ExperimentConfig, LoadgenConfig, SLOConfig, WandbConfig, WorkloadConfig
+from experiments.launch import EngineServer
+from experiments.loadgen import run_loadgen
+from experiments.slo import resolve_slo
+from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig, freeze
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    model: Any
+    engine: Any
+    server: Any
+    workload: Any
+    slo: Any
+    loadgen: Any
+    experiment: Any
+    wandb: Any
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> Job:
+        return cls(freeze(ModelConfig, cfg.model), freeze(EngineConfig, cfg.engine), freeze(ServerConfig, cfg.server),
+                   freeze(WorkloadConfig, cfg.workload), freeze(SLOConfig, cfg.slo),
+                   freeze(LoadgenConfig, cfg.loadgen), freeze(ExperimentConfig, cfg.experiment),
+                   freeze(WandbConfig, cfg.wandb))
+
+
+def read_job(job_dir: Path) -> Optional[dict[str, Any]]:
+    f = Path(job_dir) / "job.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
+    a = summary["aggregates"]
+    out = {"slo_attainment": a["slo_attainment"], "goodput_rps": a["goodput"],
+           "request_throughput": a["request_throughput"], "output_token_throughput": a["output_token_throughput"],
+           "num_requests": a["num_requests"], "num_errors": a["num_errors"],
+           "client_valid": summary["self_check"]["valid"]}
+    for m in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+        for q in ("mean", "p50", "p90", "p99"):
+            out[f"{q}_{m}"] = a[m][q]
+    return out
+
+
+def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = None,
+        sweep: Optional[str] = None) -> dict[str, Any]:
+    job = Job.from_cfg(cfg)  # validates before anything starts
+    jd = Path(job_dir)
+    jd.mkdir(parents=True, exist_ok=True)
+    prev = read_job(jd)
+    if job.experiment.skip_finished and prev and prev.get("status") == "ok":
+        log.info("job %s already finished: skipping", jd)
+        return prev
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    prov = provenance.collect(resolved)
+    (jd / "provenance.json").write_text(json.dumps(prov, indent=2, default=str))
+    record: dict[str, Any] = {"status": "running", "engine": job.engine.name, "rate": job.workload.rate,
+                              "workload": job.workload.name, "model": job.model.path or job.model.name,
+                              "mode": job.experiment.mode, "overrides": overrides or {}, "started": time.time()}
+    (jd / "job.json").write_text(json.dumps(record, indent=2))
+    summary: dict[str, Any] = {}
+    try:
+        slo = resolve_slo(job.slo, job.model, job.engine, job.server, job.workload, job.loadgen, prov["machine"])
+        slo_cfg = dataclasses.replace(job.slo, ttft_s=slo["ttft_s"], tpot_s=slo["tpot_s"])
+        record["slo"] = slo
+        with EngineServer(job.model, job.engine, job.server, str(jd), job.server.startup_timeout_s) as srv:
+            lcfg = dataclasses.replace(job.loadgen, base_url=srv.url)
+            if job.experiment.mode == "goodput":
+                summary = goodput_search(lcfg, job.workload, slo_cfg, job.experiment, jd, resolved)
+                record["goodput_rate"] = summary["goodput_rate"]
+            else:
+                summary = run_loadgen(lcfg, job.workload, slo_cfg, str(jd), resolved)
+            _save_server_metrics(srv.url, jd)
+        record.update(status="ok", **headline(summary))
+    except BaseException as e:
+        record.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        raise
+    finally:
+        record["finished"] = time.time()
+        (jd / "job.json").write_text(json.dumps(record, indent=2, default=str))
+    requests = pd.read_parquet(jd / "requests.parquet") if (jd / "requests.parquet").is_file() else None
+    try:
+        tracking.log_job(job.wandb, str(jd), name=jd.name, group=sweep or jd.parent.name, job_type=job.engine.name,
+                         config=resolved, summary={**record, "aggregates": summary.get("aggregates", {})},
+                         requests=requests)
+    except Exception as e:  # tracking must never lose a finished measurement
+        log.warning("W&B logging failed: %s", e)
+    return record
+
+
+def _save_server_metrics(url: str, jd: Path) -> None:
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            (jd / "metrics.prom").write_bytes(r.read())
+    except OSError as e:
+        log.warning("could not read the server's /metrics: %s", e)
+
+
+def goodput_search(lcfg, wcfg, slo_cfg, exp, jd: Path, resolved) -> dict[str, Any]:
+    """DistServe protocol: bisect the rate for the highest one with attainment >= target."""
+    target = slo_cfg.target_attainment
+    probes: list[dict[str, Any]] = []
+    frames = []
+
+    def attainment(rate: float) -> float:
+        vals = []
+        for seed in exp.goodput_seeds:
+            d = jd / "probes" / f"rate{rate:.4f}_seed{seed}"
+            s = run_loadgen(lcfg, dataclasses.replace(wcfg, rate=rate, seed=seed), slo_cfg, str(d), resolved)
+            vals.append(s["aggregates"]["slo_attainment"])
+            probes.append({"rate": rate, "seed": seed, **headline(s)})
+            df = pd.read_parquet(d / "requests.parquet")
+            frames.append(df.assign(probe_rate=rate, probe_seed=seed))
+        return sum(vals) / len(vals)
+
+    lo, hi = exp.goodput_low, exp.goodput_high
+    if attainment(lo) < target:
+        goodput = 0.0
+    elif attainment(hi) >= target:
+        goodput = hi
+    else:
+        while hi - lo > exp.goodput_tolerance:
+            mid = (lo + hi) / 2
+            if attainment(mid) >= target:
+                lo = mid
+            else:
+                hi = mid
+        goodput = lo
+    pd.concat(frames, ignore_index=True).to_parquet(jd / "requests.parquet", index=False)
+    best = max((p for p in probes if p["rate"] <= goodput), key=lambda p: p["rate"], default=probes[0])
+    summary = {"goodput_rate": goodput, "probes": probes, "target_attainment": target,
+               "aggregates": json.loads((jd / "probes" / f"rate{best['rate']:.4f}_seed{exp.goodput_seeds[0]}"
+                                         / "summary.json").read_text())["aggregates"],
+               "self_check": {"valid": all(p["client_valid"] for p in probes)}}
+    (jd / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary

@@ -1,0 +1,43 @@
+"""`python run.py` runs the embedded default sweep; any Hydra override or multirun works.
+
+    python run.py                                          # the demo sweep (every engine x a few rates)
+    python run.py -m engine=unified,unified_chunked workload.rate=1,2,4
+    python run.py experiment=single engine=unified workload.rate=2
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from experiments import conf_store
+
+conf_store.register()
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from experiments.runner import run
+
+    hc = HydraConfig.get()
+    overrides = {}
+    for o in hc.overrides.task:
+        key, _, value = o.lstrip("+~").partition("=")
+        if not key.startswith("hydra"):
+            overrides[key] = value
+    multirun = hc.mode == RunMode.MULTIRUN
+    record = run(cfg, hc.runtime.output_dir, overrides, Path(hc.sweep.dir).name if multirun else None)
+    if not multirun:
+        from experiments.aggregate import finish_sweep
+
+        finish_sweep(Path(hc.runtime.output_dir), None)
+    return record.get("slo_attainment")
+
+
+if __name__ == "__main__":
+    main()
