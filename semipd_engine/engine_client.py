@@ -38,13 +38,11 @@ class EngineClient:
         self._procs: dict[str, mp.Process] = {}
         self.worker_info: dict[str, dict] = {}
         self._streams: dict[str, asyncio.Queue] = {}
-        self._owner: dict[str, str] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._reader: Optional[threading.Thread] = None
         self._stopping = False
         self.dead_reason: Optional[str] = None
         self.on_stats: Callable[[str, object], None] = lambda worker, stats: None
-        self.on_finished: Callable[[RequestOutput], None] = lambda out: None
 
     # -- engine-specific ------------------------------------------------------
     def worker_specs(self) -> list[WorkerSpec]:
@@ -109,15 +107,12 @@ class EngineClient:
             raise EngineDead(self.dead_reason or "engine is not ready")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[req.request_id] = stream
-        worker = self.entry_worker(req)
-        self._owner[req.request_id] = worker
-        self._in_qs[worker].put(("add", req))
+        self._in_qs[self.entry_worker(req)].put(("add", req))
         return stream
 
     def abort(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is None:
             return
-        self._owner.pop(request_id, None)
         for q in self._in_qs.values():  # the request may have moved between workers
             q.put(("abort", request_id))
 
@@ -152,8 +147,6 @@ class EngineClient:
                 stream.put_nowait(out)
                 if out.finished:
                     self._streams.pop(out.request_id, None)
-                    self._owner.pop(out.request_id, None)
-                    self.on_finished(out)
         elif msg[0] == "fatal":
             self._mark_dead(f"worker {msg[1]} crashed:\n{msg[2]}")
 
@@ -179,4 +172,3 @@ class EngineClient:
         for rid, stream in list(self._streams.items()):
             stream.put_nowait(RequestOutput(rid, (), (), True, reason, 0, 0, error=error))
         self._streams.clear()
-        self._owner.clear()

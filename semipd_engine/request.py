@@ -57,7 +57,7 @@ class Timestamps:
     preemptions: list[float] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: queues use `in` / `remove`
 class Request:
     request_id: str
     prompt_token_ids: list[int]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 import torch
 
 from semipd_engine.request import Request
@@ -10,7 +12,7 @@ from semipd_engine.request import Request
 def _generator(req: Request) -> torch.Generator:
     g = torch.Generator()
     if req.rng_state is None:
-        seed = req.params.seed if req.params.seed is not None else torch.seed()
+        seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
         g.manual_seed(seed)
     else:
         g.set_state(req.rng_state)

@@ -1,0 +1,82 @@
+"""Compute shares for semi-PD's prefill and decode workers.
+
+A partition is (x, y): the prefill and decode workers' percentage caps of the
+device. They are caps, so x + y may exceed 100; (100, 100) is uncapped.
+
+Backends:
+- `cpu_affinity` (default off-GPU): prefill gets round(x% of the cores) from the
+  front, decode round(y%) from the back, at least one each; the worker pins itself
+  with `os.sched_setaffinity` and sizes torch's thread pool to match. Changing a
+  share is two syscalls at an iteration boundary, so a switch needs no new process.
+- `green_context` / `mps` (CUDA): SM shares. Not available on this build's CPU
+  machines; asking for them on a machine without CUDA fails with the reason, and
+  `auto` picks `cpu_affinity` there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "cpu_affinity", "none")
+
+
+@dataclass(frozen=True)
+class Partition:
+    prefill_share: int
+    decode_share: int
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_share", "decode_share"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 100:
+                raise ValueError(f"{name} must be an integer percentage in [1, 100], got {v!r}")
+
+
+def machine_cores() -> tuple[int, ...]:
+    return tuple(sorted(os.sched_getaffinity(0)))
+
+
+def core_sets(p: Partition, cores: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(prefill cores, decode cores) for partition `p` over `cores`."""
+    n = len(cores)
+    n_prefill = min(n, max(1, round(p.prefill_share / 100 * n)))
+    n_decode = min(n, max(1, round(p.decode_share / 100 * n)))
+    return tuple(cores[:n_prefill]), tuple(cores[n - n_decode :])
+
+
+def distinct_partitions(cores: Sequence[int]) -> list[Partition]:
+    """The partitions that differ on this machine (2 cores: only a handful do)."""
+    seen, out = set(), []
+    for x in range(1, 101):
+        for y in range(1, 101):
+            sets = core_sets(Partition(x, y), cores)
+            if sets not in seen:
+                seen.add(sets)
+                out.append(Partition(x, y))
+    return out
+
+
+def resolve_backend(name: str, device: str) -> str:
+    if name not in BACKENDS + ("green_context", "mps"):
+        raise ValueError(f"engine.partition_backend must be one of {BACKENDS + ('green_context', 'mps')}")
+    if name == "auto":
+        return "cpu_affinity" if device == "cpu" else "none"
+    if name in ("green_context", "mps"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"engine.partition_backend={name} needs a CUDA device; this machine has none "
+                             "(use cpu_affinity, or none for uncapped)")
+        raise ValueError(f"engine.partition_backend={name} is not implemented yet; use none (uncapped)")
+    return name
+
+
+def apply_share(backend: str, cores: tuple[int, ...], num_threads: int = 0) -> tuple[int, ...]:
+    """Pin the calling process to `cores` (cpu_affinity) and size its thread pool."""
+    if backend == "cpu_affinity":
+        os.sched_setaffinity(0, cores)
+    allowed = tuple(sorted(os.sched_getaffinity(0)))
+    torch.set_num_threads(num_threads or len(allowed))
+    return allowed
