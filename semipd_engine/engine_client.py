@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing as mp
 import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import Optional
+
+import torch.multiprocessing as tmp
 
 from semipd_engine.request import Request, RequestOutput
 from semipd_engine.worker import WorkerSpec, worker_main
@@ -32,17 +33,23 @@ class EngineClient:
 
     def __init__(self, model_cfg, engine_cfg):
         self.model_cfg, self.engine_cfg = model_cfg, engine_cfg
-        self._ctx = mp.get_context("spawn")
+        # torch's spawn context: tensors (shared weights, the KV pool) travel as shared memory.
+        self._ctx = tmp.get_context("spawn")
         self._out_q = self._ctx.Queue()
         self._in_qs: dict[str, object] = {}
-        self._procs: dict[str, mp.Process] = {}
+        self._procs: dict[str, object] = {}
         self.worker_info: dict[str, dict] = {}
         self._streams: dict[str, asyncio.Queue] = {}
+        # Outputs of one request can come from two workers through two queue feeders:
+        # deliver them in token order.
+        self._next: dict[str, int] = {}
+        self._held: dict[str, dict[int, RequestOutput]] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._reader: Optional[threading.Thread] = None
         self._stopping = False
         self.dead_reason: Optional[str] = None
         self.on_stats: Callable[[str, object], None] = lambda worker, stats: None
+        self.on_switch: Callable[[str, dict], None] = lambda worker, info: None
 
     # -- engine-specific ------------------------------------------------------
     def worker_specs(self) -> list[WorkerSpec]:
@@ -51,15 +58,28 @@ class EngineClient:
     def entry_worker(self, req: Request) -> str:
         return self.worker_specs()[0].name
 
+    def prepare(self) -> None:
+        """Build state the workers share (runs in a thread before they are spawned)."""
+
+    def worker_kwargs(self, spec: WorkerSpec) -> dict:
+        return {}
+
+    def pool_label(self, worker: str) -> str:
+        specs = {s.name: s for s in self.worker_specs()}
+        return (specs[worker].pool if worker in specs else None) or worker
+
     # -- lifecycle --------------------------------------------------------------
     async def start(self, timeout_s: float) -> None:
         self._loop = asyncio.get_running_loop()
-        for spec in self.worker_specs():
-            q = self._ctx.Queue()
-            p = self._ctx.Process(target=worker_main, name=f"worker-{spec.name}",
-                                  args=(spec, self.model_cfg, self.engine_cfg, q, self._out_q), daemon=True)
+        specs = self.worker_specs()
+        self._in_qs = {spec.name: self._ctx.Queue() for spec in specs}
+        await asyncio.to_thread(self.prepare)
+        for spec in specs:
+            p = self._ctx.Process(target=worker_main, name=f"worker-{spec.name}", daemon=True,
+                                  args=(spec, self.model_cfg, self.engine_cfg, self._in_qs[spec.name], self._out_q),
+                                  kwargs=self.worker_kwargs(spec))
             p.start()
-            self._in_qs[spec.name], self._procs[spec.name] = q, p
+            self._procs[spec.name] = p
         deadline = time.monotonic() + timeout_s
         while len(self.worker_info) < len(self._procs):
             if time.monotonic() > deadline:
@@ -107,12 +127,15 @@ class EngineClient:
             raise EngineDead(self.dead_reason or "engine is not ready")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[req.request_id] = stream
+        self._next[req.request_id] = 1
         self._in_qs[self.entry_worker(req)].put(("add", req))
         return stream
 
     def abort(self, request_id: str) -> None:
         if self._streams.pop(request_id, None) is None:
             return
+        self._next.pop(request_id, None)
+        self._held.pop(request_id, None)
         for q in self._in_qs.values():  # the request may have moved between workers
             q.put(("abort", request_id))
 
@@ -141,14 +164,30 @@ class EngineClient:
             if stats is not None:
                 self.on_stats(worker, stats)
             for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is None:
-                    continue  # aborted meanwhile
-                stream.put_nowait(out)
-                if out.finished:
-                    self._streams.pop(out.request_id, None)
+                self._deliver(out)
+        elif msg[0] == "switched":
+            self.on_switch(msg[1], msg[2])
         elif msg[0] == "fatal":
             self._mark_dead(f"worker {msg[1]} crashed:\n{msg[2]}")
+
+    def _deliver(self, out: RequestOutput) -> None:
+        rid = out.request_id
+        stream = self._streams.get(rid)
+        if stream is None:
+            return  # aborted meanwhile
+        held = self._held.setdefault(rid, {})
+        held[out.num_output_tokens - len(out.new_token_ids) + 1] = out  # index of its first token
+        while self._next.get(rid) in held:
+            nxt = held.pop(self._next[rid])
+            stream.put_nowait(nxt)
+            self._next[rid] += len(nxt.new_token_ids)
+            if nxt.finished:
+                self._streams.pop(rid, None)
+                self._next.pop(rid, None)
+                self._held.pop(rid, None)
+                return
+        if not held:
+            self._held.pop(rid, None)
 
     def _check_alive(self) -> None:
         if self._stopping or self.dead_reason:
@@ -172,3 +211,5 @@ class EngineClient:
         for rid, stream in list(self._streams.items()):
             stream.put_nowait(RequestOutput(rid, (), (), True, reason, 0, 0, error=error))
         self._streams.clear()
+        self._next.clear()
+        self._held.clear()

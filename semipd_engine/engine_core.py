@@ -42,7 +42,8 @@ def phase_of(num_prefill: int, num_decode: int) -> str:
 
 
 class EngineCore:
-    def __init__(self, model_cfg, engine_cfg, policy: Optional[str] = None, model=None, kv: KVCache | None = None):
+    def __init__(self, model_cfg, engine_cfg, policy: Optional[str] = None, model=None, kv: KVCache | None = None,
+                 pool: BlockPool | None = None):
         self.model_cfg, self.engine_cfg = model_cfg, engine_cfg
         loaded = resolve(model_cfg)
         self.spec, self.tokenizer = loaded.spec, loaded.tokenizer
@@ -56,12 +57,16 @@ class EngineCore:
                 self.spec, engine_cfg.block_size, dtype, engine_cfg.kv_cache_mb)
             kv = KVCache(self.spec, num_blocks, engine_cfg.block_size, dtype, model_cfg.device)
         self.model, self.kv = model, kv
-        self.pool = BlockPool(kv.num_blocks, kv.block_size, engine_cfg.watermark)
+        self.pool = pool or BlockPool(kv.num_blocks, kv.block_size, engine_cfg.watermark)
         self.max_model_len = self._max_model_len()
         self.scheduler = Scheduler(self.pool, policy or engine_cfg.policy, engine_cfg.max_num_seqs,
                                    engine_cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, kv)
         self.requests: dict[str, Request] = {}
+        # Phase-split engines: prefilled requests leave for the decode worker (`handoffs`),
+        # preempted decodes go back to the prefill worker (`evicted`); both keep their state.
+        self.handoffs: list[Request] = []
+        self.evicted: list[Request] = []
 
     def _max_model_len(self) -> int:
         limit = self.model_cfg.max_model_len or self.spec.max_position_embeddings
@@ -86,12 +91,24 @@ class EngineCore:
         req.status, req.finish_reason = RequestStatus.FINISHED, FinishReason.ABORT
         return True
 
+    def adopt(self, req: Request) -> None:
+        """Take over a request prefilled elsewhere: its KV blocks are already in the pool."""
+        req.status = RequestStatus.RUNNING
+        self.requests[req.request_id] = req
+        self.scheduler.running.append(req)
+
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
     # -- one iteration: schedule -> run -> postprocess ------------------------
     def step(self) -> tuple[list[RequestOutput], Optional[IterationStats]]:
         batch = self.scheduler.schedule()
+        if self.scheduler.policy == "decode_only" and self.scheduler.waiting:
+            # A decode worker cannot prefill: preempted requests go back for recompute.
+            for req in self.scheduler.waiting:
+                self.requests.pop(req.request_id, None)
+                self.evicted.append(req)
+            self.scheduler.waiting.clear()
         if not batch:
             return [], None
         n_prefill = batch.num_prefill_tokens
@@ -122,6 +139,10 @@ class EngineCore:
             req.times.finished = now
             self.scheduler.finish(req)
             self.requests.pop(req.request_id, None)
+        elif self.scheduler.policy == "prefill_only":
+            self.scheduler.running.remove(req)  # blocks stay allocated: they travel with it
+            self.requests.pop(req.request_id, None)
+            self.handoffs.append(req)
         return make_output(req, (token,), (now,))
 
     # -- offline API ----------------------------------------------------------

@@ -12,8 +12,8 @@ and write the blocks it handed out.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections import deque
 
 import torch
 
@@ -46,21 +46,38 @@ class KVCache:
 
 
 class BlockPool:
-    """Free-list allocator over block ids with an admission watermark."""
+    """Block-id allocator with an admission watermark.
+
+    The state is three small tensors (a free stack, its height, per-block used
+    flags). `share(lock)` moves them to shared memory and guards every
+    check-take-update with a cross-process lock, so two workers can allocate
+    from one pool: semi-PD's prefill and decode workers do.
+    """
 
     def __init__(self, num_blocks: int, block_size: int, watermark: float = 0.0):
         self.num_blocks, self.block_size = num_blocks, block_size
         self.watermark_blocks = int(watermark * num_blocks)
-        self._free: deque[int] = deque(range(num_blocks))
-        self._used = bytearray(num_blocks)  # catches double frees and double allocations
+        self._stack = torch.arange(num_blocks - 1, -1, -1, dtype=torch.int32)  # pops 0, 1, 2, ...
+        self._top = torch.tensor([num_blocks], dtype=torch.int64)
+        self._used = torch.zeros(num_blocks, dtype=torch.bool)
+        self._lock = None
+
+    def share(self, lock) -> BlockPool:
+        for t in (self._stack, self._top, self._used):
+            t.share_memory_()
+        self._lock = lock
+        return self
+
+    def _guard(self):
+        return self._lock if self._lock is not None else contextlib.nullcontext()
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return int(self._top[0])
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self.num_free
 
     def blocks_needed(self, num_tokens: int, have: int) -> int:
         return max(0, math.ceil(num_tokens / self.block_size) - have)
@@ -69,18 +86,34 @@ class BlockPool:
         reserve = self.watermark_blocks if admission else 0
         return n <= self.num_free - reserve
 
+    def try_allocate(self, n: int, admission: bool = False) -> list[int] | None:
+        """Atomically check and take `n` blocks; None when they are not there."""
+        with self._guard():
+            top = int(self._top[0])
+            reserve = self.watermark_blocks if admission else 0
+            if n > top - reserve:
+                return None
+            ids = self._stack[top - n : top].flip(0)
+            if bool(self._used[ids].any()):
+                raise RuntimeError(f"allocator corrupted: a free block is marked used in {ids.tolist()}")
+            self._used[ids] = True
+            self._top[0] = top - n
+            return ids.tolist()
+
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"asked for {n} KV blocks, {len(self._free)} free")
-        out = [self._free.popleft() for _ in range(n)]
-        for b in out:
-            assert not self._used[b], f"block {b} allocated twice"
-            self._used[b] = 1
+        out = self.try_allocate(n)
+        if out is None:
+            raise MemoryError(f"asked for {n} KV blocks, {self.num_free} free")
         return out
 
     def free(self, blocks: list[int]) -> None:
-        for b in blocks:
-            if not self._used[b]:
-                raise RuntimeError(f"block {b} freed twice")
-            self._used[b] = 0
-            self._free.append(b)
+        if not blocks:
+            return
+        ids = torch.tensor(blocks, dtype=torch.int32)
+        with self._guard():
+            if not bool(self._used[ids].all()) or len(set(blocks)) != len(blocks):
+                raise RuntimeError(f"KV block freed twice among {blocks}")
+            self._used[ids] = False
+            top = int(self._top[0])
+            self._stack[top : top + len(blocks)] = ids
+            self._top[0] = top + len(blocks)

@@ -28,12 +28,34 @@ class EngineMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("time_per_output_token_seconds", "Server-side TPOT", buckets=LATENCY_BUCKETS,
                               registry=r)
+        self.kv_transfer_bytes = Counter("kv_transfer_bytes", "KV cache bytes copied between instances",
+                                         registry=r)
         self._preempt_seen: dict[str, int] = {}
+        self.pool_label = lambda worker: worker
+
+    def add_partition_metrics(self) -> None:
+        r = self.registry
+        self.partition_prefill_share = Gauge("partition_prefill_share", "Prefill compute share (%)", registry=r)
+        self.partition_decode_share = Gauge("partition_decode_share", "Decode compute share (%)", registry=r)
+        self.partition_switches = Counter("partition_switches", "Applied share switches", ["phase"], registry=r)
+        self.partition_switch_stall = Histogram(
+            "partition_switch_stall_seconds", "Time a worker stopped computing to apply a switch", ["phase"],
+            buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0), registry=r)
+        self.partition_switch_delay = Histogram(
+            "partition_switch_delay_seconds", "From the switch request to its application (iteration boundary)",
+            ["phase"], buckets=LATENCY_BUCKETS, registry=r)
+
+    def observe_switch(self, worker: str, info: dict) -> None:
+        gauge = self.partition_prefill_share if worker == "prefill" else self.partition_decode_share
+        gauge.set(info["share"])
+        self.partition_switches.labels(worker).inc()
+        self.partition_switch_stall.labels(worker).observe(info["stall_s"])
+        self.partition_switch_delay.labels(worker).observe(info["delay_s"])
 
     def engine_ready(self, worker_info: dict[str, dict]) -> None:
         for worker, info in worker_info.items():
-            self.kv_blocks_total.labels(worker).set(info["kv_blocks_total"])
-            self.kv_blocks_used.labels(worker).set(0)
+            self.kv_blocks_total.labels(self.pool_label(worker)).set(info["kv_blocks_total"])
+            self.kv_blocks_used.labels(self.pool_label(worker)).set(0)
             self.requests_running.labels(worker).set(0)
             self.requests_waiting.labels(worker).set(0)
 
@@ -44,8 +66,8 @@ class EngineMetrics:
             self.iteration_tokens.labels("prefill").inc(s.num_prefill_tokens)
         if s.num_decode_tokens:
             self.iteration_tokens.labels("decode").inc(s.num_decode_tokens)
-        self.kv_blocks_total.labels(worker).set(s.kv_blocks_total)
-        self.kv_blocks_used.labels(worker).set(s.kv_blocks_used)
+        self.kv_blocks_total.labels(self.pool_label(worker)).set(s.kv_blocks_total)
+        self.kv_blocks_used.labels(self.pool_label(worker)).set(s.kv_blocks_used)
         self.requests_running.labels(worker).set(s.num_running)
         self.requests_waiting.labels(worker).set(s.num_waiting)
         new = s.preemptions_total - self._preempt_seen.get(worker, 0)

@@ -7,6 +7,7 @@ import importlib
 ENGINES: dict[str, str] = {
     "unified": "baselines.unified:UnifiedEngine",
     "unified_chunked": "baselines.unified:UnifiedEngine",
+    "semipd": "semipd_engine.engine:SemiPDEngine",
 }
 
 

@@ -69,8 +69,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: Optional[FinishReason] = None
     times: Timestamps = field(default_factory=Timestamps)
-    # torch.Generator state for seeded sampling; travels with the request.
-    rng_state: Optional[object] = None
+    # torch.Generator state (bytes) for seeded sampling; travels with the request between workers.
+    rng_state: Optional[bytes] = None
 
     def __post_init__(self) -> None:
         if not self.times.arrival:

@@ -15,7 +15,7 @@ def _generator(req: Request) -> torch.Generator:
         seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
         g.manual_seed(seed)
     else:
-        g.set_state(req.rng_state)
+        g.set_state(torch.frombuffer(bytearray(req.rng_state), dtype=torch.uint8))
     return g
 
 
@@ -43,5 +43,5 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
             probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
         g = _generator(req)
         out.append(int(torch.multinomial(probs, 1, generator=g)))
-        req.rng_state = g.get_state()
+        req.rng_state = g.get_state().numpy().tobytes()  # bytes: cheap to hand between workers
     return out

@@ -66,9 +66,9 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self._release(req)
+        self.release(req)
 
-    def _release(self, req: Request) -> None:
+    def release(self, req: Request) -> None:
         if req.block_table:
             self.pool.free(req.block_table)
             req.block_table = []
@@ -135,10 +135,11 @@ class Scheduler:
                 n = min(n, budget)
             elif n > budget and batch.items:
                 break  # a lone prompt over the budget still runs, alone
-            need = self.pool.blocks_needed(req.num_tokens, len(req.block_table))
-            if not self.pool.can_allocate(need, admission=True):
+            got = self.pool.try_allocate(self.pool.blocks_needed(req.num_tokens, len(req.block_table)),
+                                         admission=True)
+            if got is None:
                 break
-            req.block_table += self.pool.allocate(need)
+            req.block_table += got
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -146,16 +147,16 @@ class Scheduler:
             budget -= n
 
     def _reserve(self, req: Request, num_tokens: int) -> bool:
-        need = self.pool.blocks_needed(num_tokens, len(req.block_table))
-        if not self.pool.can_allocate(need):
+        got = self.pool.try_allocate(self.pool.blocks_needed(num_tokens, len(req.block_table)))
+        if got is None:
             return False
-        req.block_table += self.pool.allocate(need)
+        req.block_table += got
         return True
 
     def _preempt(self, req: Request, batch: ScheduledBatch) -> None:
         self.running.remove(req)
         batch.items = [(r, n) for r, n in batch.items if r is not req]
-        self._release(req)
+        self.release(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
         req.times.preemptions.append(time.monotonic())

@@ -36,7 +36,11 @@ class ApiServer:
                  request_log: Optional[str] = None):
         self.engine, self.tok, self.vocab_size, self.model_name = engine, tokenizer, vocab_size, model_name
         self.metrics = EngineMetrics()
+        self.metrics.pool_label = engine.pool_label
         engine.on_stats = self.metrics.observe_iteration
+        if getattr(engine, "partition", None) is not None:
+            self.metrics.add_partition_metrics()
+            engine.on_switch = self.metrics.observe_switch
         self.draining = False
         self._log_file = open(request_log, "a", buffering=1) if request_log else None
         self.created = int(time.time())
@@ -147,6 +151,8 @@ class ApiServer:
     async def _parse(self, request: web.Request, chat: bool, arrival: float):
         if self.draining:
             raise ApiError("server is shutting down", status=503, type_="server_error")
+        if not self.engine.ready:
+            raise ApiError(self.engine.dead_reason or "engine is not ready", status=503, type_="server_error")
         try:
             body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -212,6 +218,9 @@ async def run_server(engine: EngineClient, tokenizer, vocab_size: int, model_nam
         if start in finished:
             start.result()  # raises if the engine failed to start
             api.metrics.engine_ready(engine.worker_info)
+            if getattr(engine, "partition", None) is not None:
+                api.metrics.partition_prefill_share.set(engine.partition.prefill_share)
+                api.metrics.partition_decode_share.set(engine.partition.decode_share)
             log.info("engine %s ready: %s", engine.name, engine.worker_info)
             await stop.wait()
         else:
