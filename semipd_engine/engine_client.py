@@ -49,7 +49,7 @@ class EngineClient:
         self._stopping = False
         self.dead_reason: Optional[str] = None
         self.on_stats: Callable[[str, object], None] = lambda worker, stats: None
-        self.on_switch: Callable[[str, dict], None] = lambda worker, info: None
+        self.on_event: Callable[[str, str, dict], None] = lambda kind, worker, info: None
 
     # -- engine-specific ------------------------------------------------------
     def worker_specs(self) -> list[WorkerSpec]:
@@ -165,8 +165,8 @@ class EngineClient:
                 self.on_stats(worker, stats)
             for out in outputs:
                 self._deliver(out)
-        elif msg[0] == "switched":
-            self.on_switch(msg[1], msg[2])
+        elif msg[0] == "event":
+            self.on_event(msg[1], msg[2], msg[3])
         elif msg[0] == "fatal":
             self._mark_dead(f"worker {msg[1]} crashed:\n{msg[2]}")
 

@@ -30,7 +30,13 @@ class EngineMetrics:
                               registry=r)
         self.kv_transfer_bytes = Counter("kv_transfer_bytes", "KV cache bytes copied between instances",
                                          registry=r)
+        self.kv_transfer_time = Histogram("kv_transfer_seconds", "Time to copy one request's KV blocks",
+                                          buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0),
+                                          registry=r)
+        self.kv_blocks_peak = Gauge("kv_blocks_used_peak", "Most KV blocks allocated at once", ["instance"],
+                                    registry=r)
         self._preempt_seen: dict[str, int] = {}
+        self._peaks: dict[str, int] = {}
         self.pool_label = lambda worker: worker
 
     def add_partition_metrics(self) -> None:
@@ -44,6 +50,13 @@ class EngineMetrics:
         self.partition_switch_delay = Histogram(
             "partition_switch_delay_seconds", "From the switch request to its application (iteration boundary)",
             ["phase"], buckets=LATENCY_BUCKETS, registry=r)
+
+    def observe_event(self, kind: str, worker: str, info: dict) -> None:
+        if kind == "switched":
+            self.observe_switch(worker, info)
+        elif kind == "transferred":
+            self.kv_transfer_bytes.inc(info["bytes"])
+            self.kv_transfer_time.observe(info["seconds"])
 
     def observe_switch(self, worker: str, info: dict) -> None:
         gauge = self.partition_prefill_share if worker == "prefill" else self.partition_decode_share
@@ -68,6 +81,9 @@ class EngineMetrics:
             self.iteration_tokens.labels("decode").inc(s.num_decode_tokens)
         self.kv_blocks_total.labels(self.pool_label(worker)).set(s.kv_blocks_total)
         self.kv_blocks_used.labels(self.pool_label(worker)).set(s.kv_blocks_used)
+        pool = self.pool_label(worker)
+        self._peaks[pool] = max(self._peaks.get(pool, 0), s.kv_blocks_used)
+        self.kv_blocks_peak.labels(pool).set(self._peaks[pool])
         self.requests_running.labels(worker).set(s.num_running)
         self.requests_waiting.labels(worker).set(s.num_waiting)
         new = s.preemptions_total - self._preempt_seen.get(worker, 0)

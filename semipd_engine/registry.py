@@ -7,6 +7,7 @@ import importlib
 ENGINES: dict[str, str] = {
     "unified": "baselines.unified:UnifiedEngine",
     "unified_chunked": "baselines.unified:UnifiedEngine",
+    "disagg": "baselines.disagg:DisaggEngine",
     "semipd": "semipd_engine.engine:SemiPDEngine",
 }
 

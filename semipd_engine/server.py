@@ -38,9 +38,9 @@ class ApiServer:
         self.metrics = EngineMetrics()
         self.metrics.pool_label = engine.pool_label
         engine.on_stats = self.metrics.observe_iteration
+        engine.on_event = self.metrics.observe_event
         if getattr(engine, "partition", None) is not None:
             self.metrics.add_partition_metrics()
-            engine.on_switch = self.metrics.observe_switch
         self.draining = False
         self._log_file = open(request_log, "a", buffering=1) if request_log else None
         self.created = int(time.time())
