@@ -90,7 +90,12 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
         slo = resolve_slo(job.slo, job.model, job.engine, job.server, job.workload, job.loadgen, prov["machine"])
         slo_cfg = dataclasses.replace(job.slo, ttft_s=slo["ttft_s"], tpot_s=slo["tpot_s"])
         record["slo"] = slo
-        with EngineServer(job.model, job.engine, job.server, str(jd), job.server.startup_timeout_s) as srv:
+        # The engine sees the job's SLOs (semipd_dynamic steers on them) and logs its decisions here.
+        engine_cfg = dataclasses.replace(job.engine, slo_ttft_s=slo["ttft_s"], slo_tpot_s=slo["tpot_s"],
+                                         slo_percentile=job.slo.percentile,
+                                         decision_log=str(jd / "partition_log.jsonl")
+                                         if job.engine.name == "semipd_dynamic" else None)
+        with EngineServer(job.model, engine_cfg, job.server, str(jd), job.server.startup_timeout_s) as srv:
             lcfg = dataclasses.replace(job.loadgen, base_url=srv.url)
             if job.experiment.mode == "goodput":
                 summary = goodput_search(lcfg, job.workload, slo_cfg, job.experiment, jd, resolved)

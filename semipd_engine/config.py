@@ -53,6 +53,16 @@ class EngineConfig:
     prefill_share: int = 100
     decode_share: int = 100
     partition_backend: str = "auto"  # auto | cpu_affinity | green_context | mps | none
+    # semipd_dynamic: SLO-aware partitioning (the runner fills the SLOs from the `slo` group).
+    slo_ttft_s: float = 1.0
+    slo_tpot_s: float = 0.1
+    slo_percentile: float = 90.0
+    control_window_s: float = 5.0
+    step_size: int = 10
+    max_step: int = 3
+    min_share: int = 10
+    max_share: int = 100
+    decision_log: Optional[str] = None  # JSONL of every decision (the runner saves it with the job)
     # Disaggregated baseline: instance counts and KV memory split.
     num_prefill_instances: int = 1
     num_decode_instances: int = 1

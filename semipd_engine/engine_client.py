@@ -64,6 +64,13 @@ class EngineClient:
     def worker_kwargs(self, spec: WorkerSpec) -> dict:
         return {}
 
+    def observe_request(self, arrival: float, first_token: Optional[float], finished: float,
+                        output_tokens: int) -> None:
+        """A request finished (server-side times); engines that steer on latency override this."""
+
+    def observe_iteration(self, worker: str, stats, num_outputs: int) -> None:
+        """A worker iteration finished; engines that steer on iteration times override this."""
+
     def pool_label(self, worker: str) -> str:
         specs = {s.name: s for s in self.worker_specs()}
         return (specs[worker].pool if worker in specs else None) or worker
@@ -162,6 +169,7 @@ class EngineClient:
         if msg[0] == "step":
             _, worker, outputs, stats = msg
             if stats is not None:
+                self.observe_iteration(worker, stats, len(outputs))
                 self.on_stats(worker, stats)
             for out in outputs:
                 self._deliver(out)

@@ -51,8 +51,25 @@ class EngineMetrics:
             "partition_switch_delay_seconds", "From the switch request to its application (iteration boundary)",
             ["phase"], buckets=LATENCY_BUCKETS, registry=r)
 
+    def add_controller_metrics(self) -> None:
+        r = self.registry
+        self.partition_decisions = Counter("partition_decisions", "SLO-aware partitioner decisions", ["reason"],
+                                           registry=r)
+        self.controller_observed = Gauge("partition_controller_observed_seconds",
+                                         "Percentile latency observed in the last window", ["metric"], registry=r)
+        self.controller_coef = Gauge("partition_controller_coefficient", "Fitted latency-model coefficients",
+                                     ["name"], registry=r)
+
     def observe_event(self, kind: str, worker: str, info: dict) -> None:
-        if kind == "switched":
+        if kind == "decision":
+            self.partition_decisions.labels(info["reason"]).inc()
+            for m in ("observed_ttft_s", "observed_tpot_s"):
+                if info[m] == info[m]:  # not NaN
+                    self.controller_observed.labels(m.replace("observed_", "")).set(info[m])
+            for name in ("a1", "b1", "a2", "b2", "l_100"):
+                if info.get(name) is not None:
+                    self.controller_coef.labels(name).set(info[name])
+        elif kind == "switched":
             self.observe_switch(worker, info)
         elif kind == "transferred":
             self.kv_transfer_bytes.inc(info["bytes"])

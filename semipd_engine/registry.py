@@ -9,6 +9,7 @@ ENGINES: dict[str, str] = {
     "unified_chunked": "baselines.unified:UnifiedEngine",
     "disagg": "baselines.disagg:DisaggEngine",
     "semipd": "semipd_engine.engine:SemiPDEngine",
+    "semipd_dynamic": "semipd_engine.dynamic:DynamicSemiPDEngine",
 }
 
 

@@ -41,6 +41,8 @@ class ApiServer:
         engine.on_event = self.metrics.observe_event
         if getattr(engine, "partition", None) is not None:
             self.metrics.add_partition_metrics()
+        if getattr(engine, "controller", None) is not None:
+            self.metrics.add_controller_metrics()
         self.draining = False
         self._log_file = open(request_log, "a", buffering=1) if request_log else None
         self.created = int(time.time())
@@ -182,6 +184,8 @@ class ApiServer:
         req.times.finished = now
         self.metrics.observe_request(req.times.arrival, req.times.first_token, now, req.num_prompt_tokens, n_out,
                                      reason)
+        if reason in ("stop", "length"):
+            self.engine.observe_request(req.times.arrival, req.times.first_token, now, n_out)
         if self._log_file:
             t = req.times
             self._log_file.write(json.dumps({
