@@ -44,12 +44,13 @@ def memory_bandwidth(mb: int = 512) -> float:
     return 2 * src.numel() * 4 / best_of(lambda: dst.copy_(src), 5)  # read + write
 
 
-def sharegpt_like(n: int, seed: int, max_len: int) -> list[tuple[int, int]]:
-    # Log-normal lengths with the ShareGPT means used in experiments.workloads (prompt ~ 230, output ~ 200).
-    rng = np.random.default_rng(seed)
-    p = np.clip(rng.lognormal(4.9, 0.9, n), 4, max_len // 2).astype(int)
-    o = np.clip(rng.lognormal(4.8, 0.8, n), 4, max_len // 2).astype(int)
-    return list(zip(p.tolist(), o.tolist()))
+def sharegpt_like(n: int, seed: int) -> list[tuple[int, int]]:
+    """(prompt, output) lengths from the project's synthetic ShareGPT-like workload, with its filters."""
+    from experiments.config import WorkloadConfig
+    from experiments.workloads import load_workload
+
+    w = load_workload(freeze(WorkloadConfig, {"name": "synthetic", "num_requests": n, "seed": seed}))
+    return [(i.prompt_len, i.output_len) for i in w.items]
 
 
 def bench_throughput(core: EngineCore, hf_path: str | None, lens, dtype: torch.dtype, vocab: int) -> dict:
@@ -151,7 +152,7 @@ def main() -> None:
         hf_path = tempfile.mkdtemp(prefix="bench-hf-")
         loaded = resolve(mcfg)
         save_checkpoint(loaded.hf_config, load_weights(mcfg, loaded.spec), hf_path)
-    lens = sharegpt_like(args.requests, 0, 1024)
+    lens = sharegpt_like(args.requests, 0)
     results = {"machine": machine, "matmul_peak_flops": peak, "bandwidth_bytes_s": bw, "model": args.model,
                "dtype": args.dtype, "params": core.spec.num_params()}
     results["throughput"] = bench_throughput(core, hf_path, lens, dtype, core.spec.vocab_size)

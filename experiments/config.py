@@ -32,6 +32,10 @@ class WorkloadConfig:
     prompt_sigma: float = 1.1
     output_mean: float = 338.0
     output_sigma: float = 0.9
+    # shift workload: the mix changes after `shift_at` of the requests (prompt-heavy -> decode-heavy).
+    shift_at: float = 0.5
+    shift_prompt_mean: float = 32.0
+    shift_output_mean: float = 300.0
     # fixed-length workload
     prompt_len: int = 128
     output_len: int = 128
@@ -70,6 +74,8 @@ class LoadgenConfig:
     progress: bool = True
     # Open connections before the run so TCP set-up never lands in a TTFT.
     prewarm_connections: int = 16
+    # Sleep until this long before a send, then yield to the event loop until its exact time.
+    dispatch_spin_s: float = 0.0015
     max_connections: int = 0  # 0 = unlimited
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import aiohttp
+import orjson
 import pandas as pd
 
 from experiments import metrics as M
@@ -96,7 +97,7 @@ class LoadGenerator:
         return body
 
     async def one(self, session: aiohttp.ClientSession, p: Planned, rec: Record) -> None:
-        body = json.dumps(self.payload(p))
+        body = orjson.dumps(self.payload(p))
         rec.send = time.monotonic()
         try:
             async with session.post(self.url, data=body, headers={"Content-Type": "application/json"}) as resp:
@@ -117,7 +118,7 @@ class LoadGenerator:
                     if data == b"[DONE]":
                         break
                     now = time.monotonic()
-                    obj = json.loads(data)
+                    obj = orjson.loads(data)
                     if "error" in obj:
                         rec.error = f"stream error: {obj['error'].get('message')}"
                         break
@@ -141,7 +142,7 @@ class LoadGenerator:
             raise
         except (aiohttp.ClientError, ConnectionError) as e:
             rec.error = f"{type(e).__name__}: {e}"
-        except json.JSONDecodeError as e:
+        except orjson.JSONDecodeError as e:
             rec.error = f"bad SSE chunk: {e}"
 
     @staticmethod
@@ -209,14 +210,19 @@ class LoadGenerator:
 
     async def _open_loop(self, session, planned, records, tasks, done) -> None:
         self.t0 = time.monotonic() + 0.05
+        spin = self.lcfg.dispatch_spin_s
         for p, rec in zip(planned, records):
             target = self.t0 + p.offset
-            delay = target - time.monotonic()
+            delay = target - time.monotonic() - spin
             if delay > 0:
                 try:
                     await asyncio.wait_for(self.stop.wait(), delay)
                 except asyncio.TimeoutError:
                     pass
+            # The loop's timers are ~1 ms coarse: cover the last stretch by yielding until the
+            # target (the loop keeps serving streams meanwhile).
+            while time.monotonic() < target and not self.stop.is_set():
+                await asyncio.sleep(0)
             if self.stop.is_set():
                 break
             rec.scheduled = target
@@ -273,6 +279,16 @@ async def fetch_model(base_url: str) -> str:
         raise LoadgenError(f"{url} returned no model") from None
 
 
+def _run(coro):
+    """asyncio.run on uvloop where available: the client's per-chunk work is its bottleneck."""
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
 def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_config: Any = None) -> dict[str, Any]:
     """Plan, run and summarise one load run; writes requests.parquet and summary.json."""
     from semipd_engine.tokenizer import load_tokenizer
@@ -282,7 +298,7 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
         tok = load_tokenizer(None if lcfg.tokenizer == "builtin" else lcfg.tokenizer)
     workload = load_workload(wcfg, tok)  # fails on a bad file before anything is sent
     planned = plan(workload, wcfg, lcfg, tok)
-    model = lcfg.model or asyncio.run(fetch_model(lcfg.base_url))
+    model = lcfg.model or _run(fetch_model(lcfg.base_url))
     gen = LoadGenerator(lcfg, wcfg, model)
     progress = None
     if lcfg.progress:
@@ -290,7 +306,7 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
 
         progress = tqdm(total=len(planned), desc=f"{wcfg.name} @ {wcfg.rate}/s", unit="req", file=sys.stderr)
     try:
-        records = asyncio.run(gen.run(planned, progress))
+        records = _run(gen.run(planned, progress))
     finally:
         if progress is not None:
             progress.close()

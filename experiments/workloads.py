@@ -7,6 +7,8 @@
   the heavy right tail of that figure; both are config keys.
 - `longbench_synthetic`: long prompts, short answers, in the spirit of LongBench.
 - `fixed`: every request the same lengths.
+- `shift`: ShareGPT-like lengths whose mix changes mid-run (prompt-heavy, then
+  decode-heavy), for the dynamic-partitioning experiment.
 - `sharegpt`: the public ShareGPT JSON; a human turn is the prompt and the
   following model turn's length the output length, roles checked.
 - `mooncake` (JSONL), `azure` (CSV), `burstgpt` (CSV): real traces with their
@@ -83,6 +85,17 @@ def synthetic(cfg, prompt_mean=None, prompt_sigma=None, output_mean=None, output
         if len(items) >= cfg.num_requests:
             return Workload(items[: cfg.num_requests], cfg.name)
     raise WorkloadError("the length filters reject almost every synthetic request; loosen them")
+
+
+def shift(cfg) -> Workload:
+    """The mix changes mid-run: `prompt_mean`/`output_mean` first, the `shift_*` means after `shift_at`."""
+    import dataclasses
+
+    n1 = int(round(cfg.num_requests * cfg.shift_at))
+    first = synthetic(dataclasses.replace(cfg, num_requests=max(n1, 1)))
+    second = synthetic(dataclasses.replace(cfg, num_requests=max(cfg.num_requests - n1, 1), seed=cfg.seed + 1,
+                                           prompt_mean=cfg.shift_prompt_mean, output_mean=cfg.shift_output_mean))
+    return Workload((first.items[:n1] + second.items)[: cfg.num_requests], cfg.name)
 
 
 def fixed(cfg) -> Workload:
@@ -219,10 +232,12 @@ def load_workload(cfg, tokenizer=None) -> Workload:
         return synthetic(cfg)  # its conf sets long prompt / short output means
     if cfg.name == "fixed":
         return fixed(cfg)
+    if cfg.name == "shift":
+        return shift(cfg)
     if cfg.name == "sharegpt":
         return sharegpt(cfg, tokenizer)
     loaders = {"mooncake": mooncake, "azure": azure, "burstgpt": burstgpt}
     if cfg.name not in loaders:
-        raise WorkloadError(f"unknown workload {cfg.name!r}; known: synthetic, longbench_synthetic, fixed, "
+        raise WorkloadError(f"unknown workload {cfg.name!r}; known: synthetic, longbench_synthetic, fixed, shift, "
                             f"sharegpt, {', '.join(loaders)}")
     return loaders[cfg.name](cfg)

@@ -1,6 +1,6 @@
 """The paged KV pool and its block allocator.
 
-`KVCache` is one preallocated tensor [layers, 2, blocks, block_size, kv_heads,
+`KVCache` is one preallocated tensor [layers, 2, blocks, kv_heads, block_size,
 head_dim]; each layer's K and V are views of it. On CPU it lives in shared
 memory (`share_memory_()`), so another process (semi-PD's workers) can map the
 same pages; on CUDA it can be shared by IPC handle.
@@ -24,7 +24,9 @@ class KVCache:
     def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: str = "cpu", share: bool = True):
         self.num_blocks, self.block_size = num_blocks, block_size
-        shape = (spec.num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        # Head-major blocks: a gathered block is [kv_heads, block_size, head_dim], so decode attention
+        # can run per block over gathered K/V without re-laying them out (see model/attention.py).
+        shape = (spec.num_layers, 2, num_blocks, spec.num_kv_heads, block_size, spec.head_dim)
         self.data = torch.zeros(shape, dtype=dtype, device=device)
         if share and self.data.device.type == "cpu":
             self.data.share_memory_()

@@ -52,8 +52,8 @@ class KVReceiver:
             if dst is None:
                 break  # back-pressure: the prefill side keeps holding the blocks
             t0 = time.perf_counter()
-            src_ids = torch.tensor(t.src_blocks)
-            dst_ids = torch.tensor(dst)
+            src_ids = torch.tensor(t.src_blocks, device=self.kv.data.device)
+            dst_ids = torch.tensor(dst, device=self.kv.data.device)
             src = self.sources[t.source].data
             # [layers, 2, blocks, ...]: one indexed copy moves K and V of every layer.
             self.kv.data.index_copy_(2, dst_ids, src.index_select(2, src_ids))

@@ -19,12 +19,14 @@ class ModelRunner:
         self.model, self.kv = model, kv
         self.kv_layers = kv.layers()
         self.block_size = kv.block_size
+        self.device = kv.data.device
 
     def prepare(self, items: list[tuple[Request, int]]):
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
-        slots: list[int] = []
+        slot_blocks: list[int] = []
+        slot_offsets: list[int] = []
         prefills: list[PrefillSeq] = []
         decode_rows: list[int] = []
         decode_tables: list[list[int]] = []
@@ -38,23 +40,27 @@ class ModelRunner:
             table = req.block_table
             for p in range(start, end):
                 pos.append(p)
-                slots.append(table[p // bs] * bs + p % bs)
+                slot_blocks.append(table[p // bs])
+                slot_offsets.append(p % bs)
             if n == 1:
                 decode_rows.append(row0)
                 decode_tables.append(table[: (end + bs - 1) // bs])
                 decode_lens.append(end)
             else:
-                prefills.append(PrefillSeq(row0, row0 + n, end, torch.tensor(table[: (end + bs - 1) // bs])))
+                prefills.append(PrefillSeq(row0, row0 + n, end,
+                                           torch.tensor(table[: (end + bs - 1) // bs], device=self.device)))
             if end == req.num_tokens:  # reached the end of the known tokens: sample the next
                 sample_rows.append(row0 + n - 1)
                 sample_reqs.append(req)
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots), prefills=prefills)
+        dev = self.device
+        meta = AttentionMetadata(slot_blocks=torch.tensor(slot_blocks, device=dev),
+                                 slot_offsets=torch.tensor(slot_offsets, device=dev), prefills=prefills)
         if decode_rows:
             width = max(len(t) for t in decode_tables)
-            meta.decode_idx = torch.tensor(decode_rows)
-            meta.decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables])
-            meta.decode_ctx_lens = torch.tensor(decode_lens)
-        return torch.tensor(ids), torch.tensor(pos), meta, sample_rows, sample_reqs
+            meta.decode_idx = torch.tensor(decode_rows, device=dev)
+            meta.decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
+            meta.decode_ctx_lens = torch.tensor(decode_lens, device=dev)
+        return torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta, sample_rows, sample_reqs
 
     @torch.inference_mode()
     def run(self, items: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
@@ -63,7 +69,7 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, meta, self.kv_layers)
         if not rows:
             return []
-        logits = self.model.compute_logits(hidden[torch.tensor(rows)])
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         return list(zip(reqs, sample(logits, reqs)))
 
     @torch.inference_mode()

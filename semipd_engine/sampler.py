@@ -23,6 +23,7 @@ def sample(logits: torch.Tensor, requests: list[Request]) -> list[int]:
     """One token per row of ``logits`` [B, vocab] (float32)."""
     if all(r.params.greedy for r in requests):
         return logits.argmax(dim=-1).tolist()
+    logits = logits.cpu()  # per-request seeded generators are CPU generators
     out = []
     greedy = logits.argmax(dim=-1).tolist()
     for i, req in enumerate(requests):

@@ -2,7 +2,7 @@
 
 A batch is packed: the new tokens of every scheduled sequence are concatenated
 (no padding). `AttentionMetadata` says where each token's K/V goes in the pool
-(`slot_mapping`) and how each sequence reads its context back (block tables).
+(`slot_blocks`, `slot_offsets`) and how each sequence reads its context back (block tables).
 Sequences with one new token (decodes) are attended as one padded batch; longer
 ones (prefills, chunks, recomputes) one by one. Backends register by name;
 `torch` is the reference and runs anywhere. A Triton/CUDA backend plugs in by
@@ -34,7 +34,8 @@ class PrefillSeq:
 
 @dataclass
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] flat slot (block * block_size + offset) per new token
+    slot_blocks: torch.Tensor  # [T] block of each new token's K/V
+    slot_offsets: torch.Tensor  # [T] its offset inside the block
     prefills: list[PrefillSeq]
     decode_idx: Optional[torch.Tensor] = None  # [B] positions in the packed batch
     decode_block_tables: Optional[torch.Tensor] = None  # [B, max_blocks], padded with 0
@@ -54,14 +55,13 @@ class TorchAttention:
         q: torch.Tensor,  # [T, H, D]
         k: torch.Tensor,  # [T, KVH, D]
         v: torch.Tensor,
-        k_cache: torch.Tensor,  # [num_blocks, block_size, KVH, D]
+        k_cache: torch.Tensor,  # [num_blocks, KVH, block_size, D]
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        num_blocks, block_size, kvh, d = k_cache.shape
-        k_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
+        k_cache[meta.slot_blocks, :, meta.slot_offsets] = k
+        v_cache[meta.slot_blocks, :, meta.slot_offsets] = v
         out = torch.empty_like(q)
         for p in meta.prefills:
             qs = q[p.start : p.end]
@@ -69,15 +69,17 @@ class TorchAttention:
                 ks, vs = k[p.start : p.end], v[p.start : p.end]
                 mask, causal = None, True
             else:
-                ks = gather_blocks(k_cache, p.block_ids).flatten(0, 1)[: p.ctx_len]
-                vs = gather_blocks(v_cache, p.block_ids).flatten(0, 1)[: p.ctx_len]
+                ks = gather_blocks(k_cache, p.block_ids).transpose(0, 1).flatten(1, 2)[:, : p.ctx_len]
+                vs = gather_blocks(v_cache, p.block_ids).transpose(0, 1).flatten(1, 2)[:, : p.ctx_len]
                 q_len = p.end - p.start
-                q_pos = torch.arange(p.ctx_len - q_len, p.ctx_len).unsqueeze(1)
-                mask, causal = torch.arange(p.ctx_len).unsqueeze(0) <= q_pos, False
+                q_pos = torch.arange(p.ctx_len - q_len, p.ctx_len, device=q.device).unsqueeze(1)
+                mask, causal = torch.arange(p.ctx_len, device=q.device).unsqueeze(0) <= q_pos, False
             # 4-D [1, heads, tokens, dim]: with 3-D inputs the CPU kernel falls back to the
             # math path, which materialises the whole score matrix (~5x slower at 2k tokens).
+            if p.fresh:
+                ks, vs = ks.transpose(0, 1), vs.transpose(0, 1)  # [KVH, T, D] like the gathered ones
             o = F.scaled_dot_product_attention(
-                qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
+                qs.transpose(0, 1)[None], ks[None], vs[None],
                 attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=True,
             )
             out[p.start : p.end] = o[0].transpose(0, 1)
@@ -88,25 +90,26 @@ class TorchAttention:
 
     @staticmethod
     def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """One query per sequence over its paged context: [B, H, D] -> [B, H, D]."""
-        _, _, kvh, d = k_cache.shape
+        """One query per sequence over its paged context: [B, H, D] -> [B, H, D].
+
+        Attention runs per block on the gathered [B, blocks, KVH, block_size, D] K/V (head-major
+        blocks make that a plain batched matmul, no re-layout copy), then one softmax over every
+        block's scores, then the per-block outputs are summed.
+        """
+        _, kvh, bs, d = k_cache.shape
         bt = meta.decode_block_tables
-        b = bt.shape[0]
-        ks = gather_blocks(k_cache, bt.flatten()).view(b, -1, kvh, d).transpose(1, 2)  # [B, KVH, L, D]
-        vs = gather_blocks(v_cache, bt.flatten()).view(b, -1, kvh, d).transpose(1, 2)
-        valid = torch.arange(ks.shape[2]).unsqueeze(0) < meta.decode_ctx_lens.unsqueeze(1)  # [B, L]
-        if q.dtype == torch.float32:
-            o = F.scaled_dot_product_attention(
-                q.unsqueeze(2), ks, vs, attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True
-            )
-            return o.squeeze(2)
-        # Half precision: the CPU SDPA kernel takes ~7 ms per layer for single-token queries at batch 32
-        # (bf16, 272-token contexts); grouped-query matmuls on contiguous K/V take ~0.5 ms.
+        b, nb = bt.shape
+        ks = gather_blocks(k_cache, bt.flatten()).view(b, nb, kvh, bs, d)
+        vs = gather_blocks(v_cache, bt.flatten()).view(b, nb, kvh, bs, d)
         g = q.shape[1] // kvh
-        scores = torch.matmul(q.view(b, kvh, g, d), ks.contiguous().transpose(-1, -2)).float() * scale
-        scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        return torch.matmul(probs, vs.contiguous()).view(b, kvh * g, d)
+        qg = q.view(b, 1, kvh, g, d)
+        scores = torch.matmul(qg, ks.transpose(-1, -2)).float() * scale  # [B, nb, KVH, G, bs]
+        pos = torch.arange(nb * bs, device=q.device).view(1, nb, 1, 1, bs)
+        scores.masked_fill_(pos >= meta.decode_ctx_lens.view(b, 1, 1, 1, 1), float("-inf"))
+        scores = scores.permute(0, 2, 3, 1, 4)  # [B, KVH, G, nb, bs]
+        probs = torch.softmax(scores.reshape(b, kvh, g, nb * bs), dim=-1).view(b, kvh, g, nb, bs)
+        probs = probs.permute(0, 3, 1, 2, 4).to(q.dtype)  # [B, nb, KVH, G, bs]
+        return torch.matmul(probs, vs).sum(dim=1).view(b, kvh * g, d)
 
 
 ATTENTION_BACKENDS: dict[str, Callable[[], object]] = {"torch": TorchAttention}
