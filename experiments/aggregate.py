@@ -33,11 +33,12 @@ def _override_value(v: str) -> Any:
 
 def aggregate_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     sweep_dir = Path(sweep_dir)
-    rows, frames = [], []
+    rows, frames, swept_keys = [], [], set()
     for jd in job_dirs(sweep_dir):
         job = json.loads((jd / "job.json").read_text())
         job.pop("traceback", None)
         swept = {k: _override_value(v) for k, v in (job.pop("overrides", None) or {}).items()}
+        swept_keys.update(swept)
         slo = job.pop("slo", None) or {}
         row = {"job": str(jd.relative_to(sweep_dir)), **job, **{f"slo_{k}": v for k, v in slo.items()},
                **{k: v for k, v in swept.items() if k not in ("engine",)}}
@@ -49,6 +50,7 @@ def aggregate_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
                      "slo_ttft_s": slo.get("ttft_s"), "slo_tpot_s": slo.get("tpot_s"), **swept}
             frames.append(df.assign(**{k: v for k, v in extra.items() if k not in df.columns}))
     summary = pd.DataFrame(rows)
+    summary.attrs["swept"] = sorted(swept_keys)
     requests = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     summary.to_csv(sweep_dir / "summary.csv", index=False)
     if not requests.empty:
@@ -56,10 +58,11 @@ def aggregate_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return summary, requests
 
 
-def format_table(summary: pd.DataFrame) -> str:
+def format_table(summary: pd.DataFrame, swept: list[str] = ()) -> str:
     if summary.empty:
         return "(no jobs)"
-    cols = [c for c in TABLE_COLUMNS if c in summary.columns]
+    extra = [k for k in swept if k in summary.columns and k not in ("engine", "workload.rate", "experiment")]
+    cols = ["engine", *extra] + [c for c in TABLE_COLUMNS if c in summary.columns and c != "engine"]
     df = summary[cols].copy()
     for c in ("p90_ttft_s", "p90_tpot_s", "mean_e2e_s"):
         if c in df:
@@ -67,7 +70,7 @@ def format_table(summary: pd.DataFrame) -> str:
             df = df.rename(columns={c: c.replace("_s", "_ms")})
     if "slo_attainment" in df:
         df["slo_attainment"] = (df["slo_attainment"] * 100).round(1)
-    return df.sort_values([c for c in ("engine", "rate") if c in df]).to_string(index=False)
+    return df.sort_values([c for c in ("engine", *extra, "rate") if c in df]).to_string(index=False)
 
 
 def finish_sweep(sweep_dir: Path, wandb_cfg=None) -> None:
@@ -75,8 +78,9 @@ def finish_sweep(sweep_dir: Path, wandb_cfg=None) -> None:
 
     summary, requests = aggregate_sweep(sweep_dir)
     paths = figures.make_figures(sweep_dir)
-    print(f"\nsweep {sweep_dir}: {len(summary)} jobs "
-          f"({int((summary.get('status') == 'ok').sum()) if len(summary) else 0} ok)\n{format_table(summary)}")
+    n_ok = int((summary["status"] == "ok").sum()) if len(summary) else 0
+    table = format_table(summary, summary.attrs.get("swept", []))
+    print(f"\nsweep {sweep_dir}: {len(summary)} jobs ({n_ok} ok)\n{table}")
     print(f"aggregate: {sweep_dir / 'requests.parquet'}, {sweep_dir / 'summary.csv'}; figures: {sweep_dir / 'figures'}")
     if wandb_cfg is not None:
         try:

@@ -114,25 +114,48 @@ def make_figures(sweep_dir: str | Path) -> list[str]:
 
     timeline = partition_timeline(sweep_dir)
     if not timeline.empty:
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        for (job, share), g in timeline.groupby(["job", "share"]):
-            ax.step(g["time_s"], g["value"], where="post", label=f"{job}: {share}")
-        ax.set(xlabel="time (s)", ylabel="compute share (%)", ylim=(0, 105))
-        ax.legend(fontsize=6)
-        paths += _save(fig, out, "partition_over_time")
+        paths += _save(partition_figure(timeline), out, "partition_over_time")
     return paths
 
 
 def partition_timeline(sweep_dir: Path) -> pd.DataFrame:
-    """Partition decisions that semi-PD jobs log in <job>/partition_log.jsonl."""
+    """Partition decisions that semi-PD jobs log in <job>/partition_log.jsonl (one row per window)."""
     rows = []
     for f in sorted(Path(sweep_dir).rglob("partition_log.jsonl")):
         job = str(f.parent.relative_to(sweep_dir))
         for line in f.read_text().splitlines():
             d = json.loads(line)
-            rows.append({"job": job, "time_s": d["time_s"], "share": "prefill", "value": d["prefill_share"]})
-            rows.append({"job": job, "time_s": d["time_s"], "share": "decode", "value": d["decode_share"]})
+            rows.append({"job": job, "time_s": d["time_s"], "prefill": d["prefill_share"],
+                         "decode": d["decode_share"], "rate": d.get("rate")})
     return pd.DataFrame(rows)
+
+
+def partition_figure(timeline: pd.DataFrame):
+    """One panel per job: both shares over time (steps), the arrival rate of each window behind them."""
+    jobs = list(dict.fromkeys(timeline["job"]))
+    cols = min(2, len(jobs))
+    rows = (len(jobs) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 2.6 * rows), squeeze=False, sharex=True)
+    for ax, job in zip(axes.flat, jobs):
+        g = timeline[timeline["job"] == job]
+        ax.step(g["time_s"], g["prefill"], where="post", label="prefill share", lw=2)
+        ax.step(g["time_s"], g["decode"], where="post", label="decode share", lw=2, ls="--")
+        ax.set(ylim=(0, 105), ylabel="share (%)", title=job.replace(",", ", "))
+        ax.title.set_fontsize(7)
+        if g["rate"].notna().any():
+            ax2 = ax.twinx()
+            # A decision closes its window: the window's arrival rate is drawn to its left.
+            ax2.bar(g["time_s"], g["rate"].fillna(0), width=-0.9 * g["time_s"].diff().median(), alpha=0.2,
+                    color="grey", align="edge", label="arrivals (req/s)")
+            ax2.set_ylabel("arrivals (req/s)", fontsize=7)
+            ax2.grid(False)
+    for ax in axes.flat[len(jobs):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7, loc="lower left")
+    for ax in axes[-1]:
+        ax.set_xlabel("time since engine start (s)")
+    fig.tight_layout()
+    return fig
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ class EngineClient:
         self._in_qs: dict[str, object] = {}
         self._procs: dict[str, object] = {}
         self.worker_info: dict[str, dict] = {}
+        self._pool_labels: dict[str, str] = {}
         self._streams: dict[str, asyncio.Queue] = {}
         # Outputs of one request can come from two workers through two queue feeders:
         # deliver them in token order.
@@ -72,14 +73,15 @@ class EngineClient:
         """A worker iteration finished; engines that steer on iteration times override this."""
 
     def pool_label(self, worker: str) -> str:
-        specs = {s.name: s for s in self.worker_specs()}
-        return (specs[worker].pool if worker in specs else None) or worker
+        """The metrics label of the KV pool a worker uses (semi-PD's workers share one)."""
+        return self._pool_labels.get(worker, worker)
 
     # -- lifecycle --------------------------------------------------------------
     async def start(self, timeout_s: float) -> None:
         self._loop = asyncio.get_running_loop()
         specs = self.worker_specs()
         self._in_qs = {spec.name: self._ctx.Queue() for spec in specs}
+        self._pool_labels = {spec.name: spec.pool or spec.name for spec in specs}
         await asyncio.to_thread(self.prepare)
         for spec in specs:
             p = self._ctx.Process(target=worker_main, name=f"worker-{spec.name}", daemon=True,
@@ -112,9 +114,6 @@ class EngineClient:
     @property
     def max_model_len(self) -> int:
         return min(i["max_model_len"] for i in self.worker_info.values())
-
-    def pids(self) -> dict[str, int]:
-        return {n: p.pid for n, p in self._procs.items()}
 
     async def shutdown(self, timeout_s: float = 5.0) -> None:
         self._stopping = True

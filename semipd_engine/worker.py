@@ -71,7 +71,7 @@ def worker_main(spec: WorkerSpec, model_cfg, engine_cfg, in_q, out_q, shared: Op
                           pool=shared.pool)
         info = dict(pid=os.getpid(), cores=cores, num_threads=torch.get_num_threads(),
                     max_model_len=core.max_model_len, kv_blocks_total=core.pool.num_blocks,
-                    kv_bytes=core.kv.nbytes, kv_data_ptr=core.kv.data.data_ptr(), block_size=core.pool.block_size)
+                    kv_bytes=core.kv.nbytes, block_size=core.pool.block_size)
         out_q.put(("ready", spec.name, info))
         receiver = KVReceiver(shared.sources, core.kv, core.pool) if shared.sources else None
         Worker(spec, core, in_q, out_q, peers or {}, receiver).loop()

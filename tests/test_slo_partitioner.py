@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import numpy as np
 import pytest
@@ -110,7 +111,32 @@ def _phase(url, prompt_len, output_len, n, concurrency, tmp):
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores for distinct partitions")
+def test_failing_ttft_raises_prefill_through_the_running_engine(tmp_path):
+    """Wiring, deterministically: an impossible TTFT SLO and a trivial TPOT SLO must raise the prefill share."""
+    from .server_util import ServerProcess, metric
+
+    log = tmp_path / "decisions.jsonl"
+    srv = ServerProcess("engine=semipd_dynamic", "engine.control_window_s=1.0", "engine.slo_ttft_s=1e-6",
+                        "engine.slo_tpot_s=1000", f"engine.decision_log={log}", "engine.min_share=50")
+    try:
+        _phase(srv.url, prompt_len=200, output_len=4, n=40, concurrency=4, tmp=tmp_path)
+        time.sleep(1.2)
+        assert metric(srv.url, "partition_prefill_share") > 50  # 80 already means both cores
+        assert metric(srv.url, "partition_switches_total") >= 1
+        assert metric(srv.url, "partition_decisions_total") >= 1
+    finally:
+        srv.stop()
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    moved = [r for r in rows if r["reason"] == "ttft fails: more prefill"]
+    assert moved and moved[0]["old_prefill_share"] == 50 and moved[0]["prefill_share"] > 50
+    assert moved[0]["observed_ttft_s"] > 0 and moved[0]["a1"] is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores for distinct partitions")
 def test_load_shift_moves_the_partition_each_way(tmp_path):
+    """Calibrated on this machine: slow and timing-dependent, so out of the default run (the wiring test above and
+    the controller unit tests cover its behaviour)."""
     from .server_util import ServerProcess
 
     # One output token: no TPOT sample (a 2-token answer's only gap is the prefill->decode hand-off).
