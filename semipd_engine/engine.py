@@ -43,6 +43,8 @@ class SemiPDEngine(EngineClient):
         self.backend = resolve_backend(engine_cfg.partition_backend, model_cfg.device)
         self.cores = machine_cores()
         self.partition = Partition(engine_cfg.prefill_share, engine_cfg.decode_share)
+        if self.backend == "none":  # no way to cap a phase: say what actually runs
+            self.partition = Partition(100, 100)
         self.shared: SharedState | None = None
 
     # -- composition ---------------------------------------------------------------

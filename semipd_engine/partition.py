@@ -8,13 +8,13 @@ Backends:
   front, decode round(y%) from the back, at least one each; the worker pins itself
   with `os.sched_setaffinity` and sizes torch's thread pool to match. Changing a
   share is two syscalls at an iteration boundary, so a switch needs no new process.
-- `green_context` / `mps` (CUDA): SM shares. Not available on this build's CPU
-  machines; asking for them on a machine without CUDA fails with the reason, and
-  `auto` picks `cpu_affinity` there.
+- `green_context` / `mps` (CUDA): SM shares. Not implemented yet: asking for
+  them logs why and falls back to uncapped (`none`), as does `auto` on a GPU.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 BACKENDS = ("auto", "cpu_affinity", "none")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,12 @@ def distinct_partitions(cores: Sequence[int]) -> list[Partition]:
 def resolve_backend(name: str, device: str) -> str:
     if name not in BACKENDS + ("green_context", "mps"):
         raise ValueError(f"engine.partition_backend must be one of {BACKENDS + ('green_context', 'mps')}")
-    if name == "auto":
-        return "cpu_affinity" if device == "cpu" else "none"
-    if name in ("green_context", "mps"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"engine.partition_backend={name} needs a CUDA device; this machine has none "
-                             "(use cpu_affinity, or none for uncapped)")
-        raise ValueError(f"engine.partition_backend={name} is not implemented yet; use none (uncapped)")
+    if name == "auto" and device == "cpu":
+        return "cpu_affinity"
+    if name in ("auto", "green_context", "mps"):
+        why = "no CUDA device here" if not torch.cuda.is_available() else "SM-share backends are not built yet"
+        log.warning("partition backend %s unavailable (%s): running uncapped (100, 100)", name, why)
+        return "none"
     return name
 
 

@@ -217,3 +217,12 @@ def test_dead_worker_fails_requests_and_health(llama_checkpoint):
         assert status == 503 and "worker" in body["error"]["message"]
     finally:
         srv.stop()
+
+
+def test_unavailable_share_backend_falls_back_to_uncapped(llama_checkpoint, caplog):
+    engine = SemiPDEngine(model_cfg(llama_checkpoint), engine_cfg(name="semipd", partition_backend="green_context",
+                                                                    prefill_share=50, decode_share=50))
+    assert engine.backend == "none" and engine.describe()["prefill_share"] == 100
+    assert "running uncapped" in caplog.text
+    with pytest.raises(ValueError):
+        engine.set_partition(engine.partition)
