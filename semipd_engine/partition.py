@@ -49,18 +49,6 @@ def core_sets(p: Partition, cores: Sequence[int]) -> tuple[tuple[int, ...], tupl
     return tuple(cores[:n_prefill]), tuple(cores[n - n_decode :])
 
 
-def distinct_partitions(cores: Sequence[int]) -> list[Partition]:
-    """The partitions that differ on this machine (2 cores: only a handful do)."""
-    seen, out = set(), []
-    for x in range(1, 101):
-        for y in range(1, 101):
-            sets = core_sets(Partition(x, y), cores)
-            if sets not in seen:
-                seen.add(sets)
-                out.append(Partition(x, y))
-    return out
-
-
 def resolve_backend(name: str, device: str) -> str:
     if name not in BACKENDS + ("green_context", "mps"):
         raise ValueError(f"engine.partition_backend must be one of {BACKENDS + ('green_context', 'mps')}")

@@ -18,7 +18,3 @@ def engine_class(name: str):
         raise ValueError(f"unknown engine {name!r}; available: {sorted(ENGINES)}")
     module, cls = ENGINES[name].split(":")
     return getattr(importlib.import_module(module), cls)
-
-
-def available_engines() -> list[str]:
-    return sorted(ENGINES)

@@ -75,24 +75,21 @@ def test_dispatch_is_drift_free_against_absolute_times():
     assert abs(drift[-1]) < 0.01 and s["self_check"]["valid"]
 
 
-def test_errors_are_counted_never_dropped(tmp_path):
+def test_errors_are_counted_never_dropped(tmp_path, monkeypatch):
+    from experiments import loadgen as lg
+
+    orig = lg.plan
+
+    def faulty_plan(*a, **k):
+        planned = orig(*a, **k)
+        planned[1].prompt = "FAIL500 please"
+        planned[3].prompt = "DROP this"
+        return planned
+
+    monkeypatch.setattr(lg, "plan", faulty_plan)
     with MockOpenAIServer(ttft_s=0.01, itl_s=0.001) as srv:
-        from experiments import loadgen as lg
-
-        orig = lg.plan
-
-        def faulty_plan(*a, **k):
-            planned = orig(*a, **k)
-            planned[1].prompt = "FAIL500 please"
-            planned[3].prompt = "DROP this"
-            return planned
-
-        lg.plan = faulty_plan
-        try:
-            s = run_loadgen(lcfg(srv.url), wcfg(name="fixed", prompt_len=4, output_len=5, num_requests=8,
-                                                arrival="constant", rate=20), SLO, str(tmp_path))
-        finally:
-            lg.plan = orig
+        s = run_loadgen(lcfg(srv.url), wcfg(name="fixed", prompt_len=4, output_len=5, num_requests=8,
+                                            arrival="constant", rate=20), SLO, str(tmp_path))
     df = pd.read_parquet(tmp_path / "requests.parquet")
     assert len(df) == 8 and s["aggregates"]["num_errors"] == 2
     assert df.loc[1, "error"].startswith("HTTP 500") and df.loc[3, "error"]

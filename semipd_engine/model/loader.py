@@ -7,7 +7,6 @@ Nothing here touches the network.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -127,7 +126,3 @@ def save_checkpoint(hf_config: Any, hf_state: dict[str, torch.Tensor], path: str
     os.makedirs(path, exist_ok=True)
     hf_config.save_pretrained(path)
     save_file({k: v.contiguous() for k, v in hf_state.items()}, os.path.join(path, "model.safetensors"))
-
-
-def checkpoint_summary(path: str) -> dict[str, Any]:
-    return json.loads((Path(path) / "config.json").read_text())
