@@ -12,26 +12,16 @@ counted per copy (disagg loads one per instance, semi-PD one in all).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import tempfile
-import urllib.request
 
 from experiments.bench_engine import memory_bandwidth
+from experiments.benchutil import emit, scrape_metrics
 from experiments.config import LoadgenConfig, SLOConfig, WorkloadConfig
 from experiments.launch import EngineServer
 from experiments.loadgen import run_loadgen
 from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig, freeze
 from semipd_engine.model import resolve
-
-
-def scrape(url: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for line in urllib.request.urlopen(url + "/metrics", timeout=10).read().decode().splitlines():
-        if line and not line.startswith("#"):
-            key, value = line.rsplit(" ", 1)
-            out[key] = float(value)
-    return out
 
 
 def by_instance(m: dict[str, float], name: str) -> dict[str, float]:
@@ -46,7 +36,7 @@ def run_engine(engine: str, args, spec) -> dict:
     with tempfile.TemporaryDirectory() as d, EngineServer(mcfg, ecfg, freeze(ServerConfig, {}), d) as srv:
         s = run_loadgen(freeze(LoadgenConfig, {"base_url": srv.url, "progress": False}), wcfg,
                         freeze(SLOConfig, {}), d)
-        m = scrape(srv.url)
+        m = scrape_metrics(srv.url)
     total, peak = by_instance(m, "kv_blocks_total"), by_instance(m, "kv_blocks_used_peak")
     weights = spec.num_params() * 4
     copies = len([i for i in total if i != "shared"]) if engine == "disagg" else 1
@@ -79,10 +69,7 @@ def main() -> None:
     out = {"memcpy_gb_s": memory_bandwidth() / 2 / 1e9,  # one-way bytes/s, comparable to transfer_gb_s
            "kv_bytes_per_token": spec.kv_bytes_per_token(4),
            "engines": [run_engine(e, args, spec) for e in ("disagg", "semipd")]}
-    print(json.dumps(out, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=2)
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

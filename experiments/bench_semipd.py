@@ -21,16 +21,11 @@ import urllib.request
 import numpy as np
 import pandas as pd
 
+from experiments.benchutil import emit, metric_total, scrape_metrics
 from experiments.config import LoadgenConfig, SLOConfig, WorkloadConfig
 from experiments.launch import EngineServer
 from experiments.loadgen import run_loadgen
 from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig, freeze
-
-
-def prom_value(url: str, name: str) -> float:
-    text = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
 def main() -> None:
@@ -64,8 +59,9 @@ def main() -> None:
             t.start()
             summary = run_loadgen(lcfg, wcfg, freeze(SLOConfig, {}), d)
             t.join()
-            stall_sum = prom_value(srv.url, "partition_switch_stall_seconds_sum")
-            stall_n = prom_value(srv.url, "partition_switch_stall_seconds_count")
+            samples = scrape_metrics(srv.url)
+            stall_sum = metric_total(samples, "partition_switch_stall_seconds_sum")
+            stall_n = metric_total(samples, "partition_switch_stall_seconds_count")
             df = pd.read_parquet(f"{d}/requests.parquet")
         t0 = summary["t0_monotonic"]
     sw = np.array(switch_times) - t0
@@ -88,10 +84,7 @@ def main() -> None:
         "normal_itl_p90_ms": 1e3 * float(np.percentile([g for g, _ in normal], 90)),
         "errors": int(df["error"].notna().sum()),
     }
-    print(json.dumps(res, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=2)
+    emit(res, args.out)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,7 @@ def goodput_search(lcfg, wcfg, slo_cfg, exp, jd: Path, resolved) -> dict[str, An
     """DistServe protocol: bisect the rate for the highest one with attainment >= target."""
     target = slo_cfg.target_attainment
     probes: list[dict[str, Any]] = []
+    aggregates: dict[float, dict[str, Any]] = {}  # rate -> aggregates of its first seed
     frames = []
 
     def attainment(rate: float) -> float:
@@ -140,6 +141,7 @@ def goodput_search(lcfg, wcfg, slo_cfg, exp, jd: Path, resolved) -> dict[str, An
             d = jd / "probes" / f"rate{rate:.4f}_seed{seed}"
             s = run_loadgen(lcfg, dataclasses.replace(wcfg, rate=rate, seed=seed), slo_cfg, str(d), resolved)
             vals.append(s["aggregates"]["slo_attainment"])
+            aggregates.setdefault(rate, s["aggregates"])
             probes.append({"rate": rate, "seed": seed, **headline(s)})
             df = pd.read_parquet(d / "requests.parquet")
             frames.append(df.assign(probe_rate=rate, probe_seed=seed))
@@ -161,8 +163,7 @@ def goodput_search(lcfg, wcfg, slo_cfg, exp, jd: Path, resolved) -> dict[str, An
     pd.concat(frames, ignore_index=True).to_parquet(jd / "requests.parquet", index=False)
     best = max((p for p in probes if p["rate"] <= goodput), key=lambda p: p["rate"], default=probes[0])
     summary = {"goodput_rate": goodput, "probes": probes, "target_attainment": target,
-               "aggregates": json.loads((jd / "probes" / f"rate{best['rate']:.4f}_seed{exp.goodput_seeds[0]}"
-                                         / "summary.json").read_text())["aggregates"],
+               "aggregates": aggregates[best["rate"]],
                "self_check": {"valid": all(p["client_valid"] for p in probes)}}
     (jd / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

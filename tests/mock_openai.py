@@ -16,8 +16,10 @@ from aiohttp import web
 
 
 class MockOpenAIServer:
-    def __init__(self, ttft_s: float = 0.05, itl_s: float = 0.01):
+    def __init__(self, ttft_s: float = 0.05, itl_s: float = 0.01, serial: bool = False):
         self.ttft_s, self.itl_s = ttft_s, itl_s
+        # serial: one request at a time (a single-server queue), so latency grows with the load.
+        self.serial = serial
         self.received: list[float] = []  # arrival times (monotonic) of completion requests
         self.writes: list[list[float]] = []  # per request, when each token chunk was written
         self.port = 0
@@ -44,6 +46,7 @@ class MockOpenAIServer:
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
+        self._busy = asyncio.Lock()
         app = web.Application()
         app.add_routes([web.get("/v1/models", self.models), web.post("/v1/completions", self.completions)])
         runner = web.AppRunner(app, access_log=None)
@@ -59,6 +62,12 @@ class MockOpenAIServer:
         return web.json_response({"object": "list", "data": [{"id": "mock", "object": "model"}]})
 
     async def completions(self, request):
+        if self.serial:
+            async with self._busy:
+                return await self._complete(request)
+        return await self._complete(request)
+
+    async def _complete(self, request):
         t_arrival = time.monotonic()
         self.received.append(t_arrival)
         body = await request.json()

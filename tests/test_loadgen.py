@@ -211,3 +211,25 @@ def test_ctrl_c_writes_partial_results(tmp_path):
     df = pd.read_parquet(tmp_path / "requests.parquet")
     assert len(df) == 200 and 3 < df["error"].isna().sum() < 200
     assert df["error"].dropna().str.contains("interrupted").all()
+
+
+def test_goodput_bisection_finds_the_rate_a_single_server_queue_sustains(tmp_path):
+    """Service time 50 ms one at a time (capacity 20 req/s): attainment falls between the bounds."""
+    from experiments.config import ExperimentConfig
+    from experiments.runner import goodput_search
+
+    exp = freeze(ExperimentConfig, {"mode": "goodput", "goodput_low": 5.0, "goodput_high": 40.0,
+                                    "goodput_tolerance": 4.0, "goodput_seeds": [0]})
+    slo = freeze(SLOConfig, {"ttft_s": 0.3, "tpot_s": 1.0})
+    w = wcfg(name="fixed", prompt_len=4, output_len=1, num_requests=40, arrival="poisson")
+    with MockOpenAIServer(ttft_s=0.05, itl_s=0.0, serial=True) as srv:
+        s = goodput_search(lcfg(srv.url), w, slo, exp, tmp_path, None)
+    g = s["goodput_rate"]
+    rates = [p["rate"] for p in s["probes"]]
+    assert rates[:2] == [5.0, 40.0] and len(rates) > 3 and 5.0 <= g < 40.0
+    # The bisection's invariant: the rate it reports meets the target, one within the tolerance above fails.
+    by_rate = {p["rate"]: p["slo_attainment"] for p in s["probes"]}
+    assert by_rate[g] >= 0.9
+    assert any(g < r <= g + 4.0 and a < 0.9 for r, a in by_rate.items()), s["probes"]
+    assert (tmp_path / "summary.json").is_file() and len(pd.read_parquet(tmp_path / "requests.parquet")) == 40 * len(rates)
+    assert s["aggregates"]["slo_attainment"] >= 0.9
