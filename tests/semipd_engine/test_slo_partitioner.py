@@ -113,7 +113,7 @@ def _phase(url, prompt_len, output_len, n, concurrency, tmp):
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores for distinct partitions")
 def test_failing_ttft_raises_prefill_through_the_running_engine(tmp_path):
     """Wiring, deterministically: an impossible TTFT SLO and a trivial TPOT SLO must raise the prefill share."""
-    from .server_util import ServerProcess, metric
+    from tests.helpers.server import ServerProcess, metric
 
     log = tmp_path / "decisions.jsonl"
     srv = ServerProcess("engine=semipd_dynamic", "engine.control_window_s=1.0", "engine.slo_ttft_s=1e-6",
@@ -137,7 +137,7 @@ def test_failing_ttft_raises_prefill_through_the_running_engine(tmp_path):
 def test_load_shift_moves_the_partition_each_way(tmp_path):
     """Calibrated on this machine: slow and timing-dependent, so out of the default run (the wiring test above and
     the controller unit tests cover its behaviour)."""
-    from .server_util import ServerProcess
+    from tests.helpers.server import ServerProcess
 
     # One output token: no TPOT sample (a 2-token answer's only gap is the prefill->decode hand-off).
     prompt_heavy = dict(prompt_len=1500, output_len=1, n=30, concurrency=4)

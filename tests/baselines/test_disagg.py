@@ -15,11 +15,8 @@ from semipd_engine.kv_cache import BlockPool, KVCache
 from semipd_engine.kv_transfer import KVReceiver
 from semipd_engine.model.spec import ModelSpec
 from semipd_engine.request import Request, SamplingParams
-
-from .conftest import engine_cfg, model_cfg
-from .server_util import ServerProcess, metric
-from .test_engine_correctness import hf_greedy, prompts
-from .test_semipd import _generate, engine_vocab
+from tests.helpers import engine_cfg, engine_vocab, generate_through, hf_greedy, model_cfg, prompts
+from tests.helpers.server import ServerProcess, metric
 
 SPEC = ModelSpec("llama", 100, 32, 64, 2, 4, 2, 8, 1e-6, 1e4, 128, False, False)
 
@@ -61,7 +58,7 @@ def test_greedy_matches_transformers(llama_checkpoint, num_kv_blocks):
                       max_num_batched_tokens=32)
     engine = DisaggEngine(model_cfg(llama_checkpoint), ecfg)
     ps = prompts(engine_vocab(llama_checkpoint))
-    outs = asyncio.run(_generate(engine, ps, 24))
+    outs = asyncio.run(generate_through(engine, ps, 24))
     for p, o in zip(ps, outs):
         assert o == hf_greedy(llama_checkpoint, p, 24)
     info = engine.worker_info

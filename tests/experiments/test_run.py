@@ -16,7 +16,7 @@ from hydra.errors import ConfigCompositionException
 
 from experiments import conf_store
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONF = str(ROOT / "conf")
 conf_store.register()
 

@@ -19,10 +19,9 @@ from experiments.config import LoadgenConfig, SLOConfig, WorkloadConfig
 from experiments.loadgen import LoadgenError, run_loadgen
 from experiments.workloads import WorkloadError, load_workload
 from semipd_engine.config import freeze
+from tests.helpers.mock_openai import MockOpenAIServer
 
-from .mock_openai import MockOpenAIServer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def wcfg(**kw):

@@ -7,9 +7,7 @@ import torch
 
 from semipd_engine.engine_core import EngineCore
 from semipd_engine.request import SamplingParams
-
-from .conftest import engine_cfg, model_cfg
-from .test_engine_correctness import hf_greedy, prompts
+from tests.helpers import engine_cfg, hf_greedy, model_cfg, prompts
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

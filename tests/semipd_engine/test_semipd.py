@@ -15,34 +15,10 @@ import torch
 
 from semipd_engine.engine import SemiPDEngine
 from semipd_engine.kv_cache import BlockPool
-from semipd_engine.request import Request, SamplingParams
-
-from .conftest import engine_cfg, model_cfg
-from .server_util import ServerProcess, metric
-from .test_engine_correctness import hf_greedy, prompts
+from tests.helpers import engine_cfg, engine_vocab, generate_through, hf_greedy, model_cfg, prompts
+from tests.helpers.server import ServerProcess, metric
 
 TWO_CORES = len(os.sched_getaffinity(0)) >= 2
-
-
-async def _generate(engine, ps, max_tokens):
-    await engine.start(120)
-    try:
-        streams = [engine.add(Request(f"r{i}", p, SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                                                  ignore_eos=True))) for i, p in enumerate(ps)]
-        outs = []
-        for s in streams:
-            toks = []
-            while True:
-                o = await asyncio.wait_for(s.get(), 120)
-                assert o.error is None, o.error
-                toks += o.new_token_ids
-                if o.finished:
-                    break
-            outs.append(toks)
-        await asyncio.sleep(0.3)  # let the idle workers publish their last pool snapshot
-        return outs
-    finally:
-        await engine.shutdown()
 
 
 @pytest.mark.parametrize("num_kv_blocks", [256, 20], ids=["roomy", "preempting"])
@@ -51,7 +27,7 @@ def test_greedy_matches_transformers_with_one_shared_pool(llama_checkpoint, num_
                       max_num_batched_tokens=32, prefill_share=50, decode_share=50)
     engine = SemiPDEngine(model_cfg(llama_checkpoint), ecfg)
     ps = prompts(engine_vocab(llama_checkpoint))
-    outs = asyncio.run(_generate(engine, ps, 24))
+    outs = asyncio.run(generate_through(engine, ps, 24))
     for p, o in zip(ps, outs):
         assert o == hf_greedy(llama_checkpoint, p, 24)
     # The owner never runs the model: KV bytes in its tensor were written in place by the workers,
@@ -62,10 +38,6 @@ def test_greedy_matches_transformers_with_one_shared_pool(llama_checkpoint, num_
     assert info["prefill"]["pid"] != info["decode"]["pid"]
     if TWO_CORES:
         assert tuple(info["prefill"]["cores"]) == (0,) and tuple(info["decode"]["cores"]) == (1,)
-
-
-def engine_vocab(path):
-    return json.load(open(os.path.join(path, "config.json")))["vocab_size"]
 
 
 def _hammer(pool, owner, seed, iters, errors):

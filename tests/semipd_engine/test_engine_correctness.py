@@ -7,34 +7,7 @@ import torch
 
 from semipd_engine.engine_core import EngineCore
 from semipd_engine.request import Request, SamplingParams
-
-from .conftest import engine_cfg, model_cfg
-
-PROMPT_LENS = [5, 17, 33, 1, 48, 9]
-
-
-def prompts(vocab: int, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(10, vocab, (n,), generator=g).tolist() for n in PROMPT_LENS]
-
-
-def hf_greedy(path, prompt, max_new):
-
-    model = _hf_model(path)
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False, min_new_tokens=max_new,
-                         pad_token_id=0, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
-
-
-_HF: dict = {}
-
-
-def _hf_model(path):
-    from transformers import AutoModelForCausalLM
-
-    if path not in _HF:
-        _HF[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    return _HF[path]
+from tests.helpers import engine_cfg, hf_greedy, hf_model, model_cfg, prompts
 
 
 def test_prefill_logits_match_transformers(hf_checkpoint):
@@ -44,7 +17,7 @@ def test_prefill_logits_match_transformers(hf_checkpoint):
     for r in reqs:
         r.block_table = core.pool.allocate(core.pool.blocks_needed(r.num_tokens, 0))
     ours = core.runner.prefill_logits([(r, r.num_tokens) for r in reqs])
-    hf = _hf_model(hf_checkpoint)
+    hf = hf_model(hf_checkpoint)
     row = 0
     for p in ps:
         with torch.no_grad():

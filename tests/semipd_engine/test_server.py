@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from .server_util import ServerProcess, metric
+from tests.helpers.server import ServerProcess, metric
 
 
 @pytest.fixture(scope="module")
