@@ -14,14 +14,11 @@ their blocks, and the prefill instance stops admitting when its pool is full.
 
 from __future__ import annotations
 
-import dataclasses
-
 from semipd_engine.engine_client import EngineClient
-from semipd_engine.kv_cache import KVCache
+from semipd_engine.factory import ModelState, build_state, num_kv_blocks
 from semipd_engine.model import resolve
-from semipd_engine.model.loader import torch_dtype
 from semipd_engine.partition import machine_cores
-from semipd_engine.worker import SharedState, WorkerSpec
+from semipd_engine.worker import WorkerSpec
 
 
 def instance_cores(n_prefill: int, n_decode: int, cores: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -43,40 +40,41 @@ class DisaggEngine(EngineClient):
             raise ValueError("engine.num_prefill_instances and engine.num_decode_instances must be >= 1")
         if not 0.0 < e.prefill_kv_fraction < 1.0:
             raise ValueError("engine.prefill_kv_fraction must be in (0, 1)")
-        self.names = [f"prefill{i}" for i in range(e.num_prefill_instances)] + \
-                     [f"decode{i}" for i in range(e.num_decode_instances)]
-        self.pools: dict[str, KVCache] = {}
+        self.prefills = tuple(f"prefill{i}" for i in range(e.num_prefill_instances))
+        self.decodes = tuple(f"decode{i}" for i in range(e.num_decode_instances))
+        self.pools: dict[str, ModelState] = {}
         self._next_prefill = 0
 
     def worker_specs(self) -> list[WorkerSpec]:
-        cores = instance_cores(self.engine_cfg.num_prefill_instances, self.engine_cfg.num_decode_instances,
-                               machine_cores())
-        return [WorkerSpec(n, "prefill_only" if n.startswith("prefill") else "decode_only", c,
-                           self.engine_cfg.num_threads, handoff="transfer") for n, c in zip(self.names, cores)]
+        e = self.engine_cfg
+        cores = iter(instance_cores(len(self.prefills), len(self.decodes), machine_cores()))
+        return ([WorkerSpec(n, "prefill_only", "prefill", next(cores), e.num_threads, handoff="transfer",
+                            decode_peers=self.decodes) for n in self.prefills]
+                + [WorkerSpec(n, "decode_only", "decode", next(cores), e.num_threads, handoff="transfer",
+                              prefill_peers=self.prefills) for n in self.decodes])
 
     def entry_worker(self, req) -> str:
-        n = self.engine_cfg.num_prefill_instances
-        self._next_prefill = (self._next_prefill + 1) % n
-        return f"prefill{self._next_prefill}"
+        self._next_prefill = (self._next_prefill + 1) % len(self.prefills)
+        return self.prefills[self._next_prefill]
 
-    def _share(self, name: str) -> float:
+    def _fraction(self, name: str) -> float:
         e = self.engine_cfg
-        if name.startswith("prefill"):
-            return e.prefill_kv_fraction / e.num_prefill_instances
-        return (1 - e.prefill_kv_fraction) / e.num_decode_instances
+        if name in self.prefills:
+            return e.prefill_kv_fraction / len(self.prefills)
+        return (1 - e.prefill_kv_fraction) / len(self.decodes)
 
     def prepare(self) -> None:
-        """Each instance's pool in shared memory, so decode instances can copy from prefill pools."""
-        m, e = self.model_cfg, self.engine_cfg
-        spec, dtype = resolve(m).spec, torch_dtype(m.dtype)
-        total = e.num_kv_blocks or KVCache.blocks_for_memory(spec, e.block_size, dtype, e.kv_cache_mb)
-        for name in self.names:
-            blocks = max(1, int(total * self._share(name)))
-            self.pools[name] = KVCache(spec, blocks, e.block_size, dtype, m.device, share=True)
+        """Each instance's KV pool in shared memory, so decode instances can copy from prefill pools.
+
+        Weights are not built here: every instance loads its own copy in its process, as DistServe does.
+        """
+        spec = resolve(self.model_cfg).spec
+        for name in self.prefills + self.decodes:
+            blocks = num_kv_blocks(spec, self.model_cfg, self.engine_cfg, self._fraction(name))
+            # The allocator travels to the instance's process as a copy: the instance is its only owner.
+            self.pools[name] = build_state(self.model_cfg, self.engine_cfg, weights=False, kv_blocks=blocks,
+                                           share=True)
 
     def worker_kwargs(self, spec: WorkerSpec) -> dict:
-        sources = {n: kv for n, kv in self.pools.items() if n.startswith("prefill")}
-        shared = SharedState(kv=self.pools[spec.name], sources=sources if spec.name.startswith("decode") else None)
-        # num_kv_blocks pins the instance's pool size to the tensor it is given.
-        cfg = dataclasses.replace(self.engine_cfg, num_kv_blocks=self.pools[spec.name].num_blocks)
-        return {"shared": shared, "peers": dict(self._in_qs), "engine_cfg_override": cfg}
+        sources = {n: self.pools[n].kv for n in self.prefills} if spec.role == "decode" else None
+        return {"state": self.pools[spec.name], "peers": dict(self._in_qs), "sources": sources}

@@ -15,4 +15,4 @@ class UnifiedEngine(EngineClient):
     name = "unified"
 
     def worker_specs(self) -> list[WorkerSpec]:
-        return [WorkerSpec("unified", self.engine_cfg.policy, None, self.engine_cfg.num_threads)]
+        return [WorkerSpec("unified", self.engine_cfg.policy, "both", None, self.engine_cfg.num_threads)]

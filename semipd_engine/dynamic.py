@@ -29,7 +29,7 @@ class DynamicSemiPDEngine(SemiPDEngine):
     def __init__(self, model_cfg, engine_cfg):
         super().__init__(model_cfg, engine_cfg)
         e = engine_cfg
-        self.controller = SLOPartitioner(
+        self.partitioner = SLOPartitioner(
             ControllerConfig(e.slo_ttft_s, e.slo_tpot_s, e.slo_percentile, e.step_size, e.max_step, e.min_share,
                              e.max_share),
             distinct=lambda a, b: core_sets(a, self.cores) != core_sets(b, self.cores),
@@ -38,6 +38,10 @@ class DynamicSemiPDEngine(SemiPDEngine):
         self._reset_window(time.monotonic())
         self._task: Optional[asyncio.Task] = None
         self._t_start = time.monotonic()
+
+    @property
+    def controller(self) -> SLOPartitioner:
+        return self.partitioner
 
     def _reset_window(self, now: float) -> None:
         self._w_start, self._ttfts, self._tpots = now, [], []
@@ -57,7 +61,7 @@ class DynamicSemiPDEngine(SemiPDEngine):
             self._tpots.append((finished - first_token) / (output_tokens - 1))
 
     def observe_iteration(self, worker, stats, num_outputs) -> None:
-        if worker == "prefill" and stats.num_prefill_tokens:
+        if self.roles.get(worker) == "prefill" and stats.num_prefill_tokens:
             self._busy += stats.duration_s
             self._prefilled += num_outputs  # a prefill worker's output is a request done prefilling
 
@@ -82,12 +86,12 @@ class DynamicSemiPDEngine(SemiPDEngine):
         now = time.monotonic()
         window = Window(now - self._w_start, self._ttfts, self._tpots, self._arrivals, self._busy, self._prefilled)
         self._reset_window(now)
-        d = self.controller.step(now - self._t_start, window, self.partition)
+        d = self.partitioner.step(now - self._t_start, window, self.partition)
         if d.new != self.partition:
             self.set_partition(d.new)
         row = d.row()
         self._log(row)
-        self.on_event("decision", "controller", row)
+        self.on_event(d)
         return row
 
     def _log(self, row: dict) -> None:

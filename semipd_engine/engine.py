@@ -20,17 +20,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Optional
 
-from aiohttp import web
-
-from semipd_engine.engine_client import EngineClient
-from semipd_engine.kv_cache import BlockPool, KVCache
-from semipd_engine.model import load_weights, resolve
-from semipd_engine.model.loader import build_model, torch_dtype
+from semipd_engine.engine_client import EngineClient, PartitionControl
+from semipd_engine.factory import ModelState, build_state
+from semipd_engine.messages import SetShare
 from semipd_engine.partition import Partition, core_sets, machine_cores, resolve_backend
-from semipd_engine.protocol import ApiError
-from semipd_engine.worker import SharedState, WorkerSpec
+from semipd_engine.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +41,11 @@ class SemiPDEngine(EngineClient):
         self.partition = Partition(engine_cfg.prefill_share, engine_cfg.decode_share)
         if self.backend == "none":  # no way to cap a phase: say what actually runs
             self.partition = Partition(100, 100)
-        self.shared: SharedState | None = None
+        self.shared: Optional[ModelState] = None
+
+    @property
+    def partition_control(self) -> Optional[PartitionControl]:
+        return self
 
     # -- composition ---------------------------------------------------------------
     def _cores(self, p: Partition) -> tuple[Any, Any]:
@@ -55,28 +55,24 @@ class SemiPDEngine(EngineClient):
 
     def worker_specs(self) -> list[WorkerSpec]:
         p_cores, d_cores = self._cores(self.partition)
-        return [WorkerSpec("prefill", "prefill_only", p_cores, self.engine_cfg.num_threads, pool="shared"),
-                WorkerSpec("decode", "decode_only", d_cores, self.engine_cfg.num_threads, pool="shared")]
+        e = self.engine_cfg
+        return [WorkerSpec("prefill", "prefill_only", "prefill", p_cores, e.num_threads, pool="shared",
+                           handoff="adopt", decode_peers=("decode",)),
+                WorkerSpec("decode", "decode_only", "decode", d_cores, e.num_threads, pool="shared",
+                           handoff="adopt", prefill_peers=("prefill",))]
 
     def entry_worker(self, req) -> str:
         return "prefill"
 
     def prepare(self) -> None:
-        """The resident owner: one copy of the weights, one KV pool, one allocator."""
-        m, e = self.model_cfg, self.engine_cfg
-        spec = resolve(m).spec
-        dtype = torch_dtype(m.dtype)
-        model = build_model(spec, load_weights(m, spec), dtype, m.attention_backend, m.device)
-        model.share_memory()
-        blocks = e.num_kv_blocks or KVCache.blocks_for_memory(spec, e.block_size, dtype, e.kv_cache_mb)
-        kv = KVCache(spec, blocks, e.block_size, dtype, m.device, share=True)
-        pool = BlockPool(blocks, e.block_size, e.watermark).share(self._ctx.Lock())
-        self.shared = SharedState(model, kv, pool)
+        """The resident owner: one copy of the weights, one KV pool, one allocator, in shared memory."""
+        self.shared = build_state(self.model_cfg, self.engine_cfg, share=True, lock=self._ctx.Lock())
         log.info("semi-PD owner: %d parameters, KV pool of %d blocks (%.1f MiB) shared by both workers",
-                 sum(p.numel() for p in model.parameters()), blocks, kv.nbytes / 2**20)
+                 sum(p.numel() for p in self.shared.model.parameters()), self.shared.kv.num_blocks,
+                 self.shared.kv.nbytes / 2**20)
 
     def worker_kwargs(self, spec: WorkerSpec) -> dict:
-        return {"shared": self.shared, "peers": dict(self._in_qs)}
+        return {"state": self.shared, "peers": dict(self._in_qs)}
 
     # -- resource controller ---------------------------------------------------------
     def set_partition(self, p: Partition) -> dict[str, Any]:
@@ -86,9 +82,9 @@ class SemiPDEngine(EngineClient):
         p_cores, d_cores = self._cores(p)
         now = time.monotonic()
         if p.prefill_share != self.partition.prefill_share:
-            self._in_qs["prefill"].put(("partition", p_cores, p.prefill_share, now))
+            self._in_qs["prefill"].put(SetShare(p_cores, p.prefill_share, now))
         if p.decode_share != self.partition.decode_share:
-            self._in_qs["decode"].put(("partition", d_cores, p.decode_share, now))
+            self._in_qs["decode"].put(SetShare(d_cores, p.decode_share, now))
         self.partition = p
         return self.describe()
 
@@ -96,27 +92,3 @@ class SemiPDEngine(EngineClient):
         p_cores, d_cores = self._cores(self.partition)
         return {"prefill_share": self.partition.prefill_share, "decode_share": self.partition.decode_share,
                 "prefill_cores": p_cores, "decode_cores": d_cores, "backend": self.backend}
-
-    def extra_routes(self):
-        async def get_partition(request: web.Request) -> web.Response:
-            return web.json_response(self.describe())
-
-        async def post_partition(request: web.Request) -> web.Response:
-            try:
-                try:
-                    body = await request.json()
-                except ValueError:
-                    raise ApiError("request body is not valid JSON") from None
-                if not isinstance(body, dict):
-                    raise ApiError("request body must be a JSON object")
-                try:
-                    p = Partition(body.get("prefill_share", self.partition.prefill_share),
-                                  body.get("decode_share", self.partition.decode_share))
-                    return web.json_response(self.set_partition(p))
-                except ValueError as e:
-                    param = "decode_share" if "decode_share" in str(e) else "prefill_share"
-                    raise ApiError(str(e), param) from None
-            except ApiError as e:
-                return web.json_response(e.body(), status=e.status)
-
-        return [("GET", "/partition", get_partition), ("POST", "/partition", post_partition)]

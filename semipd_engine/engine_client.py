@@ -3,7 +3,9 @@
 An engine (unified, disagg, semi-PD, ...) is a subclass that says which workers
 it runs (`worker_specs`) and where a new request goes (`entry_worker`). The
 rest (spawning, readiness, fan-in of outputs into per-request asyncio queues,
-aborts, crash detection, shutdown) is shared.
+aborts, crash detection, shutdown) is shared. Engines know nothing of HTTP: what
+the server may expose beyond generation is a typed capability
+(`partition_control`, `controller`), None where an engine has none.
 """
 
 from __future__ import annotations
@@ -14,10 +16,21 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch.multiprocessing as tmp
 
+from semipd_engine.messages import (
+    AbortRequest,
+    AddRequest,
+    KVTransferred,
+    ShareSwitched,
+    Shutdown,
+    StepReport,
+    WorkerFailed,
+    WorkerReady,
+)
+from semipd_engine.partition import Partition
 from semipd_engine.request import Request, RequestOutput
 from semipd_engine.worker import WorkerSpec, worker_main
 
@@ -26,6 +39,17 @@ log = logging.getLogger(__name__)
 
 class EngineDead(RuntimeError):
     pass
+
+
+class PartitionControl(Protocol):
+    """Run-time control of semi-PD's compute shares."""
+
+    @property
+    def partition(self) -> Partition: ...
+
+    def describe(self) -> dict: ...
+
+    def set_partition(self, p: Partition) -> dict: ...
 
 
 class EngineClient:
@@ -50,7 +74,19 @@ class EngineClient:
         self._stopping = False
         self.dead_reason: Optional[str] = None
         self.on_stats: Callable[[str, object], None] = lambda worker, stats: None
-        self.on_event: Callable[[str, str, dict], None] = lambda kind, worker, info: None
+        # Worker events (ShareSwitched, KVTransferred) and the controller's decisions, for the server's metrics.
+        self.on_event: Callable[[object], None] = lambda event: None
+        self.roles: dict[str, str] = {}
+
+    # -- capabilities the server may expose (typed; None where the engine has none) --------
+    @property
+    def partition_control(self) -> Optional[PartitionControl]:
+        return None
+
+    @property
+    def controller(self) -> Optional[object]:
+        """The SLO-aware partitioner, for engines steered by one."""
+        return None
 
     # -- engine-specific ------------------------------------------------------
     def worker_specs(self) -> list[WorkerSpec]:
@@ -82,6 +118,7 @@ class EngineClient:
         specs = self.worker_specs()
         self._in_qs = {spec.name: self._ctx.Queue() for spec in specs}
         self._pool_labels = {spec.name: spec.pool or spec.name for spec in specs}
+        self.roles = {spec.name: spec.role for spec in specs}
         await asyncio.to_thread(self.prepare)
         for spec in specs:
             p = self._ctx.Process(target=worker_main, name=f"worker-{spec.name}", daemon=True,
@@ -99,11 +136,11 @@ class EngineClient:
                 if self.dead_reason:
                     raise EngineDead(self.dead_reason)
                 continue
-            if msg[0] == "ready":
-                self.worker_info[msg[1]] = msg[2]
-                log.info("worker %s ready: %s", msg[1], msg[2])
-            elif msg[0] == "fatal":
-                raise EngineDead(f"worker {msg[1]} failed at start-up:\n{msg[2]}")
+            if isinstance(msg, WorkerReady):
+                self.worker_info[msg.worker] = msg.info
+                log.info("worker %s ready: %s", msg.worker, msg.info)
+            elif isinstance(msg, WorkerFailed):
+                raise EngineDead(f"worker {msg.worker} failed at start-up:\n{msg.traceback}")
         self._reader = threading.Thread(target=self._read_loop, name="engine-reader", daemon=True)
         self._reader.start()
 
@@ -118,7 +155,7 @@ class EngineClient:
     async def shutdown(self, timeout_s: float = 5.0) -> None:
         self._stopping = True
         for q in self._in_qs.values():
-            q.put(("shutdown",))
+            q.put(Shutdown())
         deadline = time.monotonic() + timeout_s
         for p in self._procs.values():
             await asyncio.to_thread(p.join, max(0.1, deadline - time.monotonic()))
@@ -134,7 +171,7 @@ class EngineClient:
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[req.request_id] = stream
         self._next[req.request_id] = 1
-        self._in_qs[self.entry_worker(req)].put(("add", req))
+        self._in_qs[self.entry_worker(req)].put(AddRequest(req))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -143,7 +180,7 @@ class EngineClient:
         self._next.pop(request_id, None)
         self._held.pop(request_id, None)
         for q in self._in_qs.values():  # the request may have moved between workers
-            q.put(("abort", request_id))
+            q.put(AbortRequest(request_id))
 
     @property
     def num_in_flight(self) -> int:
@@ -165,17 +202,18 @@ class EngineClient:
             self._loop.call_soon_threadsafe(self._dispatch, msg)
 
     def _dispatch(self, msg) -> None:
-        if msg[0] == "step":
-            _, worker, outputs, stats = msg
-            if stats is not None:
-                self.observe_iteration(worker, stats, len(outputs))
-                self.on_stats(worker, stats)
-            for out in outputs:
+        if isinstance(msg, StepReport):
+            if msg.stats is not None:
+                self.observe_iteration(msg.worker, msg.stats, len(msg.outputs))
+                self.on_stats(msg.worker, msg.stats)
+            for out in msg.outputs:
                 self._deliver(out)
-        elif msg[0] == "event":
-            self.on_event(msg[1], msg[2], msg[3])
-        elif msg[0] == "fatal":
-            self._mark_dead(f"worker {msg[1]} crashed:\n{msg[2]}")
+        elif isinstance(msg, (ShareSwitched, KVTransferred)):
+            self.on_event(msg)
+        elif isinstance(msg, WorkerFailed):
+            self._mark_dead(f"worker {msg.worker} crashed:\n{msg.traceback}")
+        else:
+            log.error("unexpected message from a worker: %r", msg)
 
     def _deliver(self, out: RequestOutput) -> None:
         rid = out.request_id

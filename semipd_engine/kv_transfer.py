@@ -1,21 +1,26 @@
 """KV transfer between instances that own separate pools (the disaggregated baseline).
 
-On CPU every instance's pool lives in shared memory, so a decode instance maps the
-prefill instances' pools and copies a request's blocks into blocks it allocated
-in its own pool: one real copy of every byte, the same-node analogue of a
-CUDA-IPC peer copy. The source blocks stay allocated until the receiver says
-`release`, so a full decode pool back-pressures the prefill side instead of
-dropping anything.
+Split in two, so the simulator can reuse the policy and charge bytes over a link
+instead of copying:
+- the policy, `TransferQueue`: first come first served; a transfer starts only
+  when the receiving pool has the blocks, so a full decode pool back-pressures
+  the prefill side (which keeps holding the source blocks) instead of dropping anything;
+- the mechanism, a `copy(transfer, dst_blocks) -> (bytes, seconds)` callable:
+  `TensorBlockCopy` below copies real bytes. On CPU every instance's pool lives in
+  shared memory, so a decode instance maps the prefill pools and copies a
+  request's blocks into blocks it allocated in its own pool: one real copy of
+  every byte, the same-node analogue of a CUDA-IPC peer copy.
+The source blocks stay allocated until the receiver has its copy and says `ReleaseKV`.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
-from semipd_engine.kv_cache import BlockPool, KVCache
+from semipd_engine.block_pool import BlockPool
 from semipd_engine.request import Request
 
 
@@ -26,42 +31,57 @@ class Transfer:
     src_blocks: list[int]
 
 
-class KVReceiver:
-    """Pulls transfers into this instance's pool, first come first served."""
+CopyFn = Callable[[Transfer, list[int]], tuple[int, float]]
 
-    def __init__(self, sources: dict[str, KVCache], kv: KVCache, pool: BlockPool):
-        self.sources, self.kv, self.pool = sources, kv, pool
-        self.pending: list[Transfer] = []
+
+class TransferQueue:
+    """Pulls offered transfers into this instance's pool, first come first served."""
+
+    def __init__(self, pool: BlockPool, copy: CopyFn):
+        self.pool, self.copy = pool, copy
+        self.pending: deque[Transfer] = deque()
 
     def offer(self, req: Request, source: str) -> None:
         self.pending.append(Transfer(req, source, list(req.block_table)))
 
     def drop(self, request_id: str) -> Transfer | None:
-        for i, t in enumerate(self.pending):
+        for t in self.pending:
             if t.request.request_id == request_id:
-                return self.pending.pop(i)
+                self.pending.remove(t)
+                return t
         return None
 
     def pull(self) -> list[tuple[Transfer, int, float]]:
-        """Copy every pending transfer that fits; returns (transfer, bytes, seconds) for each done."""
+        """Move every pending transfer that fits, in order; returns (transfer, bytes, seconds) for each."""
         done = []
         while self.pending:
             t = self.pending[0]
-            n = len(t.src_blocks)
-            dst = self.pool.try_allocate(n)
+            dst = self.pool.try_allocate(len(t.src_blocks))
             if dst is None:
-                break  # back-pressure: the prefill side keeps holding the blocks
-            t0 = time.perf_counter()
-            src_ids = torch.tensor(t.src_blocks, device=self.kv.data.device)
-            dst_ids = torch.tensor(dst, device=self.kv.data.device)
-            src = self.sources[t.source].data
-            # [layers, 2, blocks, ...]: one indexed copy moves K and V of every layer.
-            self.kv.data.index_copy_(2, dst_ids, src.index_select(2, src_ids))
-            if self.kv.data.is_cuda:
-                torch.cuda.current_stream().synchronize()
-            seconds = time.perf_counter() - t0
-            nbytes = n * self.kv.data[:, :, 0].numel() * self.kv.data.element_size()
+                break  # back-pressure: the head of the queue waits for room, and so does everything behind it
+            nbytes, seconds = self.copy(t, dst)
             t.request.block_table = dst
-            self.pending.pop(0)
+            self.pending.popleft()
             done.append((t, nbytes, seconds))
         return done
+
+
+class TensorBlockCopy:
+    """The real mechanism: one indexed copy moves K and V of every layer of a request's blocks."""
+
+    def __init__(self, sources: dict, kv):
+        self.sources, self.kv = sources, kv  # name -> KVCache of each prefill instance; this instance's KVCache
+        self.block_bytes = kv.data[:, :, 0].numel() * kv.data.element_size()
+
+    def __call__(self, t: Transfer, dst: list[int]) -> tuple[int, float]:
+        import torch
+
+        t0 = time.perf_counter()
+        dev = self.kv.data.device
+        src = self.sources[t.source].data
+        # [layers, 2, blocks, ...]: index along the block axis.
+        self.kv.data.index_copy_(2, torch.tensor(dst, device=dev),
+                                 src.index_select(2, torch.tensor(t.src_blocks, device=dev)))
+        if self.kv.data.is_cuda:
+            torch.cuda.current_stream().synchronize()
+        return len(dst) * self.block_bytes, time.perf_counter() - t0

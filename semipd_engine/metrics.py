@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from semipd_engine.messages import KVTransferred, ShareSwitched
+from semipd_engine.slo_partitioner import Decision
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
                    1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0)
 
@@ -60,8 +63,10 @@ class EngineMetrics:
         self.controller_coef = Gauge("partition_controller_coefficient", "Fitted latency-model coefficients",
                                      ["name"], registry=r)
 
-    def observe_event(self, kind: str, worker: str, info: dict) -> None:
-        if kind == "decision":
+    def observe_event(self, event) -> None:
+        """A typed engine event: a worker's share switch or KV transfer, or a partitioner decision."""
+        if isinstance(event, Decision):
+            info = event.row()
             self.partition_decisions.labels(info["reason"]).inc()
             for m in ("observed_ttft_s", "observed_tpot_s"):
                 if info[m] == info[m]:  # not NaN
@@ -69,18 +74,15 @@ class EngineMetrics:
             for name in ("a1", "b1", "a2", "b2", "l_100"):
                 if info.get(name) is not None:
                     self.controller_coef.labels(name).set(info[name])
-        elif kind == "switched":
-            self.observe_switch(worker, info)
-        elif kind == "transferred":
-            self.kv_transfer_bytes.inc(info["bytes"])
-            self.kv_transfer_time.observe(info["seconds"])
-
-    def observe_switch(self, worker: str, info: dict) -> None:
-        gauge = self.partition_prefill_share if worker == "prefill" else self.partition_decode_share
-        gauge.set(info["share"])
-        self.partition_switches.labels(worker).inc()
-        self.partition_switch_stall.labels(worker).observe(info["stall_s"])
-        self.partition_switch_delay.labels(worker).observe(info["delay_s"])
+        elif isinstance(event, ShareSwitched):
+            gauge = self.partition_prefill_share if event.phase == "prefill" else self.partition_decode_share
+            gauge.set(event.share)
+            self.partition_switches.labels(event.worker).inc()
+            self.partition_switch_stall.labels(event.worker).observe(event.stall_s)
+            self.partition_switch_delay.labels(event.worker).observe(event.delay_s)
+        elif isinstance(event, KVTransferred):
+            self.kv_transfer_bytes.inc(event.nbytes)
+            self.kv_transfer_time.observe(event.seconds)
 
     def engine_ready(self, worker_info: dict[str, dict]) -> None:
         for worker, info in worker_info.items():

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("auto", "cpu_affinity", "none")
+from semipd_engine.registry import Registry
+
 log = logging.getLogger(__name__)
 
 
@@ -49,13 +50,28 @@ def core_sets(p: Partition, cores: Sequence[int]) -> tuple[tuple[int, ...], tupl
     return tuple(cores[:n_prefill]), tuple(cores[n - n_decode :])
 
 
+def _cpu_affinity(device: str) -> str | None:
+    return None if device == "cpu" else "core sets cap CPU workers only"
+
+
+def _not_built(device: str) -> str | None:
+    return "no CUDA device here" if not torch.cuda.is_available() else "SM-share backends are not built yet"
+
+
+# name -> why it cannot run on `device` (None: it can)
+PARTITION_BACKENDS: Registry[Callable[[str], str | None]] = Registry("partition backend", "engine.partition_backend")
+PARTITION_BACKENDS.register("cpu_affinity", _cpu_affinity)
+PARTITION_BACKENDS.register("green_context", _not_built)
+PARTITION_BACKENDS.register("mps", _not_built)
+PARTITION_BACKENDS.register("none", lambda device: None)
+
+
 def resolve_backend(name: str, device: str) -> str:
-    if name not in BACKENDS + ("green_context", "mps"):
-        raise ValueError(f"engine.partition_backend must be one of {BACKENDS + ('green_context', 'mps')}")
-    if name == "auto" and device == "cpu":
-        return "cpu_affinity"
-    if name in ("auto", "green_context", "mps"):
-        why = "no CUDA device here" if not torch.cuda.is_available() else "SM-share backends are not built yet"
+    """The backend that will run: `auto` picks per device; an unavailable one falls back to uncapped."""
+    if name == "auto":
+        name = "cpu_affinity" if device == "cpu" else "green_context"
+    why = PARTITION_BACKENDS.get(name)(device)
+    if why is not None:
         log.warning("partition backend %s unavailable (%s): running uncapped (100, 100)", name, why)
         return "none"
     return name

@@ -10,7 +10,6 @@ end, sample one more token.
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -46,8 +45,8 @@ class FinishReason(str, enum.Enum):
 
 @dataclass
 class Timestamps:
-    """Server-side lifecycle, all ``time.monotonic()`` (system-wide on Linux, so
-    comparable across the server and worker processes)."""
+    """Server-side lifecycle, all read from the engine's clock (`semipd_engine.clock`): wall
+    monotonic time for real engines (comparable across processes), virtual seconds in the simulator."""
 
     arrival: float = 0.0
     first_scheduled: Optional[float] = None
@@ -71,10 +70,6 @@ class Request:
     times: Timestamps = field(default_factory=Timestamps)
     # torch.Generator state (bytes) for seeded sampling; travels with the request between workers.
     rng_state: Optional[bytes] = None
-
-    def __post_init__(self) -> None:
-        if not self.times.arrival:
-            self.times.arrival = time.monotonic()
 
     @property
     def num_prompt_tokens(self) -> int:

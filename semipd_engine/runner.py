@@ -1,10 +1,13 @@
-"""ModelRunner: a scheduled batch -> packed tensors -> forward -> sampled tokens.
+"""ModelRunner, the real executor: a scheduled batch -> packed tensors -> forward -> sampled tokens.
 
 The runner owns the model and a view of the KV pool; it does not decide what
-runs (the scheduler does) nor what a token means (the engine core does).
+runs (the policy does) nor what a token means (the scheduler's update does).
+The simulator's executor returns the same `ExecuteResult` from a cost model.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -12,6 +15,7 @@ from semipd_engine.kv_cache import KVCache
 from semipd_engine.model.attention import AttentionMetadata, PrefillSeq
 from semipd_engine.request import Request
 from semipd_engine.sampler import sample
+from semipd_engine.scheduler import ExecuteResult, ScheduledBatch
 
 
 class ModelRunner:
@@ -61,6 +65,11 @@ class ModelRunner:
             meta.decode_block_tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], device=dev)
             meta.decode_ctx_lens = torch.tensor(decode_lens, device=dev)
         return torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), meta, sample_rows, sample_reqs
+
+    def execute(self, batch: ScheduledBatch) -> ExecuteResult:
+        t0 = time.perf_counter()
+        sampled = self.run(batch.items)
+        return ExecuteResult(sampled, time.perf_counter() - t0)
 
     @torch.inference_mode()
     def run(self, items: list[tuple[Request, int]]) -> list[tuple[Request, int]]:

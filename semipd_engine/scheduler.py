@@ -1,28 +1,31 @@
-"""One scheduler, several policies: what to run in the next iteration.
+"""The scheduler: what to run next, and what a finished iteration means for each request.
 
-- `prefill_priority` (vLLM default): new prompts first, whole, up to the token
-  budget; a prefill iteration runs no decodes; otherwise decode every running request.
-- `chunked` (Sarathi-Serve stall-free batching): every running decode first,
-  then chunks of partly prefilled prompts, then new prompts, up to the budget.
-- `prefill_only` / `decode_only`: the two halves, for engines whose phases run
-  in separate workers (semi-PD, disaggregated).
+One iteration of any engine is
 
-Blocks for a whole prompt are taken at admission (behind the watermark); a
-decode takes one block when it crosses a block boundary. When a decode cannot
-get one, the newest running request is preempted by recompute: its blocks are
-freed and it goes back to the front of the waiting queue, keeping its outputs.
+    batch = scheduler.schedule(now)          # policy: which requests, how many new tokens each
+    result = executor.execute(batch)         # model runner (real) or cost model (simulated)
+    outcome = scheduler.update(batch, result, now)
+
+`Scheduler` holds what every policy shares: the waiting queue, the running
+list, admission against the block pool (blocks for a whole prompt at once,
+behind the watermark), decode block reservation with preemption by recompute
+(the newest running request is freed and goes back to the *front* of the
+waiting queue, keeping its outputs), and postprocessing (append the sampled
+token, detect the finish, free blocks). The policies (semipd_engine.policies)
+only choose the batch and say where a request goes after its iteration.
+
+Nothing here imports torch or reads a clock of its own: times are passed in,
+so the same objects run in worker processes and in the simulator.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Optional
 
-from semipd_engine.kv_cache import BlockPool
-from semipd_engine.request import Request, RequestStatus
-
-POLICIES = ("prefill_priority", "chunked", "prefill_only", "decode_only")
+from semipd_engine.block_pool import BlockPool
+from semipd_engine.request import FinishReason, Request, RequestOutput, RequestStatus
 
 
 @dataclass
@@ -42,60 +45,138 @@ class ScheduledBatch:
         return bool(self.items)
 
 
+@dataclass(frozen=True)
+class ExecuteResult:
+    """What an executor returns: the token sampled for each request that reached its end, and how long it took."""
+
+    sampled: list[tuple[Request, int]]
+    duration_s: float
+
+
+EMPTY_RESULT = ExecuteResult([], 0.0)
+
+
+@dataclass
+class StepOutcome:
+    """What one iteration produced, for whoever drives the scheduler (worker loop or simulator)."""
+
+    outputs: list[RequestOutput] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)
+    # Phase-split engines: prefilled requests leave for a decode worker with their blocks (`handoffs`);
+    # requests a decode worker preempted go back to a prefill worker for recompute (`evicted`).
+    handoffs: list[Request] = field(default_factory=list)
+    evicted: list[Request] = field(default_factory=list)
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    duration_s: float = 0.0
+
+    @property
+    def phase(self) -> str:
+        if self.num_prefill_tokens and self.num_decode_tokens:
+            return "mixed"
+        return "prefill" if self.num_prefill_tokens else "decode"
+
+    @property
+    def ran(self) -> bool:
+        return bool(self.num_prefill_tokens or self.num_decode_tokens)
+
+
 class Scheduler:
-    def __init__(self, pool: BlockPool, policy: str, max_num_seqs: int, max_num_batched_tokens: int):
-        if policy not in POLICIES:
-            raise ValueError(f"engine.policy must be one of {POLICIES}, got {policy!r}")
-        self.pool, self.policy = pool, policy
-        self.max_num_seqs, self.budget = max_num_seqs, max_num_batched_tokens
+    """Queues, admission, preemption and postprocessing; subclasses are the policies."""
+
+    name = "base"
+    runs_prefill = True  # can this policy compute prompts (or must preempted requests leave)?
+
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
+        self.pool = pool
+        self.max_num_seqs, self.budget, self.max_model_len = max_num_seqs, max_num_batched_tokens, max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
 
-    # -- queue management -------------------------------------------------
+    # -- requests in and out ------------------------------------------------------------------
     def add(self, req: Request) -> None:
+        """A request to prefill (new, or preempted elsewhere and sent back for recompute)."""
         req.status = RequestStatus.WAITING
-        self.waiting.append(req)
+        self.requests[req.request_id] = req
+        self.waiting.append(req) if not req.times.preemptions else self.waiting.appendleft(req)
+
+    def adopt(self, req: Request) -> None:
+        """Take over a request prefilled elsewhere: its KV blocks are already in this worker's pool."""
+        req.status = RequestStatus.RUNNING
+        self.requests[req.request_id] = req
+        self.running.append(req)
+
+    def abort(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self._drop(req)
+        req.status, req.finish_reason = RequestStatus.FINISHED, FinishReason.ABORT
+        return True
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, req: Request) -> None:
-        """Drop a request (finished, aborted or handed off) and free its blocks."""
-        if req in self.running:
+    def _drop(self, req: Request, free: bool = True) -> None:
+        """Forget a request (finished, aborted, handed off or evicted); free its blocks unless they travel."""
+        if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
-        elif req in self.waiting:
+        else:
             self.waiting.remove(req)
-        self.release(req)
-
-    def release(self, req: Request) -> None:
-        if req.block_table:
+        self.requests.pop(req.request_id, None)
+        if free and req.block_table:
             self.pool.free(req.block_table)
             req.block_table = []
 
-    # -- policies ---------------------------------------------------------
-    def schedule(self) -> ScheduledBatch:
+    # -- the policy ----------------------------------------------------------------------------
+    def schedule(self, now: float) -> ScheduledBatch:
         batch = ScheduledBatch()
-        if self.policy == "prefill_priority":
-            self._admit(batch, self.budget, chunk=False)
-            if not batch:
-                self._decodes(batch)
-        elif self.policy == "chunked":
-            budget = self.budget - self._decodes(batch)
-            budget = self._continue_prefills(batch, budget)
-            self._admit(batch, budget, chunk=True)
-        elif self.policy == "prefill_only":
-            budget = self._continue_prefills(batch, self.budget)
-            self._admit(batch, budget, chunk=True)
-        else:
-            self._decodes(batch)
-        now = time.monotonic()
+        self._fill(batch, now)
         for req, _ in batch.items:
             if req.times.first_scheduled is None:
                 req.times.first_scheduled = now
         return batch
 
-    def _decodes(self, batch: ScheduledBatch) -> int:
+    def _fill(self, batch: ScheduledBatch, now: float) -> None:
+        raise NotImplementedError
+
+    def update(self, batch: ScheduledBatch, result: ExecuteResult, now: float) -> StepOutcome:
+        """Postprocess one iteration: count computed tokens, append sampled ones, route finished requests."""
+        out = StepOutcome(duration_s=result.duration_s)
+        for req, n in batch.items:
+            if req.in_decode:
+                out.num_decode_tokens += n
+            else:
+                out.num_prefill_tokens += n
+            req.num_computed_tokens += n
+        for req, token in result.sampled:
+            req.append_token(token, now)
+            reason = req.check_finished(self.max_model_len)
+            if reason is not None:
+                self._drop(req)
+                req.status, req.finish_reason = RequestStatus.FINISHED, reason
+                req.times.finished = now
+                out.finished.append(req)
+            else:
+                self._after_token(req, out)
+            out.outputs.append(make_output(req, (token,), (now,)))
+        if not self.runs_prefill:
+            self._evict_waiting(out)
+        return out
+
+    def _after_token(self, req: Request, out: StepOutcome) -> None:
+        """Where an unfinished request goes after a token; by default it keeps decoding here."""
+
+    def _evict_waiting(self, out: StepOutcome) -> None:
+        # A worker that cannot prefill sends preempted requests back for recompute.
+        for req in list(self.waiting):
+            self._drop(req)
+            out.evicted.append(req)
+
+    # -- building blocks of the policies -------------------------------------------------------
+    def _decodes(self, batch: ScheduledBatch, now: float) -> int:
         """Schedule every running decode (oldest first), preempting the newest on OOM."""
         scheduled = 0
         i = 0
@@ -106,7 +187,7 @@ class Scheduler:
                 continue
             while not self._reserve(req, req.num_tokens):
                 victim = self.running[-1]
-                self._preempt(victim, batch)
+                self._preempt(victim, batch, now)
                 if victim is req:
                     break
             else:
@@ -153,13 +234,27 @@ class Scheduler:
         req.block_table += got
         return True
 
-    def _preempt(self, req: Request, batch: ScheduledBatch) -> None:
+    def _preempt(self, req: Request, batch: ScheduledBatch, now: float) -> None:
         self.running.remove(req)
         batch.items = [(r, n) for r, n in batch.items if r is not req]
-        self.release(req)
+        if req.block_table:
+            self.pool.free(req.block_table)
+            req.block_table = []
         req.num_computed_tokens = 0
         req.status = RequestStatus.WAITING
-        req.times.preemptions.append(time.monotonic())
-        self.waiting.appendleft(req)
+        req.times.preemptions.append(now)
+        self.waiting.appendleft(req)  # the front: a preempted request is not starved behind new ones
         batch.preempted.append(req)
         self.num_preemptions += 1
+
+
+def make_output(req: Request, tokens: tuple[int, ...], times: tuple[float, ...],
+                error: Optional[str] = None) -> RequestOutput:
+    done = req.status is RequestStatus.FINISHED
+    return RequestOutput(
+        request_id=req.request_id, new_token_ids=tokens, token_times=times, finished=done,
+        finish_reason=req.finish_reason.value if done and req.finish_reason else None,
+        num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_token_ids),
+        first_scheduled=req.times.first_scheduled if done else None,
+        preemptions=tuple(req.times.preemptions) if done else (), error=error,
+    )

@@ -20,6 +20,7 @@ from aiohttp import web
 from semipd_engine.detokenizer import IncrementalDetokenizer
 from semipd_engine.engine_client import EngineClient, EngineDead
 from semipd_engine.metrics import EngineMetrics
+from semipd_engine.partition import Partition
 from semipd_engine.protocol import ApiError, completion_body, parse_messages, parse_prompt, parse_sampling, usage
 from semipd_engine.request import Request, RequestOutput, Timestamps
 
@@ -39,9 +40,9 @@ class ApiServer:
         self.metrics.pool_label = engine.pool_label
         engine.on_stats = self.metrics.observe_iteration
         engine.on_event = self.metrics.observe_event
-        if getattr(engine, "partition", None) is not None:
+        if engine.partition_control is not None:
             self.metrics.add_partition_metrics()
-        if getattr(engine, "controller", None) is not None:
+        if engine.controller is not None:
             self.metrics.add_controller_metrics()
         self.draining = False
         self._log_file = open(request_log, "a", buffering=1) if request_log else None
@@ -56,9 +57,32 @@ class ApiServer:
             web.post("/v1/chat/completions", self.chat_completions),
             web.get("/metrics", self.prometheus),
         ])
-        for method, path, handler in getattr(self.engine, "extra_routes", lambda: [])():
-            app.router.add_route(method, path, handler)
+        if self.engine.partition_control is not None:
+            app.add_routes([web.get("/partition", self.get_partition), web.post("/partition", self.post_partition)])
         return app
+
+    # -- semi-PD partition control ---------------------------------------------------------
+    async def get_partition(self, request: web.Request) -> web.Response:
+        return web.json_response(self.engine.partition_control.describe())
+
+    async def post_partition(self, request: web.Request) -> web.Response:
+        control = self.engine.partition_control
+        try:
+            try:
+                body = await request.json()
+            except ValueError:
+                raise ApiError("request body is not valid JSON") from None
+            if not isinstance(body, dict):
+                raise ApiError("request body must be a JSON object")
+            try:
+                p = Partition(body.get("prefill_share", control.partition.prefill_share),
+                              body.get("decode_share", control.partition.decode_share))
+                return web.json_response(control.set_partition(p))
+            except ValueError as e:
+                param = "decode_share" if "decode_share" in str(e) else "prefill_share"
+                raise ApiError(str(e), param) from None
+        except ApiError as e:
+            return error_response(e)
 
     # -- simple endpoints --------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
@@ -222,9 +246,10 @@ async def run_server(engine: EngineClient, tokenizer, vocab_size: int, model_nam
         if start in finished:
             start.result()  # raises if the engine failed to start
             api.metrics.engine_ready(engine.worker_info)
-            if getattr(engine, "partition", None) is not None:
-                api.metrics.partition_prefill_share.set(engine.partition.prefill_share)
-                api.metrics.partition_decode_share.set(engine.partition.decode_share)
+            if engine.partition_control is not None:
+                p = engine.partition_control.partition
+                api.metrics.partition_prefill_share.set(p.prefill_share)
+                api.metrics.partition_decode_share.set(p.decode_share)
             log.info("engine %s ready: %s", engine.name, engine.worker_info)
             await stop.wait()
         else:

@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from semipd_engine.registry import Registry
+
 
 @dataclass
 class PrefillSeq:
@@ -112,12 +114,11 @@ class TorchAttention:
         return torch.matmul(probs, vs).sum(dim=1).view(b, kvh * g, d)
 
 
-ATTENTION_BACKENDS: dict[str, Callable[[], object]] = {"torch": TorchAttention}
+ATTENTION_BACKENDS: Registry[Callable[[], object]] = Registry("attention backend", "model.attention_backend")
+ATTENTION_BACKENDS.register("torch", TorchAttention)
 
 
 def get_attention_backend(name: str, device: str):
     if name == "auto":
         name = "torch"
-    if name not in ATTENTION_BACKENDS:
-        raise ValueError(f"attention backend {name!r} is not available; have {sorted(ATTENTION_BACKENDS)}")
-    return ATTENTION_BACKENDS[name]()
+    return ATTENTION_BACKENDS.get(name)()

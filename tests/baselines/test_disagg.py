@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from baselines.disagg import DisaggEngine, instance_cores
-from semipd_engine.kv_cache import BlockPool, KVCache
-from semipd_engine.kv_transfer import KVReceiver
+from semipd_engine.block_pool import BlockPool
+from semipd_engine.kv_cache import KVCache
+from semipd_engine.kv_transfer import TensorBlockCopy, TransferQueue
 from semipd_engine.model.spec import ModelSpec
 from semipd_engine.request import Request, SamplingParams
 from tests.helpers import engine_cfg, engine_vocab, generate_through, hf_greedy, model_cfg, prompts
@@ -26,7 +27,7 @@ def test_transferred_blocks_are_bit_identical_and_backpressure_waits():
     src.data.copy_(torch.randn_like(src.data))
     dst = KVCache(SPEC, 6, 4, torch.float32)
     pool = BlockPool(6, 4)
-    rx = KVReceiver({"prefill0": src}, dst, pool)
+    rx = TransferQueue(pool, TensorBlockCopy({"prefill0": src}, dst))
     reqs = []
     for i, blocks in enumerate(([3, 7, 1], [9, 2], [11, 12, 13])):
         r = Request(f"r{i}", list(range(1, 4 * len(blocks) + 1)), SamplingParams())

@@ -5,18 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from semipd_engine.engine_core import EngineCore
+from semipd_engine.factory import build_core
 from semipd_engine.request import Request, SamplingParams
 from tests.helpers import engine_cfg, hf_greedy, hf_model, model_cfg, prompts
 
 
 def test_prefill_logits_match_transformers(hf_checkpoint):
-    core = EngineCore(model_cfg(hf_checkpoint), engine_cfg())
-    ps = prompts(core.spec.vocab_size)
+    core = build_core(model_cfg(hf_checkpoint), engine_cfg())
+    ps = prompts(core.executor.model.spec.vocab_size)
     reqs = [Request(f"r{i}", p, SamplingParams()) for i, p in enumerate(ps)]
     for r in reqs:
-        r.block_table = core.pool.allocate(core.pool.blocks_needed(r.num_tokens, 0))
-    ours = core.runner.prefill_logits([(r, r.num_tokens) for r in reqs])
+        r.block_table = core.pool.try_allocate(core.pool.blocks_needed(r.num_tokens, 0))
+    ours = core.executor.prefill_logits([(r, r.num_tokens) for r in reqs])
     hf = hf_model(hf_checkpoint)
     row = 0
     for p in ps:
@@ -33,9 +33,9 @@ def test_prefill_logits_match_transformers(hf_checkpoint):
 @pytest.mark.parametrize("num_kv_blocks", [256, 20], ids=["roomy", "preempting"])
 def test_greedy_matches_transformers(hf_checkpoint, policy, num_kv_blocks):
     max_new = 24
-    core = EngineCore(model_cfg(hf_checkpoint),
-                      engine_cfg(num_kv_blocks=num_kv_blocks, block_size=4, max_num_batched_tokens=32))
-    ps = prompts(core.spec.vocab_size)
+    core = build_core(model_cfg(hf_checkpoint), engine_cfg(num_kv_blocks=num_kv_blocks, block_size=4,
+                                                           max_num_batched_tokens=32, policy=policy))
+    ps = prompts(core.executor.model.spec.vocab_size)
     outs = core.generate(ps, SamplingParams(max_tokens=max_new, temperature=0.0, ignore_eos=True))
     if num_kv_blocks == 20:
         assert core.scheduler.num_preemptions > 0, "the tiny pool should force preemption"

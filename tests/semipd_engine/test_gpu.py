@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from semipd_engine.engine_core import EngineCore
+from semipd_engine.factory import build_core
 from semipd_engine.request import SamplingParams
 from tests.helpers import engine_cfg, hf_greedy, model_cfg, prompts
 
@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize("policy", ["prefill_priority", "chunked"])
 def test_greedy_on_cuda_matches_transformers(llama_checkpoint, policy):
-    core = EngineCore(model_cfg(llama_checkpoint, device="cuda"),
+    core = build_core(model_cfg(llama_checkpoint, device="cuda"),
                       engine_cfg(policy=policy, num_kv_blocks=64, block_size=4, max_num_batched_tokens=32))
     assert core.kv.data.is_cuda
     ps = prompts(core.spec.vocab_size)

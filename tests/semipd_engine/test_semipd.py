@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from semipd_engine.engine import SemiPDEngine
-from semipd_engine.kv_cache import BlockPool
+from semipd_engine.kv_cache import SharedBlockPool
 from tests.helpers import engine_cfg, engine_vocab, generate_through, hf_greedy, model_cfg, prompts
 from tests.helpers.server import ServerProcess, metric
 
@@ -74,7 +74,7 @@ def test_allocator_is_atomic_across_processes():
     import torch.multiprocessing as tmp
 
     ctx = tmp.get_context("spawn")
-    pool = BlockPool(64, 4).share(ctx.Lock())
+    pool = SharedBlockPool(64, 4, 0.0, ctx.Lock())
     owner = torch.full((64,), -1, dtype=torch.int64).share_memory_()
     errors = torch.zeros(2, dtype=torch.int64).share_memory_()
     procs = [ctx.Process(target=_hammer, args=(pool, owner, s, 3000, errors)) for s in (1, 2)]
@@ -84,7 +84,7 @@ def test_allocator_is_atomic_across_processes():
         p.join(120)
     assert all(p.exitcode == 0 for p in procs)
     assert errors.tolist() == [0, 0], "double allocation or allocator error"
-    assert pool.num_free == 64 and not bool(pool._used.any())
+    assert pool.num_free == 64 and not bool(pool._used_t.any())
 
 
 @pytest.fixture(scope="module")
