@@ -1,0 +1,1 @@
+"""Per-GPU efficiency constants derived from public measured kernel latencies (see derive.py)."""
