@@ -30,6 +30,8 @@ class ModelConfig:
     max_model_len: int = 0
     attention_backend: str = "auto"  # auto | torch | triton
     device: str = "cpu"
+    # GPUs per model replica (the simulator models it; external engines get it as a flag).
+    tensor_parallel_size: int = 1
 
 
 @dataclass

@@ -86,6 +86,8 @@ class Scheduler:
 
     name = "base"
     runs_prefill = True  # can this policy compute prompts (or must preempted requests leave)?
+    # Per-token outputs stream to clients; the simulator reads requests' own timestamps and turns them off.
+    emit_outputs = True
 
     def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
         self.pool = pool
@@ -161,7 +163,8 @@ class Scheduler:
                 out.finished.append(req)
             else:
                 self._after_token(req, out)
-            out.outputs.append(make_output(req, (token,), (now,)))
+            if self.emit_outputs:
+                out.outputs.append(make_output(req, (token,), (now,)))
         if not self.runs_prefill:
             self._evict_waiting(out)
         return out
@@ -179,21 +182,30 @@ class Scheduler:
     def _decodes(self, batch: ScheduledBatch, now: float) -> int:
         """Schedule every running decode (oldest first), preempting the newest on OOM."""
         scheduled = 0
+        bs = self.pool.block_size
+        running = self.running
         i = 0
-        while i < len(self.running):
-            req = self.running[i]
-            if not req.in_decode:
+        while i < len(running):
+            req = running[i]
+            n = len(req.prompt_token_ids) + len(req.output_token_ids)
+            if not req.output_token_ids or n - req.num_computed_tokens != 1:  # not decoding (a prompt or chunk)
                 i += 1
                 continue
-            while not self._reserve(req, req.num_tokens):
-                victim = self.running[-1]
-                self._preempt(victim, batch, now)
-                if victim is req:
-                    break
-            else:
-                batch.items.append((req, 1))
-                scheduled += 1
-                i += 1
+            # The common case, inline: the next token's slot is in a block the request already holds.
+            if (n + bs - 1) // bs > len(req.block_table):
+                while not self._reserve(req, n):
+                    victim = running[-1]
+                    self._preempt(victim, batch, now)
+                    if victim is req:
+                        break
+                else:
+                    batch.items.append((req, 1))
+                    scheduled += 1
+                    i += 1
+                continue
+            batch.items.append((req, 1))
+            scheduled += 1
+            i += 1
         return scheduled
 
     def _continue_prefills(self, batch: ScheduledBatch, budget: int) -> int:

@@ -1,0 +1,35 @@
+"""Structured configs of the `backend` and `hardware` Hydra groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class BackendConfig:
+    # real: this project's engines in worker processes | sim: the same policies on a virtual clock
+    name: str = "real"
+    # roofline: per-operator GPU model (hardware group) | profile: a table measured on this machine
+    cost_model: str = "roofline"
+    profile_path: Optional[str] = None  # the `profile` cost model's file (python -m semipd_engine.sim.profile)
+    fast_forward: bool = True  # advance unchanged decode batches many iterations at a time (exact)
+    kv_mem_fraction: float = 0.9  # GPU memory for weights + KV cache (vLLM's gpu_memory_utilization)
+    overhead_s: Optional[float] = None  # per-iteration scheduling overhead; None = the cost model's default
+    # semi-PD compute share: time(f) = time(100%) * (a/f + b); None = the published MPS fits (A100)
+    prefill_share_a: Optional[float] = None
+    prefill_share_b: Optional[float] = None
+    decode_share_a: Optional[float] = None
+    decode_share_b: Optional[float] = None
+    contention: Optional[float] = None  # slowdown of decode while prefill runs on the same device
+    switch_cost_s: float = 0.0  # stall when a worker applies a new share (CPU measured: ~56 us)
+    # disaggregated KV transfer: link bandwidth (None = NVLink of the hardware; this machine's memcpy on CPU)
+    link_bandwidth_gbs: Optional[float] = None
+    link_fixed_s: float = 0.0
+    layerwise_overlap: bool = False
+
+
+@dataclass
+class HardwareConfig:
+    # a GPU preset (a100-40g, a100-80g, h100, h200, h800) for the roofline; "cpu" = this machine (profile)
+    name: str = "a100-80g"

@@ -1,0 +1,359 @@
+"""The simulated engines: the real compositions, driven by events on one virtual clock.
+
+Each simulated worker holds the *same* scheduler object a worker process runs
+(a policy from `semipd_engine.policies`, over a `BlockPool`), and a
+`CostModelExecutor` in place of the model runner. An iteration is the real
+one split in two events: at its start `schedule(t)` and `execute` (which
+predicts its duration d); at `t + d`, `update(batch, result, t + d)`. Between
+the two, other workers run, requests arrive, KV transfers land, and the
+partition can change, exactly as concurrent processes would interleave.
+
+What moves requests between workers is the engine's composition:
+- unified: one worker, the engine's policy;
+- semi-PD: a `prefill_only` and a `decode_only` worker over one pool; hand-off
+  by adoption (no copy); each worker's iteration time is scaled by its compute
+  share (`ShareModels`), with a contention term while both phases run;
+- disaggregated: prefill and decode instances, each with its own pool on its
+  own GPU(s); a prefilled request's blocks move through the same `TransferQueue`
+  (FCFS, back-pressure) as the real engine, with a mechanism that charges bytes
+  over the link instead of copying;
+- semi-PD dynamic: the same `SLOPartitioner` as the real engine, fed every
+  `control_window_s` of virtual time.
+
+Fast-forward: a worker whose next iteration is decode-only, with nothing
+waiting, would repeat the same decision until something changes (an arrival or
+any other event, a finish, a block boundary). Those iterations are applied in
+one step, with per-iteration durations from the cost model, so token times are
+bit-identical to the step-by-step loop (a test checks it).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from semipd_engine.block_pool import BlockPool
+from semipd_engine.clock import VirtualClock
+from semipd_engine.kv_transfer import Transfer, TransferQueue
+from semipd_engine.partition import Partition
+from semipd_engine.request import Request, RequestStatus, SamplingParams, Timestamps
+from semipd_engine.scheduler import EMPTY_RESULT, ExecuteResult, Scheduler, ScheduledBatch
+from semipd_engine.sim.executor import SIM_TOKEN, CostModelExecutor
+
+
+@dataclass
+class SimWorker:
+    name: str
+    role: str  # "both" | "prefill" | "decode"
+    scheduler: Scheduler
+    executor: CostModelExecutor
+    share: int = 100  # compute share (%) of its device
+    handoff: Optional[str] = None  # "adopt" | "transfer"
+    peers: tuple[str, ...] = ()  # decode workers (for a prefill worker), prefill workers (for a decode one)
+    transfers: Optional[TransferQueue] = None  # decode instances of a disaggregated engine
+    colocated: Optional[SimWorker] = None  # the other phase on the same device (semi-PD)
+    # state of the iteration in flight
+    busy: bool = False
+    batch: Optional[ScheduledBatch] = None
+    result: Optional[ExecuteResult] = None
+    pending_share: Optional[int] = None
+    busy_s: float = 0.0  # iteration time in the current control window
+    prefilled: int = 0  # requests that finished prefill here in the current control window
+    iterations: int = 0
+    fast_forwarded: int = 0
+    _rr: int = 0
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """A KV transfer link between a prefill and a decode instance (disaggregated engines)."""
+
+    bandwidth_bytes_s: float
+    fixed_s: float = 0.0
+    layerwise_overlap: bool = False  # overlap the copy with prefill compute, layer by layer
+    num_layers: int = 1
+
+
+@dataclass
+class SimStats:
+    iterations: int = 0
+    fast_forwarded: int = 0
+    events: int = 0
+    transfers: int = 0
+    transfer_bytes: int = 0
+    switches: int = 0
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    kv_peak_blocks: dict[str, int] = field(default_factory=dict)
+
+
+ARRIVAL, ITER_END, TRANSFER_DONE, CONTROL = range(4)
+
+
+class Simulator:
+    """One simulated engine; `run(requests)` replays arrivals and returns the finished requests."""
+
+    def __init__(self, workers: list[SimWorker], entry: list[str], clock: VirtualClock,
+                 share_models=None, link: Optional[LinkConfig] = None, block_bytes: int = 0,
+                 controller=None, control_window_s: float = 5.0, switch_cost_s: float = 0.0,
+                 fast_forward: bool = True):
+        self.workers = {w.name: w for w in workers}
+        self.entry, self.clock = entry, clock
+        self.share_models, self.link, self.block_bytes = share_models, link, block_bytes
+        self.controller, self.control_window_s, self.switch_cost_s = controller, control_window_s, switch_cost_s
+        self.fast_forward = fast_forward
+        self.stats = SimStats()
+        self._heap: list[tuple[float, int, int, Any]] = []
+        self._seq = itertools.count()
+        self._entry_rr = 0
+        self._link_free_at = 0.0
+        self._window: dict[str, Any] = {}
+        self._done: list[Request] = []
+        self._pools = {id(w.scheduler.pool): (w.name, w.scheduler.pool) for w in workers}
+        for w in workers:
+            w.executor.factor = self._factor_fn(w)
+
+    # -- compute shares ------------------------------------------------------------------------
+    def _factor_fn(self, w: SimWorker) -> Callable[[], float]:
+        if self.share_models is None or w.role == "both":
+            return lambda: 1.0
+        model = self.share_models.prefill if w.role == "prefill" else self.share_models.decode
+
+        def factor() -> float:
+            share = w.share
+            other = w.colocated
+            co_running = other is not None and other.busy
+            if co_running and share + other.share > 100:
+                # Caps that add up past the device: both phases compete for the same SMs.
+                share = share * 100.0 / (share + other.share)
+            f = model.factor(share)
+            # Decode is bound by HBM bandwidth, which a co-running prefill takes a part of; prefill's
+            # compute-bound time is covered by its share alone.
+            return f * self.share_models.contention if co_running and w.role == "decode" else f
+
+        return factor
+
+    # -- the event loop --------------------------------------------------------------------------
+    def _push(self, t: float, kind: int, payload: Any) -> None:
+        heapq.heappush(self._heap, (t, next(self._seq), kind, payload))
+
+    def run(self, requests: list[Request]) -> list[Request]:
+        for r in requests:
+            self._push(r.times.arrival, ARRIVAL, r)
+        if self.controller is not None:
+            self._reset_window(0.0)
+            self._push(self.control_window_s, CONTROL, None)
+        n = len(requests)
+        heap = self._heap
+        while heap and len(self._done) < n:
+            t, _, kind, payload = heapq.heappop(heap)
+            self.clock.advance_to(t)
+            self.stats.events += 1
+            if kind == ITER_END:
+                self._end_iteration(payload, t)
+            elif kind == ARRIVAL:
+                self._arrive(payload, t)
+            elif kind == TRANSFER_DONE:
+                self._transfer_done(payload, t)
+            else:
+                self._control(t)
+        for w in self.workers.values():
+            self.stats.iterations += w.iterations
+            self.stats.fast_forwarded += w.fast_forwarded
+        return self._done
+
+    def _arrive(self, req: Request, t: float) -> None:
+        name = self.entry[self._entry_rr % len(self.entry)]
+        self._entry_rr += 1
+        w = self.workers[name]
+        w.scheduler.add(req)
+        if self.controller is not None:
+            self._window["arrivals"] += 1
+        self._kick(w, t)
+
+    def _kick(self, w: SimWorker, t: float) -> None:
+        if not w.busy and w.scheduler.has_work():
+            self._start(w, t)
+
+    def _start(self, w: SimWorker, t: float) -> None:
+        if w.pending_share is not None:
+            w.share, w.pending_share = w.pending_share, None
+            self.stats.switches += 1
+            stall = self.switch_cost_s
+        else:
+            stall = 0.0
+        sched = w.scheduler
+        batch = sched.schedule(t)
+        if not batch:
+            self._route(w, sched.update(batch, EMPTY_RESULT, t), t)
+            return
+        result = w.executor.execute(batch)
+        w.iterations += 1
+        if self.fast_forward and stall == 0.0:
+            t, batch, result = self._fast_forward(w, batch, result, t)
+        self._track_pool(sched.pool)
+        w.busy, w.batch, w.result = True, batch, result
+        w.busy_s += result.duration_s + stall
+        self._push(t + result.duration_s + stall, ITER_END, w)
+
+    def _end_iteration(self, w: SimWorker, t: float) -> None:
+        batch, result = w.batch, w.result
+        w.busy, w.batch, w.result = False, None, None
+        outcome = w.scheduler.update(batch, result, t)
+        self._route(w, outcome, t)
+        self._kick(w, t)
+        if w.colocated is not None:
+            self._kick(w.colocated, t)
+
+    def _route(self, w: SimWorker, outcome, t: float) -> None:
+        for req in outcome.finished:
+            self._finish(req, t)
+        if outcome.handoffs:
+            w.prefilled += len(outcome.handoffs)
+        for req in outcome.handoffs:
+            target = self.workers[self._next_peer(w)]
+            if w.handoff == "adopt":
+                target.scheduler.adopt(req)
+                self._kick(target, t)
+            else:
+                target.transfers.offer(req, w.name)
+                self._pull_transfers(target, t)
+        for req in outcome.evicted:
+            target = self.workers[self._next_peer(w)]
+            target.scheduler.add(req)  # preempted: back to the front of the prefill queue
+            self._kick(target, t)
+        if outcome.finished and w.transfers is not None:
+            self._pull_transfers(w, t)  # freed blocks may admit a waiting transfer
+
+    def _next_peer(self, w: SimWorker) -> str:
+        w._rr += 1
+        return w.peers[w._rr % len(w.peers)]
+
+    def _finish(self, req: Request, t: float) -> None:
+        self._done.append(req)
+        if self.controller is not None:
+            win = self._window
+            if req.times.first_token is not None:
+                win["ttfts"].append(req.times.first_token - req.times.arrival)
+                if len(req.output_token_ids) > 1:
+                    win["tpots"].append((t - req.times.first_token) / (len(req.output_token_ids) - 1))
+
+    # -- fast-forward ------------------------------------------------------------------------------
+    def _fast_forward(self, w: SimWorker, batch: ScheduledBatch, result: ExecuteResult,
+                      t: float) -> tuple[float, ScheduledBatch, ExecuteResult]:
+        """Apply the decode iterations that cannot differ from the one just scheduled, in one step.
+
+        Returns the start time, batch and result of the first iteration left to the event loop.
+        """
+        sched = w.scheduler
+        if sched.waiting or len(batch.items) != len(sched.running):
+            return t, batch, result
+        bs = sched.pool.block_size
+        k = math.inf  # iterations that can be applied here, this one included
+        for r, n in batch.items:
+            if n != 1 or not r.in_decode:
+                return t, batch, result
+            # after i applied iterations: output len o + i must stay below its limit (no finish),
+            # and the next iteration's token must fit in the blocks already held
+            room_out = min(r.params.max_tokens - len(r.output_token_ids),
+                           sched.max_model_len - r.num_tokens) - 1
+            room_blocks = len(r.block_table) * bs - r.num_tokens
+            k = min(k, room_out, room_blocks + 1)
+        horizon = self._heap[0][0] if self._heap else math.inf
+        if k < 2 or t + result.duration_s >= horizon:
+            return t, batch, result
+        nb = len(batch.items)
+        ctx = sum(r.num_tokens for r, _ in batch.items)  # context of the iteration just scheduled
+        factor = w.executor.factor()
+        # durations of iterations 1, 2, ...: each as `execute` would compute it at its start
+        later = w.executor.cost.decode_times(nb, ctx + nb, int(min(k - 1, 4096)))
+        ends: list[float] = []
+        durations = [result.duration_s]
+        end = t
+        while len(ends) < k:
+            e = end + durations[-1]
+            if e >= horizon:  # the decision at the end of this iteration must precede every other event
+                break
+            ends.append(e)
+            end = e
+            if len(ends) >= k or len(ends) > len(later):
+                break
+            durations.append(later[len(ends) - 1] * factor)
+        applied = len(ends)
+        if applied == 0:
+            return t, batch, result
+        for r, _ in batch.items:
+            r.output_token_ids.extend([SIM_TOKEN] * applied)
+            r.times.tokens.extend(ends)
+            r.num_computed_tokens += applied
+        w.iterations += applied
+        w.fast_forwarded += applied
+        w.busy_s += sum(durations[:applied])
+        t_next = ends[-1]
+        nxt = sched.schedule(t_next)
+        return t_next, nxt, w.executor.execute(nxt)
+
+    # -- disaggregated KV transfer -----------------------------------------------------------------
+    def _link_copy(self, t: Transfer, dst: list[int]) -> tuple[int, float]:
+        nbytes = len(dst) * self.block_bytes
+        seconds = nbytes / self.link.bandwidth_bytes_s
+        if self.link.layerwise_overlap:  # all but the last layer's copy hides behind prefill compute
+            seconds /= max(1, self.link.num_layers)
+        return nbytes, seconds + self.link.fixed_s
+
+    def _pull_transfers(self, w: SimWorker, t: float) -> None:
+        for tr, nbytes, seconds in w.transfers.pull():
+            start = max(t, self._link_free_at)  # one link: transfers queue behind each other
+            self._link_free_at = start + seconds
+            self.stats.transfers += 1
+            self.stats.transfer_bytes += nbytes
+            self._push(self._link_free_at, TRANSFER_DONE, (w, tr))
+        self._track_pool(w.scheduler.pool)
+
+    def _transfer_done(self, payload, t: float) -> None:
+        w, tr = payload
+        source = self.workers[tr.source]
+        source.scheduler.pool.free(tr.src_blocks)  # the prefill instance's blocks go back now
+        if tr.request.status is RequestStatus.RUNNING:
+            w.scheduler.adopt(tr.request)
+        self._kick(w, t)
+        self._kick(source, t)
+
+    # -- SLO-aware partitioning ------------------------------------------------------------------
+    def _reset_window(self, t: float) -> None:
+        self._window = {"start": t, "ttfts": [], "tpots": [], "arrivals": 0}
+        for w in self.workers.values():
+            w.busy_s, w.prefilled = 0.0, 0
+
+    def _control(self, t: float) -> None:
+        from semipd_engine.slo_partitioner import Window
+
+        prefill = next(w for w in self.workers.values() if w.role == "prefill")
+        decode = next(w for w in self.workers.values() if w.role == "decode")
+        win = self._window
+        window = Window(t - win["start"], win["ttfts"], win["tpots"], win["arrivals"], prefill.busy_s,
+                        prefill.prefilled)
+        current = Partition(prefill.pending_share or prefill.share, decode.pending_share or decode.share)
+        d = self.controller.step(t, window, current)
+        if d.new != current:
+            prefill.pending_share, decode.pending_share = d.new.prefill_share, d.new.decode_share
+        self.stats.decisions.append(d.row())
+        self._reset_window(t)
+        if self._heap:  # stop controlling once nothing else is left to happen
+            self._push(t + self.control_window_s, CONTROL, None)
+
+    def _track_pool(self, pool: BlockPool) -> None:
+        name = self._pools[id(pool)][0]
+        peak = self.stats.kv_peak_blocks
+        if pool.num_used > peak.get(name, 0):
+            peak[name] = pool.num_used
+
+
+def make_requests(arrivals, prompt_lens, output_lens) -> list[Request]:
+    """Simulated requests: token ids are placeholders (only lengths matter to a cost model)."""
+    return [Request(f"sim-{i}", [SIM_TOKEN] * p, SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0),
+                    times=Timestamps(arrival=float(a)))
+            for i, (a, p, o) in enumerate(zip(arrivals, prompt_lens, output_lens))]
