@@ -23,11 +23,11 @@ from typing import Any, Optional
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from experiments import provenance, tracking
-from experiments.config import ExperimentConfig, LoadgenConfig, SLOConfig, WandbConfig, WorkloadConfig
-from experiments.launch import EngineServer
 from experiments.loadgen import run_loadgen
-from experiments.slo import resolve_slo
+from experiments.sweep import provenance, tracking
+from experiments.sweep.config import ExperimentConfig, LoadgenConfig, SLOConfig, WandbConfig, WorkloadConfig
+from experiments.sweep.launch import EngineServer
+from experiments.sweep.slo import resolve_slo
 from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig, freeze
 
 log = logging.getLogger(__name__)

@@ -85,7 +85,7 @@ def aggregate(df: pd.DataFrame, ttft_slo: float, tpot_slo: float, duration_s: fl
 
 def self_check(df: pd.DataFrame, workload_cfg, loop_lag: list[float], schedule_kind: str) -> dict[str, Any]:
     """Did the client keep up with its own schedule? Marks the run invalid (with reasons) if not."""
-    from experiments.arrivals import interarrival_distribution
+    from experiments.loadgen.arrivals import interarrival_distribution
 
     sends = np.sort(df["send_s"].dropna().to_numpy())
     res: dict[str, Any] = {"reasons": []}
