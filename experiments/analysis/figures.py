@@ -6,6 +6,8 @@ Reads the sweep's summary.csv and requests.parquet (aggregating the job
 folders first when they are missing) and writes figures/*.png and *.pdf:
 SLO attainment vs rate, P90 TTFT and TPOT vs rate, mean E2E vs rate, goodput
 per engine, SLO-scale curves, and the partition over time where jobs logged one.
+The SLO-scale grid is the sweep's `experiment.slo_scales`, read from the
+resolved config its jobs saved (provenance.json).
 """
 
 from __future__ import annotations
@@ -18,11 +20,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
-
-SCALES = np.round(np.arange(0.4, 1.61, 0.1), 2)
 
 
 def _save(fig, out: Path, name: str) -> list[str]:
@@ -49,12 +48,31 @@ def goodput_from_curve(points: pd.DataFrame, target: float = 0.9) -> float:
     return float(best)
 
 
-def slo_scale_curves(requests: pd.DataFrame) -> pd.DataFrame:
+def slo_scales(sweep_dir: str | Path) -> list[float]:
+    """`experiment.slo_scales` of the sweep's jobs (their saved resolved config; the union if they differ),
+    or the schema's default when no job saved one."""
+    from experiments.sweep.aggregate import job_dirs
+    from experiments.sweep.config import ExperimentConfig
+
+    grids = []
+    for jd in job_dirs(Path(sweep_dir)):
+        prov = jd / "provenance.json"
+        config = json.loads(prov.read_text()).get("config") if prov.is_file() else None
+        grid = ((config or {}).get("experiment") or {}).get("slo_scales")
+        if grid is not None:
+            grids.append(grid)
+    if not grids:
+        return list(ExperimentConfig().slo_scales)
+    return sorted({float(s) for grid in grids for s in grid})
+
+
+def slo_scale_curves(requests: pd.DataFrame, scales: list[float]) -> pd.DataFrame:
+    """Attainment of each (engine, rate) with both of its SLOs multiplied by each scale."""
     ok = requests[requests["status"] == "ok"] if "status" in requests else requests
     rows = []
     for (engine, rate), g in ok.groupby(["engine", "rate"]):
         base_ttft, base_tpot = g["slo_ttft_s"].iloc[0], g["slo_tpot_s"].iloc[0]
-        for s in SCALES:
+        for s in scales:
             met = g["error"].isna() & (g["ttft_s"] <= s * base_ttft) & (g["tpot_s"].isna() | (g["tpot_s"] <= s * base_tpot))
             rows.append({"engine": engine, "rate": rate, "slo_scale": s, "slo_attainment": float(met.mean())})
     return pd.DataFrame(rows)
@@ -103,7 +121,7 @@ def make_figures(sweep_dir: str | Path) -> list[str]:
     paths += _save(fig, out, "goodput_per_engine")
 
     if not requests.empty and {"slo_ttft_s", "slo_tpot_s"} <= set(requests.columns):
-        curves = slo_scale_curves(requests)
+        curves = slo_scale_curves(requests, slo_scales(sweep_dir))
         if not curves.empty:
             fig, ax = plt.subplots(figsize=(4.5, 3.2))
             sns.lineplot(data=curves, x="slo_scale", y="slo_attainment", hue="engine",

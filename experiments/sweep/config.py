@@ -93,12 +93,13 @@ class LoadgenJob:
 @dataclass
 class ExperimentConfig:
     name: str = "demo"
-    # single: one load run per job | goodput: bisection on the rate | slo_scale: attainment vs SLO scale
+    # single: one load run per job | goodput: bisection on the rate between goodput_low and goodput_high
     mode: str = "single"
     goodput_low: float = 0.25
     goodput_high: float = 16.0
     goodput_tolerance: float = 0.25
     goodput_seeds: list[int] = field(default_factory=lambda: [0])
+    # Multiples of both SLOs at which the figures re-evaluate attainment (slo_attainment_vs_slo_scale).
     slo_scales: list[float] = field(default_factory=lambda: [0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6])
     skip_finished: bool = True
 
