@@ -64,7 +64,7 @@ def serve(port: int, record_path: str) -> None:
     asyncio.run(main())
 
 
-def run_point(url: str, rate: float, seconds: float, pin_client: int | None) -> dict:
+def run_point(url: str, rate: float, seconds: float) -> dict:
     from experiments.loadgen import run_loadgen
     from experiments.sweep.config import LoadgenConfig, SLOConfig, WorkloadConfig
     from semipd_engine.config import freeze
@@ -105,9 +105,9 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     results = []
     try:
-        low = run_point(url, 20, 5, None)  # low load: client-added TTFT
+        low = run_point(url, 20, 5)  # low load: client-added TTFT
         for rate in [float(r) for r in args.rates.split(",")]:
-            r = run_point(url, rate, args.seconds, None)
+            r = run_point(url, rate, args.seconds)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "t0"}))
     finally:

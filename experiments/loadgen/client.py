@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import logging
 import math
 import os
 import signal
@@ -25,11 +24,9 @@ import orjson
 import pandas as pd
 
 from experiments.analysis import request_metrics as M
-from experiments.loadgen.arrivals import schedule
+from experiments.loadgen.arrivals import interarrival_distribution, schedule
 from experiments.loadgen.prompts import PromptBuilder
 from experiments.loadgen.workloads import Workload, load_workload
-
-log = logging.getLogger("loadgen")
 
 
 class LoadgenError(RuntimeError):
@@ -327,7 +324,7 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
     duration = float(window["finish_s"].max() - sent.min()) if len(sent) else 0.0
     summary = {
         "aggregates": M.aggregate(window, slo.ttft_s, slo.tpot_s, duration),
-        "self_check": M.self_check(df, wcfg, gen.loop_lag, wcfg.arrival),
+        "self_check": M.self_check(df, wcfg, gen.loop_lag, interarrival_distribution(wcfg)),
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
         "workload": {"name": workload.name, "num_requests": len(planned), "num_clipped": workload.num_clipped,
                      "arrival": wcfg.arrival, "rate": wcfg.rate},

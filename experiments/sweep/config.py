@@ -10,7 +10,7 @@ from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig
 
 @dataclass
 class WorkloadConfig:
-    # synthetic | sharegpt | mooncake | azure | burstgpt | fixed | longbench_synthetic
+    # synthetic | longbench_synthetic | fixed | shift | sharegpt | mooncake | azure | burstgpt
     name: str = "synthetic"
     path: Optional[str] = None  # dataset or trace file (sharegpt, mooncake, azure, burstgpt)
     num_requests: int = 200

@@ -1,7 +1,7 @@
 """One Hydra job: launch an engine server -> replay the workload -> save -> track.
 
-`run(cfg, job_dir)` is what `run.py` calls; it is plain Python so tests call it
-too. A job writes into its directory:
+`run(cfg, job_dir, overrides, sweep)` is what `run.py` calls; it is plain Python
+so tests call it too. A job writes into its directory:
   job.json           status (ok | failed), engine, rate, swept overrides, headline metrics
   requests.parquet   one row per request (the load generator's columns)
   summary.json       aggregates, client self-check, SLOs, resolved config
