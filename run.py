@@ -10,7 +10,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from experiments import conf_store
+from experiments.sweep import conf_store
 
 conf_store.register()
 
@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from experiments.runner import run
+    from experiments.sweep.job import run
 
     hc = HydraConfig.get()
     overrides = {}
@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> None:
     multirun = hc.mode == RunMode.MULTIRUN
     record = run(cfg, hc.runtime.output_dir, overrides, Path(hc.sweep.dir).name if multirun else None)
     if not multirun:
-        from experiments.aggregate import finish_sweep
+        from experiments.sweep.aggregate import finish_sweep
 
         finish_sweep(Path(hc.runtime.output_dir), None)
     return record.get("slo_attainment")

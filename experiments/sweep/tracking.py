@@ -35,7 +35,7 @@ def _settings():
 
 
 def log_job(wcfg, job_dir: str, name: str, group: str, job_type: str, config: dict, summary: dict[str, Any],
-            requests: Optional[pd.DataFrame], figures: list[str] = ()) -> Optional[str]:
+            requests: Optional[pd.DataFrame]) -> Optional[str]:
     """Log one job; returns the run's local directory (None when disabled)."""
     if wcfg.mode == "disabled":
         return None
@@ -50,8 +50,6 @@ def log_job(wcfg, job_dir: str, name: str, group: str, job_type: str, config: di
             cols = [c for c in requests.columns if c not in ("token_times_s", "itl_s")]
             run.log({"requests": wandb.Table(dataframe=requests[cols].astype(object).where(requests[cols].notna(),
                                                                                            None))})
-        for path in figures:
-            run.log({os.path.splitext(os.path.basename(path))[0]: wandb.Image(path)})
         return run.dir
 
 

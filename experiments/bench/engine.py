@@ -1,6 +1,6 @@
 """Engine benchmark: offline throughput vs transformers, decode vs memory floor, prefill vs matmul peak.
 
-    python -m experiments.bench_engine [--model llama-100m] [--dtype float32] [--out FILE.json]
+    python -m experiments.bench.engine [--model llama-100m] [--dtype float32] [--out FILE.json]
 
 The machine's matmul peak and memory bandwidth are measured in the same run, so
 ratios are side by side on one (noisy) machine.
@@ -46,8 +46,8 @@ def memory_bandwidth(mb: int = 512) -> float:
 
 def sharegpt_like(n: int, seed: int) -> list[tuple[int, int]]:
     """(prompt, output) lengths from the project's synthetic ShareGPT-like workload, with its filters."""
-    from experiments.config import WorkloadConfig
-    from experiments.workloads import load_workload
+    from experiments.loadgen.workloads import load_workload
+    from experiments.sweep.config import WorkloadConfig
 
     w = load_workload(freeze(WorkloadConfig, {"name": "synthetic", "num_requests": n, "seed": seed}))
     return [(i.prompt_len, i.output_len) for i in w.items]

@@ -1,6 +1,6 @@
 """semi-PD partition switching: what does a switch cost a request?
 
-    python -m experiments.bench_semipd [--switches 20] [--interval 0.5]
+    python -m experiments.bench.semipd [--switches 20] [--interval 0.5]
 
 A semi-PD server (tiny model) runs a closed-loop decode-heavy load while the
 partition is switched every `interval` seconds. The request-visible stall of a
@@ -21,10 +21,10 @@ import urllib.request
 import numpy as np
 import pandas as pd
 
-from experiments.benchutil import emit, metric_total, scrape_metrics
-from experiments.config import LoadgenConfig, SLOConfig, WorkloadConfig
-from experiments.launch import EngineServer
+from experiments.bench.common import emit, metric_total, scrape_metrics
 from experiments.loadgen import run_loadgen
+from experiments.sweep.config import LoadgenConfig, SLOConfig, WorkloadConfig
+from experiments.sweep.launch import EngineServer
 from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig, freeze
 
 

@@ -31,9 +31,9 @@ def baseline_key(model_cfg, wcfg, machine: dict) -> str:
 
 def measure_baseline(model_cfg, engine_cfg, server_cfg, wcfg, lcfg) -> dict[str, float]:
     """Median TTFT and TPOT of requests sent one at a time at the workload's mean lengths."""
-    from experiments.config import SLOConfig
-    from experiments.launch import EngineServer
     from experiments.loadgen import run_loadgen
+    from experiments.sweep.config import SLOConfig
+    from experiments.sweep.launch import EngineServer
     from semipd_engine.config import freeze
 
     unified = dataclasses.replace(engine_cfg, name="unified", policy="prefill_priority")

@@ -17,8 +17,6 @@ import pandas as pd
 from scipy import stats
 
 PERCENTILES = (50, 90, 99)
-LATENCY_COLUMNS = ("ttft_s", "tpot_s", "e2e_s", "ntpot_s", "ttft_from_send_s", "e2e_from_send_s",
-                   "dispatch_lateness_s")
 
 
 def derive(df: pd.DataFrame, measure_from: str = "scheduled") -> pd.DataFrame:
@@ -83,10 +81,12 @@ def aggregate(df: pd.DataFrame, ttft_slo: float, tpot_slo: float, duration_s: fl
     return out
 
 
-def self_check(df: pd.DataFrame, workload_cfg, loop_lag: list[float], schedule_kind: str) -> dict[str, Any]:
-    """Did the client keep up with its own schedule? Marks the run invalid (with reasons) if not."""
-    from experiments.arrivals import interarrival_distribution
+def self_check(df: pd.DataFrame, workload_cfg, loop_lag: list[float], interarrival=None) -> dict[str, Any]:
+    """Did the client keep up with its own schedule? Marks the run invalid (with reasons) if not.
 
+    `interarrival`: the scipy distribution the schedule drew its gaps from (None: no KS test).
+    """
+    schedule_kind = workload_cfg.arrival
     sends = np.sort(df["send_s"].dropna().to_numpy())
     res: dict[str, Any] = {"reasons": []}
     late = df["dispatch_lateness_s"].dropna().to_numpy()
@@ -102,9 +102,8 @@ def self_check(df: pd.DataFrame, workload_cfg, loop_lag: list[float], schedule_k
         if abs(achieved / res["scheduled_rate"] - 1) > 0.05:
             res["reasons"].append(f"achieved rate {achieved:.2f}/s is off the schedule's "
                                   f"{res['scheduled_rate']:.2f}/s by >5%")
-        dist = interarrival_distribution(workload_cfg)
-        if dist is not None and sends.size >= 20:
-            ks = stats.kstest(np.diff(sends), dist.cdf)
+        if interarrival is not None and sends.size >= 20:
+            ks = stats.kstest(np.diff(sends), interarrival.cdf)
             res["ks_statistic"], res["ks_pvalue"] = float(ks.statistic), float(ks.pvalue)
             # Large runs detect sub-millisecond jitter at any p-value: flag only a deviation that is
             # both significant and material (the CDFs differ by more than 5 points somewhere).

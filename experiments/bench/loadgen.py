@@ -1,6 +1,6 @@
 """How fast can the load generator drive a server, and how much does it add to TTFT?
 
-    python -m experiments.bench_loadgen [--rates 100,200,400,600,800,1000] [--seconds 5]
+    python -m experiments.bench.loadgen [--rates 100,200,400,600,800,1000] [--seconds 5]
 
 A trivial streaming server (32 tokens, no model, no delay) runs in its own
 process and records when it received each request and wrote its first token.
@@ -64,9 +64,9 @@ def serve(port: int, record_path: str) -> None:
     asyncio.run(main())
 
 
-def run_point(url: str, rate: float, seconds: float, pin_client: int | None) -> dict:
-    from experiments.config import LoadgenConfig, SLOConfig, WorkloadConfig
+def run_point(url: str, rate: float, seconds: float) -> dict:
     from experiments.loadgen import run_loadgen
+    from experiments.sweep.config import LoadgenConfig, SLOConfig, WorkloadConfig
     from semipd_engine.config import freeze
 
     n = max(50, int(rate * seconds))
@@ -94,20 +94,20 @@ def main() -> None:
     if args.serve:
         os.sched_setaffinity(0, {1 % os.cpu_count()})  # server on its own core, client on the other
         return serve(args.serve, args.record)
-    from experiments.launch import free_port
+    from experiments.sweep.launch import free_port
 
     os.sched_setaffinity(0, {0})
     port = free_port()
     record = f"/tmp/bench-loadgen-{port}.json"
-    srv = subprocess.Popen([sys.executable, "-m", "experiments.bench_loadgen", "--serve", str(port),
+    srv = subprocess.Popen([sys.executable, "-m", "experiments.bench.loadgen", "--serve", str(port),
                             "--record", record])
     time.sleep(2.0)
     url = f"http://127.0.0.1:{port}"
     results = []
     try:
-        low = run_point(url, 20, 5, None)  # low load: client-added TTFT
+        low = run_point(url, 20, 5)  # low load: client-added TTFT
         for rate in [float(r) for r in args.rates.split(",")]:
-            r = run_point(url, rate, args.seconds, None)
+            r = run_point(url, rate, args.seconds)
             results.append(r)
             print(json.dumps({k: v for k, v in r.items() if k != "t0"}))
     finally:

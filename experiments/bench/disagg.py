@@ -1,6 +1,6 @@
 """What disaggregation costs: KV transfer and memory, measured against semi-PD on the same load.
 
-    python -m experiments.bench_disagg [--rate 6] [--requests 120] [--model tiny]
+    python -m experiments.bench.disagg [--rate 6] [--requests 120] [--model tiny]
 
 For `disagg` (1P1D) and `semipd` (50/50) in turn: start the server, replay the
 synthetic ShareGPT-like workload, then read /metrics: bytes and time of the KV
@@ -15,11 +15,11 @@ import argparse
 import re
 import tempfile
 
-from experiments.bench_engine import memory_bandwidth
-from experiments.benchutil import emit, scrape_metrics
-from experiments.config import LoadgenConfig, SLOConfig, WorkloadConfig
-from experiments.launch import EngineServer
+from experiments.bench.common import emit, scrape_metrics
+from experiments.bench.engine import memory_bandwidth
 from experiments.loadgen import run_loadgen
+from experiments.sweep.config import LoadgenConfig, SLOConfig, WorkloadConfig
+from experiments.sweep.launch import EngineServer
 from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig, freeze
 from semipd_engine.model import resolve
 

@@ -1,7 +1,4 @@
-"""Load generator for any OpenAI-compatible server.
-
-    python -m experiments.loadgen base_url=http://127.0.0.1:8000 workload=synthetic \
-        workload.rate=4 workload.num_requests=200 output_dir=DIR
+"""Load generator for any OpenAI-compatible server: plan, dispatch, record, summarise.
 
 The whole schedule is computed first and dispatched against absolute monotonic
 times; each request's clock starts at its scheduled time. Connections are
@@ -14,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import logging
 import math
 import os
 import signal
@@ -27,12 +23,10 @@ import aiohttp
 import orjson
 import pandas as pd
 
-from experiments import metrics as M
-from experiments.arrivals import schedule
-from experiments.prompts import PromptBuilder
-from experiments.workloads import Workload, load_workload
-
-log = logging.getLogger("loadgen")
+from experiments.analysis import request_metrics as M
+from experiments.loadgen.arrivals import interarrival_distribution, schedule
+from experiments.loadgen.prompts import PromptBuilder
+from experiments.loadgen.workloads import Workload, load_workload
 
 
 class LoadgenError(RuntimeError):
@@ -330,7 +324,7 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
     duration = float(window["finish_s"].max() - sent.min()) if len(sent) else 0.0
     summary = {
         "aggregates": M.aggregate(window, slo.ttft_s, slo.tpot_s, duration),
-        "self_check": M.self_check(df, wcfg, gen.loop_lag, wcfg.arrival),
+        "self_check": M.self_check(df, wcfg, gen.loop_lag, interarrival_distribution(wcfg)),
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
         "workload": {"name": workload.name, "num_requests": len(planned), "num_clipped": workload.num_clipped,
                      "arrival": wcfg.arrival, "rate": wcfg.rate},
@@ -375,39 +369,3 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"of {lm['checked']}")
     lines.append("client self-check: " + ("valid" if c["valid"] else "INVALID: " + "; ".join(c["reasons"])))
     return "\n".join(lines)
-
-
-def _main_from_hydra(cfg) -> None:
-    from omegaconf import OmegaConf
-
-    from experiments.config import LoadgenConfig, SLOConfig, WorkloadConfig
-    from semipd_engine.config import freeze
-
-    container = OmegaConf.to_container(cfg, resolve=True)
-    lc = dict(container["loadgen"])
-    for key in ("base_url", "output_dir", "model"):  # top-level shorthands win
-        if container.get(key) is not None:
-            lc[key] = container[key]
-    lcfg, wcfg, slo = freeze(LoadgenConfig, lc), freeze(WorkloadConfig, cfg.workload), freeze(SLOConfig, cfg.slo)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        summary = run_loadgen(lcfg, wcfg, slo, lcfg.output_dir, container)
-    except (LoadgenError, ValueError, FileNotFoundError) as e:
-        print(f"experiments.loadgen: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(format_summary(summary))
-    if lcfg.output_dir:
-        print(f"wrote {lcfg.output_dir}/requests.parquet and summary.json")
-
-
-def main() -> None:
-    import hydra
-
-    from experiments import conf_store
-
-    conf_store.register()
-    hydra.main(version_base=None, config_path=conf_store.CONF_DIR, config_name="loadgen")(_main_from_hydra)()
-
-
-if __name__ == "__main__":
-    main()

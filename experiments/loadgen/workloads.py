@@ -31,7 +31,7 @@ from typing import Optional
 
 import numpy as np
 
-TRACE_DIR = Path(__file__).parent / "data" / "traces"
+TRACE_DIR = Path(__file__).resolve().parents[1] / "data" / "traces"  # experiments/data/traces
 DEFAULT_TRACES = {
     "mooncake": TRACE_DIR / "mooncake_fast25_conversation.jsonl",
     "azure": TRACE_DIR / "azure_llm_2023_conv.csv",

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
-from experiments.config import (
+from experiments.sweep.config import (
     ExperimentConfig,
     LoadgenConfig,
     LoadgenJob,
@@ -17,7 +17,7 @@ from experiments.config import (
 )
 from semipd_engine import conf_store as engine_store
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # the repository's conf/
 
 
 def register() -> None:

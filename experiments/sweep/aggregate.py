@@ -74,7 +74,8 @@ def format_table(summary: pd.DataFrame, swept: list[str] = ()) -> str:
 
 
 def finish_sweep(sweep_dir: Path, wandb_cfg=None) -> None:
-    from experiments import figures, tracking
+    from experiments.analysis import figures
+    from experiments.sweep import tracking
 
     summary, requests = aggregate_sweep(sweep_dir)
     paths = figures.make_figures(sweep_dir)
@@ -93,7 +94,7 @@ class AggregateCallback(Callback):
     """hydra.callbacks.aggregate: aggregates the sweep once every job has run."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from experiments.config import WandbConfig
+        from experiments.sweep.config import WandbConfig
         from semipd_engine.config import freeze
 
         finish_sweep(Path(config.hydra.sweep.dir), freeze(WandbConfig, config.wandb))

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository root
 PACKAGES = ("torch", "transformers", "tokenizers", "aiohttp", "hydra-core", "numpy", "pandas", "pyarrow",
             "scipy", "wandb", "semipd-harness")
 

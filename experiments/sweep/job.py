@@ -1,7 +1,7 @@
 """One Hydra job: launch an engine server -> replay the workload -> save -> track.
 
-`run(cfg, job_dir)` is what `run.py` calls; it is plain Python so tests call it
-too. A job writes into its directory:
+`run(cfg, job_dir, overrides, sweep)` is what `run.py` calls; it is plain Python
+so tests call it too. A job writes into its directory:
   job.json           status (ok | failed), engine, rate, swept overrides, headline metrics
   requests.parquet   one row per request (the load generator's columns)
   summary.json       aggregates, client self-check, SLOs, resolved config
@@ -23,11 +23,11 @@ from typing import Any, Optional
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from experiments import provenance, tracking
-from experiments.config import ExperimentConfig, LoadgenConfig, SLOConfig, WandbConfig, WorkloadConfig
-from experiments.launch import EngineServer
 from experiments.loadgen import run_loadgen
-from experiments.slo import resolve_slo
+from experiments.sweep import provenance, tracking
+from experiments.sweep.config import ExperimentConfig, LoadgenConfig, SLOConfig, WandbConfig, WorkloadConfig
+from experiments.sweep.launch import EngineServer
+from experiments.sweep.slo import resolve_slo
 from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig, freeze
 
 log = logging.getLogger(__name__)

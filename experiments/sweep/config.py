@@ -1,0 +1,125 @@
+"""Structured-config schemas of the load generator (`conf/loadgen.yaml`) and of a job (`conf/config.yaml`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig
+
+
+@dataclass
+class WorkloadConfig:
+    # synthetic | longbench_synthetic | fixed | shift | sharegpt | mooncake | azure | burstgpt
+    name: str = "synthetic"
+    path: Optional[str] = None  # dataset or trace file (sharegpt, mooncake, azure, burstgpt)
+    num_requests: int = 200
+    seed: int = 0
+    # Arrivals: poisson | gamma | constant | trace | closed
+    arrival: str = "poisson"
+    rate: float = 4.0  # requests/s for poisson, gamma, constant
+    burstiness: float = 1.0  # gamma shape; 1.0 = Poisson, <1 burstier
+    max_concurrency: int = 0  # closed loop: requests in flight; 0 = unlimited (open loop)
+    # Length filters (ShareGPT protocol of the semi-PD and DistServe evaluations).
+    max_prompt_len: int = 1024
+    max_total_len: int = 2048
+    min_prompt_len: int = 4
+    min_output_len: int = 1
+    # Multiply every prompt/output length (replaying long traces on a small model).
+    length_scale: float = 1.0
+    # Synthetic distributions (log-normal; see experiments/loadgen/workloads.py for sources).
+    prompt_mean: float = 161.3
+    prompt_sigma: float = 1.1
+    output_mean: float = 338.0
+    output_sigma: float = 0.9
+    # shift workload: the mix changes after `shift_at` of the requests (prompt-heavy -> decode-heavy).
+    shift_at: float = 0.5
+    shift_prompt_mean: float = 32.0
+    shift_output_mean: float = 300.0
+    # fixed-length workload
+    prompt_len: int = 128
+    output_len: int = 128
+    # Traces: time scale (2.0 = twice as fast), window in trace seconds.
+    time_scale: float = 1.0
+    window_start_s: float = 0.0
+    window_s: Optional[float] = None
+
+
+@dataclass
+class SLOConfig:
+    name: str = "default"
+    ttft_s: float = 1.0
+    tpot_s: float = 0.1
+    # When set, SLOs = scale x the engine's measured single-request latency (experiments/sweep/slo.py).
+    scale: Optional[float] = None
+    percentile: float = 90.0
+    target_attainment: float = 0.9
+
+
+@dataclass
+class LoadgenConfig:
+    base_url: str = "http://127.0.0.1:8000"
+    model: Optional[str] = None  # from /v1/models when unset
+    output_dir: Optional[str] = None
+    # Tokenizer used to build prompts of exact lengths: "builtin", a HF directory, or "none" (approximate).
+    tokenizer: Optional[str] = "builtin"
+    prompt_format: str = "text"  # text | token_ids
+    ignore_eos: bool = True
+    stream: bool = True
+    request_timeout_s: float = 600.0
+    # Latencies are measured from the scheduled time (no coordinated omission) or the send time.
+    measure_from: str = "scheduled"
+    warmup_s: float = 0.0
+    cooldown_s: float = 0.0
+    progress: bool = True
+    # Open connections before the run so TCP set-up never lands in a TTFT.
+    prewarm_connections: int = 16
+    # Sleep until this long before a send, then yield to the event loop until its exact time.
+    dispatch_spin_s: float = 0.0015
+    max_connections: int = 0  # 0 = unlimited
+
+
+@dataclass
+class LoadgenJob:
+    loadgen: LoadgenConfig = field(default_factory=LoadgenConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    slo: SLOConfig = field(default_factory=SLOConfig)
+    # Top-level shorthands users type (`base_url=...`, `output_dir=...`).
+    base_url: Optional[str] = None
+    output_dir: Optional[str] = None
+    model: Optional[str] = None
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "demo"
+    # single: one load run per job | goodput: bisection on the rate between goodput_low and goodput_high
+    mode: str = "single"
+    goodput_low: float = 0.25
+    goodput_high: float = 16.0
+    goodput_tolerance: float = 0.25
+    goodput_seeds: list[int] = field(default_factory=lambda: [0])
+    # Multiples of both SLOs at which the figures re-evaluate attainment (slo_attainment_vs_slo_scale).
+    slo_scales: list[float] = field(default_factory=lambda: [0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6])
+    skip_finished: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "semipd-harness"
+    entity: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    workload: WorkloadConfig = field(default_factory=WorkloadConfig)
+    slo: SLOConfig = field(default_factory=SLOConfig)
+    loadgen: LoadgenConfig = field(default_factory=LoadgenConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    results_dir: str = "results"

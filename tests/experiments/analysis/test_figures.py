@@ -1,0 +1,75 @@
+"""Figures from saved results: goodput interpolation, the SLO-scale grid from the sweep's config, the
+partition timeline."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from experiments.analysis import figures
+from experiments.analysis.figures import goodput_from_curve, make_figures, slo_scale_curves, slo_scales
+from experiments.sweep.config import ExperimentConfig
+from tests.helpers.sweep_dir import write_job
+
+
+def test_figures_goodput_interpolation():
+    pts = pd.DataFrame({"rate": [1, 2, 4], "slo_attainment": [1.0, 0.95, 0.5]})
+    assert goodput_from_curve(pts) == pytest.approx(2 + (0.95 - 0.9) / 0.45 * 2)
+    assert goodput_from_curve(pd.DataFrame({"rate": [1], "slo_attainment": [0.2]})) == 0.0
+
+
+def test_slo_scale_grid_is_the_configured_one(tmp_path):
+    write_job(tmp_path, "engine=unified", "unified", 2.0, config={"experiment": {"slo_scales": [1.0, 0.5, 2.0]}})
+    assert slo_scales(tmp_path) == [0.5, 1.0, 2.0]
+    # Jobs that disagree: every scale any of them asked for.
+    write_job(tmp_path, "engine=semipd", "semipd", 2.0, config={"experiment": {"slo_scales": [0.5, 3.0]}})
+    assert slo_scales(tmp_path) == [0.5, 1.0, 2.0, 3.0]
+
+
+def test_slo_scale_grid_falls_back_to_the_default(tmp_path):
+    write_job(tmp_path, "engine=unified", "unified", 2.0, config=None)  # no saved config
+    assert slo_scales(tmp_path) == ExperimentConfig().slo_scales == [0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6]
+
+
+def test_slo_scale_curves_scale_both_slos():
+    # SLOs 1 s / 0.1 s; request 0 misses TPOT below scale 0.8, the others miss TTFT below their own scale.
+    req = pd.DataFrame({"engine": "unified", "rate": 2.0, "status": "ok", "slo_ttft_s": 1.0, "slo_tpot_s": 0.1,
+                        "ttft_s": [0.4, 0.8, 1.5, 3.0], "tpot_s": [0.08, 0.01, 0.01, None],
+                        "error": [None, None, None, None]})
+    curves = slo_scale_curves(req, [0.5, 1.0, 2.0, 4.0])
+    assert list(curves["slo_scale"]) == [0.5, 1.0, 2.0, 4.0]
+    assert list(curves["slo_attainment"]) == [0.0, 0.5, 0.75, 1.0]
+    failed = req.assign(error=["HTTP 500", None, None, None])
+    assert list(slo_scale_curves(failed, [4.0])["slo_attainment"]) == [0.75]  # an error meets no SLO
+
+
+def test_make_figures_draws_the_slo_scale_curves_at_the_configured_scales(tmp_path, monkeypatch):
+    write_job(tmp_path, "engine=unified", "unified", 2.0, ttft_s=[0.4, 0.8, 1.5, 3.0],
+              config={"experiment": {"slo_scales": [0.5, 2.0]}}, slo_attainment=0.5, p90_ttft_s=2.5,
+              p90_tpot_s=0.01, mean_e2e_s=1.5)
+    drawn = []
+
+    def spy(requests, scales):
+        curves = slo_scale_curves(requests, scales)
+        drawn.append(curves)
+        return curves
+
+    monkeypatch.setattr(figures, "slo_scale_curves", spy)
+    paths = make_figures(tmp_path)
+    assert str(tmp_path / "figures" / "slo_attainment_vs_slo_scale.png") in paths
+    assert len(drawn) == 1 and list(drawn[0]["slo_scale"]) == [0.5, 2.0]
+    assert list(drawn[0]["slo_attainment"]) == [0.25, 0.75]
+
+
+def test_partition_timeline_figure(tmp_path):
+    jd = tmp_path / "engine=semipd"
+    jd.mkdir()
+    (jd / "job.json").write_text(json.dumps({"status": "ok", "engine": "semipd", "rate": 1.0,
+                                             "slo_attainment": 1.0, "p90_ttft_s": 0.1, "p90_tpot_s": 0.01,
+                                             "mean_e2e_s": 1.0}))
+    (jd / "partition_log.jsonl").write_text("\n".join(json.dumps(d) for d in [
+        {"time_s": 0, "prefill_share": 50, "decode_share": 50}, {"time_s": 5, "prefill_share": 70, "decode_share": 50}]))
+    paths = make_figures(tmp_path)
+    assert any(p.endswith("partition_over_time.png") for p in paths)

@@ -1,0 +1,102 @@
+"""Load generator client: timing accuracy, drift-free dispatch, faults, closed loop, the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from experiments.loadgen import LoadgenError, run_loadgen
+from experiments.loadgen.arrivals import schedule
+from tests.helpers.experiment_configs import SLO, loadgen_cfg, workload_cfg
+from tests.helpers.mock_openai import MockOpenAIServer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+
+def test_ttft_and_tpot_within_1ms_of_truth_at_low_load(tmp_path):
+    with MockOpenAIServer(ttft_s=0.05, itl_s=0.01) as srv:
+        s = run_loadgen(loadgen_cfg(srv.url), workload_cfg(name="fixed", prompt_len=8, output_len=10, num_requests=20,
+                                            arrival="constant", rate=10), SLO, str(tmp_path))
+        writes = np.array(srv.writes)
+    df = pd.read_parquet(tmp_path / "requests.parquet")
+    assert df["error"].isna().all() and np.allclose(df["output_tokens"], 10)
+    # Truth: when the server wrote each token, on the same monotonic clock as the client.
+    sent = s["t0_monotonic"] + df["send_s"].to_numpy()
+    ttft_true = writes[:, 0] - sent
+    tpot_true = (writes[:, -1] - writes[:, 0]) / 9
+    assert np.median(np.abs(df["ttft_from_send_s"].to_numpy() - ttft_true)) < 0.001
+    assert np.median(np.abs(df["tpot_s"].to_numpy() - tpot_true)) < 0.001
+    itl = np.concatenate(df["itl_s"].to_list())
+    assert abs(np.median(itl) - np.median(np.diff(writes, axis=1))) < 0.001
+    assert s["self_check"]["valid"], s["self_check"]
+    assert (tmp_path / "summary.json").is_file()
+
+
+def test_dispatch_is_drift_free_against_absolute_times():
+    with MockOpenAIServer(ttft_s=0.001, itl_s=0.001) as srv:
+        s = run_loadgen(loadgen_cfg(srv.url), workload_cfg(name="fixed", prompt_len=4, output_len=2, num_requests=100,
+                                            arrival="poisson", rate=50), SLO)
+        arrivals = np.array(srv.received)
+    planned = schedule(workload_cfg(arrival="poisson", rate=50), 100)
+    drift = (arrivals - arrivals[0]) - planned
+    assert abs(drift[-1]) < 0.01 and s["self_check"]["valid"]
+
+
+def test_errors_are_counted_never_dropped(tmp_path, monkeypatch):
+    from experiments.loadgen import client as lg
+
+    orig = lg.plan
+
+    def faulty_plan(*a, **k):
+        planned = orig(*a, **k)
+        planned[1].prompt = "FAIL500 please"
+        planned[3].prompt = "DROP this"
+        return planned
+
+    monkeypatch.setattr(lg, "plan", faulty_plan)
+    with MockOpenAIServer(ttft_s=0.01, itl_s=0.001) as srv:
+        s = run_loadgen(loadgen_cfg(srv.url), workload_cfg(name="fixed", prompt_len=4, output_len=5, num_requests=8,
+                                            arrival="constant", rate=20), SLO, str(tmp_path))
+    df = pd.read_parquet(tmp_path / "requests.parquet")
+    assert len(df) == 8 and s["aggregates"]["num_errors"] == 2
+    assert df.loc[1, "error"].startswith("HTTP 500") and df.loc[3, "error"]
+    assert s["aggregates"]["slo_attainment"] == pytest.approx(6 / 8)
+
+
+def test_dead_server_fails_fast():
+    t = time.monotonic()
+    with pytest.raises(LoadgenError, match="unreachable"):
+        run_loadgen(loadgen_cfg("http://127.0.0.1:9"), workload_cfg(name="fixed", num_requests=2), SLO)
+    assert time.monotonic() - t < 5
+
+
+def test_closed_loop_respects_concurrency():
+    with MockOpenAIServer(ttft_s=0.02, itl_s=0.005) as srv:
+        s = run_loadgen(loadgen_cfg(srv.url), workload_cfg(name="fixed", prompt_len=4, output_len=4, num_requests=12,
+                                            arrival="closed", max_concurrency=3), SLO)
+        gaps = np.diff(np.array(srv.received))
+    assert s["aggregates"]["num_ok"] == 12
+    assert (gaps[:2] < 0.01).all() and gaps[2] > 0.02  # 3 at once, then one per completion
+
+
+def test_ctrl_c_writes_partial_results(tmp_path):
+    with MockOpenAIServer(ttft_s=0.01, itl_s=0.01) as srv:
+        proc = subprocess.Popen([sys.executable, "-m", "experiments.loadgen", f"base_url={srv.url}",
+                                 "workload=fixed", "workload.rate=5", "workload.num_requests=200",
+                                 "workload.output_len=5", "loadgen.tokenizer=none", "loadgen.progress=false",
+                                 f"output_dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        time.sleep(4)
+        proc.send_signal(signal.SIGINT)
+        out = proc.communicate(timeout=30)[0].decode()
+    assert proc.returncode == 0, out
+    df = pd.read_parquet(tmp_path / "requests.parquet")
+    assert len(df) == 200 and 3 < df["error"].isna().sum() < 200
+    assert df["error"].dropna().str.contains("interrupted").all()

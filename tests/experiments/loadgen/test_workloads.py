@@ -1,0 +1,82 @@
+"""Workloads: shipped traces, trace windows, file formats and their errors, ShareGPT roles, synthetic means."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments.loadgen.workloads import WorkloadError, load_workload
+from tests.helpers.experiment_configs import workload_cfg
+
+
+def test_shipped_traces_parse():
+    moon = load_workload(workload_cfg(name="mooncake", num_requests=50, length_scale=0.05, max_prompt_len=2048,
+                              max_total_len=4096))
+    azure = load_workload(workload_cfg(name="azure", num_requests=50, time_scale=2.0))
+    for w in (moon, azure):
+        assert len(w.items) == 50 and w.has_timestamps
+        ts = [i.timestamp for i in w.items]
+        assert ts[0] == 0 and ts == sorted(ts)
+    assert azure.items[-1].timestamp < 60  # 50 requests of a busy hour, at 2x speed
+
+
+def test_trace_window_and_time_scale():
+    full = load_workload(workload_cfg(name="azure", num_requests=10**6, window_s=60.0))
+    fast = load_workload(workload_cfg(name="azure", num_requests=10**6, window_s=60.0, time_scale=3.0))
+    assert len(full.items) == len(fast.items) > 10
+    assert fast.items[-1].timestamp == pytest.approx(full.items[-1].timestamp / 3)
+    assert full.items[-1].timestamp < 60
+
+
+def test_burstgpt_csv(tmp_path):
+    p = tmp_path / "burst.csv"
+    p.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+                 "5,ChatGPT,100,50,150,Conversation log\n7.5,ChatGPT,20,0,20,Conversation log\n"
+                 "9,GPT-4,300,80,380,API log\n")
+    w = load_workload(workload_cfg(name="burstgpt", path=str(p)))
+    assert [(i.prompt_len, i.output_len, i.timestamp) for i in w.items] == [(100, 50, 0.0), (300, 80, 4.0)]
+
+
+@pytest.mark.parametrize("name,content,where", [
+    ("mooncake", '{"timestamp": 0, "input_length": 5, "output_length": 3}\n{"timestamp": 1, "input_length": 5}\n',
+     ":2:"),
+    ("mooncake", '{"timestamp": 0, "input_length": 5, "output_length": 3}\nnot json\n', ":2:"),
+    ("azure", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,10,5\n"
+              "2023-11-16 18:15:47.0000000,ten,5\n", ":3:"),
+    ("azure", "TIME,ContextTokens\n1,2\n", ":1:"),
+    ("sharegpt", "[{\"id\": 1}]", "record 0"),
+    ("sharegpt", "[{\"id\": 1, ", "not valid JSON"),
+])
+def test_malformed_files_fail_naming_file_and_line(tmp_path, name, content, where):
+    p = tmp_path / f"bad.{name}"
+    p.write_text(content)
+    with pytest.raises(WorkloadError) as e:
+        load_workload(workload_cfg(name=name, path=str(p)))
+    assert str(p) in str(e.value) and where in str(e.value)
+
+
+def test_sharegpt_roles_checked_and_filters(tmp_path):
+    data = [
+        {"id": "a", "conversations": [{"from": "gpt", "value": "I start"}, {"from": "human", "value": "hi"}]},
+        {"id": "b", "conversations": [{"from": "human", "value": "tell me a story"},
+                                      {"from": "gpt", "value": "once upon a time there was a fox"}]},
+        {"id": "c", "conversations": [{"from": "human", "value": "only a question"}]},
+        {"id": "d", "conversations": [{"from": "human", "value": "x " * 3000}, {"from": "gpt", "value": "ok"}]},
+    ]
+    p = tmp_path / "sg.json"
+    p.write_text(json.dumps(data))
+    from semipd_engine.tokenizer import builtin_tokenizer
+
+    w = load_workload(workload_cfg(name="sharegpt", path=str(p), num_requests=10), builtin_tokenizer())
+    assert [i.prompt_text for i in w.items] == ["tell me a story"]
+
+
+def test_synthetic_matches_configured_means_and_filters():
+    w = load_workload(workload_cfg(name="synthetic", num_requests=4000, max_prompt_len=10**6, max_total_len=10**7))
+    p = np.array([i.prompt_len for i in w.items])
+    o = np.array([i.output_len for i in w.items])
+    assert abs(p.mean() / 161.3 - 1) < 0.1 and abs(o.mean() / 338.0 - 1) < 0.1
+    f = load_workload(workload_cfg(name="synthetic", num_requests=500))
+    assert all(i.prompt_len <= 1024 and i.prompt_len + i.output_len <= 2048 for i in f.items)

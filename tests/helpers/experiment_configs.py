@@ -1,0 +1,27 @@
+"""Config builders for the experiments tests: frozen load-generator configs and the composed Hydra config."""
+
+from __future__ import annotations
+
+from hydra import compose, initialize_config_dir
+
+from experiments.sweep import conf_store
+from experiments.sweep.config import LoadgenConfig, SLOConfig, WorkloadConfig
+from semipd_engine.config import freeze
+
+conf_store.register()
+SLO = freeze(SLOConfig, {})
+
+
+def workload_cfg(**kw):
+    return freeze(WorkloadConfig, kw)
+
+
+def loadgen_cfg(url, **kw):
+    """Quiet, tokenizer-free client settings (prompts of approximate length, fastest to build)."""
+    return freeze(LoadgenConfig, {"base_url": url, "progress": False, "tokenizer": "none", **kw})
+
+
+def compose_run(overrides=()):
+    """conf/config.yaml composed as `python run.py OVERRIDES` would (schemas validated)."""
+    with initialize_config_dir(config_dir=conf_store.CONF_DIR, version_base=None):
+        return compose("config", overrides=list(overrides))
