@@ -42,6 +42,7 @@ class Chunked(Scheduler):
 @POLICIES.register("prefill_only")
 class PrefillOnly(Scheduler):
     name = "prefill_only"
+    hands_off = True
 
     def _fill(self, batch: ScheduledBatch, now: float) -> None:
         budget = self._continue_prefills(batch, self.budget)

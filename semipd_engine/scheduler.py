@@ -86,6 +86,7 @@ class Scheduler:
 
     name = "base"
     runs_prefill = True  # can this policy compute prompts (or must preempted requests leave)?
+    hands_off = False  # does a request leave after its first token (a prefill-only worker)?
     # Per-token outputs stream to clients; the simulator reads requests' own timestamps and turns them off.
     emit_outputs = True
 

@@ -19,6 +19,7 @@ import torch
 
 from semipd_engine.config import EngineConfig, ModelConfig, freeze
 from semipd_engine.engine_core import EngineCore
+from semipd_engine.factory import build_core
 from semipd_engine.request import Request, SamplingParams
 
 
@@ -92,15 +93,14 @@ def bench_decode(core: EngineCore, batch: int, ctx: int, dtype_bytes: int, bandw
         core.step()
     times = []
     for _ in range(20):
-        _, stats = core.step()
-        times.append(stats.duration_s)
+        times.append(core.step().duration_s)
     for r in reqs:
         core.abort(r.request_id)
-    weight_bytes = sum(p.numel() * p.element_size() for p in core.model.parameters())
-    emb = core.model.embed_tokens.weight
-    if not core.spec.tie_word_embeddings:  # the embedding table is gathered, not streamed
+    weight_bytes = sum(p.numel() * p.element_size() for p in core.executor.model.parameters())
+    emb = core.executor.model.embed_tokens.weight
+    if not core.executor.model.spec.tie_word_embeddings:  # the embedding table is gathered, not streamed
         weight_bytes -= emb.numel() * emb.element_size() - batch * emb.shape[1] * emb.element_size()
-    kv_bytes = batch * (ctx + 10) * core.spec.kv_bytes_per_token(dtype_bytes)
+    kv_bytes = batch * (ctx + 10) * core.executor.model.spec.kv_bytes_per_token(dtype_bytes)
     floor = (weight_bytes + kv_bytes) / bandwidth
     step = float(np.median(times))
     return {"batch": batch, "ctx": ctx, "step_s": step, "floor_s": floor, "ratio_to_floor": step / floor,
@@ -108,7 +108,7 @@ def bench_decode(core: EngineCore, batch: int, ctx: int, dtype_bytes: int, bandw
 
 
 def bench_prefill(core: EngineCore, n: int, peak: float) -> dict:
-    spec = core.spec
+    spec = core.executor.model.spec
 
     def once():
         r = Request("p", list(range(10, 10 + n)), SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
@@ -141,7 +141,7 @@ def main() -> None:
     print(f"machine: {machine}; matmul peak {peak / 1e9:.1f} GFLOP/s ({args.dtype}); copy bandwidth {bw / 1e9:.2f} GB/s")
     mcfg = freeze(ModelConfig, {"name": args.model, "dtype": args.dtype})
     ecfg = freeze(EngineConfig, {"kv_cache_mb": 1024, "max_num_seqs": 64, "max_num_batched_tokens": 4096})
-    core = EngineCore(mcfg, ecfg)
+    core = build_core(mcfg, ecfg)
     hf_path = None
     if not args.no_hf:
         import tempfile
@@ -154,8 +154,8 @@ def main() -> None:
         save_checkpoint(loaded.hf_config, load_weights(mcfg, loaded.spec), hf_path)
     lens = sharegpt_like(args.requests, 0)
     results = {"machine": machine, "matmul_peak_flops": peak, "bandwidth_bytes_s": bw, "model": args.model,
-               "dtype": args.dtype, "params": core.spec.num_params()}
-    results["throughput"] = bench_throughput(core, hf_path, lens, dtype, core.spec.vocab_size)
+               "dtype": args.dtype, "params": core.executor.model.spec.num_params()}
+    results["throughput"] = bench_throughput(core, hf_path, lens, dtype, core.executor.model.spec.vocab_size)
     print("throughput:", results["throughput"])
     results["decode"] = bench_decode(core, 32, 256, torch.tensor([], dtype=dtype).element_size(), bw)
     print("decode:", results["decode"])

@@ -65,7 +65,7 @@ def _share_models(backend, default: ShareModels) -> ShareModels:
                        default.contention if backend.contention is None else backend.contention)
 
 
-def gpu_platform(model_cfg, hardware_cfg, backend) -> Platform:
+def gpu_platform(model_cfg, engine_cfg, hardware_cfg, backend) -> Platform:
     from semipd_engine.sim.hardware import Hardware
     from semipd_engine.sim.roofline import RooflineCostModel
 
@@ -75,8 +75,11 @@ def gpu_platform(model_cfg, hardware_cfg, backend) -> Platform:
     cost = RooflineCostModel(shape, hw, model_cfg.tensor_parallel_size, _dtype_bytes(model_cfg), **kw)
     link_bw = (backend.link_bandwidth_gbs * 1e9) if backend.link_bandwidth_gbs else hw.link_bw
     tp = model_cfg.tensor_parallel_size
+    kv_tokens = cost.max_kv_tokens(backend.kv_mem_fraction)
+    if engine_cfg.num_kv_blocks:  # an explicit pool size wins over what the memory would hold
+        kv_tokens = engine_cfg.num_kv_blocks * engine_cfg.block_size
     return Platform(
-        cost_for=lambda unit: cost, devices=tp, kv_tokens=cost.max_kv_tokens(backend.kv_mem_fraction),
+        cost_for=lambda unit: cost, devices=tp, kv_tokens=kv_tokens,
         share_models=_share_models(backend, ShareModels()),
         # with TP, each rank sends its own shard over its own link: the replica's bytes move tp links at once
         link=LinkConfig(link_bw * tp, backend.link_fixed_s, backend.layerwise_overlap, shape.num_layers),
@@ -121,7 +124,7 @@ def make_platform(model_cfg, engine_cfg, hardware_cfg, backend) -> Platform:
     if backend.cost_model == "roofline":
         if hardware_cfg.name == "cpu":
             raise ValueError("hardware.name=cpu needs backend.cost_model=profile (the roofline models GPUs)")
-        return gpu_platform(model_cfg, hardware_cfg, backend)
+        return gpu_platform(model_cfg, engine_cfg, hardware_cfg, backend)
     if backend.cost_model == "profile":
         return cpu_platform(model_cfg, engine_cfg, backend)
     raise ValueError(f"backend.cost_model must be 'roofline' or 'profile', got {backend.cost_model!r}")

@@ -41,7 +41,7 @@ from semipd_engine.clock import VirtualClock
 from semipd_engine.kv_transfer import Transfer, TransferQueue
 from semipd_engine.partition import Partition
 from semipd_engine.request import Request, RequestStatus, SamplingParams, Timestamps
-from semipd_engine.scheduler import EMPTY_RESULT, ExecuteResult, Scheduler, ScheduledBatch
+from semipd_engine.scheduler import EMPTY_RESULT, ExecuteResult, ScheduledBatch, Scheduler
 from semipd_engine.sim.executor import SIM_TOKEN, CostModelExecutor
 
 
@@ -90,7 +90,7 @@ class SimStats:
     kv_peak_blocks: dict[str, int] = field(default_factory=dict)
 
 
-ARRIVAL, ITER_END, TRANSFER_DONE, CONTROL = range(4)
+ARRIVAL, ITER_END, TRANSFER_DONE, CONTROL, RESUME = range(5)
 
 
 class Simulator:
@@ -156,6 +156,8 @@ class Simulator:
                 self._end_iteration(payload, t)
             elif kind == ARRIVAL:
                 self._arrive(payload, t)
+            elif kind == RESUME:
+                self._resume(payload, t)
             elif kind == TRANSFER_DONE:
                 self._transfer_done(payload, t)
             else:
@@ -193,11 +195,22 @@ class Simulator:
         result = w.executor.execute(batch)
         w.iterations += 1
         if self.fast_forward and stall == 0.0:
-            t, batch, result = self._fast_forward(w, batch, result, t)
+            resume = self._fast_forward(w, batch, result, t)
+            if resume is not None:  # iterations applied up to `resume`: the policy decides again then
+                self._track_pool(sched.pool)
+                w.busy, w.batch, w.result = True, None, None
+                self._push(resume, RESUME, w)
+                return
         self._track_pool(sched.pool)
         w.busy, w.batch, w.result = True, batch, result
         w.busy_s += result.duration_s + stall
         self._push(t + result.duration_s + stall, ITER_END, w)
+
+    def _resume(self, w: SimWorker, t: float) -> None:
+        w.busy = False
+        self._kick(w, t)
+        if w.colocated is not None:
+            self._kick(w.colocated, t)
 
     def _end_iteration(self, w: SimWorker, t: float) -> None:
         batch, result = w.batch, w.result
@@ -242,59 +255,85 @@ class Simulator:
                     win["tpots"].append((t - req.times.first_token) / (len(req.output_token_ids) - 1))
 
     # -- fast-forward ------------------------------------------------------------------------------
-    def _fast_forward(self, w: SimWorker, batch: ScheduledBatch, result: ExecuteResult,
-                      t: float) -> tuple[float, ScheduledBatch, ExecuteResult]:
+    def _fast_forward(self, w: SimWorker, batch: ScheduledBatch, result: ExecuteResult, t: float) -> Optional[float]:
         """Apply the decode iterations that cannot differ from the one just scheduled, in one step.
 
-        Returns the start time, batch and result of the first iteration left to the event loop.
+        Iteration 0 is `batch`, already scheduled at `t`. Iterations 0..A-1 are applied here when
+        (1) each ends before the next event of the simulation (the decision at its end precedes every
+        other event, so nothing else can change what the policy sees), (2) no request finishes in them,
+        and (3) the blocks the requests grow into during iterations 1..A-1 are free (then every
+        reservation the policy would make succeeds, and nobody else reads the pool before the next
+        event), and (4) the other phase on the same device cannot act on the pool meanwhile (it is busy,
+        or idle with nothing to do). Returns when iteration A starts (the policy schedules it then, at a
+        RESUME event), or None when nothing was applied.
         """
-        sched = w.scheduler
-        if sched.waiting or len(batch.items) != len(sched.running):
-            return t, batch, result
-        bs = sched.pool.block_size
-        k = math.inf  # iterations that can be applied here, this one included
-        for r, n in batch.items:
-            if n != 1 or not r.in_decode:
-                return t, batch, result
-            # after i applied iterations: output len o + i must stay below its limit (no finish),
-            # and the next iteration's token must fit in the blocks already held
-            room_out = min(r.params.max_tokens - len(r.output_token_ids),
-                           sched.max_model_len - r.num_tokens) - 1
-            room_blocks = len(r.block_table) * bs - r.num_tokens
-            k = min(k, room_out, room_blocks + 1)
         horizon = self._heap[0][0] if self._heap else math.inf
-        if k < 2 or t + result.duration_s >= horizon:
-            return t, batch, result
-        nb = len(batch.items)
-        ctx = sum(r.num_tokens for r, _ in batch.items)  # context of the iteration just scheduled
+        if t + result.duration_s >= horizon:
+            return None
+        sched = w.scheduler
+        if sched.hands_off or sched.waiting or len(batch.items) != len(sched.running):
+            return None
+        other = w.colocated
+        if other is not None and not other.busy and other.scheduler.has_work():
+            return None  # it is retried at each of our iteration ends, against the pool as it is then
+        k = math.inf
+        max_len = sched.max_model_len
+        for r, n in batch.items:
+            out = r.output_token_ids
+            if n != 1 or not out or r.num_computed_tokens + 1 != len(r.prompt_token_ids) + len(out):
+                return None  # not a decode: a prompt, or a one-token chunk of a recompute
+            # after iteration i, the request has len(out) + i + 1 outputs and num_tokens + i + 1 tokens
+            room = min(r.params.max_tokens - len(out), max_len - len(r.prompt_token_ids) - len(out)) - 1
+            if room < k:
+                k = room
+        if k < 2:
+            return None
         factor = w.executor.factor()
-        # durations of iterations 1, 2, ...: each as `execute` would compute it at its start
-        later = w.executor.cost.decode_times(nb, ctx + nb, int(min(k - 1, 4096)))
+        nb = len(batch.items)
+        ctx = sum(r.num_computed_tokens + 1 for r, _ in batch.items)  # context of iteration 0
+        later = w.executor.cost.decode_times(nb, ctx + nb, int(min(k - 1, 4096)))  # iterations 1, 2, ...
         ends: list[float] = []
-        durations = [result.duration_s]
-        end = t
-        while len(ends) < k:
-            e = end + durations[-1]
-            if e >= horizon:  # the decision at the end of this iteration must precede every other event
+        end, d = t, result.duration_s
+        while True:
+            e = end + d
+            if e >= horizon:
                 break
             ends.append(e)
             end = e
             if len(ends) >= k or len(ends) > len(later):
                 break
-            durations.append(later[len(ends) - 1] * factor)
-        applied = len(ends)
+            d = later[len(ends) - 1] * factor
+        applied = self._grow_blocks(sched, batch, len(ends))
         if applied == 0:
-            return t, batch, result
+            return None
+        ends = ends[:applied]
+        tail = [SIM_TOKEN] * applied
         for r, _ in batch.items:
-            r.output_token_ids.extend([SIM_TOKEN] * applied)
+            r.output_token_ids.extend(tail)
             r.times.tokens.extend(ends)
             r.num_computed_tokens += applied
-        w.iterations += applied
+        w.iterations += applied - 1  # iteration 0 is counted by the caller
         w.fast_forwarded += applied
-        w.busy_s += sum(durations[:applied])
-        t_next = ends[-1]
-        nxt = sched.schedule(t_next)
-        return t_next, nxt, w.executor.execute(nxt)
+        w.busy_s += ends[-1] - t
+        return ends[-1]
+
+    @staticmethod
+    def _grow_blocks(sched: Scheduler, batch: ScheduledBatch, applied: int) -> int:
+        """Reserve the blocks iterations 1..applied-1 grow into; fewer iterations if the pool is short."""
+        pool = sched.pool
+        bs = pool.block_size
+
+        def demand(a: int) -> int:  # iteration i is scheduled with num_tokens + i tokens
+            return sum(max(0, (r.num_tokens + a - 1 + bs - 1) // bs - len(r.block_table)) for r, _ in batch.items)
+
+        while applied > 0 and demand(applied) > pool.num_free:
+            applied //= 2
+        if applied > 1:
+            for r, _ in batch.items:
+                need = (r.num_tokens + applied - 1 + bs - 1) // bs - len(r.block_table)
+                if need > 0:
+                    r.block_table += pool.try_allocate(need)
+        return applied
 
     # -- disaggregated KV transfer -----------------------------------------------------------------
     def _link_copy(self, t: Transfer, dst: list[int]) -> tuple[int, float]:

@@ -100,8 +100,8 @@ def test_indistinct_steps_are_skipped_on_two_cores():
 
 
 def _phase(url, prompt_len, output_len, n, concurrency, tmp):
-    from experiments.config import LoadgenConfig, SLOConfig, WorkloadConfig
     from experiments.loadgen import run_loadgen
+    from experiments.sweep.config import LoadgenConfig, SLOConfig, WorkloadConfig
     from semipd_engine.config import freeze
 
     w = freeze(WorkloadConfig, {"name": "fixed", "prompt_len": prompt_len, "output_len": output_len,
