@@ -19,6 +19,8 @@ from semipd_engine.model.spec import ModelSpec
 
 
 class KVCache:
+    layout = "head_major"  # what attention backends declare they read (`kv_layout`)
+
     def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: str = "cpu", share: bool = True):
         self.num_blocks, self.block_size = num_blocks, block_size

@@ -20,6 +20,9 @@ from semipd_engine.scheduler import ExecuteResult, ScheduledBatch
 
 class ModelRunner:
     def __init__(self, model, kv: KVCache):
+        need = getattr(getattr(model, "attention_backend", None), "kv_layout", kv.layout)
+        if need != kv.layout:
+            raise ValueError(f"attention backend reads a {need!r} KV cache, the pool is {kv.layout!r}")
         self.model, self.kv = model, kv
         self.kv_layers = kv.layers()
         self.block_size = kv.block_size

@@ -5,8 +5,9 @@ A batch is packed: the new tokens of every scheduled sequence are concatenated
 (`slot_blocks`, `slot_offsets`) and how each sequence reads its context back (block tables).
 Sequences with one new token (decodes) are attended as one padded batch; longer
 ones (prefills, chunks, recomputes) one by one. Backends register by name;
-`torch` is the reference and runs anywhere. A Triton/CUDA backend plugs in by
-registering a class with the same `forward` signature.
+`torch` is the reference and runs anywhere; `triton` (model/triton_attention.py, imported
+only when asked for) runs paged kernels on CUDA. A backend declares the pool layout it
+reads (`kv_layout`); the runner checks it against the `KVCache`.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
 
 class TorchAttention:
     """Reference implementation with `scaled_dot_product_attention`."""
+
+    kv_layout = "head_major"  # the pool layout it reads: [num_blocks, kv_heads, block_size, head_dim] per layer
 
     def forward(
         self,
@@ -114,11 +117,38 @@ class TorchAttention:
         return torch.matmul(probs, vs).sum(dim=1).view(b, kvh * g, d)
 
 
+def _triton_attention():
+    # Imported on demand: this module, and the `torch` backend, never need triton.
+    try:
+        from semipd_engine.model.triton_attention import TritonAttention
+    except ImportError as e:
+        raise ValueError(f"attention backend 'triton' needs the triton package (pip install triton): {e}") from e
+    return TritonAttention()
+
+
 ATTENTION_BACKENDS: Registry[Callable[[], object]] = Registry("attention backend", "model.attention_backend")
 ATTENTION_BACKENDS.register("torch", TorchAttention)
+ATTENTION_BACKENDS.register("triton", _triton_attention)
 
 
-def get_attention_backend(name: str, device: str):
+def _auto_backend(device: str, head_dim: Optional[int], dtype: Optional[torch.dtype]) -> str:
+    """`triton` on CUDA when triton imports and supports the shapes, `torch` everywhere else."""
+    if torch.device(device).type != "cuda":
+        return "torch"
+    try:
+        from semipd_engine.model.triton_attention import unsupported
+    except ImportError:
+        return "torch"
+    return "torch" if unsupported(device, head_dim, dtype) else "triton"
+
+
+def get_attention_backend(name: str, device: str, head_dim: Optional[int] = None,
+                          dtype: Optional[torch.dtype] = None):
+    """Build backend `name` (or pick one for `auto`); raises ValueError if it cannot run this model here."""
     if name == "auto":
-        name = "torch"
-    return ATTENTION_BACKENDS.get(name)()
+        name = _auto_backend(device, head_dim, dtype)
+    backend = ATTENTION_BACKENDS.get(name)()
+    check = getattr(backend, "check", None)  # backends with limits refuse here, not at the first forward
+    if check is not None:
+        check(device, head_dim, dtype)
+    return backend

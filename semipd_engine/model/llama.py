@@ -74,6 +74,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, spec: ModelSpec, attention_backend, rope: RotaryEmbedding | None = None):
         super().__init__()
         self.spec = spec
+        self.attention_backend = attention_backend  # shared by every layer; the runner checks its KV layout
         # Passing `rope` in lets the loader build parameters on the meta device
         # while the (computed, not loaded) rotary tables stay real.
         rope = rope or RotaryEmbedding(

@@ -106,7 +106,7 @@ def build_model(spec: ModelSpec, hf_state: dict[str, torch.Tensor], dtype: torch
                 attention_backend: str = "auto", device: str = "cpu") -> LlamaForCausalLM:
     rope = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope_theta, spec.rope_scaling)
     with torch.device("meta"):
-        model = LlamaForCausalLM(spec, get_attention_backend(attention_backend, device), rope)
+        model = LlamaForCausalLM(spec, get_attention_backend(attention_backend, device, spec.head_dim, dtype), rope)
     state = to_engine_state_dict(hf_state, spec)
     expected = {k for k in model.state_dict() if not (spec.tie_word_embeddings and k == "lm_head.weight")}
     missing, extra = expected - set(state), set(state) - expected
