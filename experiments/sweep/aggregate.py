@@ -48,7 +48,9 @@ def aggregate_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             df = pd.read_parquet(req)
             extra = {"job": row["job"], "engine": job["engine"], "rate": job["rate"], "status": job["status"],
                      "slo_ttft_s": slo.get("ttft_s"), "slo_tpot_s": slo.get("tpot_s"), **swept}
-            frames.append(df.assign(**{k: v for k, v in extra.items() if k not in df.columns}))
+            # A list-valued override (experiment.goodput_seeds=[0,1]) is one value per row, not a column.
+            frames.append(df.assign(**{k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                                       for k, v in extra.items() if k not in df.columns}))
     summary = pd.DataFrame(rows)
     summary.attrs["swept"] = sorted(swept_keys)
     requests = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

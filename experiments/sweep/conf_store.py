@@ -16,6 +16,7 @@ from experiments.sweep.config import (
     WorkloadConfig,
 )
 from semipd_engine import conf_store as engine_store
+from semipd_engine.sim.config import BackendConfig, HardwareConfig
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")  # the repository's conf/
 
@@ -30,3 +31,5 @@ def register() -> None:
     cs.store(group="experiment", name="experiment_schema", node=ExperimentConfig)
     cs.store(group="loadgen", name="loadgen_schema", node=LoadgenConfig)
     cs.store(group="wandb", name="wandb_schema", node=WandbConfig)
+    cs.store(group="backend", name="backend_schema", node=BackendConfig)
+    cs.store(group="hardware", name="hardware_schema", node=HardwareConfig)

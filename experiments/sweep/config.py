@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig
+from semipd_engine.sim.config import BackendConfig, HardwareConfig
 
 
 @dataclass
@@ -102,6 +103,9 @@ class ExperimentConfig:
     # Multiples of both SLOs at which the figures re-evaluate attainment (slo_attainment_vs_slo_scale).
     slo_scales: list[float] = field(default_factory=lambda: [0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6])
     skip_finished: bool = True
+    # workload.rate (and the goodput search) per GPU, as the paper plots them: an engine on n GPUs
+    # (DistServe 1P1D: 2; tensor parallelism: x TP) is offered n times the rate.
+    rates_per_gpu: bool = False
 
 
 @dataclass
@@ -122,4 +126,6 @@ class RunConfig:
     loadgen: LoadgenConfig = field(default_factory=LoadgenConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     results_dir: str = "results"

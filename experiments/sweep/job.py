@@ -24,11 +24,13 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.loadgen import run_loadgen
-from experiments.sweep import provenance, tracking
+from experiments.sweep import provenance, simulated, tracking
 from experiments.sweep.config import ExperimentConfig, LoadgenConfig, SLOConfig, WandbConfig, WorkloadConfig
 from experiments.sweep.launch import EngineServer
 from experiments.sweep.slo import resolve_slo
 from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig, freeze
+from semipd_engine.model.presets import PRESETS as MODEL_PRESETS
+from semipd_engine.sim.config import BackendConfig, HardwareConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +45,39 @@ class Job:
     loadgen: Any
     experiment: Any
     wandb: Any
+    backend: Any
+    hardware: Any
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> Job:
-        return cls(freeze(ModelConfig, cfg.model), freeze(EngineConfig, cfg.engine), freeze(ServerConfig, cfg.server),
-                   freeze(WorkloadConfig, cfg.workload), freeze(SLOConfig, cfg.slo),
-                   freeze(LoadgenConfig, cfg.loadgen), freeze(ExperimentConfig, cfg.experiment),
-                   freeze(WandbConfig, cfg.wandb))
+        job = cls(freeze(ModelConfig, cfg.model), freeze(EngineConfig, cfg.engine), freeze(ServerConfig, cfg.server),
+                  freeze(WorkloadConfig, cfg.workload), freeze(SLOConfig, cfg.slo),
+                  freeze(LoadgenConfig, cfg.loadgen), freeze(ExperimentConfig, cfg.experiment),
+                  freeze(WandbConfig, cfg.wandb), freeze(BackendConfig, cfg.backend),
+                  freeze(HardwareConfig, cfg.hardware))
+        if job.backend.name not in ("real", "sim"):
+            raise ValueError(f"backend.name must be 'real' or 'sim', got {job.backend.name!r}")
+        if job.backend.name == "sim":
+            simulated.check(job.model, job.engine, job.hardware, job.backend)
+        elif not job.model.path and job.model.name not in MODEL_PRESETS:
+            raise ValueError(f"model.name={job.model.name!r} is a model shape without weights: run it with backend=sim, "
+                             f"or serve a checkpoint with model=hf model.path=DIR")
+        elif job.model.tensor_parallel_size != 1:
+            raise ValueError("model.tensor_parallel_size > 1 runs on backend=sim (or an external engine); "
+                             "this project's real engine runs one device per worker")
+        return job
+
+    @property
+    def simulated(self) -> bool:
+        return self.backend.name == "sim"
+
+    @property
+    def num_gpus(self) -> int:
+        """GPUs the engine occupies: a TP group per instance, and DistServe's instances each on their own."""
+        e = self.engine
+        if self.simulated and self.backend.cost_model == "roofline" and e.name == "disagg":
+            return (e.num_prefill_instances + e.num_decode_instances) * self.model.tensor_parallel_size
+        return self.model.tensor_parallel_size
 
 
 def read_job(job_dir: Path) -> Optional[dict[str, Any]]:
@@ -81,13 +109,20 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
     resolved = OmegaConf.to_container(cfg, resolve=True)
     prov = provenance.collect(resolved)
     (jd / "provenance.json").write_text(json.dumps(prov, indent=2, default=str))
-    record: dict[str, Any] = {"status": "running", "engine": job.engine.name, "rate": job.workload.rate,
+    # The label figures group by: the engine preset a sweep named (two semi-PD partitions stay apart).
+    label = (overrides or {}).get("engine") or job.engine.name
+    load = job.num_gpus if job.experiment.rates_per_gpu else 1
+    record: dict[str, Any] = {"status": "running", "engine": label, "rate": job.workload.rate,
+                              "num_gpus": job.num_gpus, "rate_per_gpu": job.experiment.rates_per_gpu,
                               "workload": job.workload.name, "model": job.model.path or job.model.name,
-                              "mode": job.experiment.mode, "overrides": overrides or {}, "started": time.time()}
+                              "mode": job.experiment.mode, "backend": job.backend.name,
+                              "overrides": overrides or {}, "started": time.time()}
+    if job.simulated:
+        record["hardware"] = job.hardware.name if job.backend.cost_model == "roofline" else "cpu"
     (jd / "job.json").write_text(json.dumps(record, indent=2))
     summary: dict[str, Any] = {}
     try:
-        slo = resolve_slo(job.slo, job.model, job.engine, job.server, job.workload, job.loadgen, prov["machine"])
+        slo = _resolve_slo(job, prov["machine"])
         slo_cfg = dataclasses.replace(job.slo, ttft_s=slo["ttft_s"], tpot_s=slo["tpot_s"])
         record["slo"] = slo
         # The engine sees the job's SLOs (semipd_dynamic steers on them) and logs its decisions here.
@@ -95,14 +130,23 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
                                          slo_percentile=job.slo.percentile,
                                          decision_log=str(jd / "partition_log.jsonl")
                                          if job.engine.name == "semipd_dynamic" else None)
-        with EngineServer(job.model, engine_cfg, job.server, str(jd), job.server.startup_timeout_s) as srv:
-            lcfg = dataclasses.replace(job.loadgen, base_url=srv.url)
-            if job.experiment.mode == "goodput":
-                summary = goodput_search(lcfg, job.workload, slo_cfg, job.experiment, jd, resolved)
-                record["goodput_rate"] = summary["goodput_rate"]
-            else:
-                summary = run_loadgen(lcfg, job.workload, slo_cfg, str(jd), resolved)
-            _save_server_metrics(srv.url, jd)
+        if job.simulated:
+            def measure(wcfg, out_dir):
+                return simulated.run_simulated(job.model, engine_cfg, job.hardware, job.backend, job.loadgen,
+                                               dataclasses.replace(wcfg, rate=wcfg.rate * load), slo_cfg, out_dir,
+                                               resolved)
+
+            summary = _measure(job, measure, slo_cfg, jd, record)
+        else:
+            with EngineServer(job.model, engine_cfg, job.server, str(jd), job.server.startup_timeout_s) as srv:
+                lcfg = dataclasses.replace(job.loadgen, base_url=srv.url)
+
+                def measure(wcfg, out_dir):
+                    return run_loadgen(lcfg, dataclasses.replace(wcfg, rate=wcfg.rate * load), slo_cfg, out_dir,
+                                       resolved)
+
+                summary = _measure(job, measure, slo_cfg, jd, record)
+                _save_server_metrics(srv.url, jd)
         record.update(status="ok", **headline(summary))
     except BaseException as e:
         record.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
@@ -120,6 +164,27 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
     return record
 
 
+def _measure(job: Job, measure, slo_cfg, jd: Path, record: dict[str, Any]) -> dict[str, Any]:
+    if job.experiment.mode == "goodput":
+        summary = goodput_search(measure, job.workload, slo_cfg, job.experiment, jd)
+        record["goodput_rate"] = summary["goodput_rate"]
+        return summary
+    return measure(job.workload, str(jd))
+
+
+def _resolve_slo(job: Job, machine: dict) -> dict[str, Any]:
+    if not job.simulated or job.slo.scale is None:
+        return resolve_slo(job.slo, job.model, job.engine, job.server, job.workload, job.loadgen, machine)
+    # Simulated: the single-request baseline is simulated too, with the unified engine (as a real one is measured).
+    w = job.workload
+    unified = dataclasses.replace(job.engine, name="unified", policy="prefill_priority")
+    base = simulated.single_request_latency(job.model, unified, job.hardware, job.backend,
+                                            max(1, round(w.prompt_mean * w.length_scale)),
+                                            max(2, round(w.output_mean * w.length_scale)))
+    return {"ttft_s": job.slo.scale * base["ttft_s"], "tpot_s": job.slo.scale * base["tpot_s"],
+            "scale": job.slo.scale, "baseline_ttft_s": base["ttft_s"], "baseline_tpot_s": base["tpot_s"]}
+
+
 def _save_server_metrics(url: str, jd: Path) -> None:
     try:
         with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
@@ -128,8 +193,11 @@ def _save_server_metrics(url: str, jd: Path) -> None:
         log.warning("could not read the server's /metrics: %s", e)
 
 
-def goodput_search(lcfg, wcfg, slo_cfg, exp, jd: Path, resolved) -> dict[str, Any]:
-    """DistServe protocol: bisect the rate for the highest one with attainment >= target."""
+def goodput_search(measure, wcfg, slo_cfg, exp, jd: Path) -> dict[str, Any]:
+    """DistServe protocol: bisect the rate for the highest one with attainment >= target.
+
+    `measure(workload_cfg, out_dir) -> summary` runs one probe (a real load run, or a simulated one).
+    """
     target = slo_cfg.target_attainment
     probes: list[dict[str, Any]] = []
     aggregates: dict[float, dict[str, Any]] = {}  # rate -> aggregates of its first seed
@@ -139,7 +207,7 @@ def goodput_search(lcfg, wcfg, slo_cfg, exp, jd: Path, resolved) -> dict[str, An
         vals = []
         for seed in exp.goodput_seeds:
             d = jd / "probes" / f"rate{rate:.4f}_seed{seed}"
-            s = run_loadgen(lcfg, dataclasses.replace(wcfg, rate=rate, seed=seed), slo_cfg, str(d), resolved)
+            s = measure(dataclasses.replace(wcfg, rate=rate, seed=seed), str(d))
             vals.append(s["aggregates"]["slo_attainment"])
             aggregates.setdefault(rate, s["aggregates"])
             probes.append({"rate": rate, "seed": seed, **headline(s)})

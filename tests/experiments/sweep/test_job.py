@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 
+from experiments.loadgen import run_loadgen
 from experiments.sweep.config import ExperimentConfig, SLOConfig
 from experiments.sweep.job import goodput_search, headline, read_job, run
 from experiments.sweep.launch import ServerStartError
@@ -22,7 +23,7 @@ def test_goodput_bisection_finds_the_rate_a_single_server_queue_sustains(tmp_pat
     slo = freeze(SLOConfig, {"ttft_s": 0.3, "tpot_s": 1.0})
     w = workload_cfg(name="fixed", prompt_len=4, output_len=1, num_requests=40, arrival="poisson")
     with MockOpenAIServer(ttft_s=0.05, itl_s=0.0, serial=True) as srv:
-        s = goodput_search(loadgen_cfg(srv.url), w, slo, exp, tmp_path, None)
+        s = goodput_search(lambda wcfg, out: run_loadgen(loadgen_cfg(srv.url), wcfg, slo, out), w, slo, exp, tmp_path)
     g = s["goodput_rate"]
     rates = [p["rate"] for p in s["probes"]]
     assert rates[:2] == [5.0, 40.0] and len(rates) > 3 and 5.0 <= g < 40.0
