@@ -24,7 +24,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from semipd_engine.engine_core import EngineCore  # noqa: E402
+from semipd_engine.factory import build_core  # noqa: E402
 from semipd_engine.kv_cache import KVCache  # noqa: E402
 from semipd_engine.model.attention import (  # noqa: E402
     AttentionMetadata,
@@ -229,11 +229,11 @@ def test_engine_greedy_matches_torch_backend(llama_checkpoint):
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     outs = {}
     for backend in ("torch", "triton"):
-        core = EngineCore(model_cfg(llama_checkpoint, attention_backend=backend, device=DEVICE), engine_cfg(**cfg))
-        ps = prompts(core.spec.vocab_size)
+        core = build_core(model_cfg(llama_checkpoint, attention_backend=backend, device=DEVICE), engine_cfg(**cfg))
+        ps = prompts(core.executor.model.spec.vocab_size)
         outs[backend] = core.generate(ps, params)
         assert core.pool.num_used == 0
-    assert isinstance(core.model.attention_backend, TritonAttention)
+    assert isinstance(core.executor.model.attention_backend, TritonAttention)
     assert outs["triton"] == outs["torch"]
 
 
@@ -316,6 +316,6 @@ def test_gpu_engine_greedy_matches_torch_backend(llama_checkpoint, policy):
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
     outs = {}
     for backend in ("torch", "triton"):
-        core = EngineCore(model_cfg(llama_checkpoint, attention_backend=backend, device="cuda"), engine_cfg(**cfg))
-        outs[backend] = core.generate(prompts(core.spec.vocab_size), params)
+        core = build_core(model_cfg(llama_checkpoint, attention_backend=backend, device="cuda"), engine_cfg(**cfg))
+        outs[backend] = core.generate(prompts(core.executor.model.spec.vocab_size), params)
     assert outs["triton"] == outs["torch"]
