@@ -51,7 +51,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -273,16 +272,9 @@ def _git_commit(path: str) -> Optional[str]:
 
 
 def environment(cpu: Optional[int]) -> dict[str, Any]:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": model,
-            "cores": os.cpu_count(), "pinned_core": cpu, "load_avg": os.getloadavg(),
+    from experiments.sweep import provenance
+
+    return {**provenance.machine(), "pinned_core": cpu, "load_avg": os.getloadavg(),
             "git_commit": _git_commit(str(Path(__file__).resolve().parents[2]))}
 
 

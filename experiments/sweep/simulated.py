@@ -46,8 +46,11 @@ def simulate(model_cfg, engine_cfg, hardware_cfg, backend_cfg, arrivals, prompt_
     if engine_cfg.name == "semipd_dynamic":
         controller = make_controller(engine_cfg, None if backend_cfg.cost_model == "roofline" else _cores())
     sim, plat = build_simulator(model_cfg, engine_cfg, hardware_cfg, backend_cfg, controller)
+    requests = make_requests([a + plat.request_delay_s for a in arrivals], prompt_lens, output_lens)
     t0 = time.perf_counter()
-    done = sim.run(make_requests(arrivals, prompt_lens, output_lens))
+    done = sim.run(requests)
+    for r, a in zip(requests, arrivals):  # latencies count from the client's send, as a real run's do
+        r.times.arrival = float(a)
     return done, sim, plat, time.perf_counter() - t0
 
 

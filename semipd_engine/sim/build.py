@@ -37,6 +37,7 @@ class Platform:
     kv_bytes_per_token: int
     max_position_embeddings: int
     describe: str
+    request_delay_s: float = 0.0  # from a request's arrival to the engine seeing it (server, tokenizer, IPC)
 
 
 def _shape(model_cfg):
@@ -117,7 +118,8 @@ def cpu_platform(model_cfg, engine_cfg, backend) -> Platform:
         kv_tokens=blocks * engine_cfg.block_size, share_models=shares,
         link=LinkConfig(link_gbs * 1e9, backend.link_fixed_s, backend.layerwise_overlap, shape.num_layers),
         kv_bytes_per_token=kv_per_token, max_position_embeddings=shape.max_position_embeddings,
-        describe=f"profile {profile.data.get('model')} on {cores} CPU cores ({backend.profile_path})")
+        describe=f"profile {profile.data.get('model')} on {cores} CPU cores ({backend.profile_path})",
+        request_delay_s=profile.request_s)
 
 
 def make_platform(model_cfg, engine_cfg, hardware_cfg, backend) -> Platform:

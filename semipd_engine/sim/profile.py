@@ -53,7 +53,17 @@ class Profile:
 
     def __init__(self, data: dict):
         self.data = data
-        self.fits = {int(k): tuple(v["coef"]) for k, v in data["fits"].items()}
+        # The serving stack's own cost on this machine (server, IPC, streaming, client: `serving` block, measured
+        # by experiments.bench.sim_validation --calibrate): per iteration, per streamed token, and per request.
+        serving = data.get("serving") or {}
+        self.fixed_s, self.per_token_s = serving.get("fixed_s", 0.0), serving.get("per_token_s", 0.0)
+        self.request_s = serving.get("request_s", 0.0)
+        self.fits = {}
+        for k, v in data["fits"].items():
+            c = list(v["coef"])
+            c[0] += self.fixed_s
+            c[6] += self.per_token_s
+            self.fits[int(k)] = tuple(c)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Profile:
@@ -73,9 +83,13 @@ class Profile:
             threads = max(below)
         return ProfileCostModel(self.fits[threads], threads)
 
+    def raw_cost_model(self, threads: int) -> ProfileCostModel:
+        """The model runner's time alone, without the serving stack's overhead."""
+        return ProfileCostModel(tuple(self.data["fits"][str(threads)]["coef"]), threads)
+
     def share_factor(self, phase: str, threads: int, full: int) -> float:
         """Median slowdown of `phase`-shaped samples at `threads` against `full` threads."""
-        lo, hi = self.cost_model(threads), self.cost_model(full)
+        lo, hi = self.raw_cost_model(threads), self.raw_cost_model(full)
         shapes = [BatchShape(**s["shape"]) for s in self.data["samples"]
                   if s["threads"] == full and s["kind"] == phase]
         if not shapes:
