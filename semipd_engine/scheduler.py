@@ -148,12 +148,16 @@ class Scheduler:
     def update(self, batch: ScheduledBatch, result: ExecuteResult, now: float) -> StepOutcome:
         """Postprocess one iteration: count computed tokens, append sampled ones, route finished requests."""
         out = StepOutcome(duration_s=result.duration_s)
+        decode = prefill = 0
         for req, n in batch.items:
-            if req.in_decode:
-                out.num_decode_tokens += n
+            # req.in_decode, inline (this loop runs for every request of every iteration)
+            if n == 1 and req.output_token_ids and len(req.prompt_token_ids) + len(req.output_token_ids) \
+                    - req.num_computed_tokens == 1:
+                decode += 1
             else:
-                out.num_prefill_tokens += n
+                prefill += n
             req.num_computed_tokens += n
+        out.num_decode_tokens, out.num_prefill_tokens = decode, prefill
         for req, token in result.sampled:
             req.append_token(token, now)
             reason = req.check_finished(self.max_model_len)

@@ -27,6 +27,7 @@ class CostModelExecutor:
         self.cost, self.factor = cost, factor  # factor: slowdown of this worker's share right now
 
     def execute(self, batch: ScheduledBatch) -> ExecuteResult:
-        duration = self.cost.iteration_time(batch_shape(batch)) * self.factor()
-        sampled = [(r, SIM_TOKEN) for r, n in batch.items if r.num_computed_tokens + n == r.num_tokens]
-        return ExecuteResult(sampled, duration)
+        items = [(r.num_computed_tokens, n, r.num_computed_tokens + n == r.num_tokens, r) for r, n in batch.items]
+        shape = BatchShape.of(it[:3] for it in items)
+        sampled = [(it[3], SIM_TOKEN) for it in items if it[2]]
+        return ExecuteResult(sampled, self.cost.iteration_time(shape) * self.factor())

@@ -107,6 +107,8 @@ class Simulator:
         self.fast_forward = fast_forward
         self.stats = SimStats()
         self._heap: list[tuple[float, int, int, Any]] = []
+        self._arrivals: list[Request] = []
+        self._ai = 0
         self._seq = itertools.count()
         self._entry_rr = 0
         self._link_free_at = 0.0
@@ -141,15 +143,23 @@ class Simulator:
         heapq.heappush(self._heap, (t, next(self._seq), kind, payload))
 
     def run(self, requests: list[Request]) -> list[Request]:
-        for r in requests:
-            self._push(r.times.arrival, ARRIVAL, r)
+        # Arrivals are known up front: a sorted list beside the heap (they win ties, as if pushed first).
+        self._arrivals = sorted(requests, key=lambda r: r.times.arrival)
+        self._ai = 0
         if self.controller is not None:
             self._reset_window(0.0)
             self._push(self.control_window_s, CONTROL, None)
         n = len(requests)
-        heap = self._heap
-        while heap and len(self._done) < n:
-            t, _, kind, payload = heapq.heappop(heap)
+        heap, arrivals = self._heap, self._arrivals
+        while len(self._done) < n:
+            if self._ai < n and (not heap or arrivals[self._ai].times.arrival <= heap[0][0]):
+                req = arrivals[self._ai]
+                self._ai += 1
+                t, kind, payload = req.times.arrival, ARRIVAL, req
+            elif heap:
+                t, _, kind, payload = heapq.heappop(heap)
+            else:
+                break
             self.clock.advance_to(t)
             self.stats.events += 1
             if kind == ITER_END:
@@ -166,6 +176,28 @@ class Simulator:
             self.stats.iterations += w.iterations
             self.stats.fast_forwarded += w.fast_forwarded
         return self._done
+
+    def _next_arrival(self) -> float:
+        return self._arrivals[self._ai].times.arrival if self._ai < len(self._arrivals) else math.inf
+
+    def _arrivals_matter(self, w: SimWorker) -> bool:
+        """Could an arrival change what `w` decides or how fast it runs, before the next other event?"""
+        if w.name in self.entry:  # it would join w's queue: it matters unless admission is blocked anyway
+            return not self._admission_blocked(w.scheduler)
+        # It goes to another worker. A busy one only queues it; an idle one would start an iteration whose end
+        # (a hand-off, a KV transfer, a co-located phase running) could reach w inside the window.
+        return not all(self.workers[name].busy for name in self.entry)
+
+    @staticmethod
+    def _admission_blocked(sched: Scheduler) -> bool:
+        """True when the policy cannot admit the head of its queue until a request leaves (arrivals join
+        the tail; fast-forward only takes blocks, so a blocked head stays blocked)."""
+        if not sched.waiting:
+            return False
+        if len(sched.running) >= sched.max_num_seqs:
+            return True
+        head, pool = sched.waiting[0], sched.pool
+        return pool.blocks_needed(head.num_tokens, len(head.block_table)) > pool.num_free - pool.watermark_blocks
 
     def _arrive(self, req: Request, t: float) -> None:
         name = self.entry[self._entry_rr % len(self.entry)]
@@ -267,11 +299,15 @@ class Simulator:
         or idle with nothing to do). Returns when iteration A starts (the policy schedules it then, at a
         RESUME event), or None when nothing was applied.
         """
-        horizon = self._heap[0][0] if self._heap else math.inf
-        if t + result.duration_s >= horizon:
-            return None
         sched = w.scheduler
-        if sched.hands_off or sched.waiting or len(batch.items) != len(sched.running):
+        if sched.hands_off or len(batch.items) != len(sched.running):
+            return None
+        if sched.waiting and not (sched.runs_prefill and self._admission_blocked(sched)):
+            return None  # it would admit one, or (a decode-only worker) evict its preempted requests now
+        horizon = self._heap[0][0] if self._heap else math.inf
+        if self._arrivals_matter(w):
+            horizon = min(horizon, self._next_arrival())
+        if t + result.duration_s >= horizon:
             return None
         other = w.colocated
         if other is not None and not other.busy and other.scheduler.has_work():
@@ -381,7 +417,7 @@ class Simulator:
             prefill.pending_share, decode.pending_share = d.new.prefill_share, d.new.decode_share
         self.stats.decisions.append(d.row())
         self._reset_window(t)
-        if self._heap:  # stop controlling once nothing else is left to happen
+        if self._heap or self._ai < len(self._arrivals):  # stop controlling once nothing else can happen
             self._push(t + self.control_window_s, CONTROL, None)
 
     def _track_pool(self, pool: BlockPool) -> None:
