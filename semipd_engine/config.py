@@ -35,6 +35,27 @@ class ModelConfig:
 
 
 @dataclass
+class ExternalConfig:
+    """An engine this project does not implement (vLLM, SGLang, the semi-PD fork, any OpenAI-compatible server).
+
+    `command` is a template; its {placeholders} come from the job's config: {python} {host} {port} {model}
+    {served_model_name} {tp} {dtype} {max_num_seqs} {max_num_batched_tokens} {max_model_len} {block_size}
+    {prefill_share} {decode_share} {extra_args}. `env` values are templated the same way.
+    """
+
+    command: Optional[str] = None
+    url: Optional[str] = None  # attach: drive the server already running at this URL; launch nothing
+    env: dict[str, str] = field(default_factory=dict)
+    extra_args: str = ""  # appended where the template says {extra_args}
+    health_path: str = "/health"
+    startup_timeout_s: float = 900.0
+    version_command: Optional[str] = None  # recorded in the job's provenance (stdout of this command)
+    # canonical name (requests_running, requests_waiting, kv_usage) -> this engine's Prometheus metric
+    metrics: dict[str, str] = field(default_factory=dict)
+    metrics_interval_s: float = 1.0
+
+
+@dataclass
 class EngineConfig:
     # Registry name (semipd_engine.registry): unified, unified_chunked, ...
     name: str = "unified"
@@ -69,6 +90,8 @@ class EngineConfig:
     num_prefill_instances: int = 1
     num_decode_instances: int = 1
     prefill_kv_fraction: float = 0.5
+    # name=external: a server launched from a command template, or attached to by URL (experiments/sweep/launch.py)
+    external: ExternalConfig = field(default_factory=ExternalConfig)
 
 
 @dataclass
@@ -132,6 +155,7 @@ def _frozen_twin(cls: type) -> type:
 
 # Module-level names so frozen configs pickle into spawned worker processes.
 FrozenModelConfig = _frozen_twin(ModelConfig)
+FrozenExternalConfig = _frozen_twin(ExternalConfig)
 FrozenEngineConfig = _frozen_twin(EngineConfig)
 FrozenServerConfig = _frozen_twin(ServerConfig)
 FrozenServeConfig = _frozen_twin(ServeConfig)

@@ -23,6 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from experiments.analysis.server_metrics import server_metrics_figure, server_timeseries  # noqa: E402
+
 
 def _save(fig, out: Path, name: str) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
@@ -133,6 +135,9 @@ def make_figures(sweep_dir: str | Path) -> list[str]:
     timeline = partition_timeline(sweep_dir)
     if not timeline.empty:
         paths += _save(partition_figure(timeline), out, "partition_over_time")
+    series = server_timeseries(sweep_dir)
+    if not series.empty:
+        paths += _save(server_metrics_figure(series), out, "server_queues_and_kv_over_time")
     return paths
 
 

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.loadgen import run_loadgen
 from experiments.sweep import provenance, simulated, tracking
 from experiments.sweep.config import ExperimentConfig, LoadgenConfig, SLOConfig, WandbConfig, WorkloadConfig
-from experiments.sweep.launch import EngineServer
+from experiments.sweep.launch import OWN_METRICS, AttachedServer, EngineServer, ExternalServer, MetricsRecorder
 from experiments.sweep.slo import resolve_slo
 from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig, freeze
 from semipd_engine.model.presets import PRESETS as MODEL_PRESETS
@@ -57,7 +57,18 @@ class Job:
                   freeze(HardwareConfig, cfg.hardware))
         if job.backend.name not in ("real", "sim"):
             raise ValueError(f"backend.name must be 'real' or 'sim', got {job.backend.name!r}")
-        if job.backend.name == "sim":
+        if job.external:
+            x = job.engine.external
+            if job.simulated:
+                raise ValueError("engine.name=external runs a real server; backend=sim simulates this project's "
+                                 "engines (pick one of them, e.g. engine=unified)")
+            if not (x.command or x.url):
+                raise ValueError("engine.name=external needs engine.external.command (a command template) or "
+                                 "engine.external.url (attach to a running server)")
+            if job.slo.scale is not None:
+                raise ValueError("slo.scale measures a baseline on this project's engine; give absolute SLOs "
+                                 "(slo.ttft_s, slo.tpot_s) for an external engine")
+        elif job.simulated:
             simulated.check(job.model, job.engine, job.hardware, job.backend)
         elif not job.model.path and job.model.name not in MODEL_PRESETS:
             raise ValueError(f"model.name={job.model.name!r} is a model shape without weights: run it with backend=sim, "
@@ -70,6 +81,10 @@ class Job:
     @property
     def simulated(self) -> bool:
         return self.backend.name == "sim"
+
+    @property
+    def external(self) -> bool:
+        return self.engine.name == "external"
 
     @property
     def num_gpus(self) -> int:
@@ -138,14 +153,18 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
 
             summary = _measure(job, measure, slo_cfg, jd, record)
         else:
-            with EngineServer(job.model, engine_cfg, job.server, str(jd), job.server.startup_timeout_s) as srv:
+            with _server(job, engine_cfg, jd) as srv:
                 lcfg = dataclasses.replace(job.loadgen, base_url=srv.url)
 
                 def measure(wcfg, out_dir):
                     return run_loadgen(lcfg, dataclasses.replace(wcfg, rate=wcfg.rate * load), slo_cfg, out_dir,
                                        resolved)
 
-                summary = _measure(job, measure, slo_cfg, jd, record)
+                x = job.engine.external
+                names = dict(x.metrics) if job.external else OWN_METRICS
+                with MetricsRecorder(srv.url, names, x.metrics_interval_s) as recorder:
+                    summary = _measure(job, measure, slo_cfg, jd, record)
+                recorder.save(jd / "server_metrics.parquet")
                 _save_server_metrics(srv.url, jd)
         record.update(status="ok", **headline(summary))
     except BaseException as e:
@@ -162,6 +181,15 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
     except Exception as e:  # tracking must never lose a finished measurement
         log.warning("W&B logging failed: %s", e)
     return record
+
+
+def _server(job: Job, engine_cfg, jd: Path):
+    """This project's server, an external engine launched from its command template, or one attached to."""
+    if not job.external:
+        return EngineServer(job.model, engine_cfg, job.server, str(jd), job.server.startup_timeout_s)
+    if job.engine.external.url:
+        return AttachedServer(engine_cfg, str(jd))
+    return ExternalServer(job.model, engine_cfg, str(jd))
 
 
 def _measure(job: Job, measure, slo_cfg, jd: Path, record: dict[str, Any]) -> dict[str, Any]:

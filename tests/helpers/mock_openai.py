@@ -16,13 +16,13 @@ from aiohttp import web
 
 
 class MockOpenAIServer:
-    def __init__(self, ttft_s: float = 0.05, itl_s: float = 0.01, serial: bool = False):
+    def __init__(self, ttft_s: float = 0.05, itl_s: float = 0.01, serial: bool = False, port: int = 0):
         self.ttft_s, self.itl_s = ttft_s, itl_s
         # serial: one request at a time (a single-server queue), so latency grows with the load.
         self.serial = serial
         self.received: list[float] = []  # arrival times (monotonic) of completion requests
         self.writes: list[list[float]] = []  # per request, when each token chunk was written
-        self.port = 0
+        self.port = port
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -51,7 +51,7 @@ class MockOpenAIServer:
         app.add_routes([web.get("/v1/models", self.models), web.post("/v1/completions", self.completions)])
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", self.port)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
         self._ready.set()
@@ -94,3 +94,20 @@ class MockOpenAIServer:
         await resp.write(f"data: {json.dumps({'id': 'x', 'choices': [], 'usage': usage})}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
         return resp
+
+
+def main() -> None:
+    """`python -m tests.helpers.mock_openai --port P`: the mock as a server process (an "external engine")."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--ttft", type=float, default=0.02)
+    ap.add_argument("--itl", type=float, default=0.005)
+    args = ap.parse_args()
+    with MockOpenAIServer(args.ttft, args.itl, port=args.port):
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
