@@ -4,10 +4,10 @@
     python -m experiments.bench.sim_validation --model llama-100m --requests 80 --rate 1.5 --length-scale 0.25 ...
 
 1. Profile: `python -m semipd_engine.sim.profile` measures the real model runner on this machine (skipped with
-   --profile FILE). Calibration (--calibrate, on by default for a new profile): two short real runs of the
-   unified engine (fixed lengths, a low and a higher rate) measure what the serving stack adds on this machine
-   (server, IPC, streaming, client: per iteration, per streamed token, per request); the fit is written into
-   the profile's `serving` block. Calibration runs use their own lengths and rates, never the validation load.
+   --profile FILE). Calibration (--calibrate, on by default for a new profile): two real runs of the unified
+   engine on held-out requests (the same kind of workload, another seed, a low and a higher rate) measure what
+   the serving stack adds on this machine (server, IPC, streaming, client: per iteration, per streamed token,
+   per request); the fit is written into the profile's `serving` block and is the same for every engine.
 2. For each engine (unified, unified_chunked, disagg, semi-PD at two partitions, semipd_dynamic) the same workload
    (same seed, lengths and arrival schedule) runs twice through `run.py`'s job pipeline: on the real engine
    (server, worker processes, load generator over HTTP) and on the simulated backend with the `profile` cost
@@ -64,7 +64,7 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="an existing profile file (else one is measured)")
     ap.add_argument("--engines", default=None, help="comma-separated labels to run (default: all)")
     ap.add_argument("--calibrate", action="store_true", help="(re)measure the serving overhead into the profile")
-    ap.add_argument("--calibration-rates", default="1,6", help="two request rates of the calibration runs")
+    ap.add_argument("--calibration-rates", default="2,6", help="two request rates of the calibration runs")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
@@ -75,7 +75,9 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "semipd_engine.sim.profile", "--model", args.model, "--dtype",
                         args.dtype, "--out", profile], check=True)
     if args.calibrate or not args.profile:
-        calibrate(profile, args.model, args.dtype, out / "calibration", args.calibration_rates)
+        held_out = ["workload=synthetic", f"workload.num_requests={args.requests}", f"workload.seed={1000 + args.seed}",
+                    f"workload.length_scale={args.length_scale}"]
+        calibrate(profile, args.model, args.dtype, out / "calibration", args.calibration_rates, held_out)
     common = ["experiment=single", f"model={args.model}", f"model.dtype={args.dtype}", "workload=synthetic",
               f"workload.num_requests={args.requests}", f"workload.rate={args.rate}", f"workload.seed={args.seed}",
               f"workload.length_scale={args.length_scale}", "slo=default", "experiment.skip_finished=false",
@@ -106,14 +108,16 @@ def main() -> None:
     print(markdown(result))
 
 
-def calibrate(profile: str, model: str, dtype: str, out: Path, rates: str) -> dict:
-    """Fit the serving stack's overhead (fixed_s + per_token_s x tokens per iteration; request_s per request)."""
+def calibrate(profile: str, model: str, dtype: str, out: Path, rates: str, workload: list[str]) -> dict:
+    """Fit the serving stack's overhead (fixed_s + per_token_s x tokens per iteration; request_s per request).
+
+    Calibration replays the validation's kind of workload (same lengths) with another seed (1000 + the
+    validation seed), at two rates, on the unified engine only: held-out data, one shared pair of constants.
+    """
     lo, hi = (float(r) for r in rates.split(","))
-    base = ["experiment=single", "engine=unified", f"model={model}", f"model.dtype={dtype}", "workload=fixed",
-            "workload.prompt_len=128", "workload.output_len=256", "slo=default", "experiment.skip_finished=false",
-            "loadgen.progress=false", "workload.seed=1"]
-    runs = {rate: [*base, f"workload.rate={rate}", f"workload.num_requests={max(20, int(rate * 10))}"]
-            for rate in (lo, hi)}
+    base = ["experiment=single", "engine=unified", f"model={model}", f"model.dtype={dtype}", "slo=default",
+            "experiment.skip_finished=false", "loadgen.progress=false", *workload]
+    runs = {rate: [*base, f"workload.rate={rate}"] for rate in (lo, hi)}
     real = {rate: run_job(o, out / f"real_rate{rate}")["aggregates"] for rate, o in runs.items()}
     sim = ["backend=sim", "backend.cost_model=profile", f"backend.profile_path={profile}", "hardware=cpu"]
     data = json.loads(Path(profile).read_text())
@@ -138,7 +142,7 @@ def calibrate(profile: str, model: str, dtype: str, out: Path, rates: str) -> di
         Path(profile).write_text(json.dumps(data, indent=1))
         fit = {**s_, "iteration": it, "tokens_per_iteration": per_iter, "tpot_gap_s": gap}
         print("calibration:", json.dumps(fit), flush=True)
-    data["serving"]["calibration"] = {"rates": [lo, hi], "prompt_len": 128, "output_len": 256,
+    data["serving"]["calibration"] = {"rates": [lo, hi], "workload": workload,
                                       "real_tpot_p50_s": {str(r): real[r]["tpot_s"]["p50"] for r in runs},
                                       "real_ttft_p50_s": {str(r): real[r]["ttft_s"]["p50"] for r in runs}}
     Path(profile).write_text(json.dumps(data, indent=1))

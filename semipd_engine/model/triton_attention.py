@@ -75,6 +75,23 @@ def _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _paged_tiles(q, table, lo, hi, kvh, d, k_cache_ptr, v_cache_ptr, stride_cb, stride_ch, stride_cs, scale_log2,
+                 m_i, l_i, acc, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Attend `q` to cached positions [lo, hi) of one sequence, read through its block table, tile by tile."""
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_mask = n < hi
+        blk = tl.load(table + n // PAGE, mask=n_mask, other=0).to(tl.int64)
+        kv = blk[:, None] * stride_cb + kvh * stride_ch + (n % PAGE)[:, None] * stride_cs + d[None, :]
+        k = tl.load(k_cache_ptr + kv, mask=n_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv, mask=n_mask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
                     q_start_ptr, q_len_ptr, prefix_len_ptr, block_table_ptr,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
@@ -101,16 +118,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     table = block_table_ptr + seq.to(tl.int64) * stride_bt
 
     # The cached prefix, through the block table: every new token sees all of it.
-    for start in range(0, prefix_len, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        n_mask = n < prefix_len
-        blk = tl.load(table + n // PAGE, mask=n_mask, other=0).to(tl.int64)
-        kv = blk[:, None] * stride_cb + kvh * stride_ch + (n % PAGE)[:, None] * stride_cs + d[None, :]
-        k = tl.load(k_cache_ptr + kv, mask=n_mask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv, mask=n_mask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
+    m_i, l_i, acc = _paged_tiles(q, table, 0, prefix_len, kvh, d, k_cache_ptr, v_cache_ptr, stride_cb, stride_ch,
+                                 stride_cs, scale_log2, m_i, l_i, acc, PAGE, BLOCK_N, DOT_PRECISION)
 
     # The new tokens themselves, causally; tiles entirely after this query tile are skipped.
     end = tl.minimum(q_len, m0 + BLOCK_M)
@@ -153,16 +162,8 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_table_ptr, ctx_l
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     table = block_table_ptr + b.to(tl.int64) * stride_bt
-    for start in range(lo, hi, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        n_mask = n < hi
-        blk = tl.load(table + n // PAGE, mask=n_mask, other=0).to(tl.int64)
-        kv = blk[:, None] * stride_cb + kvh * stride_ch + (n % PAGE)[:, None] * stride_cs + d[None, :]
-        k = tl.load(k_cache_ptr + kv, mask=n_mask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv, mask=n_mask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc, DOT_PRECISION)
+    m_i, l_i, acc = _paged_tiles(q, table, lo, hi, kvh, d, k_cache_ptr, v_cache_ptr, stride_cb, stride_ch, stride_cs,
+                                 scale_log2, m_i, l_i, acc, PAGE, BLOCK_N, DOT_PRECISION)
 
     # An empty split (its range starts past the context) leaves weight 0: lse = -inf, output 0.
     seen = l_i > 0

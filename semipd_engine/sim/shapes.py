@@ -11,12 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from semipd_engine.model.presets import PRESETS as _CPU_PRESETS
+from semipd_engine.model.spec import SUPPORTED_MODEL_TYPES
 
 # The built-in tokenizer's size (semipd_engine.tokenizer.BUILTIN_VOCAB_SIZE, special tokens included),
 # repeated so this package needs nothing of the engine but the preset table; a test checks they agree.
 BUILTIN_VOCAB_SIZE = 4096
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 
 
 @dataclass(frozen=True)
