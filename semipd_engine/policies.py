@@ -6,8 +6,9 @@
   then chunks of partly prefilled prompts, then new prompts, up to the budget.
 - `prefill_only`: chunked prefill that hands each request off once its prompt is
   done and its first token sampled (semi-PD's prefill worker, a DistServe prefill instance).
-- `decode_only`: continuous batching of adopted requests; requests it preempts are
-  evicted, back to a prefill worker for recompute (it cannot prefill).
+- `decode_only`: continuous batching of adopted requests, at most `max_num_seqs` at a time (the rest wait,
+  holding their blocks); requests it preempts are evicted, back to a prefill worker for recompute (it
+  cannot prefill).
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ class DecodeOnly(Scheduler):
     runs_prefill = False
 
     def _fill(self, batch: ScheduledBatch, now: float) -> None:
+        while self.parked and len(self.running) < self.max_num_seqs:  # a slot freed: the oldest adopted joins
+            self.running.append(self.parked.popleft())
         self._decodes(batch, now)
 
 

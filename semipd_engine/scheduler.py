@@ -95,6 +95,8 @@ class Scheduler:
         self.max_num_seqs, self.budget, self.max_model_len = max_num_seqs, max_num_batched_tokens, max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # Adopted (prefilled elsewhere) while `max_num_seqs` are running: they hold their blocks and wait here.
+        self.parked: deque[Request] = deque()
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
 
@@ -109,7 +111,10 @@ class Scheduler:
         """Take over a request prefilled elsewhere: its KV blocks are already in this worker's pool."""
         req.status = RequestStatus.RUNNING
         self.requests[req.request_id] = req
-        self.running.append(req)
+        if len(self.running) < self.max_num_seqs:
+            self.running.append(req)
+        else:
+            self.parked.append(req)
 
     def abort(self, request_id: str) -> bool:
         req = self.requests.get(request_id)
@@ -120,14 +125,16 @@ class Scheduler:
         return True
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.parked)
 
     def _drop(self, req: Request, free: bool = True) -> None:
         """Forget a request (finished, aborted, handed off or evicted); free its blocks unless they travel."""
-        if req.status is RequestStatus.RUNNING:
-            self.running.remove(req)
-        else:
+        if req.status is not RequestStatus.RUNNING:
             self.waiting.remove(req)
+        elif req in self.parked:
+            self.parked.remove(req)
+        else:
+            self.running.remove(req)
         self.requests.pop(req.request_id, None)
         if free and req.block_table:
             self.pool.free(req.block_table)

@@ -124,19 +124,21 @@ def calibrate(profile: str, model: str, dtype: str, out: Path, rates: str, workl
     data["serving"] = {"fixed_s": 0.0, "per_token_s": 0.0, "request_s": 0.0}
     Path(profile).write_text(json.dumps(data, indent=1))
     fit = {}
-    for it in range(3):  # overheads feed back into batching and queueing: refine a few times
+    for it in range(4):  # overheads feed back into batching and queueing: refine a few times
         simmed = {rate: run_job(o + sim, out / f"sim{it}_rate{rate}") for rate, o in runs.items()}
         # tokens streamed per iteration, from the simulation at the current fit
         per_iter = {rate: s["aggregates"]["output_token_throughput"] * s["aggregates"]["duration_s"]
                     / max(1, s["backend"]["iterations"]) for rate, s in simmed.items()}
         gap = {rate: real[rate]["tpot_s"]["p50"] - simmed[rate]["aggregates"]["tpot_s"]["p50"] for rate in runs}
-        # fixed + per_token * tokens_per_iteration closes the TPOT gap at both rates
-        b = (gap[hi] - gap[lo]) / (per_iter[hi] - per_iter[lo]) if per_iter[hi] != per_iter[lo] else 0.0
-        b = max(0.0, b)
-        a = max(0.0, gap[lo] - b * per_iter[lo])
+        # fixed + per_token * tokens_per_iteration closes the TPOT gap at both rates (a correction to the
+        # current fit: it may go down as well as up; the constants themselves stay >= 0)
+        db = (gap[hi] - gap[lo]) / (per_iter[hi] - per_iter[lo]) if per_iter[hi] != per_iter[lo] else 0.0
+        da = gap[lo] - db * per_iter[lo]
+        if it:  # damped after the first step: overheads feed back into batch sizes, which moves the gaps
+            da, db = da / 2, db / 2
         s_ = data["serving"]
-        s_["fixed_s"] += a
-        s_["per_token_s"] += b
+        s_["per_token_s"] = max(0.0, s_["per_token_s"] + db)
+        s_["fixed_s"] = max(0.0, s_["fixed_s"] + da)
         s_["request_s"] = max(0.0, s_["request_s"] + real[lo]["ttft_s"]["p50"]
                               - simmed[lo]["aggregates"]["ttft_s"]["p50"])
         Path(profile).write_text(json.dumps(data, indent=1))

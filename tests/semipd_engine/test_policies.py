@@ -112,3 +112,35 @@ def test_abort_frees_blocks_in_every_state():
 def test_unknown_policy_names_the_key():
     with pytest.raises(ValueError, match=r"engine\.policy.*chunked"):
         POLICIES.get("fifo")
+
+
+def test_decode_only_runs_at_most_max_num_seqs_and_parks_the_rest():
+    pool = BlockPool(64, 4)
+    dec = DecodeOnly(pool, 2, 64, 1000)
+    reqs = [_req(i, 4, out=3) for i in range(3)]
+    for r in reqs:
+        r.block_table = pool.try_allocate(2)
+        r.output_token_ids, r.num_computed_tokens = [7], 4
+        dec.adopt(r)
+    assert dec.running == reqs[:2] and list(dec.parked) == reqs[2:]
+    t = 0.0
+    while dec.has_work():
+        batch = dec.schedule(t)
+        assert len(batch.items) <= 2
+        dec.update(batch, ExecuteResult([(r, 7) for r, _ in batch.items], 0.01), t + 0.01)
+        t += 0.01
+    assert all(r.finish_reason.value == "length" for r in reqs) and pool.num_used == 0
+    assert reqs[2].times.tokens[0] > reqs[0].times.tokens[-1] - 1e-9  # it waited for a slot
+    assert dec.abort("r9") is False
+
+
+def test_aborting_a_parked_request_frees_its_blocks():
+    pool = BlockPool(64, 4)
+    dec = DecodeOnly(pool, 1, 64, 1000)
+    a, b = _req(0, 4), _req(1, 4)
+    for r in (a, b):
+        r.block_table = pool.try_allocate(2)
+        r.output_token_ids, r.num_computed_tokens = [7], 4
+        dec.adopt(r)
+    assert list(dec.parked) == [b] and pool.num_used == 4
+    assert dec.abort("r1") and not dec.parked and pool.num_used == 2 and dec.running == [a]
