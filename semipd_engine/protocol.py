@@ -10,7 +10,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from semipd_engine.request import SamplingParams
+from semipd_engine.request import MIN_TEMPERATURE, SamplingParams
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a 64-bit generator seed can hold
 
 
 class ApiError(Exception):
@@ -77,6 +79,8 @@ def parse_sampling(body: dict, prompt_len: int, max_model_len: int) -> tuple[Sam
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
         raise ApiError(f"'seed' must be an integer, got {seed!r}", "seed")
+    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+        raise ApiError(f"'seed' must be in [{SEED_MIN}, {SEED_MAX}] (a 64-bit seed), got {seed}", "seed")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -92,9 +96,12 @@ def parse_sampling(body: dict, prompt_len: int, max_model_len: int) -> tuple[Sam
     if not isinstance(opts, dict):
         raise ApiError("'stream_options' must be an object", "stream_options")
     include_usage = _bool(opts, "include_usage")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    if temperature < MIN_TEMPERATURE:
+        temperature = 0.0  # greedy: below the floor, logits / T would overflow (documented in the README)
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        temperature=temperature,
         top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
         top_k=top_k, seed=seed, ignore_eos=_bool(body, "ignore_eos"), stop=tuple(stop),
     )
