@@ -119,6 +119,14 @@ class Scheduler:
         req.status, req.finish_reason = RequestStatus.FINISHED, FinishReason.ABORT
         return True
 
+    def fail(self, req: Request, error: str, now: float) -> RequestOutput:
+        """A request the executor could not run: forget it, free its blocks, and say why."""
+        if self.requests.get(req.request_id) is req:
+            self._drop(req)
+        req.status, req.finish_reason = RequestStatus.FINISHED, FinishReason.ERROR
+        req.times.finished = now
+        return make_output(req, (), (), error=error)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
