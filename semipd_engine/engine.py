@@ -24,8 +24,9 @@ from typing import Any, Optional
 
 from semipd_engine.engine_client import EngineClient, PartitionControl
 from semipd_engine.factory import ModelState, build_state
+from semipd_engine.kv_cache import SharedBlockPool
 from semipd_engine.messages import SetShare
-from semipd_engine.partition import Partition, core_sets, machine_cores, resolve_backend
+from semipd_engine.partition import Partition, core_sets, machine_cores, resolve_backend, thread_counts
 from semipd_engine.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,18 @@ class SemiPDEngine(EngineClient):
             return None, None
         return core_sets(p, self.cores)
 
+    def _threads(self, p: Partition) -> tuple[int, int]:
+        """Thread pools per phase: `engine.num_threads` if set, else the share of the cores (`thread_counts`)."""
+        if self.engine_cfg.num_threads or self.backend != "cpu_affinity":
+            return self.engine_cfg.num_threads, self.engine_cfg.num_threads
+        return thread_counts(p, self.cores)
+
     def worker_specs(self) -> list[WorkerSpec]:
         p_cores, d_cores = self._cores(self.partition)
-        e = self.engine_cfg
-        return [WorkerSpec("prefill", "prefill_only", "prefill", p_cores, e.num_threads, pool="shared",
+        p_threads, d_threads = self._threads(self.partition)
+        return [WorkerSpec("prefill", "prefill_only", "prefill", p_cores, p_threads, pool="shared",
                            handoff="adopt", decode_peers=("decode",)),
-                WorkerSpec("decode", "decode_only", "decode", d_cores, e.num_threads, pool="shared",
+                WorkerSpec("decode", "decode_only", "decode", d_cores, d_threads, pool="shared",
                            handoff="adopt", prefill_peers=("prefill",))]
 
     def entry_worker(self, req) -> str:
@@ -71,6 +78,20 @@ class SemiPDEngine(EngineClient):
                  sum(p.numel() for p in self.shared.model.parameters()), self.shared.kv.num_blocks,
                  self.shared.kv.nbytes / 2**20)
 
+    def reset_shared(self) -> None:
+        """After a worker died: a fresh allocator (and lock) over the same weights and KV tensor.
+
+        Every request was failed and every worker killed, so no block is legitimately held; the
+        old allocator may have lost blocks with the dead worker's requests (or requests in transit
+        between the two), and its lock may be held by a process that no longer exists.
+        """
+        old = self.shared.pool
+        self.shared.pool = SharedBlockPool(old.num_blocks, old.block_size, self.engine_cfg.watermark,
+                                           self._ctx.Lock())
+        if old.num_used:
+            log.warning("semi-PD owner: %d KV blocks were held by requests of the replaced workers; "
+                        "the new allocator starts with all %d free", old.num_used, old.num_blocks)
+
     def worker_kwargs(self, spec: WorkerSpec) -> dict:
         return {"state": self.shared, "peers": dict(self._in_qs)}
 
@@ -79,16 +100,22 @@ class SemiPDEngine(EngineClient):
         """Switch the shares; each worker applies its own at its next iteration boundary."""
         if self.backend != "cpu_affinity":
             raise ValueError(f"partition backend {self.backend!r} cannot change shares at run time")
+        old = self.partition
         p_cores, d_cores = self._cores(p)
+        p_threads, d_threads = self._threads(p)
+        was = (self._cores(old), self._threads(old))
         now = time.monotonic()
-        if p.prefill_share != self.partition.prefill_share:
-            self._in_qs["prefill"].put(SetShare(p_cores, p.prefill_share, now))
-        if p.decode_share != self.partition.decode_share:
-            self._in_qs["decode"].put(SetShare(d_cores, p.decode_share, now))
-        self.partition = p
+        # A phase whose share is unchanged may still get fewer or more threads (the overlap changed).
+        if p.prefill_share != old.prefill_share or (was[0][0], was[1][0]) != (p_cores, p_threads):
+            self._send("prefill", SetShare(p_cores, p.prefill_share, now, p_threads))
+        if p.decode_share != old.decode_share or (was[0][1], was[1][1]) != (d_cores, d_threads):
+            self._send("decode", SetShare(d_cores, p.decode_share, now, d_threads))
+        self.partition = p  # replacement workers start with it too
         return self.describe()
 
     def describe(self) -> dict[str, Any]:
         p_cores, d_cores = self._cores(self.partition)
+        p_threads, d_threads = self._threads(self.partition)
         return {"prefill_share": self.partition.prefill_share, "decode_share": self.partition.decode_share,
-                "prefill_cores": p_cores, "decode_cores": d_cores, "backend": self.backend}
+                "prefill_cores": p_cores, "decode_cores": d_cores, "prefill_threads": p_threads,
+                "decode_threads": d_threads, "backend": self.backend}
