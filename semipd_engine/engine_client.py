@@ -229,6 +229,7 @@ class EngineClient:
         if gen != self._gen or self.state != "ready":
             return  # already handled, or the engine is stopping
         log.error("engine %s: %s", self.name, reason)
+        self._gen += 1  # from now on, whatever the failed generation still sends is dropped
         short = reason.strip().splitlines()[0]
         self._fail_all(f"engine worker failed: {short}")
         now = time.monotonic()
