@@ -10,7 +10,8 @@ worker, which reads the same blocks: no KV byte is copied.
 
 The partition can be changed while serving (`POST /partition`, or
 `set_partition` for the SLO-aware controller). On CPU a share is a core set and a
-thread count, so each worker applies a switch in place at its next iteration
+thread count (caps that overlap divide their cores: `partition.pinned_sets`), so each
+worker applies a switch in place at its next iteration
 boundary (delayed switching), independently of the other (asynchronous
 switching), with no new process: the stall is two syscalls (see
 docs/benchmarks.md for the measured figure).
@@ -26,7 +27,7 @@ from semipd_engine.engine_client import EngineClient, PartitionControl
 from semipd_engine.factory import ModelState, build_state
 from semipd_engine.kv_cache import SharedBlockPool
 from semipd_engine.messages import SetShare
-from semipd_engine.partition import Partition, core_sets, machine_cores, resolve_backend, thread_counts
+from semipd_engine.partition import Partition, machine_cores, pinned_sets, resolve_backend, thread_counts
 from semipd_engine.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -50,12 +51,13 @@ class SemiPDEngine(EngineClient):
 
     # -- composition ---------------------------------------------------------------
     def _cores(self, p: Partition) -> tuple[Any, Any]:
+        """Where each phase runs: its cap's cores, divided with the other phase's where the caps overlap."""
         if self.backend != "cpu_affinity":
             return None, None
-        return core_sets(p, self.cores)
+        return pinned_sets(p, self.cores)
 
     def _threads(self, p: Partition) -> tuple[int, int]:
-        """Thread pools per phase: `engine.num_threads` if set, else the share of the cores (`thread_counts`)."""
+        """Thread pools per phase: `engine.num_threads` if set, else one per core it runs on (`thread_counts`)."""
         if self.engine_cfg.num_threads or self.backend != "cpu_affinity":
             return self.engine_cfg.num_threads, self.engine_cfg.num_threads
         return thread_counts(p, self.cores)
@@ -101,15 +103,15 @@ class SemiPDEngine(EngineClient):
         if self.backend != "cpu_affinity":
             raise ValueError(f"partition backend {self.backend!r} cannot change shares at run time")
         old = self.partition
-        p_cores, d_cores = self._cores(p)
-        p_threads, d_threads = self._threads(p)
-        was = (self._cores(old), self._threads(old))
+        new_fit = list(zip(self._cores(p), self._threads(p)))
+        old_fit = list(zip(self._cores(old), self._threads(old)))
         now = time.monotonic()
-        # A phase whose share is unchanged may still get fewer or more threads (the overlap changed).
-        if p.prefill_share != old.prefill_share or (was[0][0], was[1][0]) != (p_cores, p_threads):
-            self._send("prefill", SetShare(p_cores, p.prefill_share, now, p_threads))
-        if p.decode_share != old.decode_share or (was[0][1], was[1][1]) != (d_cores, d_threads):
-            self._send("decode", SetShare(d_cores, p.decode_share, now, d_threads))
+        # A phase whose share is unchanged may still run on other cores (the overlap changed).
+        for i, (name, share, old_share) in enumerate([("prefill", p.prefill_share, old.prefill_share),
+                                                      ("decode", p.decode_share, old.decode_share)]):
+            if share != old_share or new_fit[i] != old_fit[i]:
+                cores, threads = new_fit[i]
+                self._send(name, SetShare(cores, share, now, threads))
         self.partition = p  # replacement workers start with it too
         return self.describe()
 

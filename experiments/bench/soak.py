@@ -320,7 +320,7 @@ def check(outcomes: list[Outcome], refs: list[str], url: str, request_log: Path,
           switches: list) -> tuple[list[str], dict]:
     """Everything the soak asserts; returns (problems, counts)."""
     problems: list[str] = []
-    n_engine = 0  # requests that reached the engine (valid ones the server accepted)
+    n_engine = len(refs)  # requests that reached the engine: the references, then valid ones the server accepted
     client_ids: set[str] = set()
     kinds = Counter()
     for o in outcomes:
