@@ -70,8 +70,12 @@ class EngineConfig:
     kv_cache_mb: int = 256
     # Admission keeps this fraction of the pool free for running decodes.
     watermark: float = 0.01
-    # Intra-op threads per worker; 0 = as many as the worker's cores.
+    # Intra-op threads per worker; 0 = as many as the worker's cores (semi-PD: its share of them where the
+    # two phases' core sets overlap, so the workers never run more threads than there are cores).
     num_threads: int = 0
+    # A worker that dies (crash, kill -9) fails the requests in flight and the engine replaces its workers;
+    # this many replacements are allowed within any 60 s (0 = a dead worker leaves the engine down).
+    max_worker_restarts: int = 5
     # semi-PD compute shares (percent caps of the device); used by semipd engines.
     prefill_share: int = 100
     decode_share: int = 100
@@ -106,6 +110,9 @@ class ServerConfig:
     request_log: Optional[str] = None
     served_model_name: Optional[str] = None
     log_level: str = "INFO"
+    # Require `Authorization: Bearer <api_key>` on every endpoint but /health and /metrics (default: the
+    # SEMIPD_API_KEY environment variable, else none). Binding a non-loopback host without one logs a warning.
+    api_key: Optional[str] = None
 
 
 @dataclass

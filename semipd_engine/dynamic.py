@@ -78,9 +78,10 @@ class DynamicSemiPDEngine(SemiPDEngine):
                 "decode_share": self.partition.decode_share, "reason": reason}
 
     async def _control_loop(self) -> None:
-        while self.ready:
+        while self.state not in ("stopping", "dead"):
             await asyncio.sleep(self.engine_cfg.control_window_s)
-            self.control_step()
+            if self.ready:  # a window that spans a worker restart is still one window
+                self.control_step()
 
     def control_step(self) -> dict:
         now = time.monotonic()

@@ -10,7 +10,8 @@ worker, which reads the same blocks: no KV byte is copied.
 
 The partition can be changed while serving (`POST /partition`, or
 `set_partition` for the SLO-aware controller). On CPU a share is a core set and a
-thread count, so each worker applies a switch in place at its next iteration
+thread count (caps that overlap divide their cores: `partition.pinned_sets`), so each
+worker applies a switch in place at its next iteration
 boundary (delayed switching), independently of the other (asynchronous
 switching), with no new process: the stall is two syscalls (see
 docs/benchmarks.md for the measured figure).
@@ -24,8 +25,9 @@ from typing import Any, Optional
 
 from semipd_engine.engine_client import EngineClient, PartitionControl
 from semipd_engine.factory import ModelState, build_state
+from semipd_engine.kv_cache import SharedBlockPool
 from semipd_engine.messages import SetShare
-from semipd_engine.partition import Partition, core_sets, machine_cores, resolve_backend
+from semipd_engine.partition import Partition, machine_cores, pinned_sets, resolve_backend, thread_counts
 from semipd_engine.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -49,16 +51,23 @@ class SemiPDEngine(EngineClient):
 
     # -- composition ---------------------------------------------------------------
     def _cores(self, p: Partition) -> tuple[Any, Any]:
+        """Where each phase runs: its cap's cores, divided with the other phase's where the caps overlap."""
         if self.backend != "cpu_affinity":
             return None, None
-        return core_sets(p, self.cores)
+        return pinned_sets(p, self.cores)
+
+    def _threads(self, p: Partition) -> tuple[int, int]:
+        """Thread pools per phase: `engine.num_threads` if set, else one per core it runs on (`thread_counts`)."""
+        if self.engine_cfg.num_threads or self.backend != "cpu_affinity":
+            return self.engine_cfg.num_threads, self.engine_cfg.num_threads
+        return thread_counts(p, self.cores)
 
     def worker_specs(self) -> list[WorkerSpec]:
         p_cores, d_cores = self._cores(self.partition)
-        e = self.engine_cfg
-        return [WorkerSpec("prefill", "prefill_only", "prefill", p_cores, e.num_threads, pool="shared",
+        p_threads, d_threads = self._threads(self.partition)
+        return [WorkerSpec("prefill", "prefill_only", "prefill", p_cores, p_threads, pool="shared",
                            handoff="adopt", decode_peers=("decode",)),
-                WorkerSpec("decode", "decode_only", "decode", d_cores, e.num_threads, pool="shared",
+                WorkerSpec("decode", "decode_only", "decode", d_cores, d_threads, pool="shared",
                            handoff="adopt", prefill_peers=("prefill",))]
 
     def entry_worker(self, req) -> str:
@@ -71,6 +80,20 @@ class SemiPDEngine(EngineClient):
                  sum(p.numel() for p in self.shared.model.parameters()), self.shared.kv.num_blocks,
                  self.shared.kv.nbytes / 2**20)
 
+    def reset_shared(self) -> None:
+        """After a worker died: a fresh allocator (and lock) over the same weights and KV tensor.
+
+        Every request was failed and every worker killed, so no block is legitimately held; the
+        old allocator may have lost blocks with the dead worker's requests (or requests in transit
+        between the two), and its lock may be held by a process that no longer exists.
+        """
+        old = self.shared.pool
+        self.shared.pool = SharedBlockPool(old.num_blocks, old.block_size, self.engine_cfg.watermark,
+                                           self._ctx.Lock())
+        if old.num_used:
+            log.warning("semi-PD owner: %d KV blocks were held by requests of the replaced workers; "
+                        "the new allocator starts with all %d free", old.num_used, old.num_blocks)
+
     def worker_kwargs(self, spec: WorkerSpec) -> dict:
         return {"state": self.shared, "peers": dict(self._in_qs)}
 
@@ -79,16 +102,22 @@ class SemiPDEngine(EngineClient):
         """Switch the shares; each worker applies its own at its next iteration boundary."""
         if self.backend != "cpu_affinity":
             raise ValueError(f"partition backend {self.backend!r} cannot change shares at run time")
-        p_cores, d_cores = self._cores(p)
+        old = self.partition
+        new_fit = list(zip(self._cores(p), self._threads(p)))
+        old_fit = list(zip(self._cores(old), self._threads(old)))
         now = time.monotonic()
-        if p.prefill_share != self.partition.prefill_share:
-            self._in_qs["prefill"].put(SetShare(p_cores, p.prefill_share, now))
-        if p.decode_share != self.partition.decode_share:
-            self._in_qs["decode"].put(SetShare(d_cores, p.decode_share, now))
-        self.partition = p
+        # A phase whose share is unchanged may still run on other cores (the overlap changed).
+        for i, (name, share, old_share) in enumerate([("prefill", p.prefill_share, old.prefill_share),
+                                                      ("decode", p.decode_share, old.decode_share)]):
+            if share != old_share or new_fit[i] != old_fit[i]:
+                cores, threads = new_fit[i]
+                self._send(name, SetShare(cores, share, now, threads))
+        self.partition = p  # replacement workers start with it too
         return self.describe()
 
     def describe(self) -> dict[str, Any]:
         p_cores, d_cores = self._cores(self.partition)
+        p_threads, d_threads = self._threads(self.partition)
         return {"prefill_share": self.partition.prefill_share, "decode_share": self.partition.decode_share,
-                "prefill_cores": p_cores, "decode_cores": d_cores, "backend": self.backend}
+                "prefill_cores": p_cores, "decode_cores": d_cores, "prefill_threads": p_threads,
+                "decode_threads": d_threads, "backend": self.backend}

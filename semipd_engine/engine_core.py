@@ -12,12 +12,15 @@ builds a core over a real model.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
 from semipd_engine.clock import WALL, Clock
 from semipd_engine.request import Request, SamplingParams, Timestamps
 from semipd_engine.scheduler import EMPTY_RESULT, ExecuteResult, ScheduledBatch, Scheduler, StepOutcome
+
+log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
@@ -66,8 +69,49 @@ class EngineCore:
 
     def step(self) -> StepOutcome:
         batch = self.scheduler.schedule(self.clock.now())
-        result = self.executor.execute(batch) if batch else EMPTY_RESULT
+        if not batch:
+            return self.scheduler.update(batch, EMPTY_RESULT, self.clock.now())
+        rng = [req.rng_state for req, _ in batch.items]
+        try:
+            result = self.executor.execute(batch)
+        except Exception as e:  # one request must not take the engine down: contain it
+            return self._contain(batch, rng, e)
         return self.scheduler.update(batch, result, self.clock.now())
+
+    def _contain(self, batch: ScheduledBatch, rng: list, error: Exception) -> StepOutcome:
+        """The executor raised on `batch`: find the requests that fail on their own, fail them, keep the rest.
+
+        Every item runs again alone (an iteration only writes each request's own KV slots, so a
+        re-run writes the same bytes; sampling states are restored first, so seeded streams stay
+        reproducible). Items that still raise are failed with the error and their blocks freed;
+        the others' tokens count as this iteration's. A systematic fault fails the whole batch.
+        """
+        log.warning("iteration of %d requests failed (%s: %s); isolating", len(batch.items),
+                    type(error).__name__, error, exc_info=error)
+        good: list[tuple[Request, int]] = []
+        sampled: list[tuple[Request, int]] = []
+        failed: list[tuple[Request, Exception]] = []
+        duration = 0.0
+        for (req, n), state in zip(batch.items, rng):
+            req.rng_state = state
+            if len(batch.items) == 1:
+                failed.append((req, error))
+                break
+            try:
+                res = self.executor.execute(ScheduledBatch([(req, n)]))
+            except Exception as e:
+                req.rng_state = state
+                failed.append((req, e))
+                continue
+            good.append((req, n))
+            sampled += res.sampled
+            duration += res.duration_s
+        now = self.clock.now()
+        outcome = self.scheduler.update(ScheduledBatch(good, batch.preempted), ExecuteResult(sampled, duration), now)
+        for req, e in failed:
+            log.error("request %s failed in the engine: %s: %s", req.request_id, type(e).__name__, e)
+            outcome.outputs.append(self.scheduler.fail(req, f"{type(e).__name__}: {e}", now))
+        return outcome
 
     def stats(self, outcome: StepOutcome | None = None) -> IterationStats:
         """Pool and queue state after an iteration (or, without one, as an "idle" snapshot)."""

@@ -40,6 +40,7 @@ class SetShare:
     cores: tuple[int, ...]
     share: int
     sent_at: float
+    num_threads: int = 0  # 0 = one per core; fewer where the other phase's core set overlaps
 
 
 @dataclass(frozen=True)
@@ -99,3 +100,14 @@ class KVTransferred:
 class WorkerFailed:
     worker: str
     traceback: str
+
+
+# -- from the engine client to the server (events, not crossing a process boundary) --------------------
+@dataclass(frozen=True)
+class WorkersRestarted:
+    """The engine replaced its workers after one failed; in-flight requests were failed."""
+
+    reason: str
+    seconds: float  # from noticing the failure to every new worker ready
+    restarts: int  # since the engine started
+    worker_info: dict[str, dict[str, Any]]

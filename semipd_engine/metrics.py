@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from semipd_engine.messages import KVTransferred, ShareSwitched
+from semipd_engine.messages import KVTransferred, ShareSwitched, WorkersRestarted
 from semipd_engine.slo_partitioner import Decision
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0,
@@ -38,6 +38,10 @@ class EngineMetrics:
                                           registry=r)
         self.kv_blocks_peak = Gauge("kv_blocks_used_peak", "Most KV blocks allocated at once", ["instance"],
                                     registry=r)
+        self.worker_restarts = Counter("worker_restarts", "Times the engine replaced its workers after one died",
+                                       registry=r)
+        self.worker_restart_time = Histogram("worker_restart_seconds", "From a worker's death to its replacements "
+                                             "being ready", buckets=(0.5, 1, 2, 3, 5, 10, 20, 60), registry=r)
         self._preempt_seen: dict[str, int] = {}
         self._peaks: dict[str, int] = {}
         self.pool_label = lambda worker: worker
@@ -83,8 +87,13 @@ class EngineMetrics:
         elif isinstance(event, KVTransferred):
             self.kv_transfer_bytes.inc(event.nbytes)
             self.kv_transfer_time.observe(event.seconds)
+        elif isinstance(event, WorkersRestarted):
+            self.worker_restarts.inc()
+            self.worker_restart_time.observe(event.seconds)
+            self.engine_ready(event.worker_info)  # new workers, empty pools and queues
 
     def engine_ready(self, worker_info: dict[str, dict]) -> None:
+        self._preempt_seen.clear()  # new worker processes count from zero
         for worker, info in worker_info.items():
             self.kv_blocks_total.labels(self.pool_label(worker)).set(info["kv_blocks_total"])
             self.kv_blocks_used.labels(self.pool_label(worker)).set(0)

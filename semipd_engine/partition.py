@@ -4,10 +4,16 @@ A partition is (x, y): the prefill and decode workers' percentage caps of the
 device. They are caps, so x + y may exceed 100; (100, 100) is uncapped.
 
 Backends:
-- `cpu_affinity` (default off-GPU): prefill gets round(x% of the cores) from the
-  front, decode round(y%) from the back, at least one each; the worker pins itself
-  with `os.sched_setaffinity` and sizes torch's thread pool to match. Changing a
+- `cpu_affinity` (default off-GPU): prefill's cap is round(x% of the cores) from the
+  front, decode's round(y%) from the back, at least one each; the worker pins itself
+  with `os.sched_setaffinity` and sizes torch's thread pool to its cores. Changing a
   share is two syscalls at an iteration boundary, so a switch needs no new process.
+  Where the caps overlap (x + y > 100), two thread pools on the same cores thrash:
+  spinning OpenMP threads that lose their core stall every barrier (measured: (100, 100)
+  ran ~11x slower than (50, 50) on 2 cores). So the cores of both caps are divided in
+  proportion to the caps (`thread_counts`, the way MPS divides SMs between clients
+  whose caps add past 100% while both run) and each worker is pinned to its part
+  (`pinned_sets`): the pools together never outnumber the cores.
 - `green_context` / `mps` (CUDA): SM shares. Not implemented yet: asking for
   them logs why and falls back to uncapped (`none`), as does `auto` on a GPU.
 """
@@ -48,6 +54,35 @@ def core_sets(p: Partition, cores: Sequence[int]) -> tuple[tuple[int, ...], tupl
     n_prefill = min(n, max(1, round(p.prefill_share / 100 * n)))
     n_decode = min(n, max(1, round(p.decode_share / 100 * n)))
     return tuple(cores[:n_prefill]), tuple(cores[n - n_decode :])
+
+
+def thread_counts(p: Partition, cores: Sequence[int]) -> tuple[int, int]:
+    """(prefill threads, decode threads) for partition `p` over `cores`: never more threads than cores."""
+    pre, dec = core_sets(p, cores)
+    union = len(set(pre) | set(dec))
+    if len(pre) + len(dec) <= union:  # disjoint: one thread per core
+        return len(pre), len(dec)
+    scale = union / (len(pre) + len(dec))
+    tp, td = max(1, round(len(pre) * scale)), max(1, round(len(dec) * scale))
+    while tp + td > max(union, 2):  # rounding: take from the larger
+        if tp >= td:
+            tp -= 1
+        else:
+            td -= 1
+    return tp, td
+
+
+def pinned_sets(p: Partition, cores: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The core sets the workers run on: their caps (`core_sets`), or where the caps overlap, the cores of
+    both divided as `thread_counts` says, prefill from the front and decode from the back."""
+    pre, dec = core_sets(p, cores)
+    union = sorted(set(pre) | set(dec))
+    if len(pre) + len(dec) <= len(union):
+        return pre, dec
+    tp, td = thread_counts(p, cores)
+    if tp + td > len(union):  # one core: nothing to divide
+        return pre, dec
+    return tuple(union[:tp]), tuple(union[len(union) - td :])
 
 
 def _cpu_affinity(device: str) -> str | None:

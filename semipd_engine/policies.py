@@ -46,7 +46,9 @@ class PrefillOnly(Scheduler):
     hands_off = True
 
     def _fill(self, batch: ScheduledBatch, now: float) -> None:
-        budget = self._continue_prefills(batch, self.budget)
+        # Everything running here is mid-prompt (a request leaves with its first token), including a
+        # recompute with one token left, which would otherwise look like a decode and never run.
+        budget = self._continue_prefills(batch, self.budget, skip_decodes=False)
         self._admit(batch, budget, chunk=True)
 
     def _after_token(self, req: Request, out: StepOutcome) -> None:

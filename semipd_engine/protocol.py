@@ -1,16 +1,22 @@
-"""OpenAI request validation -> (prompt ids, SamplingParams), and response shapes.
+"""OpenAI request validation -> (prompt, SamplingParams), and response shapes.
 
 Every rejection is an `ApiError` that the server turns into an HTTP status and
-an OpenAI-style body: {"error": {"message", "type", "param", "code"}}.
+an OpenAI-style body: {"error": {"message", "type", "param", "code"}}. Nothing
+here trusts the body: JSON nesting is bounded, text must be valid Unicode, and a
+text prompt too long to fit the context is refused before it is tokenized.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from semipd_engine.request import SamplingParams
+from semipd_engine.request import MIN_TEMPERATURE, SamplingParams
+
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what a 64-bit generator seed can hold
+MAX_JSON_DEPTH = 64  # no request of this API nests deeper than 4
 
 
 class ApiError(Exception):
@@ -29,6 +35,52 @@ class ParsedRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+
+
+def parse_json_body(raw: bytes, charset: Optional[str] = None) -> Any:
+    """Decode a request body (its Content-Type charset, default UTF-8) and parse it as JSON, depth-bounded."""
+    charset = charset or "utf-8"
+    try:
+        text = raw.decode(charset)
+    except LookupError:
+        raise ApiError(f"unknown charset {charset!r} in the Content-Type header", code="unsupported_charset") from None
+    except UnicodeDecodeError as e:
+        raise ApiError(f"request body is not valid {charset}: {e.reason} at byte {e.start}") from None
+    deep = text.count("[") + text.count("{") > MAX_JSON_DEPTH  # only then can it nest too deep
+    try:
+        body = json.loads(text)
+    except RecursionError:
+        body, deep = None, True
+    except ValueError as e:
+        raise ApiError(f"request body is not valid JSON: {e}") from None
+    if deep and (body is None or _depth_exceeds(body, MAX_JSON_DEPTH)):
+        raise ApiError(f"request body nests JSON deeper than {MAX_JSON_DEPTH} levels") from None
+    return body
+
+
+def _depth_exceeds(obj: Any, limit: int) -> bool:
+    stack = [(obj, 1)]
+    while stack:  # iterative: a deep body must not recurse the checker either
+        o, d = stack.pop()
+        if d > limit:
+            return True
+        children = o.values() if isinstance(o, dict) else o
+        stack.extend((c, d + 1) for c in children if isinstance(c, (dict, list)))
+    return False
+
+
+def utf8_len(text: str, param: str) -> int:
+    """Bytes of `text` in UTF-8; a 400 naming `param` when it is not valid Unicode (a lone surrogate)."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise ApiError(f"'{param}' is not valid Unicode: lone surrogate {text[e.start]!r} at character {e.start}",
+                       param) from None
+
+
+def _too_long(nbytes: int, max_bytes: int, max_model_len: int, param: str) -> ApiError:
+    return ApiError(f"'{param}' is {nbytes} bytes of text, more than {max_model_len} tokens (the context limit) "
+                    f"can hold", param, code="context_length_exceeded")
 
 
 def _is_int(x) -> bool:
@@ -77,6 +129,8 @@ def parse_sampling(body: dict, prompt_len: int, max_model_len: int) -> tuple[Sam
     seed = body.get("seed")
     if seed is not None and not _is_int(seed):
         raise ApiError(f"'seed' must be an integer, got {seed!r}", "seed")
+    if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+        raise ApiError(f"'seed' must be in [{SEED_MIN}, {SEED_MAX}] (a 64-bit seed), got {seed}", "seed")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -84,6 +138,8 @@ def parse_sampling(body: dict, prompt_len: int, max_model_len: int) -> tuple[Sam
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise ApiError("'stop' must be a non-empty string or a list of non-empty strings", "stop")
+    for s in stop:
+        utf8_len(s, "stop")
     n = body.get("n", 1)
     if n is not None and n != 1:
         raise ApiError("only n=1 is supported", "n")
@@ -92,16 +148,20 @@ def parse_sampling(body: dict, prompt_len: int, max_model_len: int) -> tuple[Sam
     if not isinstance(opts, dict):
         raise ApiError("'stream_options' must be an object", "stream_options")
     include_usage = _bool(opts, "include_usage")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    if temperature < MIN_TEMPERATURE:
+        temperature = 0.0  # greedy: below the floor, logits / T would overflow (documented in the README)
     params = SamplingParams(
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        temperature=temperature,
         top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
         top_k=top_k, seed=seed, ignore_eos=_bool(body, "ignore_eos"), stop=tuple(stop),
     )
     return params, stream, include_usage
 
 
-def parse_prompt(body: dict, tokenizer, vocab_size: int) -> list[int]:
+def parse_prompt(body: dict, vocab_size: int, max_bytes: int, max_model_len: int) -> str | list[int]:
+    """The prompt: text to tokenize (valid Unicode, short enough to possibly fit), or checked token ids."""
     if "prompt" not in body:
         raise ApiError("'prompt' is required", "prompt")
     prompt = body["prompt"]
@@ -110,7 +170,10 @@ def parse_prompt(body: dict, tokenizer, vocab_size: int) -> list[int]:
     if isinstance(prompt, str):
         if not prompt:
             raise ApiError("'prompt' must not be empty", "prompt")
-        return tokenizer.encode(prompt)
+        n = utf8_len(prompt, "prompt")
+        if n > max_bytes:
+            raise _too_long(n, max_bytes, max_model_len, "prompt")
+        return prompt
     if isinstance(prompt, list):
         if not prompt:
             raise ApiError("'prompt' must not be empty", "prompt")
@@ -124,16 +187,25 @@ def parse_prompt(body: dict, tokenizer, vocab_size: int) -> list[int]:
     raise ApiError(f"'prompt' must be a string or a list of token ids, got {type(prompt).__name__}", "prompt")
 
 
-def parse_messages(body: dict, tokenizer) -> list[int]:
+def parse_messages(body: dict, has_chat_template: bool, max_bytes: int, max_model_len: int) -> list[dict]:
+    """Chat messages, checked: role and content strings of valid Unicode, short enough to possibly fit."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise ApiError("'messages' must be a non-empty list", "messages")
+    total = 0
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ApiError(f"messages[{i}] must be an object with string 'role' and 'content'", f"messages[{i}]")
-    if not getattr(tokenizer, "chat_template", None):
+        total += utf8_len(m["role"], f"messages[{i}].role") + utf8_len(m["content"], f"messages[{i}].content")
+    if total > max_bytes:
+        raise _too_long(total, max_bytes, max_model_len, "messages")
+    if not has_chat_template:
         raise ApiError("this model's tokenizer has no chat template; use /v1/completions", "messages")
-    ids = tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def chat_token_ids(tokenizer, messages: list[dict]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return list(ids)

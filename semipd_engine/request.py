@@ -13,6 +13,12 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
+# Below this temperature sampling is greedy: logits / T overflows float32 long before T reaches 0
+# (any |logit| > 3.4e38 * T is inf), and the distribution is a point mass well above it anyway.
+MIN_TEMPERATURE = 1e-5
+# Per-request seeds feed a 64-bit generator: seeds are reduced modulo 2**64 (the API accepts [-2**63, 2**64)).
+SEED_MODULUS = 2**64
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -27,7 +33,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 class RequestStatus(enum.Enum):

@@ -124,6 +124,14 @@ class Scheduler:
         req.status, req.finish_reason = RequestStatus.FINISHED, FinishReason.ABORT
         return True
 
+    def fail(self, req: Request, error: str, now: float) -> RequestOutput:
+        """A request the executor could not run: forget it, free its blocks, and say why."""
+        if self.requests.get(req.request_id) is req:
+            self._drop(req)
+        req.status, req.finish_reason = RequestStatus.FINISHED, FinishReason.ERROR
+        req.times.finished = now
+        return make_output(req, (), (), error=error)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.parked)
 
@@ -220,11 +228,13 @@ class Scheduler:
             i += 1
         return scheduled
 
-    def _continue_prefills(self, batch: ScheduledBatch, budget: int) -> int:
+    def _continue_prefills(self, batch: ScheduledBatch, budget: int, skip_decodes: bool = True) -> int:
+        """Chunks of partly computed prompts. A recompute whose last chunk is one token looks like a decode:
+        policies that schedule decodes themselves skip those (`skip_decodes`), a prefill-only one must not."""
         for req in self.running:
             if budget <= 0:
                 break
-            if not req.in_decode and req.num_remaining > 0:
+            if req.num_remaining > 0 and not (skip_decodes and req.in_decode):
                 n = min(req.num_remaining, budget)
                 batch.items.append((req, n))
                 budget -= n

@@ -9,9 +9,12 @@ Engines whose phases run in separate workers give each worker shared memory
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import queue
+import signal
+import sys
 import time
 import traceback
 from collections import OrderedDict
@@ -50,8 +53,31 @@ class WorkerSpec:
     prefill_peers: tuple[str, ...] = ()  # where evicted requests go back to
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: Optional[int]) -> None:
+    """Make sure this process does not outlive the one that started it (the server).
+
+    On Linux the kernel sends SIGKILL when the parent goes, whatever killed it (even kill -9,
+    which runs no cleanup). The worker loop also compares os.getppid() with `parent_pid` (other
+    platforms, and a parent that died before prctl ran).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+                log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+        except (OSError, AttributeError) as e:
+            log.warning("prctl unavailable (%s): relying on the parent liveness check", e)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)  # the parent is already gone
+
+
 def worker_main(spec: WorkerSpec, model_cfg, engine_cfg, in_q, out_q, state=None,
-                peers: Optional[dict[str, Any]] = None, sources: Optional[dict[str, Any]] = None) -> None:
+                peers: Optional[dict[str, Any]] = None, sources: Optional[dict[str, Any]] = None,
+                parent_pid: Optional[int] = None) -> None:
+    die_with_parent(parent_pid)
     import torch
 
     from semipd_engine.factory import build_core
@@ -72,16 +98,18 @@ def worker_main(spec: WorkerSpec, model_cfg, engine_cfg, in_q, out_q, state=None
             kwargs = {"copy": copy} if spec.handoff == "transfer" else {}
             handoff = HANDOFFS.get(spec.handoff)(spec.name, core.pool, lambda peer, m: peers[peer].put(m), **kwargs)
         out_q.put(WorkerReady(spec.name, info))
-        Worker(spec, core, in_q, out_q, peers, handoff).loop()
+        Worker(spec, core, in_q, out_q, peers, handoff, parent_pid).loop()
     except Exception:
         out_q.put(WorkerFailed(spec.name, traceback.format_exc()))
         raise
 
 
 class Worker:
-    def __init__(self, spec: WorkerSpec, core, in_q, out_q, peers: dict[str, Any], handoff: Optional[Handoff]):
+    def __init__(self, spec: WorkerSpec, core, in_q, out_q, peers: dict[str, Any], handoff: Optional[Handoff],
+                 parent_pid: Optional[int] = None):
         self.spec, self.core, self.in_q, self.out_q, self.peers = spec, core, in_q, out_q, peers
         self.handoff = handoff
+        self.parent_pid = parent_pid
         self._rr = 0
         # Requests aborted while in transit between workers are dropped on arrival.
         self.aborted: OrderedDict[str, None] = OrderedDict()
@@ -94,6 +122,9 @@ class Worker:
 
     def loop(self) -> None:
         while True:
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.warning("the server (pid %d) is gone: exiting", self.parent_pid)
+                return
             # Block only when idle, so a busy worker never waits on its inbox.
             try:
                 msg = self.in_q.get(timeout=0.05) if not self.busy() else self.in_q.get_nowait()
@@ -151,7 +182,7 @@ class Worker:
 
     def on_share(self, msg: SetShare) -> bool:
         t0 = time.monotonic()
-        applied = apply_share("cpu_affinity", msg.cores)
+        applied = apply_share("cpu_affinity", msg.cores, msg.num_threads)
         t1 = time.monotonic()
         self.out_q.put(ShareSwitched(self.spec.name, self.spec.role, msg.share, applied, t1 - t0, t1 - msg.sent_at))
         return False

@@ -50,7 +50,8 @@ def main() -> None:
                 for i in range(args.switches):
                     x, y = shares[i % len(shares)]
                     req = urllib.request.Request(srv.url + "/partition", method="POST",
-                                                 data=json.dumps({"prefill_share": x, "decode_share": y}).encode())
+                                                 data=json.dumps({"prefill_share": x, "decode_share": y}).encode(),
+                                                 headers={"Content-Type": "application/json"})
                     switch_times.append(time.monotonic())
                     urllib.request.urlopen(req, timeout=10).read()
                     time.sleep(args.interval)

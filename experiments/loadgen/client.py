@@ -177,7 +177,8 @@ class LoadGenerator:
             gc.unfreeze()
 
     async def _run(self, planned, records, conn, timeout, progress) -> list[Record]:
-        async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+        async with aiohttp.ClientSession(connector=conn, timeout=timeout,
+                                         headers=auth_headers(self.lcfg.api_key)) as session:
             await self._prewarm(session)
             monitor = asyncio.create_task(self._lag_monitor())
             tasks: list[asyncio.Task] = []
@@ -271,10 +272,17 @@ def to_frame(records: list[Record], planned: list[Planned], t0: float) -> pd.Dat
     return pd.DataFrame(rows)
 
 
-async def fetch_model(base_url: str) -> str:
+def auth_headers(api_key: Optional[str]) -> dict[str, str]:
+    """`Authorization: Bearer` for servers that require a key (`loadgen.api_key`, else $SEMIPD_API_KEY)."""
+    key = api_key or os.environ.get("SEMIPD_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+async def fetch_model(base_url: str, api_key: Optional[str] = None) -> str:
     url = base_url.rstrip("/") + "/v1/models"
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10),
+                                         headers=auth_headers(api_key)) as s:
             async with s.get(url) as r:
                 if r.status != 200:
                     raise LoadgenError(f"{url} answered HTTP {r.status}")
@@ -306,7 +314,7 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
         tok = load_tokenizer(None if lcfg.tokenizer == "builtin" else lcfg.tokenizer)
     workload = load_workload(wcfg, tok)  # fails on a bad file before anything is sent
     planned = plan(workload, wcfg, lcfg, tok)
-    model = lcfg.model or _run(fetch_model(lcfg.base_url))
+    model = lcfg.model or _run(fetch_model(lcfg.base_url, lcfg.api_key))
     gen = LoadGenerator(lcfg, wcfg, model)
     progress = None
     if lcfg.progress:

@@ -78,6 +78,8 @@ class LoadgenConfig:
     # Sleep until this long before a send, then yield to the event loop until its exact time.
     dispatch_spin_s: float = 0.0015
     max_connections: int = 0  # 0 = unlimited
+    # Sent as `Authorization: Bearer <key>` (servers started with an API key; default $SEMIPD_API_KEY).
+    api_key: Optional[str] = None
 
 
 @dataclass

@@ -130,3 +130,51 @@ def test_a_policy_runs_on_a_fake_clock_without_torch():
     # budget 16: r0 prefills over iterations 1-2, r1 and r2 share iterations 2-4; then one token per iteration
     assert times[0] == [0.5, 0.75, 1.0, 1.25]
     assert all(t == sorted(t) and len(t) == 4 for t in times)
+
+
+class Poisoned:
+    """Raises on any batch holding one of `bad` (or on every batch when `bad` is None)."""
+
+    def __init__(self, bad):
+        self.bad = bad
+
+    def execute(self, batch):
+        if self.bad is None or any(r.request_id in self.bad for r, _ in batch.items):
+            raise FloatingPointError("probability tensor contains inf/nan")
+        return FakeExecutor().execute(batch)
+
+
+@pytest.mark.parametrize("policy", ["prefill_priority", "chunked"])
+def test_a_failing_request_fails_alone_and_the_core_goes_on(policy):
+    core = EngineCore(POLICIES.get(policy)(BlockPool(24, 4), 4, 16, 256), Poisoned({"r1", "r4"}), VirtualClock())
+    reqs = _requests()
+    for r in reqs:
+        core.add_request(r)
+    errors = {}
+    for _ in range(200):
+        if not core.has_work():
+            break
+        for out in core.step().outputs:
+            if out.error:
+                errors[out.request_id] = out
+    assert set(errors) == {"r1", "r4"}
+    assert all(o.finished and o.finish_reason == "error" and "inf/nan" in o.error for o in errors.values())
+    for r in reqs:
+        if r.request_id in errors:
+            assert r.finish_reason.value == "error" and not r.block_table
+        else:
+            assert len(r.output_token_ids) == r.params.max_tokens and r.finish_reason.value == "length"
+    assert core.pool.num_used == 0 and not core.has_work()
+
+
+def test_a_systematic_fault_fails_every_request_and_frees_every_block():
+    core = EngineCore(POLICIES.get("chunked")(BlockPool(24, 4), 4, 16, 256), Poisoned(None), VirtualClock())
+    for r in _requests():
+        core.add_request(r)
+    failed = set()
+    for _ in range(50):
+        if not core.has_work():
+            break
+        failed |= {o.request_id for o in core.step().outputs if o.error}
+    assert failed == {f"r{i}" for i in range(len(ARRIVALS))}
+    assert core.pool.num_used == 0 and not core.has_work()

@@ -144,3 +144,55 @@ def test_aborting_a_parked_request_frees_its_blocks():
         dec.adopt(r)
     assert list(dec.parked) == [b] and pool.num_used == 4
     assert dec.abort("r1") and not dec.parked and pool.num_used == 2 and dec.running == [a]
+
+
+def _phase_split_run(prefill_cls, n_requests=40, every=2):
+    """semi-PD's flow in process: a prefill and a decode worker over one small pool, arrivals faster than
+    the pool drains. Returns the requests, the number of evictions, and how often a fresh request was
+    admitted while a request evicted for recompute was left waiting (overtaken)."""
+    clock = VirtualClock()
+    pool = BlockPool(24, 4)
+    pre = EngineCore(prefill_cls(pool, 8, 16, 1000), FakeExecutor(clock), clock)
+    dec = EngineCore(DecodeOnly(pool, 8, 16, 1000), FakeExecutor(clock), clock)
+    reqs = [_req(i, 8, out=24) for i in range(n_requests)]
+    evictions = overtaken = 0
+    for it in range(5000):
+        if it % every == 0 and it // every < n_requests:
+            pre.add_request(reqs[it // every])
+        waiting = list(pre.scheduler.waiting)
+        out = pre.step()
+        still = set(map(id, pre.scheduler.waiting))
+        fresh_admitted = any(id(r) not in still and not r.times.preemptions for r in waiting)
+        evicted_left = any(id(r) in still and r.times.preemptions for r in waiting)
+        overtaken += fresh_admitted and evicted_left
+        for r in out.handoffs:
+            dec.adopt(r)
+        for r in dec.step().evicted:
+            evictions += 1
+            pre.scheduler.add(r)
+        if it // every >= n_requests and not (pre.has_work() or dec.has_work()):
+            break
+    return reqs, evictions, overtaken
+
+
+def test_preempted_requests_are_not_starved_under_memory_pressure():
+    reqs, evictions, overtaken = _phase_split_run(PrefillOnly)
+    assert evictions >= 5, "the scenario must put the pool under pressure"
+    # every request completes: a recompute whose last chunk is one token used to look like a decode and
+    # sit in the prefill worker forever, holding its blocks
+    assert all(len(r.output_token_ids) == 24 for r in reqs)
+    assert overtaken == 0, "a request evicted for recompute was overtaken by a newer one"
+    e2e = {r.request_id: r.times.finished - r.times.arrival for r in reqs}
+    preempted = [e2e[r.request_id] for r in reqs if r.times.preemptions]
+    fresh = [e2e[r.request_id] for r in reqs if not r.times.preemptions]
+    assert preempted and max(preempted) <= 2 * max(fresh)
+
+    class BackOfTheQueue(PrefillOnly):  # the old behaviour, to show the check has teeth
+        def add(self, req):
+            super().add(req)
+            if req.times.preemptions:
+                self.waiting.remove(req)
+                self.waiting.append(req)
+
+    _, _, overtaken = _phase_split_run(BackOfTheQueue)
+    assert overtaken > 0
