@@ -44,7 +44,7 @@ ENGINE_ORDER = ["unified", "unified_chunked", "unified_splitfuse", "disagg", "se
                 "semipd_dynamic"]
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h"]
 LINESTYLES = ["-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 1))]
-INVALID_STYLE = dict(marker="x", color="0.45", s=36, linewidths=1.2, zorder=5)
+INVALID_STYLE = dict(marker="x", color="0.45", s=36, linewidths=1.2, zorder=5, gid="invalid")
 
 
 def goodput_from_curve(points: pd.DataFrame, target: float = 0.9) -> float:
@@ -125,8 +125,9 @@ def context(sweep_dir: Path, summary: pd.DataFrame, pts: Optional[pd.DataFrame] 
     else:
         cores = summary["cores"].dropna().astype(str).iloc[0] if "cores" in summary and summary["cores"].notna().any() \
             else None
-        n = len(cores.split(",")) if cores else machine.get("cores", "?")
-        where = f"real engines, {n} CPU core(s) of {machine.get('cpu', 'this machine')}"
+        n = len(cores.split(",")) if cores else machine.get("cores")
+        where = "real engines on CPU" + (f", {n} core(s)" if n else "") + (f" of {machine['cpu']}" if machine.get("cpu")
+                                                                          else "")
     parts = [f"model {model}", f"workload {workload}", where]
     if {"slo_ttft_s", "slo_tpot_s"} <= set(summary.columns):
         slos = summary[["slo_ttft_s", "slo_tpot_s"]].dropna().drop_duplicates()
@@ -141,7 +142,7 @@ def context(sweep_dir: Path, summary: pd.DataFrame, pts: Optional[pd.DataFrame] 
         seeds = pts.loc[pts["valid"], "n_seeds"] if pts["valid"].any() else pts["n_seeds"]
         rng = f"{int(nreq.min())}" if nreq.min() == nreq.max() else f"{int(nreq.min())}-{int(nreq.max())}"
         sd = f"{int(seeds.min())}" if seeds.min() == seeds.max() else f"{int(seeds.min())}-{int(seeds.max())}"
-        line2.append(f"{rng} measured requests x {sd} seed(s) per point; bands: 95% intervals")
+        line2.append(f"{rng} measured requests x {sd} seed(s) per point; bars: 95% intervals")
     return "; ".join(parts) + ("\n" + "; ".join(line2) if line2 else "")
 
 
@@ -186,9 +187,11 @@ def _panels(pts: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 
 def _line(ax, g: pd.DataFrame, col: str, style: dict, scale: float, label: Optional[str]) -> None:
+    """The engine's valid points joined by its line, broken where a point is invalid (NaN rows), with its 95%
+    intervals as bars (and as a band when few engines share the panel)."""
     g = g.sort_values("rate")
     x = _dodge(g["rate"].to_numpy(dtype=float), style)
-    y = g[col].to_numpy(dtype=float) * scale
+    y = np.where(g["valid"].to_numpy(dtype=bool), g[col].to_numpy(dtype=float), np.nan) * scale
     ax.plot(x, y, marker=style["marker"], ls=style["ls"], color=style["color"], label=label, ms=5, lw=1.4,
             markeredgecolor="white", markeredgewidth=0.5, zorder=3)
     lo, hi = f"{col}_ci_low", f"{col}_ci_high"
@@ -196,7 +199,9 @@ def _line(ax, g: pd.DataFrame, col: str, style: dict, scale: float, label: Optio
         ylo = g[lo].to_numpy(dtype=float) * scale
         yhi = g[hi].to_numpy(dtype=float) * scale
         finite_hi = np.where(np.isinf(yhi), np.nan, yhi)
-        ax.fill_between(x, ylo, finite_hi, color=style["color"], alpha=0.15, lw=0, zorder=2)
+        if style["n"] <= 2:
+            ax.fill_between(x, np.where(np.isnan(y), np.nan, ylo), np.where(np.isnan(y), np.nan, finite_hi),
+                            color=style["color"], alpha=0.15, lw=0, zorder=2)
         ax.errorbar(x, y, yerr=[np.clip(y - ylo, 0, None), np.clip(np.nan_to_num(finite_hi - y, nan=0.0), 0, None)],
                     fmt="none", ecolor=style["color"], elinewidth=0.8, capsize=2, alpha=0.8, zorder=2)
         unbounded = np.isinf(yhi)
@@ -262,9 +267,8 @@ def _vs_rate(pts: pd.DataFrame, specs: list[dict], caption: str, target: Optiona
                 scale, unit = spec.get("scale", 1.0), spec.get("unit", "")
             for engine, ge in g.groupby("engine"):
                 st = styles[engine]
-                valid = ge[ge["valid"]]
-                if not valid.empty:
-                    _line(ax, valid, col, st, scale, engine)
+                if ge["valid"].any():
+                    _line(ax, ge, col, st, scale, engine)
                 if spec is specs[0]:
                     n_invalid += _invalid(ax, ge, col, st, scale)
                 else:

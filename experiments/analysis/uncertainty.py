@@ -20,6 +20,7 @@ are what carries that variance into the interval: sweep `workload.seed` for clai
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -230,12 +231,14 @@ def point_stats(frames: list[pd.DataFrame], durations: list[float], conf: float 
     boot: dict[str, np.ndarray] = {"slo_attainment": np.nanmean(metm, axis=1)}
     for col in LATENCIES:
         g = gather(col)
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():  # a column without values (all NaN) gives NaN, as it should
+            warnings.simplefilter("ignore", RuntimeWarning)
             boot[f"mean_{col}"] = np.nanmean(g, axis=1)
             qs = np.nanpercentile(g, PERCENTILES, axis=1)
         for p, row in zip(PERCENTILES, qs):
             boot[f"p{p}_{col}"] = row
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         boot["request_throughput"] = np.nanmean(np.asarray(thr, dtype=float)[pick], axis=1)
     for k, est in estimates.items():
         blo, bhi = _pct_interval(boot[k], conf)
