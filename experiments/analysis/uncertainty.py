@@ -52,7 +52,9 @@ def wilson(k: int, n: int, conf: float = CONFIDENCE) -> tuple[float, float]:
     den = 1 + z * z / n
     mid = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
+    lo = 0.0 if k == 0 else max(0.0, float(mid - half))
+    hi = 1.0 if k == n else min(1.0, float(mid + half))
+    return lo, hi
 
 
 def quantile_ci(values, q: float, conf: float = CONFIDENCE) -> tuple[float, float]:

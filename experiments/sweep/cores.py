@@ -26,8 +26,13 @@ from typing import Optional
 log = logging.getLogger(__name__)
 
 
+# The cores this process was allowed when it started (a container's cpuset, a `taskset`), before any job
+# pinned it to fewer.
+_START = sorted(os.sched_getaffinity(0))
+
+
 def machine_cores() -> list[int]:
-    return sorted(os.sched_getaffinity(0))
+    return list(_START)
 
 
 def cores_needed(backend: str, cores_per_job: int, cost_model: str = "roofline", available: Optional[int] = None) -> int:
