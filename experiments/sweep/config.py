@@ -110,6 +110,11 @@ class ExperimentConfig:
     # time during the load (or the hypervisor stole more than max_cpu_steal); see experiments/sweep/host.py.
     max_host_interference: float = 0.1
     max_cpu_steal: float = 0.05
+    # Real engines: this many requests, one at a time, before and after each load run measure the engine's
+    # step time; a run is flagged when it rose more than max_step_slowdown x during the load or is that much
+    # above its calibrated value on this machine (experiments/sweep/probe.py). 0 = no probe.
+    step_probe_requests: int = 3
+    max_step_slowdown: float = 1.5
     # Cores each job pins itself (and its engine server) to; 0 = every core for a real engine, one for a
     # simulated job. Parallel launchers get disjoint core sets, and a sweep asking for more concurrent jobs
     # than the machine has room for is refused before it starts (experiments/sweep/cores.py).

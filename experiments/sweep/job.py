@@ -28,7 +28,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.loadgen import run_loadgen
-from experiments.sweep import cores, provenance, simulated, tracking
+from experiments.sweep import cores, probe, provenance, simulated, tracking
 from experiments.sweep.config import ExperimentConfig, LoadgenConfig, SLOConfig, WandbConfig, WorkloadConfig
 from experiments.sweep.host import HostMonitor
 from experiments.sweep.launch import EngineServer
@@ -143,6 +143,7 @@ def validity(summary: dict[str, Any]) -> dict[str, Any]:
     """Is this measurement one to plot? The client kept its schedule, the host was quiet, the run is whole."""
     reasons = [f"client: {r}" for r in summary.get("self_check", {}).get("reasons", [])]
     reasons += summary.get("host", {}).get("reasons", [])
+    reasons += (summary.get("step_probe") or {}).get("reasons", [])
     comp = summary.get("completeness") or {}
     if summary.get("interrupted"):
         reasons.append(f"interrupted ({summary.get('signal') or 'requests cancelled'})")
@@ -167,6 +168,10 @@ def _validity_columns(summary: dict[str, Any]) -> dict[str, Any]:
     for k in ("foreign_cpu_frac", "steal_frac", "loadavg_1m_start", "loadavg_1m_end"):
         if k in host:
             out[f"host_{k}"] = host[k]
+    sp = summary.get("step_probe") or {}
+    for k in ("before", "after", "calibrated"):
+        if sp.get(k):
+            out[f"step_probe_{k}_tpot_s"] = sp[k]["tpot_s"]
     return out
 
 
@@ -245,11 +250,28 @@ def _run_measurement(job: Job, jd: Path, record: dict[str, Any], prov: dict, res
         lcfg = dataclasses.replace(job.loadgen, base_url=srv.url)
         record["server_ready_monotonic"] = time.monotonic()
 
+        n_probe = job.experiment.step_probe_requests
+
+        def step_probe(wcfg):
+            p = probe.measure(srv.url, lcfg, wcfg, n_probe)
+            if p and p.get("interrupted"):
+                raise JobInterrupted("signal during the step probe")
+            return p
+
         def measure(wcfg, out_dir):
+            before = step_probe(wcfg) if n_probe else None
             with HostMonitor(cores=set(my_cores), max_interference=job.experiment.max_host_interference,
                              max_steal=job.experiment.max_cpu_steal) as mon:
                 s = run_loadgen(lcfg, dataclasses.replace(wcfg, rate=wcfg.rate * load), slo_cfg, out_dir, resolved)
             s["host"] = mon.result()
+            if n_probe and not s.get("interrupted"):
+                after = step_probe(wcfg)
+                key = probe.calibration_key(job, my_cores, prov["machine"])
+                v = probe.verdict(before, after, probe.load_calibration(key), job.experiment.max_step_slowdown,
+                                  s["host"].get("valid", True))
+                if v.pop("save"):
+                    probe.save_calibration(key, before)
+                s["step_probe"] = v
             return _finish_summary(s, out_dir)
 
         summary = _measure(job, measure, slo_cfg, jd, record)

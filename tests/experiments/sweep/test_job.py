@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -115,8 +116,11 @@ def test_headline_picks_each_metric_from_its_place():
 class _MockEngineServer:
     """Stands in for EngineServer in a job: the in-process mock OpenAI server (no engine process)."""
 
+    last = None
+
     def __init__(self, *args, **kwargs):
         self.srv = MockOpenAIServer(ttft_s=0.01, itl_s=0.002)
+        _MockEngineServer.last = self
 
     def __enter__(self):
         self.srv.__enter__()
@@ -129,7 +133,23 @@ class _MockEngineServer:
 
 _MOCK_JOB = ["experiment=single", "wandb.mode=disabled", "workload=fixed", "workload.prompt_len=4",
              "workload.output_len=4", "workload.num_requests=40", "workload.rate=20", "loadgen.tokenizer=none",
-             "loadgen.progress=false"]
+             "loadgen.progress=false", "experiment.step_probe_requests=0"]
+
+
+def _sigterm_after(n_requests: int) -> threading.Thread:
+    """SIGTERM to this process once the mock server has received `n_requests` of the load."""
+    def watch():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            srv = _MockEngineServer.last
+            if srv is not None and len(srv.srv.received) >= n_requests:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
 
 
 def test_a_job_interrupted_mid_load_is_recorded_as_interrupted_and_runs_again(tmp_path, monkeypatch):
@@ -137,13 +157,11 @@ def test_a_job_interrupted_mid_load_is_recorded_as_interrupted_and_runs_again(tm
 
     monkeypatch.setattr(job_module, "EngineServer", _MockEngineServer)
     cfg = compose_run(_MOCK_JOB)
-    timer = threading.Timer(0.7, os.kill, (os.getpid(), signal.SIGTERM))  # 40 requests at 20/s: ~2 s of load
-    timer.start()
-    try:
-        with pytest.raises(JobInterrupted):
-            run(cfg, str(tmp_path))
-    finally:
-        timer.cancel()
+    _MockEngineServer.last = None
+    watcher = _sigterm_after(8)  # 40 requests at 20/s: ~2 s of load, interrupted after ~0.4 s of it
+    with pytest.raises(JobInterrupted):
+        run(cfg, str(tmp_path))
+    watcher.join()
     job = read_job(tmp_path)
     assert job["status"] == "interrupted" and job["valid"] is False and "SIGTERM" in job["error"]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -203,3 +221,35 @@ def test_goodput_search_flags_the_top_of_the_range_and_probe_validity(tmp_path):
     assert 2.0 <= mid["goodput_rate"] <= 3.0 and mid["goodput_monotone"]  # within the tolerance below 3
     assert not mid["goodput_at_range_top"] and not mid["validity"]["valid"]
     assert mid["validity"]["reasons"] == ["probe 8 req/s seed 0: client: late"]
+
+
+def test_step_probe_verdict():
+    from experiments.sweep.probe import verdict
+
+    fast, slow = {"tpot_s": 0.002, "ttft_s": 0.01}, {"tpot_s": 0.004, "ttft_s": 0.01}
+    first = verdict(fast, fast, None, 1.5, host_valid=True)
+    assert first["reasons"] == [] and first["save"]  # a clean first run calibrates
+    assert not verdict(fast, fast, None, 1.5, host_valid=False)["save"]  # a disturbed one does not
+    during = verdict(fast, slow, fast, 1.5, host_valid=True)
+    assert during["after_over_before"] == 2.0 and "after the load" in during["reasons"][0] and not during["save"]
+    machine = verdict(slow, slow, fast, 1.5, host_valid=True)
+    assert machine["before_over_calibrated"] == 2.0 and "calibrated" in machine["reasons"][0]
+
+
+def test_a_real_job_probes_the_engine_before_and_after_its_load(tmp_path, monkeypatch):
+    from experiments.sweep import job as job_module
+    from experiments.sweep.probe import calibration_path
+
+    monkeypatch.setattr(job_module, "EngineServer", _MockEngineServer)
+    overrides = [o for o in _MOCK_JOB if not o.startswith(("experiment.step_probe", "workload.num_requests",
+                                                           "workload.rate"))]
+    cfg = compose_run([*overrides, "workload.num_requests=8", "workload.rate=50", "experiment.step_probe_requests=2",
+                       "experiment.max_host_interference=1.0"])
+    rec = run(cfg, str(tmp_path))
+    sp = json.loads((tmp_path / "summary.json").read_text())["step_probe"]
+    assert sp["before"]["tpot_s"] > 0 and sp["after"]["tpot_s"] > 0 and sp["reasons"] == []
+    assert rec["step_probe_before_tpot_s"] == sp["before"]["tpot_s"]
+    assert len(_MockEngineServer.last.srv.received) == 8 + 2 * 2  # the probes' requests are not in the rows
+    assert len(pd.read_parquet(tmp_path / "requests.parquet")) == 8
+    saved = json.loads(calibration_path().read_text())  # a clean first run calibrated this engine
+    assert list(saved.values()) == [sp["before"]]
