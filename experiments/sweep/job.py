@@ -209,6 +209,7 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
             raise JobInterrupted(summary.get("signal") or "requests cancelled")
     except JobInterrupted as e:
         record.update(status="interrupted", valid=False, error=f"interrupted: {e}")
+        log.error("job %s interrupted (%s): recorded as `interrupted`; running the sweep again runs it again", jd, e)
         raise
     except BaseException as e:
         record.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
