@@ -396,8 +396,19 @@ def format_summary(s: dict[str, Any]) -> str:
              f"{'metric':<22}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}   (ms)"]
     for k in ("ttft_s", "tpot_s", "itl_s", "e2e_s", "dispatch_lateness_s"):
         lines.append(f"{k:<22}" + "".join(f"{ms(a[k], q):>10}" for q in ("mean", "p50", "p90", "p99")))
+    ci = a.get("ci") or {}
+    att = ci.get("slo_attainment")
+    p90 = ci.get("ttft_s.p90")
     lines.append(f"SLO (TTFT<={s['slo']['ttft_s']}s, TPOT<={s['slo']['tpot_s']}s): attainment "
-                 f"{100 * a['slo_attainment']:.1f}%, goodput {a['goodput']:.2f} req/s")
+                 f"{100 * a['slo_attainment']:.1f}%" + (f" (95% CI {100 * att[0]:.1f}-{100 * att[1]:.1f}%)" if att else "")
+                 + f", goodput {a['goodput']:.2f} req/s")
+    if p90 and a["ttft_s"]["p90"] is not None:
+        lines.append(f"P90 TTFT {ms(a['ttft_s'], 'p90')} ms (95% CI {1e3 * p90[0]:.1f}-{1e3 * p90[1]:.1f} ms) over "
+                     f"{a['num_requests']} measured requests")
+    comp = s.get("completeness")
+    if comp and not comp["complete"]:
+        lines.append(f"INCOMPLETE: {comp['rows']} of {comp['planned']} requests recorded, {comp['not_sent']} not sent, "
+                     f"{comp['cancelled']} cancelled" + (f" ({s['signal']})" if s.get("signal") else ""))
     lm = s["length_mismatch"]
     if lm["prompt_mismatched"] or lm["output_mismatched"]:
         lines.append(f"length mismatch: {lm['prompt_mismatched']} prompts, {lm['output_mismatched']} outputs "
