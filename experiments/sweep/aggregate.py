@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +203,11 @@ class AggregateCallback(Callback):
     """hydra.callbacks.aggregate: checks the launch before any job starts, aggregates once every job has run."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_launch(config)
+        try:
+            check_launch(config)
+        except ValueError as e:  # Hydra turns a callback's exception into a warning: stop here instead
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from experiments.sweep.config import WandbConfig

@@ -9,7 +9,7 @@ and workers it starts, which inherit the affinity) to a core set of its own:
   has core sets for is refused at the start of the sweep, with a message saying what would fit.
 - `core_slot(...)`: the job takes the first free core set (an exclusive `flock` per core in a machine-wide
   lock folder, so two processes, of one sweep or of two, can never hold the same core), pins itself to it and
-  gives it back when done. A job that finds every set taken waits for one rather than share.
+  gives it back when done. A job that finds every set taken waits for one rather than share (and says so).
 """
 
 from __future__ import annotations
@@ -99,11 +99,10 @@ def _try_lock(directory: Path, cores: list[int]) -> Optional[list]:
 @contextlib.contextmanager
 def core_slot(per_job: int, directory: Optional[Path] = None, poll_s: float = 0.5) -> Iterator[list[int]]:
     """Hold `per_job` cores of their own (an exclusive lock per core) and pin this process to them for the
-    duration of the block; a job needing the whole machine holds nothing and pins nothing."""
+    duration of the block. A job needing the whole machine locks every core (so two such jobs, of one sweep
+    or two, run one after the other) and pins nothing."""
     cores = machine_cores()
-    if per_job >= len(cores):
-        yield cores
-        return
+    per_job = min(per_job, len(cores))
     directory = Path(directory) if directory is not None else lock_dir()
     directory.mkdir(parents=True, exist_ok=True)
     handles, mine, waited = None, None, False
@@ -115,15 +114,17 @@ def core_slot(per_job: int, directory: Optional[Path] = None, poll_s: float = 0.
                 break
         if handles is None:
             if not waited:
-                log.info("every core set is taken by another job: waiting for one")
+                log.warning("every core set of %d core(s) is taken by another job: waiting for one", per_job)
                 waited = True
             time.sleep(poll_s)
     before = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, mine)  # the engine server and its workers inherit it
+    if set(mine) != before:
+        os.sched_setaffinity(0, mine)  # the engine server and its workers inherit it
     try:
         yield mine
     finally:
-        os.sched_setaffinity(0, before)
+        if set(mine) != before:
+            os.sched_setaffinity(0, before)
         for h in handles:
             fcntl.flock(h, fcntl.LOCK_UN)
             h.close()

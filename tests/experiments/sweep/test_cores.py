@@ -55,5 +55,6 @@ def test_concurrent_jobs_hold_disjoint_core_sets(tmp_path):
         with cores.core_slot(1, tmp_path) as b:  # a second job (a second lock holder) meanwhile
             assert len(a) == len(b) == 1 and set(a).isdisjoint(b)
     assert os.sched_getaffinity(0) == before
-    with cores.core_slot(len(before), tmp_path) as everything:  # the whole machine: nothing to pin
-        assert set(everything) == before
+    with cores.core_slot(len(before), tmp_path) as everything:  # the whole machine: locked, nothing to pin
+        assert set(everything) == before and os.sched_getaffinity(0) == before
+        assert cores._try_lock(tmp_path, [sorted(before)[0]]) is None  # a second job would wait
