@@ -233,6 +233,7 @@ def _run_measurement(job: Job, jd: Path, record: dict[str, Any], prov: dict, res
     slo_cfg = dataclasses.replace(job.slo, ttft_s=slo["ttft_s"], tpot_s=slo["tpot_s"])
     record["slo"] = slo
     load = job.num_gpus if job.experiment.rates_per_gpu else 1
+    (jd / "partition_log.jsonl").unlink(missing_ok=True)  # the engine appends: a re-run starts a fresh log
     # The engine sees the job's SLOs (semipd_dynamic steers on them) and logs its decisions here.
     engine_cfg = dataclasses.replace(job.engine, slo_ttft_s=slo["ttft_s"], slo_tpot_s=slo["tpot_s"],
                                      slo_percentile=job.slo.percentile,
