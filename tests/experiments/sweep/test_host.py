@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from experiments.sweep.host import HostMonitor
+from experiments.sweep.host import HostMonitor, _proc_stat
 
 pytestmark = pytest.mark.skipif(not os.path.isfile("/proc/stat"), reason="needs Linux /proc")
 
@@ -40,15 +40,18 @@ def test_a_run_during_a_cpu_hog_is_flagged_as_interfered():
 
 
 def test_the_jobs_own_work_is_not_interference():
+    """The job's own process tree (here: one busy child) is counted as its own, whatever else runs."""
     core = sorted(os.sched_getaffinity(0))[0]
-    engine = _spin(core, 1.6)  # the job's engine: its own process tree
+    engine = _spin(core, 1.6)
     try:
         time.sleep(0.2)
+        start = _proc_stat(engine.pid)[1]
         with HostMonitor(root_pid=engine.pid, cores={core}) as mon:
             time.sleep(1.0)
+        used = _proc_stat(engine.pid)[1] - start
     finally:
         engine.wait()
     res = mon.result()
-    assert res["own_cpu_frac"] > 0.4, res
-    assert res["foreign_cpu_frac"] < res["own_cpu_frac"], res
+    assert used > 0.1 and res["own_cpu_s"] == pytest.approx(used, abs=0.05), res
+    assert res["foreign_cpu_s"] == pytest.approx(max(0.0, res["busy_cpu_s"] - res["own_cpu_s"]))
     assert {"busy_cpu_s", "own_cpu_s", "steal_frac", "loadavg_1m_start", "loadavg_1m_end"} <= set(res)
