@@ -248,7 +248,11 @@ def _run_measurement(job: Job, jd: Path, record: dict[str, Any], prov: dict, res
             return _finish_summary(s, out_dir)
 
         return _measure(job, measure, slo_cfg, jd, record)
-    with EngineServer(job.model, engine_cfg, job.server, str(jd), job.server.startup_timeout_s) as srv:
+    srv = EngineServer(job.model, engine_cfg, job.server, str(jd), job.server.startup_timeout_s)
+    with contextlib.ExitStack() as stack:
+        # Stopped even when a signal lands while it starts (a `with` alone would not: __enter__ never returned).
+        stack.callback(srv.stop)
+        stack.enter_context(srv)
         lcfg = dataclasses.replace(job.loadgen, base_url=srv.url)
         record["server_ready_monotonic"] = time.monotonic()
 

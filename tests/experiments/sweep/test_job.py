@@ -128,7 +128,11 @@ class _MockEngineServer:
         return self
 
     def __exit__(self, *exc):
-        self.srv.__exit__(*exc)
+        self.stop()
+
+    def stop(self):
+        if self.srv._thread.is_alive():
+            self.srv.__exit__(None, None, None)
 
 
 _MOCK_JOB = ["experiment=single", "wandb.mode=disabled", "workload=fixed", "workload.prompt_len=4",
@@ -253,3 +257,27 @@ def test_a_real_job_probes_the_engine_before_and_after_its_load(tmp_path, monkey
     assert len(pd.read_parquet(tmp_path / "requests.parquet")) == 8
     saved = json.loads(calibration_path().read_text())  # a clean first run calibrated this engine
     assert list(saved.values()) == [sp["before"]]
+
+
+def test_a_signal_while_the_server_starts_still_stops_it(tmp_path, monkeypatch):
+    from experiments.sweep import job as job_module
+
+    stopped = []
+
+    class SlowStart:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            raise JobInterrupted("SIGTERM")  # as the handler would, mid-way through waiting for /health
+
+        def __exit__(self, *exc):
+            stopped.append("exit")
+
+        def stop(self):
+            stopped.append("stop")
+
+    monkeypatch.setattr(job_module, "EngineServer", SlowStart)
+    with pytest.raises(JobInterrupted):
+        run(compose_run(_MOCK_JOB), str(tmp_path))
+    assert stopped == ["stop"] and read_job(tmp_path)["status"] == "interrupted"
