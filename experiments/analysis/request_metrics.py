@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from experiments.analysis import uncertainty as U
+
 PERCENTILES = (50, 90, 99)
 
 
@@ -47,11 +49,36 @@ def slo_met(df: pd.DataFrame, ttft_s: float, tpot_s: float) -> pd.Series:
     return ok & ttft_ok & tpot_ok
 
 
-def measured_window(df: pd.DataFrame, warmup_s: float, cooldown_s: float) -> pd.DataFrame:
-    if not (warmup_s or cooldown_s) or df.empty:
+def measured_window(df: pd.DataFrame, warmup_s: float, cooldown_s: float, warmup_requests: int = 0) -> pd.DataFrame:
+    """The requests the statistics count: scheduled after `warmup_s`, before the last `cooldown_s`, and not among
+    the first `warmup_requests` in schedule order (they meet an idle engine: cold caches, empty queues)."""
+    if "measured" in df:
+        return df[df["measured"]]
+    if not (warmup_s or cooldown_s or warmup_requests) or df.empty:
         return df
-    last = df["scheduled_s"].max()
-    return df[(df["scheduled_s"] >= warmup_s) & (df["scheduled_s"] <= last - cooldown_s)]
+    return df[measured_mask(df, warmup_s, cooldown_s, warmup_requests)]
+
+
+def measured_mask(df: pd.DataFrame, warmup_s: float = 0.0, cooldown_s: float = 0.0,
+                  warmup_requests: int = 0) -> pd.Series:
+    if df.empty:
+        return pd.Series([], dtype=bool, index=df.index)
+    sched = df["scheduled_s"]
+    last = sched.max()
+    keep = pd.Series(True, index=df.index)
+    if warmup_s or cooldown_s:
+        keep &= (sched >= warmup_s) & (sched <= last - cooldown_s)
+    if warmup_requests > 0:
+        # Schedule order; a request never scheduled (interrupted before its time) counts by its index.
+        order = sched.fillna(np.inf).rank(method="first")
+        keep &= order > warmup_requests
+    return keep.astype(bool)
+
+
+def mark_measured(df: pd.DataFrame, lcfg) -> pd.DataFrame:
+    """Add the boolean `measured` column (saved with the rows, so every later statistic counts the same ones)."""
+    return df.assign(measured=measured_mask(df, lcfg.warmup_s, lcfg.cooldown_s,
+                                            getattr(lcfg, "warmup_requests", 0)))
 
 
 def _pct(values) -> dict[str, Optional[float]]:
@@ -78,6 +105,7 @@ def aggregate(df: pd.DataFrame, ttft_slo: float, tpot_slo: float, duration_s: fl
     met = slo_met(df, ttft_slo, tpot_slo)
     out["slo_attainment"] = float(met.mean()) if len(df) else 0.0
     out["goodput"] = float(met.sum()) / dur
+    out["ci"] = U.request_cis(df, met, duration_s)  # 95% intervals: experiments/analysis/uncertainty.py
     return out
 
 

@@ -79,6 +79,7 @@ class LoadGenerator:
         base = lcfg.base_url.rstrip("/")
         self.url = base + "/v1/completions"
         self.stop = asyncio.Event()
+        self.signalled: Optional[str] = None  # the signal that stopped the run (SIGTERM, SIGINT)
         self.loop_lag: list[float] = []
         self.t0 = 0.0
 
@@ -140,6 +141,10 @@ class LoadGenerator:
         except orjson.JSONDecodeError as e:
             rec.error = f"bad SSE chunk: {e}"
 
+    def _on_signal(self, sig: int) -> None:
+        self.signalled = signal.Signals(sig).name
+        self.stop.set()
+
     @staticmethod
     def _usage(obj, rec: Record) -> None:
         u = obj.get("usage")
@@ -161,7 +166,7 @@ class LoadGenerator:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(sig, self.stop.set)
+                loop.add_signal_handler(sig, self._on_signal, sig)
             except (NotImplementedError, RuntimeError):
                 pass
         # A full collection over a large heap stalls the loop for tens of ms (seen at 800 req/s): keep
@@ -321,13 +326,18 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
         from tqdm import tqdm
 
         progress = tqdm(total=len(planned), desc=f"{wcfg.name} @ {wcfg.rate}/s", unit="req", file=sys.stderr)
+    # The event loop takes SIGINT/SIGTERM over (a signal stops the run and is reported) and resets them to the
+    # defaults when it closes: give the caller's handlers back.
+    handlers = _signal_handlers()
     try:
         records = _run(gen.run(planned, progress))
     finally:
+        _restore_signal_handlers(handlers)
         if progress is not None:
             progress.close()
     df = M.derive(to_frame(records, planned, gen.t0), lcfg.measure_from if wcfg.arrival != "closed" else "send")
-    window = M.measured_window(df, lcfg.warmup_s, lcfg.cooldown_s)
+    df = M.mark_measured(df, lcfg)
+    window = df[df["measured"]]
     sent = window["send_s"].dropna()
     duration = float(window["finish_s"].max() - sent.min()) if len(sent) else 0.0
     summary = {
@@ -336,8 +346,9 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
         "workload": {"name": workload.name, "num_requests": len(planned), "num_clipped": workload.num_clipped,
                      "arrival": wcfg.arrival, "rate": wcfg.rate},
-        "model": model, "base_url": lcfg.base_url, "interrupted": gen.stop.is_set() and
-        any(r.error and "interrupted" in r.error for r in records),
+        "model": model, "base_url": lcfg.base_url,
+        "interrupted": gen.signalled is not None or any(r.error and "interrupted" in r.error for r in records),
+        "signal": gen.signalled, "completeness": completeness(df, len(planned)),
         "length_mismatch": length_mismatch(df),
         "config": resolved_config,
         "t0_monotonic": gen.t0,  # monotonic time of the run's origin (all *_s columns are relative to it)
@@ -348,6 +359,30 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
         with open(os.path.join(output_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=str)
     return summary
+
+
+def _signal_handlers() -> dict:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signal_handlers(handlers: dict) -> None:
+    for s, h in handlers.items():
+        if h is not None:
+            signal.signal(s, h)
+
+
+def completeness(df: pd.DataFrame, planned: int) -> dict[str, Any]:
+    """Planned requests against what happened to them: a run missing any is not a complete measurement."""
+    err = df["error"].fillna("") if "error" in df else pd.Series([], dtype=str)
+    unsent = int((err == "not sent (interrupted)").sum())
+    cancelled = int((err == "interrupted").sum())
+    rows = int(len(df))
+    return {"planned": planned, "rows": rows, "not_sent": unsent, "cancelled": cancelled,
+            "complete": rows == planned and unsent == 0 and cancelled == 0}
 
 
 def length_mismatch(df: pd.DataFrame) -> dict[str, Any]:
@@ -369,8 +404,19 @@ def format_summary(s: dict[str, Any]) -> str:
              f"{'metric':<22}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}   (ms)"]
     for k in ("ttft_s", "tpot_s", "itl_s", "e2e_s", "dispatch_lateness_s"):
         lines.append(f"{k:<22}" + "".join(f"{ms(a[k], q):>10}" for q in ("mean", "p50", "p90", "p99")))
+    ci = a.get("ci") or {}
+    att = ci.get("slo_attainment")
+    p90 = ci.get("ttft_s.p90")
     lines.append(f"SLO (TTFT<={s['slo']['ttft_s']}s, TPOT<={s['slo']['tpot_s']}s): attainment "
-                 f"{100 * a['slo_attainment']:.1f}%, goodput {a['goodput']:.2f} req/s")
+                 f"{100 * a['slo_attainment']:.1f}%" + (f" (95% CI {100 * att[0]:.1f}-{100 * att[1]:.1f}%)" if att else "")
+                 + f", goodput {a['goodput']:.2f} req/s")
+    if p90 and a["ttft_s"]["p90"] is not None:
+        lines.append(f"P90 TTFT {ms(a['ttft_s'], 'p90')} ms (95% CI {1e3 * p90[0]:.1f}-{1e3 * p90[1]:.1f} ms) over "
+                     f"{a['num_requests']} measured requests")
+    comp = s.get("completeness")
+    if comp and not comp["complete"]:
+        lines.append(f"INCOMPLETE: {comp['rows']} of {comp['planned']} requests recorded, {comp['not_sent']} not sent, "
+                     f"{comp['cancelled']} cancelled" + (f" ({s['signal']})" if s.get("signal") else ""))
     lm = s["length_mismatch"]
     if lm["prompt_mismatched"] or lm["output_mismatched"]:
         lines.append(f"length mismatch: {lm['prompt_mismatched']} prompts, {lm['output_mismatched']} outputs "

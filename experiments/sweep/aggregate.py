@@ -1,13 +1,21 @@
-"""Sweep aggregation: every job of a multirun -> one parquet, one summary table, figures.
+"""Sweep aggregation: every job of a multirun -> one parquet, one summary table, points, goodput, figures.
 
-Registered as a Hydra callback (`on_multirun_end`), and callable on any sweep
-directory (`aggregate_sweep`). Failed jobs stay in summary.csv with their error.
+Registered as a Hydra callback (`on_multirun_start` refuses parallel launches that would share cores,
+`on_multirun_end` aggregates), and callable on any sweep directory (`aggregate_sweep`). Writes:
+  summary.csv        one row per job (failed, interrupted and invalid ones included, with status, `valid` and
+                     `invalid_reasons`), headline statistics with their 95% intervals (`*_ci_low`, `*_ci_high`)
+  requests.parquet   every request, tagged with its job, swept keys and the run's validity
+  points.csv         one row per point (swept keys but the seed): valid runs pooled over seeds, intervals over
+                     requests and seeds, n_requests / n_seeds / n_runs / n_invalid behind each
+  goodput.csv        goodput per curve with goodput_at_range_top / goodput_monotone and its interval
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +26,8 @@ from omegaconf import DictConfig
 log = logging.getLogger(__name__)
 TABLE_COLUMNS = ["engine", "rate", "status", "slo_attainment", "p90_ttft_s", "p90_tpot_s", "mean_e2e_s",
                  "request_throughput", "goodput_rate", "num_errors"]
+# Shown with their 95% interval next to them in the terminal table.
+_TABLE_CI = ("slo_attainment", "p90_ttft_s", "p90_tpot_s")
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
@@ -32,21 +42,28 @@ def _override_value(v: str) -> Any:
 
 
 def aggregate_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from experiments.analysis import points as P
+
     sweep_dir = Path(sweep_dir)
-    rows, frames, swept_keys = [], [], set()
+    rows, frames, swept_keys, configs = [], [], set(), []
     for jd in job_dirs(sweep_dir):
         job = json.loads((jd / "job.json").read_text())
         job.pop("traceback", None)
         swept = {k: _override_value(v) for k, v in (job.pop("overrides", None) or {}).items()}
         swept_keys.update(swept)
         slo = job.pop("slo", None) or {}
+        if isinstance(job.get("cores"), list):
+            job["cores"] = ",".join(str(c) for c in job["cores"])
         row = {"job": str(jd.relative_to(sweep_dir)), **job, **{f"slo_{k}": v for k, v in slo.items()},
                **{k: v for k, v in swept.items() if k not in ("engine",)}}
         rows.append(row)
+        prov = jd / "provenance.json"
+        configs.append(json.loads(prov.read_text()).get("config") if prov.is_file() else None)
         req = jd / "requests.parquet"
         if req.is_file():
             df = pd.read_parquet(req)
             extra = {"job": row["job"], "engine": job["engine"], "rate": job["rate"], "status": job["status"],
+                     "run_valid": job.get("valid", True) is not False and job.get("client_valid", True) is not False,
                      "slo_ttft_s": slo.get("ttft_s"), "slo_tpot_s": slo.get("tpot_s"), **swept}
             # A list-valued override (experiment.goodput_seeds=[0,1]) is one value per row, not a column.
             frames.append(df.assign(**{k: json.dumps(v) if isinstance(v, (list, dict)) else v
@@ -57,15 +74,43 @@ def aggregate_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     summary.to_csv(sweep_dir / "summary.csv", index=False)
     if not requests.empty:
         requests.to_parquet(sweep_dir / "requests.parquet", index=False)
+    pts = P.points(summary, requests, summary.attrs["swept"])
+    gp = P.goodput_table(pts, summary, P.target_attainment(configs), summary.attrs["swept"])
+    for name, df in (("points.csv", pts), ("goodput.csv", gp)):
+        if not df.empty:
+            df.to_csv(sweep_dir / name, index=False)
+    (sweep_dir / "sweep.json").write_text(json.dumps({"swept": summary.attrs["swept"],
+                                                      "point_keys": pts.attrs.get("keys", [])}))
+    summary.attrs.update(points=pts, goodput=gp)
     return summary, requests
 
 
+def _interval(lo, hi, scale: float, digits: int) -> str:
+    def f(x):
+        if x is None or (isinstance(x, float) and math.isnan(x)):
+            return "?"
+        return "inf" if math.isinf(x) else f"{x * scale:.{digits}f}"
+
+    return f"[{f(lo)},{f(hi)}]"
+
+
 def format_table(summary: pd.DataFrame, swept: list[str] = ()) -> str:
+    """One line per job: values in ms / %, the 95% interval beside attainment and P90 latencies, validity."""
     if summary.empty:
         return "(no jobs)"
-    extra = [k for k in swept if k in summary.columns and k not in ("engine", "workload.rate", "experiment")]
+    extra = [k for k in swept if k in summary.columns and k not in ("engine", "workload.rate", "experiment")
+             and summary[k].astype(str).nunique() > 1]  # a key given one value on the command line is no column
     cols = ["engine", *extra] + [c for c in TABLE_COLUMNS if c in summary.columns and c != "engine"]
     df = summary[cols].copy()
+    if "valid" in summary:
+        df.insert(df.columns.get_loc("status") + 1 if "status" in df else len(df.columns), "valid",
+                  summary["valid"].map(lambda v: "no" if v is False or str(v) == "False" else "yes"))
+    for c in _TABLE_CI:
+        lo, hi = f"{c}_ci_low", f"{c}_ci_high"
+        if c in df and lo in summary:
+            scale, digits = (100, 1) if c == "slo_attainment" else (1e3, 1)
+            df.insert(df.columns.get_loc(c) + 1, c.replace("_s", "_ms").replace("slo_attainment", "attainment")
+                      + "_95ci", [_interval(a, b, scale, digits) for a, b in zip(summary[lo], summary[hi])])
     for c in ("p90_ttft_s", "p90_tpot_s", "mean_e2e_s"):
         if c in df:
             df[c] = (df[c] * 1e3).round(1)
@@ -75,6 +120,42 @@ def format_table(summary: pd.DataFrame, swept: list[str] = ()) -> str:
     return df.sort_values([c for c in ("engine", *extra, "rate") if c in df]).to_string(index=False)
 
 
+def format_points(pts: pd.DataFrame) -> str:
+    """One line per point with how many requests and seeds stand behind it."""
+    if pts is None or pts.empty:
+        return ""
+    keys = pts.attrs.get("keys", ["engine", "rate"])
+    out = pts[keys].copy()
+    out["n_req"], out["seeds"] = pts["n_requests"], pts["n_seeds"]
+    out["invalid"] = pts["n_invalid"].astype(str) + "/" + pts["n_runs"].astype(str)
+    for c, scale, name in (("slo_attainment", 100, "attain_%"), ("p90_ttft_s", 1e3, "p90_ttft_ms"),
+                           ("p90_tpot_s", 1e3, "p90_tpot_ms"), ("mean_e2e_s", 1, "mean_e2e_s")):
+        if c in pts:
+            out[name] = (pts[c] * scale).round(1 if scale != 1 else 2)
+            out[name + "_95ci"] = [_interval(a, b, scale, 1 if scale != 1 else 2)
+                                   for a, b in zip(pts[f"{c}_ci_low"], pts[f"{c}_ci_high"])]
+    return out.to_string(index=False)
+
+
+def format_goodput(gp: pd.DataFrame) -> str:
+    if gp is None or gp.empty:
+        return ""
+    lines = []
+    for _, r in gp.iterrows():
+        what = " ".join(f"{k}={r[k]}" for k in gp.columns if k == "engine" or ("." in k and k != "goodput_rate"))
+        ci = (f" (95% CI {r['goodput_ci_low']:.2f}-{r['goodput_ci_high']:.2f})"
+              if "goodput_ci_low" in r and pd.notna(r.get("goodput_ci_low")) else "")
+        flags = []
+        if r.get("goodput_at_range_top") is True or r.get("goodput_at_range_top") == 1:
+            flags.append("at the top of the tested range: a lower bound")
+        if r.get("goodput_at_range_bottom") is True:
+            flags.append("below the lowest tested rate")
+        if r.get("goodput_monotone") is False or r.get("goodput_monotone") == 0:
+            flags.append("attainment not monotone in rate")
+        lines.append(f"goodput {what}: {r['goodput_rate']:.2f} req/s{ci}" + (f"  [{'; '.join(flags)}]" if flags else ""))
+    return "\n".join(lines)
+
+
 def finish_sweep(sweep_dir: Path, wandb_cfg=None) -> None:
     from experiments.analysis import figures
     from experiments.sweep import tracking
@@ -82,8 +163,20 @@ def finish_sweep(sweep_dir: Path, wandb_cfg=None) -> None:
     summary, requests = aggregate_sweep(sweep_dir)
     paths = figures.make_figures(sweep_dir)
     n_ok = int((summary["status"] == "ok").sum()) if len(summary) else 0
+    n_invalid = int((summary["valid"].map(lambda v: v is False or str(v) == "False")).sum()) \
+        if "valid" in summary else 0
     table = format_table(summary, summary.attrs.get("swept", []))
-    print(f"\nsweep {sweep_dir}: {len(summary)} jobs ({n_ok} ok)\n{table}")
+    print(f"\nsweep {sweep_dir}: {len(summary)} jobs ({n_ok} ok, {n_invalid} invalid)\n{table}")
+    pts = summary.attrs.get("points")
+    if pts is not None and not pts.empty and (pts["n_seeds"] > 1).any():
+        print(f"\npoints (seeds pooled; 95% intervals over requests and seeds):\n{format_points(pts)}")
+    gp = format_goodput(summary.attrs.get("goodput"))
+    if gp:
+        print("\n" + gp)
+    if n_invalid and "invalid_reasons" in summary:
+        print("\ninvalid runs (left out of the figures' lines):")
+        for _, r in summary[summary["valid"].map(lambda v: v is False or str(v) == "False")].iterrows():
+            print(f"  {r['job']}: {r['invalid_reasons']}")
     print(f"aggregate: {sweep_dir / 'requests.parquet'}, {sweep_dir / 'summary.csv'}; figures: {sweep_dir / 'figures'}")
     if wandb_cfg is not None:
         try:
@@ -92,8 +185,29 @@ def finish_sweep(sweep_dir: Path, wandb_cfg=None) -> None:
             log.warning("W&B sweep logging failed: %s", e)
 
 
+def check_launch(config: DictConfig) -> None:
+    """Refuse a parallel launch that would make jobs share cores (experiments/sweep/cores.py)."""
+    from experiments.sweep import cores
+
+    n_jobs = cores.launcher_jobs(config.hydra.get("launcher"))
+    if n_jobs <= 1:
+        return
+    params = config.hydra.get("sweeper", {}).get("params") or {}
+    backends = {config.backend.name} | set(str(params.get("backend", "")).replace("backend=", "").split(",")) - {""}
+    per_job = max(cores.cores_needed(b, config.experiment.cores_per_job, config.backend.get("cost_model", "roofline"))
+                  for b in backends)
+    cores.check_parallel(n_jobs, per_job)
+
+
 class AggregateCallback(Callback):
-    """hydra.callbacks.aggregate: aggregates the sweep once every job has run."""
+    """hydra.callbacks.aggregate: checks the launch before any job starts, aggregates once every job has run."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_launch(config)
+        except ValueError as e:  # Hydra turns a callback's exception into a warning: stop here instead
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         from experiments.sweep.config import WandbConfig

@@ -72,6 +72,9 @@ class LoadgenConfig:
     measure_from: str = "scheduled"
     warmup_s: float = 0.0
     cooldown_s: float = 0.0
+    # The first N requests of the schedule are sent and saved but left out of every statistic (`measured`
+    # column): they meet an idle engine (cold caches, empty queues) and would flatter every engine alike.
+    warmup_requests: int = 5
     progress: bool = True
     # Open connections before the run so TCP set-up never lands in a TTFT.
     prewarm_connections: int = 16
@@ -104,7 +107,20 @@ class ExperimentConfig:
     goodput_seeds: list[int] = field(default_factory=lambda: [0])
     # Multiples of both SLOs at which the figures re-evaluate attainment (slo_attainment_vs_slo_scale).
     slo_scales: list[float] = field(default_factory=lambda: [0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6])
-    skip_finished: bool = True
+    skip_finished: bool = True  # only jobs whose status is `ok` are skipped; interrupted/incomplete ones re-run
+    # Validity: a run is invalid when processes outside the job took more than this fraction of its cores' CPU
+    # time during the load (or the hypervisor stole more than max_cpu_steal); see experiments/sweep/host.py.
+    max_host_interference: float = 0.1
+    max_cpu_steal: float = 0.05
+    # Real engines: this many requests, one at a time, before and after each load run measure the engine's
+    # step time; a run is flagged when it rose more than max_step_slowdown x during the load or is that much
+    # above its calibrated value on this machine (experiments/sweep/probe.py). 0 = no probe.
+    step_probe_requests: int = 3
+    max_step_slowdown: float = 1.5
+    # Cores each job pins itself (and its engine server) to; 0 = every core for a real engine, one for a
+    # simulated job. Parallel launchers get disjoint core sets, and a sweep asking for more concurrent jobs
+    # than the machine has room for is refused before it starts (experiments/sweep/cores.py).
+    cores_per_job: int = 0
     # workload.rate (and the goodput search) per GPU, as the paper plots them: an engine on n GPUs
     # (DistServe 1P1D: 2; tensor parallelism: x TP) is offered n times the rate.
     rates_per_gpu: bool = False

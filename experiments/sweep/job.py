@@ -2,18 +2,22 @@
 
 `run(cfg, job_dir, overrides, sweep)` is what `run.py` calls; it is plain Python
 so tests call it too. A job writes into its directory:
-  job.json           status (ok | failed), engine, rate, swept overrides, headline metrics
-  requests.parquet   one row per request (the load generator's columns)
-  summary.json       aggregates, client self-check, SLOs, resolved config
+  job.json           status (ok | failed | interrupted | incomplete), validity, engine, rate, swept overrides,
+                     headline metrics with their 95% intervals (`*_ci_low`, `*_ci_high`)
+  requests.parquet   one row per request (the load generator's columns; `measured` marks the ones counted)
+  summary.json       aggregates (with intervals), client self-check, host check, validity, SLOs, resolved config
   provenance.json    git commit + dirty flag, packages, machine, resolved config
   server.log, server_requests.jsonl, metrics.prom   the engine server's side
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import signal
+import threading
 import time
 import traceback
 import urllib.request
@@ -24,8 +28,9 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.loadgen import run_loadgen
-from experiments.sweep import provenance, simulated, tracking
+from experiments.sweep import cores, probe, provenance, simulated, tracking
 from experiments.sweep.config import ExperimentConfig, LoadgenConfig, SLOConfig, WandbConfig, WorkloadConfig
+from experiments.sweep.host import HostMonitor
 from experiments.sweep.launch import OWN_METRICS, AttachedServer, EngineServer, ExternalServer, MetricsRecorder
 from experiments.sweep.slo import resolve_slo
 from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig, freeze
@@ -100,7 +105,13 @@ def read_job(job_dir: Path) -> Optional[dict[str, Any]]:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
+# Headline statistic -> its key in aggregates["ci"].
+_CI_KEYS = {"slo_attainment": "slo_attainment", "goodput_rps": "goodput", "request_throughput": "request_throughput",
+            "output_token_throughput": "output_token_throughput"}
+
+
 def headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """The job's row: statistics, their 95% intervals (`<name>_ci_low`, `<name>_ci_high`), counts, validity."""
     a = summary["aggregates"]
     out = {"slo_attainment": a["slo_attainment"], "goodput_rps": a["goodput"],
            "request_throughput": a["request_throughput"], "output_token_throughput": a["output_token_throughput"],
@@ -109,6 +120,73 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
     for m in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
         for q in ("mean", "p50", "p90", "p99"):
             out[f"{q}_{m}"] = a[m][q]
+    ci = a.get("ci")
+    if ci:
+        for name, key in _CI_KEYS.items():
+            out[f"{name}_ci_low"], out[f"{name}_ci_high"] = ci.get(key, (None, None))
+        for m in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+            for q in ("mean", "p50", "p90", "p99"):
+                out[f"{q}_{m}_ci_low"], out[f"{q}_{m}_ci_high"] = ci.get(f"{m}.{q}", (None, None))
+        out["duration_s"] = a.get("duration_s")
+    return out
+
+
+class JobInterrupted(BaseException):
+    """SIGTERM or SIGINT during a job. The job is recorded as `interrupted` (never `ok`, so the next run of the
+    sweep runs it again), its server is stopped, and the exception ends the sweep: it derives from
+    BaseException so that Hydra's launchers do not treat it as one failed job and carry on with the next."""
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise JobInterrupted(signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def validity(summary: dict[str, Any]) -> dict[str, Any]:
+    """Is this measurement one to plot? The client kept its schedule, the host was quiet, the run is whole."""
+    reasons = [f"client: {r}" for r in summary.get("self_check", {}).get("reasons", [])]
+    reasons += summary.get("host", {}).get("reasons", [])
+    reasons += (summary.get("step_probe") or {}).get("reasons", [])
+    comp = summary.get("completeness") or {}
+    if summary.get("interrupted"):
+        reasons.append(f"interrupted ({summary.get('signal') or 'requests cancelled'})")
+    elif comp and not comp.get("complete", True):
+        reasons.append(f"incomplete: {comp['rows']} of {comp['planned']} requests recorded, "
+                       f"{comp['not_sent']} not sent, {comp['cancelled']} cancelled")
+    return {"valid": not reasons, "reasons": reasons}
+
+
+def _status(summary: dict[str, Any]) -> str:
+    if summary.get("interrupted"):
+        return "interrupted"
+    comp = summary.get("completeness") or {}
+    return "ok" if comp.get("complete", True) else "incomplete"
+
+
+def _validity_columns(summary: dict[str, Any]) -> dict[str, Any]:
+    v = summary.get("validity") or validity(summary)
+    host = summary.get("host") or {}
+    out = {"valid": v["valid"], "invalid_reasons": "; ".join(v["reasons"]),
+           "host_valid": host.get("valid", True), "host_checked": host.get("checked", False)}
+    for k in ("foreign_cpu_frac", "steal_frac", "loadavg_1m_start", "loadavg_1m_end"):
+        if k in host:
+            out[f"host_{k}"] = host[k]
+    sp = summary.get("step_probe") or {}
+    for k in ("before", "after", "calibrated"):
+        if sp.get(k):
+            out[f"step_probe_{k}_tpot_s"] = sp[k]["tpot_s"]
     return out
 
 
@@ -118,7 +196,8 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
     jd = Path(job_dir)
     jd.mkdir(parents=True, exist_ok=True)
     prev = read_job(jd)
-    if job.experiment.skip_finished and prev and prev.get("status") == "ok":
+    # Only a whole, valid measurement is kept: interrupted, incomplete, failed and invalid jobs run again.
+    if job.experiment.skip_finished and prev and prev.get("status") == "ok" and prev.get("valid", True):
         log.info("job %s already finished: skipping", jd)
         return prev
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -126,47 +205,27 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
     (jd / "provenance.json").write_text(json.dumps(prov, indent=2, default=str))
     # The label figures group by: the engine preset a sweep named (two semi-PD partitions stay apart).
     label = (overrides or {}).get("engine") or job.engine.name
-    load = job.num_gpus if job.experiment.rates_per_gpu else 1
     record: dict[str, Any] = {"status": "running", "engine": label, "rate": job.workload.rate,
                               "num_gpus": job.num_gpus, "rate_per_gpu": job.experiment.rates_per_gpu,
                               "workload": job.workload.name, "model": job.model.path or job.model.name,
                               "mode": job.experiment.mode, "backend": job.backend.name,
-                              "overrides": overrides or {}, "started": time.time()}
+                              "seed": job.workload.seed, "overrides": overrides or {}, "started": time.time()}
     if job.simulated:
         record["hardware"] = job.hardware.name if job.backend.cost_model == "roofline" else "cpu"
     (jd / "job.json").write_text(json.dumps(record, indent=2))
     summary: dict[str, Any] = {}
+    per_job = cores.cores_needed(job.backend.name, job.experiment.cores_per_job, job.backend.cost_model)
     try:
-        slo = _resolve_slo(job, prov["machine"])
-        slo_cfg = dataclasses.replace(job.slo, ttft_s=slo["ttft_s"], tpot_s=slo["tpot_s"])
-        record["slo"] = slo
-        # The engine sees the job's SLOs (semipd_dynamic steers on them) and logs its decisions here.
-        engine_cfg = dataclasses.replace(job.engine, slo_ttft_s=slo["ttft_s"], slo_tpot_s=slo["tpot_s"],
-                                         slo_percentile=job.slo.percentile,
-                                         decision_log=str(jd / "partition_log.jsonl")
-                                         if job.engine.name == "semipd_dynamic" else None)
-        if job.simulated:
-            def measure(wcfg, out_dir):
-                return simulated.run_simulated(job.model, engine_cfg, job.hardware, job.backend, job.loadgen,
-                                               dataclasses.replace(wcfg, rate=wcfg.rate * load), slo_cfg, out_dir,
-                                               resolved)
-
-            summary = _measure(job, measure, slo_cfg, jd, record)
-        else:
-            with _server(job, engine_cfg, jd) as srv:
-                lcfg = dataclasses.replace(job.loadgen, base_url=srv.url)
-
-                def measure(wcfg, out_dir):
-                    return run_loadgen(lcfg, dataclasses.replace(wcfg, rate=wcfg.rate * load), slo_cfg, out_dir,
-                                       resolved)
-
-                x = job.engine.external
-                names = dict(x.metrics) if job.external else OWN_METRICS
-                with MetricsRecorder(srv.url, names, x.metrics_interval_s) as recorder:
-                    summary = _measure(job, measure, slo_cfg, jd, record)
-                recorder.save(jd / "server_metrics.parquet")
-                _save_server_metrics(srv.url, jd)
-        record.update(status="ok", **headline(summary))
+        with _signals_interrupt(), cores.core_slot(per_job) as my_cores:
+            record["cores"] = my_cores
+            summary = _run_measurement(job, jd, record, prov, resolved, my_cores)
+        record.update(status=_status(summary), **headline(summary), **_validity_columns(summary))
+        if record["status"] == "interrupted":
+            raise JobInterrupted(summary.get("signal") or "requests cancelled")
+    except JobInterrupted as e:
+        record.update(status="interrupted", valid=False, error=f"interrupted: {e}")
+        log.error("job %s interrupted (%s): recorded as `interrupted`; running the sweep again runs it again", jd, e)
+        raise
     except BaseException as e:
         record.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
         raise
@@ -183,6 +242,68 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
     return record
 
 
+def _run_measurement(job: Job, jd: Path, record: dict[str, Any], prov: dict, resolved: Any,
+                     my_cores: list[int]) -> dict[str, Any]:
+    slo = _resolve_slo(job, prov["machine"])
+    slo_cfg = dataclasses.replace(job.slo, ttft_s=slo["ttft_s"], tpot_s=slo["tpot_s"])
+    record["slo"] = slo
+    load = job.num_gpus if job.experiment.rates_per_gpu else 1
+    (jd / "partition_log.jsonl").unlink(missing_ok=True)  # the engine appends: a re-run starts a fresh log
+    # The engine sees the job's SLOs (semipd_dynamic steers on them) and logs its decisions here.
+    engine_cfg = dataclasses.replace(job.engine, slo_ttft_s=slo["ttft_s"], slo_tpot_s=slo["tpot_s"],
+                                     slo_percentile=job.slo.percentile,
+                                     decision_log=str(jd / "partition_log.jsonl")
+                                     if job.engine.name == "semipd_dynamic" else None)
+    if job.simulated:
+        def measure(wcfg, out_dir):
+            s = simulated.run_simulated(job.model, engine_cfg, job.hardware, job.backend, job.loadgen,
+                                        dataclasses.replace(wcfg, rate=wcfg.rate * load), slo_cfg, out_dir, resolved)
+            # A virtual clock: nothing on the host can disturb it.
+            s["host"] = {"checked": False, "valid": True, "reasons": [], "note": "simulated: virtual clock"}
+            return _finish_summary(s, out_dir)
+
+        return _measure(job, measure, slo_cfg, jd, record)
+    srv = _server(job, engine_cfg, jd)
+    with contextlib.ExitStack() as stack:
+        # Stopped even when a signal lands while it starts (a `with` alone would not: __enter__ never returned).
+        stack.callback(srv.stop)
+        stack.enter_context(srv)
+        lcfg = dataclasses.replace(job.loadgen, base_url=srv.url)
+        record["server_ready_monotonic"] = time.monotonic()
+
+        n_probe = job.experiment.step_probe_requests
+
+        def step_probe(wcfg):
+            p = probe.measure(srv.url, lcfg, wcfg, n_probe)
+            if p and p.get("interrupted"):
+                raise JobInterrupted("signal during the step probe")
+            return p
+
+        def measure(wcfg, out_dir):
+            before = step_probe(wcfg) if n_probe else None
+            with HostMonitor(cores=set(my_cores), max_interference=job.experiment.max_host_interference,
+                             max_steal=job.experiment.max_cpu_steal) as mon:
+                s = run_loadgen(lcfg, dataclasses.replace(wcfg, rate=wcfg.rate * load), slo_cfg, out_dir, resolved)
+            s["host"] = mon.result()
+            if n_probe and not s.get("interrupted"):
+                after = step_probe(wcfg)
+                key = probe.calibration_key(job, my_cores, prov["machine"])
+                v = probe.verdict(before, after, probe.load_calibration(key), job.experiment.max_step_slowdown,
+                                  s["host"].get("valid", True))
+                if v.pop("save"):
+                    probe.save_calibration(key, before)
+                s["step_probe"] = v
+            return _finish_summary(s, out_dir)
+
+        x = job.engine.external
+        names = dict(x.metrics) if job.external else OWN_METRICS
+        with MetricsRecorder(srv.url, names, x.metrics_interval_s) as recorder:
+            summary = _measure(job, measure, slo_cfg, jd, record)
+        recorder.save(jd / "server_metrics.parquet")
+        _save_server_metrics(srv.url, jd)
+        return summary
+
+
 def _server(job: Job, engine_cfg, jd: Path):
     """This project's server, an external engine launched from its command template, or one attached to."""
     if not job.external:
@@ -192,10 +313,26 @@ def _server(job: Job, engine_cfg, jd: Path):
     return ExternalServer(job.model, engine_cfg, str(jd))
 
 
+def _finish_summary(s: dict[str, Any], out_dir: Optional[str]) -> dict[str, Any]:
+    """Validity into the summary (and its file): a signal mid-run stops the job here."""
+    if "completeness" not in s and out_dir and (Path(out_dir) / "requests.parquet").is_file():
+        from experiments.loadgen.client import completeness
+
+        s["completeness"] = completeness(pd.read_parquet(Path(out_dir) / "requests.parquet"),
+                                         s["workload"]["num_requests"])
+    s["validity"] = validity(s)
+    if out_dir:
+        (Path(out_dir) / "summary.json").write_text(json.dumps(s, indent=2, default=str))
+    if s.get("interrupted"):
+        raise JobInterrupted(s.get("signal") or "requests cancelled")
+    return s
+
+
 def _measure(job: Job, measure, slo_cfg, jd: Path, record: dict[str, Any]) -> dict[str, Any]:
     if job.experiment.mode == "goodput":
         summary = goodput_search(measure, job.workload, slo_cfg, job.experiment, jd)
-        record["goodput_rate"] = summary["goodput_rate"]
+        record.update({k: summary[k] for k in ("goodput_rate", "goodput_at_range_top", "goodput_at_range_bottom",
+                                               "goodput_monotone")})
         return summary
     return measure(job.workload, str(jd))
 
@@ -225,11 +362,15 @@ def goodput_search(measure, wcfg, slo_cfg, exp, jd: Path) -> dict[str, Any]:
     """DistServe protocol: bisect the rate for the highest one with attainment >= target.
 
     `measure(workload_cfg, out_dir) -> summary` runs one probe (a real load run, or a simulated one).
+    The result says how far to trust it: `goodput_at_range_top` (even goodput_high passed: the true goodput is
+    at least that), `goodput_at_range_bottom` (even goodput_low failed), `goodput_monotone` (no probed rate
+    failed below one that passed; a bisection assumes it), and every probe's validity.
     """
     target = slo_cfg.target_attainment
     probes: list[dict[str, Any]] = []
     aggregates: dict[float, dict[str, Any]] = {}  # rate -> aggregates of its first seed
     frames = []
+    reasons: list[str] = []
 
     def attainment(rate: float) -> float:
         vals = []
@@ -238,16 +379,19 @@ def goodput_search(measure, wcfg, slo_cfg, exp, jd: Path) -> dict[str, Any]:
             s = measure(dataclasses.replace(wcfg, rate=rate, seed=seed), str(d))
             vals.append(s["aggregates"]["slo_attainment"])
             aggregates.setdefault(rate, s["aggregates"])
-            probes.append({"rate": rate, "seed": seed, **headline(s)})
+            v = s.get("validity") or validity(s)
+            probes.append({"rate": rate, "seed": seed, **headline(s), "valid": v["valid"]})
+            reasons.extend(f"probe {rate:g} req/s seed {seed}: {r}" for r in v["reasons"])
             df = pd.read_parquet(d / "requests.parquet")
             frames.append(df.assign(probe_rate=rate, probe_seed=seed))
         return sum(vals) / len(vals)
 
     lo, hi = exp.goodput_low, exp.goodput_high
+    at_top = at_bottom = False
     if attainment(lo) < target:
-        goodput = 0.0
+        goodput, at_bottom = 0.0, True
     elif attainment(hi) >= target:
-        goodput = hi
+        goodput, at_top = hi, True
     else:
         while hi - lo > exp.goodput_tolerance:
             mid = (lo + hi) / 2
@@ -258,8 +402,18 @@ def goodput_search(measure, wcfg, slo_cfg, exp, jd: Path) -> dict[str, Any]:
         goodput = lo
     pd.concat(frames, ignore_index=True).to_parquet(jd / "requests.parquet", index=False)
     best = max((p for p in probes if p["rate"] <= goodput), key=lambda p: p["rate"], default=probes[0])
+    by_rate = pd.DataFrame(probes).groupby("rate")["slo_attainment"].mean()
     summary = {"goodput_rate": goodput, "probes": probes, "target_attainment": target,
+               "goodput_at_range_top": at_top, "goodput_at_range_bottom": at_bottom,
+               "goodput_monotone": curve_is_monotone(by_rate.index.to_numpy(), by_rate.to_numpy(), target),
                "aggregates": aggregates[best["rate"]],
-               "self_check": {"valid": all(p["client_valid"] for p in probes)}}
+               "self_check": {"valid": all(p["client_valid"] for p in probes)},
+               "validity": {"valid": not reasons, "reasons": reasons}}
     (jd / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def curve_is_monotone(rates, attainments, target: float) -> bool:
+    """No tested rate fails the target below a tested rate that passes it."""
+    passed = [a >= target for _, a in sorted(zip(rates, attainments))]
+    return all(not (not p and any(passed[i + 1:])) for i, p in enumerate(passed))

@@ -207,6 +207,9 @@ class AttachedServer:
     def __exit__(self, *exc) -> None:
         pass
 
+    def stop(self) -> None:
+        """Nothing to stop: the server is not ours."""
+
 
 def version(command: str | None, env: dict[str, str]) -> str | None:
     if not command:

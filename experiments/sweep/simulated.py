@@ -88,8 +88,8 @@ def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, 
     outputs = [it.output_len for it in items]
     done, sim, plat, wall = simulate(model_cfg, engine_cfg, hardware_cfg, backend_cfg, offsets, prompts, outputs)
     expected = {f"sim-{i}": (p, o) for i, (p, o) in enumerate(zip(prompts, outputs))}
-    df = M.derive(to_frame(done, expected), lcfg.measure_from)
-    window = M.measured_window(df, lcfg.warmup_s, lcfg.cooldown_s)
+    df = M.mark_measured(M.derive(to_frame(done, expected), lcfg.measure_from), lcfg)
+    window = df[df["measured"]]
     duration = float(window["finish_s"].max() - window["send_s"].min()) if len(window) else 0.0
     st = sim.stats
     summary = {

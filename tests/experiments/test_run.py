@@ -38,9 +38,12 @@ def _server_processes(marker: str) -> list[int]:
 def test_two_job_multirun_end_to_end(tmp_path):
     results = tmp_path / "results"
     sweep = results / "sweep"
+    # Two warm-up requests of eight; validity limits off (a shared test machine is not quiet, and this test is
+    # about the pipeline, not the host).
     cmd = [sys.executable, "run.py", "-m", "engine=unified,unified_chunked", "workload.rate=4",
-           "workload.num_requests=6", "workload.length_scale=0.1", f"results_dir={results}", "wandb.mode=offline",
-           "loadgen.progress=false", f"hydra.sweep.dir={sweep}"]
+           "workload.num_requests=8", "workload.length_scale=0.1", "loadgen.warmup_requests=2",
+           "experiment.max_host_interference=1.0", "experiment.max_step_slowdown=1000", f"results_dir={results}",
+           "wandb.mode=offline", "loadgen.progress=false", f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "WANDB_MODE": "offline"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -50,26 +53,32 @@ def test_two_job_multirun_end_to_end(tmp_path):
     summary = pd.read_csv(sweep / "summary.csv").sort_values("engine", ignore_index=True)
     engines = ["unified", "unified_chunked"]
     assert list(summary["engine"]) == engines
-    assert list(summary["job"]) == [f"engine={e},workload.length_scale=0.1,workload.num_requests=6,workload.rate=4"
-                                    for e in engines]
+    assert list(summary["job"]) == [f"engine={e},experiment.max_host_interference=1.0,experiment.max_step_slowdown=1000,"
+                                    f"loadgen.warmup_requests=2,workload.length_scale=0.1,workload.num_requests=8,"
+                                    f"workload.rate=4" for e in engines]
     assert (summary["status"] == "ok").all() and (summary["num_errors"] == 0).all()
     assert (summary["rate"] == 4.0).all() and (summary["workload.rate"] == 4).all()
-    assert (summary["num_requests"] == 6).all()
+    assert (summary["num_requests"] == 6).all()  # measured: the warm-up requests are not counted
+    assert summary["valid"].all() and summary["host_checked"].all()
+    assert (summary["slo_attainment_ci_low"] <= summary["slo_attainment"]).all()
+    assert (summary["step_probe_before_tpot_s"] > 0).all() and (summary["step_probe_after_tpot_s"] > 0).all()
     slo = compose_run(["engine=unified", "workload.rate=4"]).slo  # the demo experiment's SLOs
     assert (summary["slo_ttft_s"] == slo.ttft_s).all() and (summary["slo_tpot_s"] == slo.tpot_s).all()
 
     # Every request of every job, tagged with its job; the headline attainment is what its requests imply.
     req = pd.read_parquet(sweep / "requests.parquet")
-    assert req.groupby("engine").size().to_dict() == {e: 6 for e in engines}
+    assert req.groupby("engine").size().to_dict() == {e: 8 for e in engines}
     assert (req["rate"] == 4.0).all() and (req["workload.rate"] == 4).all() and req["error"].isna().all()
     for _, row in summary.iterrows():
         mine = req[req["job"] == row["job"]]
-        assert sorted(mine["request_id"]) == list(range(6))
+        assert sorted(mine["request_id"]) == list(range(8))
         assert mine.equals(req[req["engine"] == row["engine"]])
+        assert mine["measured"].sum() == 6 and not mine.sort_values("scheduled_s").head(2)["measured"].any()
+        mine = mine[mine["measured"]]
         met = (mine["ttft_s"] <= slo.ttft_s) & (mine["tpot_s"].isna() | (mine["tpot_s"] <= slo.tpot_s))
         assert row["slo_attainment"] == met.mean()
         job_summary = json.loads((sweep / row["job"] / "summary.json").read_text())
-        assert job_summary["aggregates"]["num_requests"] == 6
+        assert job_summary["aggregates"]["num_requests"] == 6 and job_summary["validity"]["valid"]
         assert job_summary["aggregates"]["slo_attainment"] == row["slo_attainment"]
 
     # Provenance: this checkout's commit, this machine, the installed packages, the job's own config.
@@ -87,10 +96,11 @@ def test_two_job_multirun_end_to_end(tmp_path):
     assert len([r for r in runs if r.parent.parent == sweep]) == 1, runs
 
     # The sweep's table on the terminal, and its figures.
-    assert f"sweep {sweep}: 2 jobs (2 ok)" in proc.stdout
-    table = proc.stdout.split(f"sweep {sweep}: 2 jobs (2 ok)\n", 1)[1].splitlines()
+    assert f"sweep {sweep}: 2 jobs (2 ok, 0 invalid)" in proc.stdout
+    table = proc.stdout.split(f"sweep {sweep}: 2 jobs (2 ok, 0 invalid)\n", 1)[1].splitlines()
     assert table[0].split()[0] == "engine" and "slo_attainment" in table[0].split()
     assert [line.split()[0] for line in table[1:3]] == engines
+    assert {"points.csv", "goodput.csv", "sweep.json"} <= {p.name for p in sweep.iterdir()}
     first = {p.name for p in (sweep / "figures").iterdir()}
     assert first == {f"{f}.{ext}" for f in FIGURES for ext in ("png", "pdf")}
 

@@ -17,8 +17,10 @@ def workload_cfg(**kw):
 
 
 def loadgen_cfg(url, **kw):
-    """Quiet, tokenizer-free client settings (prompts of approximate length, fastest to build)."""
-    return freeze(LoadgenConfig, {"base_url": url, "progress": False, "tokenizer": "none", **kw})
+    """Quiet, tokenizer-free client settings (prompts of approximate length, fastest to build); every request
+    counted (no warm-up requests) unless a test asks for them."""
+    return freeze(LoadgenConfig, {"base_url": url, "progress": False, "tokenizer": "none", "warmup_requests": 0,
+                                  **kw})
 
 
 def compose_run(overrides=()):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -73,3 +74,35 @@ def test_partition_timeline_figure(tmp_path):
         {"time_s": 0, "prefill_share": 50, "decode_share": 50}, {"time_s": 5, "prefill_share": 70, "decode_share": 50}]))
     paths = make_figures(tmp_path)
     assert any(p.endswith("partition_over_time.png") for p in paths)
+
+
+def test_figures_from_a_saved_sweep_mark_invalid_points(tmp_path):
+    """Two engines over two rates; semipd's 4 req/s run failed its validity check: it is left out of the lines,
+    drawn as a grey cross, and counted in the caption; the caption names model, workload, SLOs and the
+    requests behind each point."""
+    for engine in ("unified", "semipd"):
+        for rate in (2.0, 4.0):
+            valid = not (engine == "semipd" and rate == 4.0)
+            write_job(tmp_path, f"engine={engine},workload.rate={rate:g}", engine, rate, ttft_s=[0.1, 0.2, 0.3, 2.0],
+                      slo_attainment=0.75, p90_ttft_s=1.5, p90_tpot_s=0.01, mean_e2e_s=1.0, request_throughput=rate,
+                      num_requests=4, num_errors=0, valid=valid, client_valid=valid,
+                      invalid_reasons="" if valid else "client: p99 dispatch lateness 20.0 ms > 10 ms")
+    paths = make_figures(tmp_path)
+    names = {p.rsplit("/", 1)[1] for p in paths}
+    assert {"slo_attainment_vs_rate.png", "p90_latency_vs_rate.png", "mean_e2e_vs_rate.png",
+            "goodput_per_engine.png"} <= names
+
+    _, _, pts, _ = figures.load_sweep(tmp_path)
+    assert list(pts.loc[~pts["valid"], ["engine", "rate"]].itertuples(index=False, name=None)) == [("semipd", 4.0)]
+    fig = figures.attainment_figure(pts, figures.context(tmp_path, pd.read_csv(tmp_path / "summary.csv"), pts))
+    caption = fig._suptitle.get_text()
+    assert "model tiny" in caption and "workload synthetic" in caption and "SLO TTFT <= 1 s, TPOT <= 100 ms" in caption
+    assert "4 measured requests x 1 seed(s) per point" in caption
+    assert "1 of 4 point(s) have no valid run" in caption
+    ax = fig.axes[0]
+    crosses = [c for c in ax.collections if c.get_gid() == "invalid"]
+    assert len(crosses) == 1 and crosses[0].get_offsets()[0][1] == pytest.approx(75.0)
+    # The lines: one per engine, semipd's broken where its invalid point would be.
+    lines = {line.get_label(): line for line in ax.get_lines() if line.get_label() in ("unified", "semipd")}
+    assert np.isfinite(lines["unified"].get_ydata()).sum() == 2 and np.isfinite(lines["semipd"].get_ydata()).sum() == 1
+    figures.plt.close(fig)

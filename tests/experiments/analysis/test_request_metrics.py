@@ -8,7 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from experiments.analysis.request_metrics import aggregate, derive, measured_window, self_check, slo_met
+from experiments.analysis.request_metrics import (
+    aggregate,
+    derive,
+    measured_mask,
+    measured_window,
+    self_check,
+    slo_met,
+)
 from experiments.loadgen.arrivals import interarrival_distribution
 from tests.helpers.experiment_configs import workload_cfg
 
@@ -78,3 +85,13 @@ def test_self_check():
     ks = self_check(_sent_on_time(bunched), cfg, [], dist)
     assert not ks["valid"] and ks["reasons"][0].startswith("inter-arrival times fail the KS test against poisson")
     assert "ks_pvalue" not in self_check(_sent_on_time(bunched), cfg, [], None)  # no distribution, no KS test
+
+
+def test_warmup_requests_are_saved_but_not_counted():
+    # Schedule order, not row order; an unsent request (no schedule) counts last.
+    df = pd.DataFrame({"scheduled_s": [3.0, 0.0, 2.0, np.nan, 1.0]})
+    assert list(measured_mask(df, warmup_requests=2)) == [True, False, True, True, False]
+    assert measured_mask(df).all()
+    assert list(measured_mask(df, warmup_s=1.5, warmup_requests=1)) == [True, False, True, False, False]
+    marked = df.assign(measured=measured_mask(df, warmup_requests=2))
+    assert list(measured_window(marked, 0.0, 0.0).index) == [0, 2, 3]  # a saved `measured` column decides

@@ -70,11 +70,12 @@ def test_format_table(tmp_path):
     _sweep(tmp_path)
     summary, _ = aggregate_sweep(tmp_path)
     lines = format_table(summary, summary.attrs["swept"]).splitlines()
-    # engine, the swept keys but the rate (a column already), then the headline columns in milliseconds / %.
-    assert lines[0].split() == ["engine", "slo", "rate", "status", "slo_attainment", "p90_ttft_ms", "p90_tpot_ms",
+    # engine, the swept keys that vary but the rate (a column already; `slo` is one value here, so no column),
+    # then the headline columns in milliseconds / %.
+    assert lines[0].split() == ["engine", "rate", "status", "slo_attainment", "p90_ttft_ms", "p90_tpot_ms",
                                 "mean_e2e_ms", "request_throughput", "num_errors"]
     rows = [line.split() for line in lines[1:]]
     assert [r[0] for r in rows] == ["disagg", "semipd", "unified"]
-    assert rows[1][1:9] == ["tight", "4.0", "ok", "66.7", "800.0", "20.0", "1250.0", "3.5"]
-    assert rows[2][4:7] == ["100.0", "190.0", "12.0"]
-    assert rows[0][3:5] == ["failed", "NaN"]
+    assert rows[1][1:8] == ["4.0", "ok", "66.7", "800.0", "20.0", "1250.0", "3.5"]
+    assert rows[2][3:6] == ["100.0", "190.0", "12.0"]
+    assert rows[0][2:4] == ["failed", "NaN"]

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from experiments.loadgen import run_loadgen
 from experiments.sweep.config import ExperimentConfig, SLOConfig
-from experiments.sweep.job import goodput_search, headline, read_job, run
+from experiments.sweep.job import JobInterrupted, goodput_search, headline, read_job, run
 from experiments.sweep.launch import ServerStartError
 from semipd_engine.config import freeze
 from tests.helpers.experiment_configs import compose_run, loadgen_cfg, workload_cfg
@@ -76,11 +81,16 @@ def test_only_a_finished_job_is_skipped(tmp_path, monkeypatch):
         run(cfg, str(tmp_path))
     assert len(started) == 1 and read_job(tmp_path)["error"] == "ServerStartError: no server in this test"
 
+    (tmp_path / "job.json").write_text(json.dumps({**done, "valid": False}))
+    with pytest.raises(ServerStartError):  # an invalid measurement runs again
+        run(cfg, str(tmp_path))
+    assert len(started) == 2
+
     (tmp_path / "job.json").write_text(json.dumps(done))
     with pytest.raises(ServerStartError):  # and so does a finished one when skipping is off
         run(compose_run(["experiment=single", "wandb.mode=disabled", "experiment.skip_finished=false"]),
             str(tmp_path))
-    assert len(started) == 2
+    assert len(started) == 3
 
 
 def test_read_job(tmp_path):
@@ -101,3 +111,173 @@ def test_headline_picks_each_metric_from_its_place():
     assert (h["num_requests"], h["num_errors"], h["client_valid"]) == (10, 1, False)
     assert (h["mean_ttft_s"], h["p90_tpot_s"], h["p50_itl_s"], h["p99_e2e_s"]) == (0, 12, 21, 33)
     assert len(h) == 7 + 16
+
+
+class _MockEngineServer:
+    """Stands in for EngineServer in a job: the in-process mock OpenAI server (no engine process)."""
+
+    last = None
+
+    def __init__(self, *args, **kwargs):
+        self.srv = MockOpenAIServer(ttft_s=0.01, itl_s=0.002)
+        _MockEngineServer.last = self
+
+    def __enter__(self):
+        self.srv.__enter__()
+        self.url = self.srv.url
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def stop(self):
+        if self.srv._thread.is_alive():
+            self.srv.__exit__(None, None, None)
+
+
+_MOCK_JOB = ["experiment=single", "wandb.mode=disabled", "workload=fixed", "workload.prompt_len=4",
+             "workload.output_len=4", "workload.num_requests=40", "workload.rate=20", "loadgen.tokenizer=none",
+             "loadgen.progress=false", "experiment.step_probe_requests=0"]
+
+
+def _sigterm_after(n_requests: int) -> threading.Thread:
+    """SIGTERM to this process once the mock server has received `n_requests` of the load."""
+    def watch():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            srv = _MockEngineServer.last
+            if srv is not None and len(srv.srv.received) >= n_requests:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+def test_a_job_interrupted_mid_load_is_recorded_as_interrupted_and_runs_again(tmp_path, monkeypatch):
+    from experiments.sweep import job as job_module
+
+    monkeypatch.setattr(job_module, "EngineServer", _MockEngineServer)
+    cfg = compose_run(_MOCK_JOB)
+    _MockEngineServer.last = None
+    watcher = _sigterm_after(8)  # 40 requests at 20/s: ~2 s of load, interrupted after ~0.4 s of it
+    with pytest.raises(JobInterrupted):
+        run(cfg, str(tmp_path))
+    watcher.join()
+    job = read_job(tmp_path)
+    assert job["status"] == "interrupted" and job["valid"] is False and "SIGTERM" in job["error"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["interrupted"] and summary["signal"] == "SIGTERM" and not summary["validity"]["valid"]
+    assert summary["completeness"]["not_sent"] > 0 and not summary["completeness"]["complete"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the job gave the handlers back
+
+    # The next run of the sweep runs it again (only `ok` is skipped), and this time it completes.
+    again = run(cfg, str(tmp_path))
+    assert again["status"] == "ok" and read_job(tmp_path)["status"] == "ok"
+    assert again["num_requests"] == 40 - 5  # the default warm-up requests are not counted
+    df = pd.read_parquet(tmp_path / "requests.parquet")
+    assert len(df) == 40 and df["error"].isna().all() and df["measured"].sum() == 35
+    assert not df.sort_values("scheduled_s").head(5)["measured"].any()
+    # Validity travels with the row: the client's check, the host's, the interval columns.
+    assert {"valid", "invalid_reasons", "host_valid", "host_foreign_cpu_frac", "client_valid",
+            "slo_attainment_ci_low", "slo_attainment_ci_high", "p90_ttft_s_ci_low", "p90_ttft_s_ci_high",
+            "request_throughput_ci_low"} <= set(again)
+    assert again["slo_attainment_ci_low"] <= again["slo_attainment"] <= again["slo_attainment_ci_high"]
+
+
+def test_an_incomplete_run_is_not_ok():
+    from experiments.sweep.job import _status, validity
+
+    s = {"self_check": {"reasons": []}, "host": {"reasons": []},
+         "completeness": {"planned": 40, "rows": 28, "not_sent": 12, "cancelled": 0, "complete": False}}
+    assert _status(s) == "incomplete"
+    assert validity(s) == {"valid": False, "reasons": ["incomplete: 28 of 40 requests recorded, 12 not sent, "
+                                                       "0 cancelled"]}
+    s["host"]["reasons"] = ["host interference: other processes used 40% of the job's 2 core(s)"]
+    assert len(validity(s)["reasons"]) == 2
+
+
+def test_goodput_search_flags_the_top_of_the_range_and_probe_validity(tmp_path):
+    exp = freeze(ExperimentConfig, {"mode": "goodput", "goodput_low": 1.0, "goodput_high": 8.0,
+                                    "goodput_tolerance": 1.0, "goodput_seeds": [0]})
+    slo = freeze(SLOConfig, {"ttft_s": 1.0, "tpot_s": 1.0})
+
+    def measure(attain, invalid_at=None):
+        def f(wcfg, out):
+            Path(out).mkdir(parents=True, exist_ok=True)
+            pd.DataFrame({"request_id": [0]}).to_parquet(Path(out) / "requests.parquet")
+            stats = {q: 0.1 for q in ("mean", "p50", "p90", "p99")}
+            bad = wcfg.rate == invalid_at
+            return {"aggregates": {"slo_attainment": attain(wcfg.rate), "goodput": 1.0, "request_throughput": 1.0,
+                                   "output_token_throughput": 1.0, "num_requests": 10, "num_errors": 0,
+                                   **{m: stats for m in ("ttft_s", "tpot_s", "itl_s", "e2e_s")}},
+                    "self_check": {"valid": not bad, "reasons": ["late"] if bad else []}}
+        return f
+
+    top = goodput_search(measure(lambda r: 1.0), workload_cfg(), slo, exp, tmp_path / "a")
+    assert top["goodput_rate"] == 8.0 and top["goodput_at_range_top"] and not top["goodput_at_range_bottom"]
+    bottom = goodput_search(measure(lambda r: 0.0), workload_cfg(), slo, exp, tmp_path / "b")
+    assert bottom["goodput_rate"] == 0.0 and bottom["goodput_at_range_bottom"]
+    mid = goodput_search(measure(lambda r: 1.0 if r <= 3 else 0.5, invalid_at=8.0), workload_cfg(), slo, exp,
+                         tmp_path / "c")
+    assert 2.0 <= mid["goodput_rate"] <= 3.0 and mid["goodput_monotone"]  # within the tolerance below 3
+    assert not mid["goodput_at_range_top"] and not mid["validity"]["valid"]
+    assert mid["validity"]["reasons"] == ["probe 8 req/s seed 0: client: late"]
+
+
+def test_step_probe_verdict():
+    from experiments.sweep.probe import verdict
+
+    fast, slow = {"tpot_s": 0.002, "ttft_s": 0.01}, {"tpot_s": 0.004, "ttft_s": 0.01}
+    first = verdict(fast, fast, None, 1.5, host_valid=True)
+    assert first["reasons"] == [] and first["save"]  # a clean first run calibrates
+    assert not verdict(fast, fast, None, 1.5, host_valid=False)["save"]  # a disturbed one does not
+    during = verdict(fast, slow, fast, 1.5, host_valid=True)
+    assert during["after_over_before"] == 2.0 and "after the load" in during["reasons"][0] and not during["save"]
+    machine = verdict(slow, slow, fast, 1.5, host_valid=True)
+    assert machine["before_over_calibrated"] == 2.0 and "calibrated" in machine["reasons"][0]
+
+
+def test_a_real_job_probes_the_engine_before_and_after_its_load(tmp_path, monkeypatch):
+    from experiments.sweep import job as job_module
+    from experiments.sweep.probe import calibration_path
+
+    monkeypatch.setattr(job_module, "EngineServer", _MockEngineServer)
+    overrides = [o for o in _MOCK_JOB if not o.startswith(("experiment.step_probe", "workload.num_requests",
+                                                           "workload.rate"))]
+    cfg = compose_run([*overrides, "workload.num_requests=8", "workload.rate=50", "experiment.step_probe_requests=2",
+                       "experiment.max_host_interference=1.0"])
+    rec = run(cfg, str(tmp_path))
+    sp = json.loads((tmp_path / "summary.json").read_text())["step_probe"]
+    assert sp["before"]["tpot_s"] > 0 and sp["after"]["tpot_s"] > 0 and sp["reasons"] == []
+    assert rec["step_probe_before_tpot_s"] == sp["before"]["tpot_s"]
+    assert len(_MockEngineServer.last.srv.received) == 8 + 2 * 2  # the probes' requests are not in the rows
+    assert len(pd.read_parquet(tmp_path / "requests.parquet")) == 8
+    saved = json.loads(calibration_path().read_text())  # a clean first run calibrated this engine
+    assert list(saved.values()) == [sp["before"]]
+
+
+def test_a_signal_while_the_server_starts_still_stops_it(tmp_path, monkeypatch):
+    from experiments.sweep import job as job_module
+
+    stopped = []
+
+    class SlowStart:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            raise JobInterrupted("SIGTERM")  # as the handler would, mid-way through waiting for /health
+
+        def __exit__(self, *exc):
+            stopped.append("exit")
+
+        def stop(self):
+            stopped.append("stop")
+
+    monkeypatch.setattr(job_module, "EngineServer", SlowStart)
+    with pytest.raises(JobInterrupted):
+        run(compose_run(_MOCK_JOB), str(tmp_path))
+    assert stopped == ["stop"] and read_job(tmp_path)["status"] == "interrupted"

@@ -26,8 +26,8 @@ LLAMA8B = freeze(ModelConfig, {"name": "llama3-8b", "dtype": "bfloat16"})
 
 
 def test_simulated_rows_have_the_load_generators_columns(tmp_path):
-    real = M.derive(to_frame([Record(0, 0.0, 0.0, 0.1, 0.5, [0.1, 0.3, 0.5], 5, 3, 3, 200)],
-                             [Planned(0, "x", 5, 3, 0.0)], 0.0))
+    real = M.mark_measured(M.derive(to_frame([Record(0, 0.0, 0.0, 0.1, 0.5, [0.1, 0.3, 0.5], 5, 3, 3, 200)],
+                                             [Planned(0, "x", 5, 3, 0.0)], 0.0)), loadgen_cfg("unused"))
     e = freeze(EngineConfig, {"name": "unified", "max_num_seqs": 256})
     w = workload_cfg(name="synthetic", num_requests=50, rate=5.0)
     s = simulated.run_simulated(LLAMA8B, e, A100, SIM, loadgen_cfg("unused"), w, SLO, str(tmp_path))

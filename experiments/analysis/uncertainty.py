@@ -1,0 +1,257 @@
+"""Confidence intervals for every per-point statistic: over requests, and over seeds where a point has several.
+
+One run (one seed) — intervals over its requests, 95% by default:
+  - percentiles (P50/P90/P99 of TTFT, TPOT, E2E): the distribution-free order-statistic interval (the ranks a
+    binomial(n, q) count puts around the q-quantile); where the sample is too small to bound it (P99 of fewer
+    than ~300 requests), the upper end is +inf rather than a number that only looks like a bound;
+  - ITL percentiles: a bootstrap that resamples whole requests (a request's gaps are not independent);
+  - SLO attainment: the Wilson score interval (never [1, 1] at 100%: sixty passing requests bound it at ~94%);
+  - means: a percentile bootstrap over requests;
+  - throughput: completions in a window as a Poisson count (Garwood's exact interval), times the bootstrapped
+    mean output length for token throughput.
+Several seeds of one point — a two-level bootstrap (seeds with replacement, then requests within each), pooled
+statistic per replicate, never narrower than the pooled one-level interval above.
+
+Every interval assumes the requests of a run are independent draws. Latencies under load are correlated in
+time (a burst delays its neighbours), so one run's intervals are optimistic; seeds, being independent runs,
+are what carries that variance into the interval: sweep `workload.seed` for claims that matter.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+CONFIDENCE = 0.95
+BOOTSTRAP = 1000
+PERCENTILES = (50, 90, 99)
+LATENCIES = ("ttft_s", "tpot_s", "e2e_s")
+
+
+def _rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+def _finite(values) -> np.ndarray:
+    v = np.asarray(values, dtype=float)
+    return v[~np.isnan(v)]
+
+
+def wilson(k: int, n: int, conf: float = CONFIDENCE) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n."""
+    if n <= 0:
+        return math.nan, math.nan
+    z = stats.norm.ppf(0.5 + conf / 2)
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    lo = 0.0 if k == 0 else max(0.0, float(mid - half))
+    hi = 1.0 if k == n else min(1.0, float(mid + half))
+    return lo, hi
+
+
+def quantile_ci(values, q: float, conf: float = CONFIDENCE) -> tuple[float, float]:
+    """Distribution-free interval of the q-quantile (0 < q < 1): order statistics at binomial ranks.
+
+    The lower end is the largest order statistic below which at most (1-conf)/2 of the binomial(n, q)
+    mass lies, the upper end symmetric; an end the sample cannot reach is -inf / +inf.
+    """
+    v = np.sort(_finite(values))
+    n = v.size
+    if n == 0:
+        return math.nan, math.nan
+    alpha = (1 - conf) / 2
+    # rank r (1-based) with P(Binom(n, q) < r) <= alpha: X_(r) <= quantile with probability >= 1 - alpha
+    lo_rank = int(stats.binom.ppf(alpha, n, q))  # P(B <= lo_rank) >= alpha
+    if stats.binom.cdf(lo_rank, n, q) > alpha:
+        lo_rank -= 1
+    hi_rank = int(stats.binom.ppf(1 - alpha, n, q)) + 1
+    lo = v[lo_rank - 1] if lo_rank >= 1 else -math.inf
+    hi = v[hi_rank - 1] if hi_rank <= n else math.inf
+    return float(lo), float(hi)
+
+
+def garwood(count: int, conf: float = CONFIDENCE) -> tuple[float, float]:
+    """Exact Poisson interval of a count."""
+    alpha = 1 - conf
+    lo = 0.0 if count == 0 else stats.chi2.ppf(alpha / 2, 2 * count) / 2
+    hi = stats.chi2.ppf(1 - alpha / 2, 2 * count + 2) / 2
+    return float(lo), float(hi)
+
+
+def bootstrap_ci(values, stat=np.mean, n_boot: int = BOOTSTRAP, conf: float = CONFIDENCE,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap of `stat` over the values (vectorised: `stat(matrix, axis=1)`)."""
+    v = _finite(values)
+    if v.size == 0:
+        return math.nan, math.nan
+    if v.size == 1:
+        return float(v[0]), float(v[0])
+    idx = _rng(seed).integers(0, v.size, (n_boot, v.size))
+    reps = stat(v[idx], axis=1)
+    return _pct_interval(reps, conf)
+
+
+def _pct_interval(reps, conf: float) -> tuple[float, float]:
+    reps = _finite(reps)
+    if reps.size == 0:
+        return math.nan, math.nan
+    a = (1 - conf) / 2
+    return float(np.quantile(reps, a)), float(np.quantile(reps, 1 - a))
+
+
+def cluster_quantile_ci(groups: Sequence[Sequence[float]], q: float, n_boot: int = BOOTSTRAP,
+                        conf: float = CONFIDENCE, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap of a pooled quantile resampling whole groups (a request's inter-token gaps)."""
+    groups = [np.asarray(g, dtype=float) for g in groups if len(g)]
+    if not groups:
+        return math.nan, math.nan
+    rng = _rng(seed)
+    reps = np.empty(n_boot)
+    for b in range(n_boot):
+        pick = rng.integers(0, len(groups), len(groups))
+        reps[b] = np.percentile(np.concatenate([groups[i] for i in pick]), q * 100)
+    return _pct_interval(reps, conf)
+
+
+def request_cis(df: pd.DataFrame, met: pd.Series, duration_s: float, conf: float = CONFIDENCE) -> dict[str, Any]:
+    """Intervals of one run's statistics over its measured requests: {statistic: [low, high]}.
+
+    Keys follow the aggregates: `slo_attainment`, `request_throughput`, `output_token_throughput`, `goodput`,
+    and `<latency>.<mean|p50|p90|p99>` for ttft_s, tpot_s, e2e_s, itl_s.
+    """
+    out: dict[str, Any] = {}
+    n = len(df)
+    ok = df[df["error"].isna()]
+    out["slo_attainment"] = list(wilson(int(met.sum()), n, conf)) if n else [math.nan, math.nan]
+    for col in LATENCIES:
+        v = _finite(ok[col]) if col in ok else np.array([])
+        out[f"{col}.mean"] = list(bootstrap_ci(v, conf=conf))
+        for p in PERCENTILES:
+            out[f"{col}.p{p}"] = list(quantile_ci(v, p / 100, conf))
+    if "itl_s" in ok:
+        groups = [g for g in ok["itl_s"] if isinstance(g, (list, np.ndarray)) and len(g)]
+        flat = np.concatenate([np.asarray(g, dtype=float) for g in groups]) if groups else np.array([])
+        out["itl_s.mean"] = list(_cluster_mean_ci(groups, conf)) if groups else [math.nan, math.nan]
+        for p in PERCENTILES:
+            out[f"itl_s.p{p}"] = (list(cluster_quantile_ci(groups, p / 100, n_boot=200, conf=conf))
+                                  if flat.size else [math.nan, math.nan])
+    dur = max(duration_s, 1e-9)
+    lo, hi = garwood(len(ok), conf)
+    out["request_throughput"] = [lo / dur, hi / dur]
+    glo, ghi = garwood(int(met.sum()), conf)
+    out["goodput"] = [glo / dur, ghi / dur]
+    toks = _finite(ok["output_tokens"]) if len(ok) else np.array([])
+    if toks.size:
+        mlo, mhi = bootstrap_ci(toks, conf=conf)
+        out["output_token_throughput"] = [lo * mlo / dur, hi * mhi / dur]
+    else:
+        out["output_token_throughput"] = [0.0, hi / dur]
+    return out
+
+
+def _cluster_mean_ci(groups, conf: float, n_boot: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
+    sums = np.array([float(np.sum(g)) for g in groups])
+    counts = np.array([len(g) for g in groups], dtype=float)
+    idx = _rng(seed).integers(0, len(groups), (n_boot, len(groups)))
+    return _pct_interval(sums[idx].sum(axis=1) / counts[idx].sum(axis=1), conf)
+
+
+# -- one point, several seeds ----------------------------------------------------------------------------------
+
+
+def _padded(frames: list[pd.DataFrame], col: str) -> np.ndarray:
+    n = max(len(f) for f in frames)
+    out = np.full((len(frames), n), np.nan)
+    for i, f in enumerate(frames):
+        out[i, : len(f)] = f[col].to_numpy(dtype=float)
+    return out
+
+
+def point_stats(frames: list[pd.DataFrame], durations: list[float], conf: float = CONFIDENCE,
+                n_boot: int = BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
+    """Estimates and intervals of one point from its runs' measured requests (one frame per seed).
+
+    Each frame needs `ttft_s`, `tpot_s`, `e2e_s` (NaN for failed requests), `output_tokens` and a boolean `met`
+    (both SLOs met). Estimates pool the requests of every run (throughput: the runs' mean); intervals are the
+    one-level ones with one run, and a two-level bootstrap (runs, then requests) widened to the pooled
+    one-level interval with several. Returns flat keys: `<stat>`, `<stat>_ci_low`, `<stat>_ci_high` for
+    slo_attainment, request_throughput, mean_<lat>, p<q>_<lat>; plus n_requests and n_seeds.
+    """
+    frames = [f.assign(**{c: np.nan for c in LATENCIES if c not in f}) for f in frames if len(f)]
+    if not frames:
+        return {"n_requests": 0, "n_seeds": 0}
+    pooled = pd.concat(frames, ignore_index=True)
+    ok = pooled[pooled["error"].isna()] if "error" in pooled else pooled
+    met = pooled["met"].astype(bool)
+    out: dict[str, Any] = {"n_requests": int(len(pooled)), "n_seeds": len(frames)}
+
+    def put(name, est, lo, hi):
+        out[name], out[f"{name}_ci_low"], out[f"{name}_ci_high"] = est, lo, hi
+
+    one_level: dict[str, tuple[float, float]] = {"slo_attainment": wilson(int(met.sum()), len(pooled), conf)}
+    estimates: dict[str, float] = {"slo_attainment": float(met.mean())}
+    for col in LATENCIES:
+        v = _finite(ok[col])
+        estimates[f"mean_{col}"] = float(v.mean()) if v.size else math.nan
+        one_level[f"mean_{col}"] = bootstrap_ci(v, conf=conf, seed=seed)
+        for p in PERCENTILES:
+            estimates[f"p{p}_{col}"] = float(np.percentile(v, p)) if v.size else math.nan
+            one_level[f"p{p}_{col}"] = quantile_ci(v, p / 100, conf)
+    thr = [len(f[f["error"].isna()]) / d if d and d > 0 else math.nan for f, d in zip(frames, durations)]
+    estimates["request_throughput"] = float(np.nanmean(thr)) if not np.isnan(thr).all() else math.nan
+    total_dur = float(np.nansum(durations))
+    lo, hi = garwood(len(ok), conf)
+    one_level["request_throughput"] = (lo / total_dur, hi / total_dur) if total_dur > 0 else (math.nan, math.nan)
+
+    if len(frames) == 1:
+        for k, est in estimates.items():
+            put(k, est, *one_level[k])
+        return out
+
+    rng = _rng(seed)
+    s = len(frames)
+    sizes = np.array([len(f) for f in frames])
+    pick = rng.integers(0, s, (n_boot, s))  # runs with replacement
+    within = (rng.random((n_boot, s, sizes.max())) * sizes[pick][:, :, None]).astype(int)
+    valid = np.arange(sizes.max())[None, None, :] < sizes[pick][:, :, None]
+
+    def gather(col: str) -> np.ndarray:
+        m = _padded(frames, col)
+        g = m[pick[:, :, None], within]
+        g[~valid] = np.nan
+        return g.reshape(n_boot, -1)
+
+    metm = gather("met")
+    boot: dict[str, np.ndarray] = {"slo_attainment": np.nanmean(metm, axis=1)}
+    for col in LATENCIES:
+        g = gather(col)
+        with warnings.catch_warnings():  # a column without values (all NaN) gives NaN, as it should
+            warnings.simplefilter("ignore", RuntimeWarning)
+            boot[f"mean_{col}"] = np.nanmean(g, axis=1)
+            qs = np.nanpercentile(g, PERCENTILES, axis=1)
+        for p, row in zip(PERCENTILES, qs):
+            boot[f"p{p}_{col}"] = row
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        boot["request_throughput"] = np.nanmean(np.asarray(thr, dtype=float)[pick], axis=1)
+    for k, est in estimates.items():
+        blo, bhi = _pct_interval(boot[k], conf)
+        olo, ohi = one_level[k]
+        put(k, est, _nanmin(blo, olo), _nanmax(bhi, ohi))
+    return out
+
+
+def _nanmin(a: float, b: float) -> float:
+    return b if math.isnan(a) else a if math.isnan(b) else min(a, b)
+
+
+def _nanmax(a: float, b: float) -> float:
+    return b if math.isnan(a) else a if math.isnan(b) else max(a, b)

@@ -1,0 +1,103 @@
+"""The engine's step time before and after the load, against its calibrated value on this machine.
+
+The host check sees CPU time taken by others; it cannot see a machine that is slower than usual for reasons
+that leave no CPU time behind (frequency, memory bandwidth taken by a neighbour on another core, a hypervisor
+that hides its steal). A short probe can: `experiment.step_probe_requests` requests sent one at a time (16-token
+prompts, 16-token answers) right before and right after the load; their median TPOT is the engine's step time
+at batch 1 plus the serving path's per-token cost. A run is flagged when the probe after the load is more than
+`experiment.max_step_slowdown` times the one before, or when the probe before it is that much slower than the
+first probe recorded for the same model, engine, cores and machine on a run whose host check passed (kept in
+the cache folder next to the SLO baselines, `step_probe.json`; delete it to recalibrate).
+
+The probe's requests reach the engine like any other (a dynamic partitioner sees them in its first window);
+they are not in requests.parquet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from typing import Any, Optional
+
+from experiments.sweep.slo import cache_path
+
+log = logging.getLogger(__name__)
+PROMPT_LEN = OUTPUT_LEN = 16
+
+
+def calibration_path():
+    return cache_path().parent / "step_probe.json"
+
+
+def calibration_key(job, cores: list[int], machine: dict) -> str:
+    e, m = job.engine, job.model
+    return (f"{m.path or m.name}|{m.dtype}|{e.name}|{e.policy}|p{e.prefill_share}|d{e.decode_share}|t{e.num_threads}"
+            f"|{machine.get('cpu')}|{len(cores)} cores")
+
+
+def measure(url: str, lcfg, wcfg, n: int) -> Optional[dict[str, float]]:
+    """Median TTFT and TPOT of `n` requests sent one at a time; None when the probe itself failed;
+    {"interrupted": True} when a signal stopped it (the caller stops the job)."""
+    from experiments.loadgen import run_loadgen
+    from experiments.sweep.config import SLOConfig
+    from semipd_engine.config import freeze
+
+    probe = dataclasses.replace(wcfg, name="fixed", arrival="closed", max_concurrency=1, num_requests=n,
+                                prompt_len=PROMPT_LEN, output_len=OUTPUT_LEN, length_scale=1.0)
+    lc = dataclasses.replace(lcfg, base_url=url, progress=False, warmup_requests=0, tokenizer="none",
+                             prompt_format="text", warmup_s=0.0, cooldown_s=0.0)
+    try:
+        s = run_loadgen(lc, probe, freeze(SLOConfig, {}))
+    except Exception as e:  # a probe must never lose a measurement
+        log.warning("step probe failed: %s", e)
+        return None
+    if s.get("interrupted"):
+        return {"interrupted": True}
+    a = s["aggregates"]
+    if a["num_errors"] or a["tpot_s"]["p50"] is None:
+        return None
+    return {"tpot_s": a["tpot_s"]["p50"], "ttft_s": a["ttft_s"]["p50"]}
+
+
+def verdict(before: Optional[dict], after: Optional[dict], calibrated: Optional[dict], max_slowdown: float,
+            host_valid: bool) -> dict[str, Any]:
+    """Compare the probes; `save` says whether `before` should become the calibration."""
+    out: dict[str, Any] = {"before": before, "after": after, "calibrated": calibrated, "max_slowdown": max_slowdown,
+                           "reasons": [], "save": False}
+    if before is None:
+        out["note"] = "probe before the load failed or is off"
+        return out
+    if after is not None:
+        out["after_over_before"] = after["tpot_s"] / before["tpot_s"]
+        if out["after_over_before"] > max_slowdown:
+            out["reasons"].append(f"engine step probe: TPOT {1e3 * after['tpot_s']:.2f} ms after the load vs "
+                                  f"{1e3 * before['tpot_s']:.2f} ms before ({out['after_over_before']:.1f}x)")
+    if calibrated is None:
+        out["save"] = host_valid and not out["reasons"]
+    else:
+        out["before_over_calibrated"] = before["tpot_s"] / calibrated["tpot_s"]
+        if out["before_over_calibrated"] > max_slowdown:
+            out["reasons"].append(f"engine step probe: TPOT {1e3 * before['tpot_s']:.2f} ms before the load is "
+                                  f"{out['before_over_calibrated']:.1f}x its calibrated "
+                                  f"{1e3 * calibrated['tpot_s']:.2f} ms on this machine")
+    return out
+
+
+def load_calibration(key: str) -> Optional[dict]:
+    p = calibration_path()
+    try:
+        return json.loads(p.read_text()).get(key) if p.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def save_calibration(key: str, value: dict) -> None:
+    p = calibration_path()
+    try:
+        data = json.loads(p.read_text()) if p.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        data = {}
+    data[key] = value
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(data, indent=2))

@@ -1,0 +1,74 @@
+"""95% intervals: they cover what they claim on synthetic data, shrink with more requests, never collapse at
+100% attainment, and widen when seeds disagree."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from experiments.analysis import uncertainty as U
+
+
+def _run(n: int, seed: int, scale: float = 0.1, miss: float = 0.1) -> pd.DataFrame:
+    """n requests with exponential latencies; a fraction `miss` misses its SLO."""
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"ttft_s": rng.exponential(scale, n), "tpot_s": rng.exponential(scale / 10, n),
+                         "e2e_s": rng.exponential(10 * scale, n), "output_tokens": rng.integers(1, 50, n),
+                         "error": [None] * n, "met": (rng.random(n) >= miss).astype(float)})
+
+
+def _width(lo_hi) -> float:
+    lo, hi = lo_hi
+    return hi - lo
+
+
+def test_intervals_shrink_with_more_requests():
+    widths = {}
+    for n in (50, 200, 800):
+        df = _run(n, seed=1)
+        ci = U.request_cis(df, df["met"].astype(bool), duration_s=n / 4.0)
+        widths[n] = {k: _width(ci[k]) for k in ("slo_attainment", "ttft_s.p50", "ttft_s.p90", "e2e_s.mean",
+                                                "request_throughput")}
+    for k in widths[50]:
+        assert widths[50][k] > widths[200][k] > widths[800][k], (k, widths)
+    # Roughly 1/sqrt(n): four times the requests, about half the width.
+    assert widths[800]["ttft_s.p90"] < 0.7 * widths[200]["ttft_s.p90"]
+
+
+def test_point_stats_shrink_with_more_requests_and_seeds():
+    few = U.point_stats([_run(60, seed=0)], [15.0])
+    many = U.point_stats([_run(60 * 8, seed=0)], [120.0])
+    seeds = U.point_stats([_run(240, seed=s) for s in range(4)], [60.0] * 4)
+    assert (few["n_requests"], few["n_seeds"]) == (60, 1) and (seeds["n_requests"], seeds["n_seeds"]) == (960, 4)
+    for k in ("p90_ttft_s", "mean_e2e_s", "slo_attainment"):
+        w_few = few[f"{k}_ci_high"] - few[f"{k}_ci_low"]
+        assert many[f"{k}_ci_high"] - many[f"{k}_ci_low"] < w_few
+        assert seeds[f"{k}_ci_high"] - seeds[f"{k}_ci_low"] < w_few
+        assert few[f"{k}_ci_low"] <= few[k] <= few[f"{k}_ci_high"]
+
+
+def test_quantile_interval_covers_the_true_quantile():
+    rng = np.random.default_rng(7)
+    true_p90 = -math.log(0.1)  # of a unit exponential
+    hits = sum(lo <= true_p90 <= hi for lo, hi in (U.quantile_ci(rng.exponential(size=100), 0.9)
+                                                   for _ in range(400)))
+    assert hits / 400 >= 0.93
+    # P99 of 100 requests cannot be bounded above: said, not faked.
+    assert U.quantile_ci(rng.exponential(size=100), 0.99)[1] == math.inf
+
+
+def test_attainment_at_100_percent_is_not_certain():
+    lo, hi = U.wilson(60, 60)
+    assert hi == pytest.approx(1.0) and 0.9 < lo < 0.97
+    assert all(math.isnan(x) for x in U.wilson(0, 0))  # no requests, no interval
+
+
+def test_seeds_that_disagree_widen_the_interval():
+    calm = [_run(200, seed=s, miss=0.1) for s in range(3)]
+    apart = [_run(200, seed=s, miss=m) for s, m in zip(range(3), (0.02, 0.1, 0.4))]
+    a, b = U.point_stats(calm, [50.0] * 3), U.point_stats(apart, [50.0] * 3)
+    assert b["slo_attainment_ci_high"] - b["slo_attainment_ci_low"] > \
+        2 * (a["slo_attainment_ci_high"] - a["slo_attainment_ci_low"])
