@@ -17,7 +17,7 @@ from tests.helpers.experiment_configs import compose_run
 
 ROOT = Path(__file__).resolve().parents[2]
 FIGURES = {"slo_attainment_vs_rate", "p90_latency_vs_rate", "mean_e2e_vs_rate", "goodput_per_engine",
-           "slo_attainment_vs_slo_scale"}
+           "slo_attainment_vs_slo_scale", "server_queues_and_kv_over_time"}
 
 
 def _server_processes(marker: str) -> list[int]:
