@@ -85,12 +85,13 @@ class Outcome:
     aborted: bool = False
     error: Optional[str] = None  # a transport error: the request was lost
     seconds: float = 0.0
+    retries: int = 0  # 503s retried while the engine replaced a killed worker
 
 
-def _prompt(rng: random.Random, vocab: int) -> Any:
+def _prompt(rng: random.Random, vocab: int, max_words: int) -> Any:
     if rng.random() < 0.3:
-        return [rng.randrange(10, vocab) for _ in range(rng.randint(1, 40))]
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 20)))
+        return [rng.randrange(10, vocab) for _ in range(rng.randint(1, 5 * max_words))]
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_words)))
 
 
 def _sampling(rng: random.Random, max_tokens: int) -> dict:
@@ -132,7 +133,8 @@ def _bad(rng: random.Random, i: int) -> Spec:
     return rng.choice(choices)
 
 
-def make_specs(n: int, seed: int, vocab: int, max_tokens: int, refs: list[list[int]]) -> list[Spec]:
+def make_specs(n: int, seed: int, vocab: int, max_tokens: int, refs: list[list[int]], max_words: int = 8) -> list[Spec]:
+    """`max_words` words of text (up to ~5 tokens each with the built-in tokenizer) leave room for max_tokens."""
     rng = random.Random(seed)
     specs = []
     for i in range(n):
@@ -150,9 +152,9 @@ def make_specs(n: int, seed: int, vocab: int, max_tokens: int, refs: list[list[i
             continue
         body = _sampling(rng, max_tokens)
         if chat:
-            body["messages"] = [{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(8))}]
+            body["messages"] = [{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(max_words))}]
         else:
-            body["prompt"] = _prompt(rng, vocab)
+            body["prompt"] = _prompt(rng, vocab, max_words)
         body["stream"] = rng.random() < 0.6
         if body["stream"] and rng.random() < 0.5:
             body["stream_options"] = {"include_usage": True}
@@ -164,23 +166,31 @@ def make_specs(n: int, seed: int, vocab: int, max_tokens: int, refs: list[list[i
     return specs
 
 
-async def _send(session: aiohttp.ClientSession, url: str, spec: Spec, timeout_s: float) -> Outcome:
-    out = Outcome(spec)
+async def _send(session: aiohttp.ClientSession, url: str, spec: Spec, timeout_s: float,
+                retry_unavailable: bool = False) -> Outcome:
+    """One request; with `retry_unavailable`, a 503 (the engine replacing a killed worker) is retried
+    every 0.1 s, as a well-behaved client would, so the load goes on after the restart."""
     data = spec.raw if spec.raw is not None else (json.dumps(spec.body).encode() if spec.body is not None else None)
     t0 = time.monotonic()
-    try:
-        if spec.abort_after == -1:  # leave before the first byte
-            try:
-                await asyncio.wait_for(_request(session, url, spec, data, out), timeout=0.01)
-            except asyncio.TimeoutError:
-                out.aborted = True
+    retries = 0
+    while True:
+        out = Outcome(spec, retries=retries)
+        try:
+            if spec.abort_after == -1:  # leave before the first byte
+                try:
+                    await asyncio.wait_for(_request(session, url, spec, data, out), timeout=0.01)
+                except asyncio.TimeoutError:
+                    out.aborted = True
+            else:
+                await asyncio.wait_for(_request(session, url, spec, data, out), timeout=timeout_s)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
+            out.error = f"{type(e).__name__}: {e}"
+        finally:
+            out.seconds = time.monotonic() - t0
+        if not (retry_unavailable and out.status == 503 and retries < 600):
             return out
-        await asyncio.wait_for(_request(session, url, spec, data, out), timeout=timeout_s)
-    except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
-        out.error = f"{type(e).__name__}: {e}"
-    finally:
-        out.seconds = time.monotonic() - t0
-    return out
+        retries += 1
+        await asyncio.sleep(0.1)
 
 
 async def _request(session, url, spec: Spec, data, out: Outcome) -> None:
@@ -285,7 +295,7 @@ async def run_load(url: str, specs: list[Spec], concurrency: int, switch: bool, 
 
         async def client():
             while pending:
-                outcomes.append(await _send(session, url, pending.pop(), timeout_s))
+                outcomes.append(await _send(session, url, pending.pop(), timeout_s, retry_unavailable=bool(kill)))
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
         if kill:
@@ -341,9 +351,9 @@ def check(outcomes: list[Outcome], refs: list[str], url: str, request_log: Path,
             continue
         if o.aborted and o.status is None:
             continue  # left before the response started: the server may or may not have seen it
-        if o.status in (500, 503) and kills:
-            n_engine += o.status == 500
-            continue  # failed by a killed worker, or sent while the engine was restarting
+        if o.status == 500 and kills:
+            n_engine += 1
+            continue  # failed by a killed worker
         if o.status != 200:
             problems.append(f"{tag}: status {o.status}: {str(o.body)[:300]}")
             continue
@@ -422,6 +432,7 @@ def check(outcomes: list[Outcome], refs: list[str], url: str, request_log: Path,
     counts = {"requests": len(outcomes), "kinds": dict(kinds), "server_finished": len(rows),
               "finish_reasons": dict(reasons), "client_aborts": sum(o.aborted for o in outcomes),
               "partition_switches": len(switches), "preemptions": metric_total(m, "preemptions_total"),
+              "retried_503": sum(o.retries for o in outcomes),
               "kv_blocks_used_peak": metric_total(m, "kv_blocks_used_peak"), "worker_restarts": restarts}
     return problems, counts
 
@@ -433,6 +444,10 @@ def soak_engine(engine: str, n: int, concurrency: int, seed: int, kill: int = 0,
     from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig, freeze
     from semipd_engine.tokenizer import BUILTIN_VOCAB_SIZE
 
+    # The soak checks correctness, not speed. Its client and the server share the cores with the workers,
+    # and a multi-threaded worker's spinning OpenMP threads then stall (unified ran a 300-request soak in
+    # 118 s instead of 9 s): passive waiting keeps the run short. Set OMP_WAIT_POLICY yourself to override.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     ecfg = freeze(EngineConfig, {"name": engine, "num_kv_blocks": num_kv_blocks, "block_size": 4,
                                  "max_num_seqs": 16, "max_worker_restarts": max(5, kill + 1), **ENGINES[engine]})
     mcfg = freeze(ModelConfig, {"name": "tiny"})
@@ -442,10 +457,11 @@ def soak_engine(engine: str, n: int, concurrency: int, seed: int, kill: int = 0,
             status, models = _get_json(srv.url + "/v1/models")
             max_len = models["data"][0]["max_model_len"]
             max_tokens = max(4, min(32, max_len - 48))
+            max_words = max(1, (max_len - max_tokens - 16) // 5)  # chat: the template takes ~10 tokens
             rng = random.Random(seed)
             refs = [[rng.randrange(10, BUILTIN_VOCAB_SIZE) for _ in range(rng.randint(3, 24))] for _ in range(6)]
             ref_text = asyncio.run(_references(srv.url, refs))
-            specs = make_specs(n, seed, BUILTIN_VOCAB_SIZE, max_tokens, refs)
+            specs = make_specs(n, seed, BUILTIN_VOCAB_SIZE, max_tokens, refs, max_words)
             t0 = time.monotonic()
             outcomes, switches, kills = asyncio.run(run_load(
                 srv.url, specs, concurrency, engine.startswith("semipd"), kill, srv.proc.pid, seed))
