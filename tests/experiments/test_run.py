@@ -40,8 +40,8 @@ def test_two_job_multirun_end_to_end(tmp_path):
     sweep = results / "sweep"
     # Two warm-up requests of eight; validity limits off (a shared test machine is not quiet, and this test is
     # about the pipeline, not the host).
-    cmd = [sys.executable, "run.py", "-m", "engine=unified,unified_chunked", "workload.rate=4",
-           "workload.num_requests=8", "workload.length_scale=0.1", "loadgen.warmup_requests=2",
+    cmd = [sys.executable, "run.py", "-m", "engine=unified,unified_chunked", "model=tiny", "model.dtype=float32",
+           "workload.rate=4", "workload.num_requests=8", "workload.length_scale=0.1", "loadgen.warmup_requests=2",
            "experiment.max_host_interference=1.0", "experiment.max_step_slowdown=1000", f"results_dir={results}",
            "wandb.mode=offline", "loadgen.progress=false", f"hydra.sweep.dir={sweep}"]
     env = {**os.environ, "WANDB_MODE": "offline"}
@@ -54,8 +54,8 @@ def test_two_job_multirun_end_to_end(tmp_path):
     engines = ["unified", "unified_chunked"]
     assert list(summary["engine"]) == engines
     assert list(summary["job"]) == [f"engine={e},experiment.max_host_interference=1.0,experiment.max_step_slowdown=1000,"
-                                    f"loadgen.warmup_requests=2,workload.length_scale=0.1,workload.num_requests=8,"
-                                    f"workload.rate=4" for e in engines]
+                                    f"loadgen.warmup_requests=2,model.dtype=float32,model=tiny,workload.length_scale=0.1,"
+                                    f"workload.num_requests=8,workload.rate=4" for e in engines]
     assert (summary["status"] == "ok").all() and (summary["num_errors"] == 0).all()
     assert (summary["rate"] == 4.0).all() and (summary["workload.rate"] == 4).all()
     assert (summary["num_requests"] == 6).all()  # measured: the warm-up requests are not counted
