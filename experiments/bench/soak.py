@@ -239,7 +239,8 @@ async def _switcher(session, url: str, rng: random.Random, stop: asyncio.Event, 
             pass
 
 
-def _worker_pids(server_pid: int) -> list[int]:
+def worker_pids(server_pid: int) -> list[int]:
+    """The engine worker processes of a server (spawned children, not the resource tracker)."""
     pids = []
     for task in os.listdir(f"/proc/{server_pid}/task"):
         with open(f"/proc/{server_pid}/task/{task}/children") as f:
@@ -259,7 +260,7 @@ def _worker_pids(server_pid: int) -> list[int]:
 async def _killer(session, url: str, server_pid: int, n: int, rng: random.Random, log: list) -> None:
     for _ in range(n):
         await asyncio.sleep(rng.uniform(1.0, 3.0))
-        pids = _worker_pids(server_pid)
+        pids = worker_pids(server_pid)
         if not pids:
             continue
         victim = rng.choice(pids)

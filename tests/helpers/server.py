@@ -12,6 +12,8 @@ import time
 import urllib.error
 import urllib.request
 
+from experiments.bench.soak import worker_pids  # noqa: F401  (re-exported for the tests)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -87,20 +89,6 @@ def descendants(pid: int) -> list[int]:
         for c in children(todo.pop()):
             out.append(c)
             todo.append(c)
-    return out
-
-
-def worker_pids(pid: int) -> list[int]:
-    """The engine worker processes of a server (spawned children, not the resource tracker)."""
-    out = []
-    for p in children(pid):
-        try:
-            with open(f"/proc/{p}/cmdline", "rb") as f:
-                cmd = f.read()
-        except FileNotFoundError:
-            continue
-        if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
-            out.append(p)
     return out
 
 
