@@ -117,7 +117,10 @@ def context(sweep_dir: Path, summary: pd.DataFrame, pts: Optional[pd.DataFrame] 
     model = uniq("model") or (cfg.get("model") or {}).get("name", "?")
     workload = uniq("workload") or (cfg.get("workload") or {}).get("name", "?")
     w = cfg.get("workload") or {}
-    if w.get("length_scale", 1.0) != 1.0:
+    if w.get("name") in ("synthetic", "longbench_synthetic", "shift") and w.get("prompt_mean"):
+        ls = w.get("length_scale", 1.0)
+        workload += f" (mean prompt {w['prompt_mean'] * ls:.0f} / output {w['output_mean'] * ls:.0f} tokens)"
+    elif w.get("length_scale", 1.0) != 1.0:
         workload += f" (lengths x{w['length_scale']:g})"
     backends = set(summary["backend"].dropna()) if "backend" in summary else {"real"}
     if backends == {"sim"}:
@@ -313,6 +316,11 @@ def e2e_figure(pts: pd.DataFrame, caption: str):
     return _vs_rate(pts, [{"col": "mean_e2e_s", "label": "mean E2E latency", "latency": True}], caption)
 
 
+def g_low(r) -> float:
+    """The lowest rate tested on a curve (what a goodput below the range is below)."""
+    return float(r.get("goodput_low_rate", 0.0) or 0.0)
+
+
 def goodput_figure(gp: pd.DataFrame, caption: str, target: float):
     facets = [("", gp)]
     keys = [k for k in gp.columns if "." in k or k == "slo"]
@@ -330,6 +338,7 @@ def goodput_figure(gp: pd.DataFrame, caption: str, target: float):
         for i, (_, r) in enumerate(g.iterrows()):
             st = styles[r["engine"]]
             top = bool(r.get("goodput_at_range_top") is True or r.get("goodput_at_range_top") == 1)
+            bottom = bool(r.get("goodput_at_range_bottom") is True or r.get("goodput_at_range_bottom") == 1)
             mono = not (r.get("goodput_monotone") is False or r.get("goodput_monotone") == 0)
             ax.bar(i, r["goodput_rate"], color=st["color"], hatch="//" if top else None, edgecolor="white" if not top
                    else "0.2", lw=0.5)
@@ -337,7 +346,10 @@ def goodput_figure(gp: pd.DataFrame, caption: str, target: float):
             if lo is not None and hi is not None and pd.notna(lo) and pd.notna(hi):
                 ax.errorbar(i, r["goodput_rate"], yerr=[[max(0, r["goodput_rate"] - lo)], [max(0, hi - r["goodput_rate"])]],
                             fmt="none", ecolor="0.15", capsize=3, lw=1)
-            label = ("≥" if top else "") + f"{r['goodput_rate']:.2g}" + ("*" if not mono else "")
+            label = ("≥" if top else "<" if bottom else "") + (f"{r['goodput_rate']:.2g}" if not bottom else
+                                                              f"{g_low(r):g}") + ("*" if not mono else "")
+            if bottom:
+                notes.add("<: even the lowest tested rate missed the target")
             ax.annotate(label, (i, r["goodput_rate"]), xytext=(0, 3), textcoords="offset points", ha="center",
                         fontsize=7)
             if top:

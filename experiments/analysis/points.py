@@ -93,11 +93,13 @@ def goodput_from_curve(rates, attainments, target: float = 0.9) -> dict[str, Any
     interpolated towards the first failing rate above it.
 
     `at_range_top`: every tested rate passed (the goodput is at least the top rate, not a measurement of it);
-    `monotone`: no tested rate fails below one that passes (where it does, the rule stops at the first failure).
+    `at_range_bottom`: even the lowest tested rate failed (reported as 0); `monotone`: no tested rate fails below
+    one that passes (where it does, the rule stops at the first failure).
     """
     pts = sorted((float(r), float(a)) for r, a in zip(rates, attainments) if not math.isnan(float(a)))
-    out = {"goodput_rate": 0.0, "goodput_at_range_top": False, "goodput_monotone": True,
-           "goodput_n_rates": len(pts), "goodput_top_rate": pts[-1][0] if pts else math.nan}
+    out = {"goodput_rate": 0.0, "goodput_at_range_top": False, "goodput_at_range_bottom": False,
+           "goodput_monotone": True, "goodput_n_rates": len(pts), "goodput_top_rate": pts[-1][0] if pts else math.nan,
+           "goodput_low_rate": pts[0][0] if pts else math.nan}
     if not pts:
         return out
     passed = [a >= target for _, a in pts]
@@ -105,7 +107,8 @@ def goodput_from_curve(rates, attainments, target: float = 0.9) -> dict[str, Any
     k = -1
     while k + 1 < len(pts) and passed[k + 1]:
         k += 1
-    if k < 0:
+    if k < 0:  # even the lowest tested rate fails: the goodput is below the range, not zero
+        out["goodput_at_range_bottom"] = True
         return out
     r, a = pts[k]
     if k + 1 == len(pts):

@@ -25,7 +25,7 @@ def test_goodput_at_the_top_of_the_range_is_a_lower_bound():
 
 def test_goodput_when_even_the_lowest_rate_fails():
     g = goodput_from_curve([2, 4], [0.5, 0.95])
-    assert g["goodput_rate"] == 0.0 and g["goodput_monotone"] is False
+    assert g["goodput_rate"] == 0.0 and g["goodput_at_range_bottom"] is True and g["goodput_monotone"] is False
 
 
 def _sweep(root):
