@@ -148,10 +148,12 @@ def format_goodput(gp: pd.DataFrame) -> str:
         flags = []
         if r.get("goodput_at_range_top") is True or r.get("goodput_at_range_top") == 1:
             flags.append("at the top of the tested range: a lower bound")
-        if r.get("goodput_at_range_bottom") is True:
+        if r.get("goodput_at_range_bottom") is True or r.get("goodput_at_range_bottom") == 1:
             flags.append("below the lowest tested rate")
         if r.get("goodput_monotone") is False or r.get("goodput_monotone") == 0:
             flags.append("attainment not monotone in rate")
+        if r.get("goodput_invalid_points"):
+            flags.append(f"read across {int(r['goodput_invalid_points'])} invalid point(s)")
         lines.append(f"goodput {what}: {r['goodput_rate']:.2f} req/s{ci}" + (f"  [{'; '.join(flags)}]" if flags else ""))
     return "\n".join(lines)
 
