@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Optional
 
@@ -241,10 +242,14 @@ def _legend(fig, styles: dict, extra: list = (), title: str = "engine") -> None:
                title=title, title_fontsize=8)
 
 
+def _wrap(text: str, width: int = 110) -> str:
+    return "\n".join(textwrap.fill(line, width) for line in text.split("\n"))
+
+
 def _caption(fig, text: str, invalid: int, total: int) -> None:
     if total and invalid:
         text += f"\n{invalid} of {total} point(s) have no valid run: drawn as grey x, not joined"
-    fig.suptitle(text, fontsize=7.5, y=1.0, va="bottom")
+    fig.suptitle(_wrap(text), fontsize=7.5, y=1.0, va="bottom")
 
 
 def _invalid_handle():
@@ -346,12 +351,16 @@ def goodput_figure(gp: pd.DataFrame, caption: str, target: float):
             if lo is not None and hi is not None and pd.notna(lo) and pd.notna(hi):
                 ax.errorbar(i, r["goodput_rate"], yerr=[[max(0, r["goodput_rate"] - lo)], [max(0, hi - r["goodput_rate"])]],
                             fmt="none", ecolor="0.15", capsize=3, lw=1)
+            gaps = int(r.get("goodput_invalid_points", 0) or 0)
             label = ("≥" if top else "<" if bottom else "") + (f"{r['goodput_rate']:.2g}" if not bottom else
-                                                              f"{g_low(r):g}") + ("*" if not mono else "")
+                                                              f"{g_low(r):g}") + ("*" if not mono else "") \
+                + ("†" if gaps else "")
             if bottom:
                 notes.add("<: even the lowest tested rate missed the target")
-            ax.annotate(label, (i, r["goodput_rate"]), xytext=(0, 3), textcoords="offset points", ha="center",
-                        fontsize=7)
+            if gaps:
+                notes.add("†: read across rates whose runs were invalid")
+            ax.annotate(label, (i, 0), xytext=(0, 4), textcoords="offset points", ha="center", va="bottom",
+                        fontsize=8, color="white", fontweight="bold")  # inside the bar, clear of the interval
             if top:
                 notes.add("hatched, ≥: every tested rate passed, goodput is at least the top rate")
             if not mono:
@@ -364,7 +373,7 @@ def goodput_figure(gp: pd.DataFrame, caption: str, target: float):
         ax.margins(y=0.15)
     text = caption + ("\n" + "; ".join(sorted(notes)) if notes else "")
     fig.tight_layout()
-    fig.suptitle(text, fontsize=7.5, y=1.0, va="bottom")
+    fig.suptitle(_wrap(text, 90), fontsize=7.5, y=1.0, va="bottom")
     return fig
 
 
@@ -414,7 +423,7 @@ def slo_scale_figure(curves: pd.DataFrame, caption: str, target: float):
                                           else ""), fontsize=8)
     _legend(fig, styles)
     fig.tight_layout()
-    fig.suptitle(caption, fontsize=7.5, y=1.0, va="bottom")
+    fig.suptitle(_wrap(caption), fontsize=7.5, y=1.0, va="bottom")
     return fig
 
 
@@ -452,7 +461,8 @@ def make_figures(sweep_dir: str | Path) -> list[str]:
         paths += _save(latency_figure(pts, caption), out, "p90_latency_vs_rate")
         paths += _save(e2e_figure(pts, caption), out, "mean_e2e_vs_rate")
     if not gp.empty:
-        paths += _save(goodput_figure(gp, context(sweep_dir, summary), target), out, "goodput_per_engine")
+        paths += _save(goodput_figure(gp, context(sweep_dir, summary) + "\nerror bars: the goodput rule applied to the "
+                                      "ends of each point's 95% attainment interval", target), out, "goodput_per_engine")
 
     if not requests.empty and {"slo_ttft_s", "slo_tpot_s"} <= set(requests.columns):
         curves = slo_scale_curves(requests, slo_scales(sweep_dir))

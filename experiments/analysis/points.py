@@ -144,8 +144,15 @@ def goodput_table(pts: pd.DataFrame, summary: Optional[pd.DataFrame] = None, tar
     if pts is None or pts.empty:
         return pd.DataFrame()
     keys = [k for k in pts.attrs.get("keys", ["engine", "rate"]) if k != "rate"]
-    for key, g in pts[pts["valid"]].groupby(keys, dropna=False):
+    for key, everything in pts.groupby(keys, dropna=False):
+        g = everything[everything["valid"]]
         row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        # A curve read without some of its rates (their runs were invalid) is read across the gap: say so.
+        row["goodput_invalid_points"] = int((~everything["valid"]).sum())
+        if g.empty:
+            row.update(goodput_rate=math.nan, n_seeds=0, source="curve")
+            rows.append(row)
+            continue
         row.update(goodput_from_curve(g["rate"], g["slo_attainment"], target))
         if "slo_attainment_ci_low" in g:
             row["goodput_ci_low"] = goodput_from_curve(g["rate"], g["slo_attainment_ci_low"], target)["goodput_rate"]

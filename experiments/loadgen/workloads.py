@@ -6,6 +6,7 @@
   Alpaca's 19.3 / 58.5). The log-normal sigmas (1.1, 0.9) are our choice to give
   the heavy right tail of that figure; both are config keys.
 - `longbench_synthetic`: long prompts, short answers, in the spirit of LongBench.
+- `prompt_heavy`: ~256-token prompts, ~32-token answers (the default demo's; synthetic lengths, its own means).
 - `fixed`: every request the same lengths.
 - `shift`: ShareGPT-like lengths whose mix changes mid-run (prompt-heavy, then
   decode-heavy), for the dynamic-partitioning experiment.
@@ -228,8 +229,8 @@ def _path(cfg) -> str:
 def load_workload(cfg, tokenizer=None) -> Workload:
     if cfg.name == "synthetic":
         return synthetic(cfg)
-    if cfg.name == "longbench_synthetic":
-        return synthetic(cfg)  # its conf sets long prompt / short output means
+    if cfg.name in ("longbench_synthetic", "prompt_heavy"):
+        return synthetic(cfg)  # their confs set the prompt / output means
     if cfg.name == "fixed":
         return fixed(cfg)
     if cfg.name == "shift":
@@ -238,6 +239,7 @@ def load_workload(cfg, tokenizer=None) -> Workload:
         return sharegpt(cfg, tokenizer)
     loaders = {"mooncake": mooncake, "azure": azure, "burstgpt": burstgpt}
     if cfg.name not in loaders:
-        raise WorkloadError(f"unknown workload {cfg.name!r}; known: synthetic, longbench_synthetic, fixed, shift, "
+        raise WorkloadError(f"unknown workload {cfg.name!r}; known: synthetic, longbench_synthetic, prompt_heavy, "
+                            f"fixed, shift, "
                             f"sharegpt, {', '.join(loaders)}")
     return loaders[cfg.name](cfg)

@@ -41,7 +41,8 @@ def _override_value(v: str) -> Any:
         return v
 
 
-def aggregate_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+def aggregate_sweep(sweep_dir: str | Path, with_points: bool = False):
+    """(summary, requests), and with `with_points` also (points, goodput); every table is written too."""
     from experiments.analysis import points as P
 
     sweep_dir = Path(sweep_dir)
@@ -81,8 +82,7 @@ def aggregate_sweep(sweep_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
             df.to_csv(sweep_dir / name, index=False)
     (sweep_dir / "sweep.json").write_text(json.dumps({"swept": summary.attrs["swept"],
                                                       "point_keys": pts.attrs.get("keys", [])}))
-    summary.attrs.update(points=pts, goodput=gp)
-    return summary, requests
+    return (summary, requests, pts, gp) if with_points else (summary, requests)
 
 
 def _interval(lo, hi, scale: float, digits: int) -> str:
@@ -148,10 +148,12 @@ def format_goodput(gp: pd.DataFrame) -> str:
         flags = []
         if r.get("goodput_at_range_top") is True or r.get("goodput_at_range_top") == 1:
             flags.append("at the top of the tested range: a lower bound")
-        if r.get("goodput_at_range_bottom") is True:
+        if r.get("goodput_at_range_bottom") is True or r.get("goodput_at_range_bottom") == 1:
             flags.append("below the lowest tested rate")
         if r.get("goodput_monotone") is False or r.get("goodput_monotone") == 0:
             flags.append("attainment not monotone in rate")
+        if r.get("goodput_invalid_points"):
+            flags.append(f"read across {int(r['goodput_invalid_points'])} invalid point(s)")
         lines.append(f"goodput {what}: {r['goodput_rate']:.2f} req/s{ci}" + (f"  [{'; '.join(flags)}]" if flags else ""))
     return "\n".join(lines)
 
@@ -160,19 +162,17 @@ def finish_sweep(sweep_dir: Path, wandb_cfg=None) -> None:
     from experiments.analysis import figures
     from experiments.sweep import tracking
 
-    summary, requests = aggregate_sweep(sweep_dir)
+    summary, requests, pts, gp = aggregate_sweep(sweep_dir, with_points=True)
     paths = figures.make_figures(sweep_dir)
     n_ok = int((summary["status"] == "ok").sum()) if len(summary) else 0
     n_invalid = int((summary["valid"].map(lambda v: v is False or str(v) == "False")).sum()) \
         if "valid" in summary else 0
     table = format_table(summary, summary.attrs.get("swept", []))
     print(f"\nsweep {sweep_dir}: {len(summary)} jobs ({n_ok} ok, {n_invalid} invalid)\n{table}")
-    pts = summary.attrs.get("points")
-    if pts is not None and not pts.empty and (pts["n_seeds"] > 1).any():
+    if not pts.empty and (pts["n_seeds"] > 1).any():
         print(f"\npoints (seeds pooled; 95% intervals over requests and seeds):\n{format_points(pts)}")
-    gp = format_goodput(summary.attrs.get("goodput"))
-    if gp:
-        print("\n" + gp)
+    if not gp.empty:
+        print("\n" + format_goodput(gp))
     if n_invalid and "invalid_reasons" in summary:
         print("\ninvalid runs (left out of the figures' lines):")
         for _, r in summary[summary["valid"].map(lambda v: v is False or str(v) == "False")].iterrows():
