@@ -15,7 +15,7 @@ from semipd_engine.model.spec import SUPPORTED_MODEL_TYPES
 
 # The built-in tokenizer's size (semipd_engine.tokenizer.BUILTIN_VOCAB_SIZE, special tokens included),
 # repeated so this package needs nothing of the engine but the preset table; a test checks they agree.
-BUILTIN_VOCAB_SIZE = 4096
+BUILTIN_VOCAB_SIZE = 16384
 
 
 

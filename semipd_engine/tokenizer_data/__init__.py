@@ -1,0 +1,1 @@
+"""The built-in tokenizer's merges (derived from public chat text) and their measurement report."""
