@@ -21,9 +21,11 @@ MAX_JSON_DEPTH = 64  # no request of this API nests deeper than 4
 
 class ApiError(Exception):
     def __init__(self, message: str, param: Optional[str] = None, status: int = 400,
-                 type_: str = "invalid_request_error", code: Optional[str] = None):
+                 type_: str = "invalid_request_error", code: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None):
         super().__init__(message)
         self.message, self.param, self.status, self.type, self.code = message, param, status, type_, code
+        self.headers = headers  # sent with the error (WWW-Authenticate on a 401)
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -142,7 +144,8 @@ def parse_sampling(body: dict, prompt_len: int, max_model_len: int) -> tuple[Sam
         utf8_len(s, "stop")
     n = body.get("n", 1)
     if n is not None and n != 1:
-        raise ApiError("only n=1 is supported", "n")
+        raise ApiError(f"'n' is {n!r}: this server generates one choice per request (n=1)", "n",
+                       code="unsupported_value")
     stream = _bool(body, "stream")
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
@@ -187,21 +190,116 @@ def parse_prompt(body: dict, vocab_size: int, max_bytes: int, max_model_len: int
     raise ApiError(f"'prompt' must be a string or a list of token ids, got {type(prompt).__name__}", "prompt")
 
 
+# Roles a chat request may use. `developer` is OpenAI's newer name for `system` and is rendered as one; `tool`
+# messages answer an assistant's `tool_calls`, which this server does not support, so they are refused with why.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+TEXT_PART = "text"
+MEDIA_PARTS = ("image_url", "input_audio", "file", "video_url", "audio_url")
+
+
+def _content_text(content: Any, where: str) -> str:
+    """A message's content as text: a string, or a list of text parts joined by newlines (as vLLM does)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ApiError(f"'{where}' must be a string or a list of content parts, got "
+                       f"{'null' if content is None else type(content).__name__}", where)
+    if not content:
+        raise ApiError(f"'{where}' must not be an empty list", where)
+    texts = []
+    for j, part in enumerate(content):
+        at = f"{where}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            raise ApiError(f"'{at}' must be an object with a string 'type'", at)
+        if kind in MEDIA_PARTS:
+            raise ApiError(f"'{at}': content parts of type {kind!r} are not supported: this model takes text only",
+                           f"{at}.type", code="unsupported_value")
+        if kind != TEXT_PART:
+            raise ApiError(f"'{at}': unknown content part type {kind!r} (expected 'text')", f"{at}.type")
+        if not isinstance(part.get("text"), str):
+            raise ApiError(f"'{at}.text' must be a string", f"{at}.text")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 def parse_messages(body: dict, has_chat_template: bool, max_bytes: int, max_model_len: int) -> list[dict]:
-    """Chat messages, checked: role and content strings of valid Unicode, short enough to possibly fit."""
+    """Chat messages, checked: known roles, content as a string or text parts, valid Unicode, short enough to fit."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise ApiError("'messages' must be a non-empty list", "messages")
-    total = 0
+    total, out = 0, []
     for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise ApiError(f"messages[{i}] must be an object with string 'role' and 'content'", f"messages[{i}]")
-        total += utf8_len(m["role"], f"messages[{i}].role") + utf8_len(m["content"], f"messages[{i}].content")
+        at = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ApiError(f"'{at}' must be an object with 'role' and 'content'", at)
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise ApiError(f"'{at}.role' must be one of {', '.join(CHAT_ROLES)}; got {role!r}", f"{at}.role")
+        if m.get("tool_calls"):
+            raise ApiError(f"'{at}.tool_calls': tool calls are not supported by this server", f"{at}.tool_calls",
+                           code="unsupported_parameter")
+        if role == "tool":
+            raise ApiError(f"'{at}': a 'tool' message answers a preceding assistant message's 'tool_calls', and "
+                           f"this server does not support tool calls", f"{at}.role", code="unsupported_value")
+        if "content" not in m:
+            raise ApiError(f"'{at}.content' is required", f"{at}.content")
+        if m.get("name") is not None and not isinstance(m["name"], str):
+            raise ApiError(f"'{at}.name' must be a string", f"{at}.name")
+        text = _content_text(m["content"], f"{at}.content")
+        total += utf8_len(text, f"{at}.content")
+        out.append({"role": "system" if role == "developer" else role, "content": text})
     if total > max_bytes:
         raise _too_long(total, max_bytes, max_model_len, "messages")
     if not has_chat_template:
         raise ApiError("this model's tokenizer has no chat template; use /v1/completions", "messages")
-    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    return out
+
+
+# -- which request keys are honoured ------------------------------------------------------------------------------
+_COMMON = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "stream",
+                     "stream_options", "n", "max_completion_tokens"})
+IMPLEMENTED = {"completions": _COMMON | {"prompt"}, "chat": _COMMON | {"messages"}}
+# OpenAI keys that change nothing this server generates (bookkeeping, routing): accepted quietly.
+NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
+
+
+def _off(*values):
+    return lambda v: v in (None, *values)
+
+
+# OpenAI (and vLLM) parameters this server does not implement, with the values that ask for nothing; any other
+# value is refused by name rather than silently ignored (a benchmark would measure something else than asked).
+UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "logprobs": (lambda v: v in (None, False), "it returns no log-probabilities"),
+    "top_logprobs": (_off(0), "it returns no log-probabilities"),
+    "echo": (_off(False), "it does not echo the prompt"),
+    "best_of": (_off(1), "it generates one sequence per request"),
+    "suffix": (_off(""), "it does not insert text"),
+    "tools": (lambda v: v is None or v == [], "it does not call tools"),
+    "tool_choice": (_off("none", "auto"), "it does not call tools"),
+    "functions": (lambda v: v is None or v == [], "it does not call functions"),
+    "function_call": (_off("none", "auto"), "it does not call functions"),
+    "response_format": (lambda v: v is None or v == {"type": "text"}, "it does not constrain the output format"),
+    "logit_bias": (lambda v: v is None or v == {}, "it does not bias logits"),
+    "presence_penalty": (_off(0), "it applies no penalties"),
+    "frequency_penalty": (_off(0), "it applies no penalties"),
+    "repetition_penalty": (_off(1), "it applies no penalties"),
+    "min_tokens": (_off(0), "it has no minimum output length (use ignore_eos)"),
+    "min_p": (_off(0), "it samples with temperature, top_p and top_k only"),
+    "modalities": (lambda v: v is None or v == ["text"], "it answers in text only"),
+    "audio": (_off(), "it answers in text only"),
+    "prediction": (_off(), "it does not use predicted outputs"),
+}
+
+
+def check_keys(body: dict, endpoint: str) -> list[str]:
+    """Refuse parameters this server does not implement (400 naming the first); return the unknown keys."""
+    for key, (asks_nothing, why) in UNSUPPORTED.items():
+        if key in body and not asks_nothing(body[key]):
+            raise ApiError(f"'{key}' is not supported by this server: {why}", key, code="unsupported_parameter")
+    known = IMPLEMENTED[endpoint] | NO_EFFECT | UNSUPPORTED.keys()
+    return sorted(k for k in body if k not in known)
 
 
 def chat_token_ids(tokenizer, messages: list[dict]) -> list[int]:

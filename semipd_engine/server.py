@@ -29,6 +29,7 @@ from semipd_engine.partition import Partition
 from semipd_engine.protocol import (
     ApiError,
     chat_token_ids,
+    check_keys,
     completion_body,
     parse_json_body,
     parse_messages,
@@ -52,8 +53,8 @@ def error_response(err: ApiError, headers: Optional[dict] = None) -> web.Respons
     return web.json_response(err.body(), status=err.status, headers=headers)
 
 
-def http_error(request: web.Request, e: web.HTTPException) -> web.Response:
-    """aiohttp's own errors (unknown route, wrong method, body too large, ...) as OpenAI-style JSON."""
+def http_error(request: web.Request, e: web.HTTPException) -> tuple[ApiError, dict]:
+    """aiohttp's own errors (unknown route, wrong method, body too large, ...) as OpenAI-style errors."""
     status = e.status
     if status == 404:
         message = f"{request.method} {request.path}: no such route"
@@ -67,7 +68,7 @@ def http_error(request: web.Request, e: web.HTTPException) -> web.Response:
     err = ApiError(message, status=status, type_="server_error" if status >= 500 else "invalid_request_error",
                    code=_HTTP_CODES.get(status))
     keep = {k: v for k, v in e.headers.items() if k.lower() in ("allow", "www-authenticate", "retry-after")}
-    return error_response(err, keep)
+    return err, keep
 
 
 def is_loopback(host: str) -> bool:
@@ -97,6 +98,7 @@ class ApiServer:
         if engine.controller is not None:
             self.metrics.add_controller_metrics()
         self.draining = False
+        self._unknown_seen: set[str] = set()
         self._log_file = open(request_log, "a", buffering=1) if request_log else None
         self.created = int(time.time())
         # A token covers at most this many bytes of text (x4: a normalizer may fold multi-byte characters), so
@@ -128,11 +130,14 @@ class ApiServer:
         try:
             return await handler(request)
         except ApiError as e:
-            return error_response(e)
+            self._log_rejected(request, e)
+            return error_response(e, e.headers)
         except web.HTTPException as e:
             if e.status < 400:
                 raise
-            return http_error(request, e)
+            err, headers = http_error(request, e)
+            self._log_rejected(request, err)
+            return error_response(err, headers)
         except (asyncio.CancelledError, ConnectionResetError):
             raise
         except Exception:
@@ -141,14 +146,20 @@ class ApiServer:
                 raise  # a response has started: nothing valid can follow, aiohttp closes the connection
             return error_response(ApiError("internal server error", status=500, type_="server_error"))
 
+    @staticmethod
+    def _log_rejected(request: web.Request, e: ApiError) -> None:
+        """Every refused request leaves a line: a client sending something this server does not take shows up."""
+        log.log(logging.ERROR if e.status >= 500 and e.status != 503 else logging.WARNING,
+                "rejected %s %s from %s: %d %s%s", request.method, request.path, request.remote, e.status, e.message,
+                f" (param {e.param})" if e.param else "")
+
     @web.middleware
     async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
         if self.api_key and request.path not in OPEN_PATHS:
             got = request.headers.get("Authorization", "")
             if not hmac.compare_digest(got.encode("utf-8", "replace"), f"Bearer {self.api_key}".encode()):
-                return error_response(ApiError("missing or incorrect API key: send 'Authorization: Bearer <key>'",
-                                               status=401, code="invalid_api_key"),
-                                      headers={"WWW-Authenticate": "Bearer"})
+                raise ApiError("missing or incorrect API key: send 'Authorization: Bearer <key>'", status=401,
+                               code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
         return await handler(request)
 
     async def _json(self, request: web.Request) -> Any:
@@ -190,7 +201,7 @@ class ApiServer:
 
     async def models(self, request: web.Request) -> web.Response:
         if not self.engine.ready:
-            return error_response(ApiError("engine is not ready", status=503, type_="server_error"))
+            raise ApiError("engine is not ready", status=503, type_="server_error")
         card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "semipd-harness",
                 "max_model_len": self.engine.max_model_len}
         return web.json_response({"object": "list", "data": [card]})
@@ -212,7 +223,7 @@ class ApiServer:
             req, stream, include_usage = await self._parse(request, chat, arrival)
             out_q = self.engine.add(req)
         except EngineDead as e:
-            return error_response(ApiError(str(e), status=503, type_="server_error"))
+            raise ApiError(str(e), status=503, type_="server_error") from None
         rid, created = req.request_id, int(time.time())
         detok = IncrementalDetokenizer(self.tok, req.params.stop)
         resp: Optional[web.StreamResponse] = None
@@ -291,6 +302,11 @@ class ApiServer:
         if model is not None and model != self.model_name:
             raise ApiError(f"model {model!r} does not exist; this server serves {self.model_name!r}", "model",
                            status=404, code="model_not_found")
+        unknown = [k for k in check_keys(body, "chat" if chat else "completions") if k not in self._unknown_seen]
+        if unknown:  # tolerated as the OpenAI API does, and said once: a typo in a benchmark's key shows up
+            self._unknown_seen.update(unknown)
+            log.warning("ignoring request keys this server does not know: %s (%s; each is reported once)",
+                        ", ".join(unknown), request.path)
         max_len = self.engine.max_model_len
         max_bytes = max_len * self.max_token_bytes
         if chat:

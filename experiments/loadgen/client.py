@@ -25,12 +25,30 @@ import pandas as pd
 
 from experiments.analysis import request_metrics as M
 from experiments.loadgen.arrivals import interarrival_distribution, schedule
+from experiments.loadgen.lengths import format_lengths
+from experiments.loadgen.lengths import report as report_lengths
 from experiments.loadgen.prompts import PromptBuilder
 from experiments.loadgen.workloads import Workload, load_workload
 
 
 class LoadgenError(RuntimeError):
     pass
+
+
+ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+def check_config(lcfg, tokenizer) -> None:
+    """Settings that cannot work together fail before anything is sent, naming the key."""
+    if lcfg.endpoint not in ENDPOINTS:
+        raise LoadgenError(f"loadgen.endpoint={lcfg.endpoint!r}: expected one of {', '.join(ENDPOINTS)}")
+    if lcfg.endpoint == "chat" and lcfg.prompt_format == "token_ids":
+        raise LoadgenError("loadgen.endpoint=chat sends text messages: loadgen.prompt_format=token_ids needs "
+                           "loadgen.endpoint=completions")
+    if lcfg.endpoint == "chat" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
+        raise LoadgenError(f"loadgen.endpoint=chat sizes prompts under the chat template, and tokenizer "
+                           f"{lcfg.tokenizer!r} has none: name one that has (loadgen.tokenizer=DIR), or "
+                           f"loadgen.tokenizer=none for approximate lengths")
 
 
 @dataclass
@@ -61,14 +79,15 @@ def plan(workload: Workload, wcfg, lcfg, tokenizer) -> list[Planned]:
     offsets = schedule(wcfg, len(workload.items),
                        [it.timestamp for it in workload.items] if workload.has_timestamps else None)
     builder = PromptBuilder(tokenizer, seed=wcfg.seed)
+    chat = lcfg.endpoint == "chat"
     out = []
     for i, it in enumerate(workload.items):
         if lcfg.prompt_format == "token_ids":
             prompt, n = builder.token_ids(it.prompt_len), it.prompt_len
         elif it.prompt_text is not None:
-            prompt, n = it.prompt_text, (len(tokenizer.encode(it.prompt_text)) if tokenizer else -1)
+            prompt, n = it.prompt_text, builder.count(it.prompt_text, chat)
         else:
-            prompt, n = builder.text(it.prompt_len)
+            prompt, n = builder.text(it.prompt_len, chat)
         out.append(Planned(i, prompt, n, it.output_len, None if offsets is None else float(offsets[i])))
     return out
 
@@ -77,15 +96,19 @@ class LoadGenerator:
     def __init__(self, lcfg, wcfg, model: str):
         self.lcfg, self.wcfg, self.model = lcfg, wcfg, model
         base = lcfg.base_url.rstrip("/")
-        self.url = base + "/v1/completions"
+        self.url = base + ENDPOINTS[lcfg.endpoint]
         self.stop = asyncio.Event()
         self.signalled: Optional[str] = None  # the signal that stopped the run (SIGTERM, SIGINT)
         self.loop_lag: list[float] = []
         self.t0 = 0.0
 
     def payload(self, p: Planned) -> dict[str, Any]:
-        body = {"model": self.model, "prompt": p.prompt, "max_tokens": p.output_tokens, "temperature": 0.0,
-                "stream": self.lcfg.stream}
+        body: dict[str, Any] = {"model": self.model}
+        if self.lcfg.endpoint == "chat":
+            body["messages"] = [{"role": "user", "content": p.prompt}]
+        else:
+            body["prompt"] = p.prompt
+        body.update({"max_tokens": p.output_tokens, "temperature": 0.0, "stream": self.lcfg.stream})
         if self.lcfg.ignore_eos:
             body["ignore_eos"] = True
         if self.lcfg.stream:
@@ -317,7 +340,9 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
     tok = None
     if lcfg.tokenizer and lcfg.tokenizer != "none":
         tok = load_tokenizer(None if lcfg.tokenizer == "builtin" else lcfg.tokenizer)
+    check_config(lcfg, tok)
     workload = load_workload(wcfg, tok)  # fails on a bad file before anything is sent
+    lengths = report_lengths(workload, wcfg, lcfg.tokenizer)
     planned = plan(workload, wcfg, lcfg, tok)
     model = lcfg.model or _run(fetch_model(lcfg.base_url, lcfg.api_key))
     gen = LoadGenerator(lcfg, wcfg, model)
@@ -345,8 +370,8 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
         "self_check": M.self_check(df, wcfg, gen.loop_lag, interarrival_distribution(wcfg)),
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
         "workload": {"name": workload.name, "num_requests": len(planned), "num_clipped": workload.num_clipped,
-                     "arrival": wcfg.arrival, "rate": wcfg.rate},
-        "model": model, "base_url": lcfg.base_url,
+                     "arrival": wcfg.arrival, "rate": wcfg.rate, "lengths": lengths},
+        "endpoint": lcfg.endpoint, "model": model, "base_url": lcfg.base_url,
         "interrupted": gen.signalled is not None or any(r.error and "interrupted" in r.error for r in records),
         "signal": gen.signalled, "completeness": completeness(df, len(planned)),
         "length_mismatch": length_mismatch(df),
@@ -421,5 +446,9 @@ def format_summary(s: dict[str, Any]) -> str:
     if lm["prompt_mismatched"] or lm["output_mismatched"]:
         lines.append(f"length mismatch: {lm['prompt_mismatched']} prompts, {lm['output_mismatched']} outputs "
                      f"of {lm['checked']}")
+    wl = s.get("workload") or {}
+    if wl.get("lengths"):
+        lines.append(format_lengths(wl["name"], wl["lengths"]))
+        lines.extend(f"WARNING: {w}" for w in wl["lengths"].get("warnings", []))
     lines.append("client self-check: " + ("valid" if c["valid"] else "INVALID: " + "; ".join(c["reasons"])))
     return "\n".join(lines)

@@ -32,17 +32,32 @@ class PromptBuilder:
     def token_ids(self, n: int) -> list[int]:
         return self.rng.choice(self.id_pool, size=n).tolist()
 
-    def text(self, n: int) -> tuple[str, int]:
-        """(text, its token count under the target tokenizer; -1 when unknown)."""
+    def count(self, text: str, chat: bool = False) -> int:
+        """Tokens the server will see: the text itself, or one user message under the chat template."""
+        if self.tok is None:
+            return -1
+        if chat:
+            from semipd_engine.protocol import chat_token_ids
+
+            return len(chat_token_ids(self.tok, [{"role": "user", "content": text}]))
+        return len(self.tok.encode(text))
+
+    def text(self, n: int, chat: bool = False) -> tuple[str, int]:
+        """(text, its token count under the target tokenizer; -1 when unknown).
+
+        With `chat`, the count is of the whole prompt the server builds: one user message under the
+        tokenizer's chat template, so a chat request has the same prompt length as a completions one.
+        """
         if self.tok is None:
             start = int(self.rng.integers(0, len(self.words) - n - 1))
             return " ".join(self.words[start : start + n]), -1
-        start = int(self.rng.integers(0, len(self.stream) - 2 * n - 8))
-        width = n
+        overhead = self.count("x", chat) - self.count("x") if chat else 0
+        width = max(1, n - overhead)
+        start = int(self.rng.integers(0, len(self.stream) - 2 * width - 8))
         best: Optional[tuple[str, int]] = None
         for _ in range(6):
             text = self.tok.decode(self.stream[start : start + width]).strip()
-            got = len(self.tok.encode(text))
+            got = self.count(text, chat)
             if best is None or abs(got - n) < abs(best[1] - n):
                 best = (text, got)
             if got == n:

