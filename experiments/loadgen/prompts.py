@@ -55,12 +55,21 @@ class PromptBuilder:
         width = max(1, n - overhead)
         start = int(self.rng.integers(0, len(self.stream) - 2 * width - 8))
         best: Optional[tuple[str, int]] = None
+        under: Optional[tuple[str, int]] = None  # the longest text found that is still short of n
         for _ in range(6):
             text = self.tok.decode(self.stream[start : start + width]).strip()
             got = self.count(text, chat)
             if best is None or abs(got - n) < abs(best[1] - n):
                 best = (text, got)
+            if got < n and (under is None or got > under[1]):
+                under = (text, got)
             if got == n:
-                break
+                return best
             width = max(1, width + (n - got))
+        # The round trip can oscillate around n (a boundary merge adds or removes a token): pad the shorter text
+        # with a common word, one token each under word-splitting tokenizers, and keep it only if exact.
+        if under is not None:
+            text = under[0] + " the" * (n - under[1])
+            if self.count(text, chat) == n:
+                return text, n
         return best

@@ -1,6 +1,7 @@
 """Test double: an OpenAI-style streaming server with controlled TTFT and inter-token delay.
 
-Stands in for vLLM/SGLang/this project's engines in load-generator tests. Fault
+Stands in for vLLM/SGLang/this project's engines in load-generator tests, on
+/v1/completions and /v1/chat/completions (the last message's content is the prompt). Fault
 injection: a prompt containing "FAIL500" answers HTTP 500, "DROP" closes the
 connection mid-stream.
 """
@@ -22,6 +23,7 @@ class MockOpenAIServer:
         self.serial = serial
         self.received: list[float] = []  # arrival times (monotonic) of completion requests
         self.writes: list[list[float]] = []  # per request, when each token chunk was written
+        self.paths: list[str] = []  # the endpoint of each generation request
         self.port = port
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -48,7 +50,8 @@ class MockOpenAIServer:
         self._stop = asyncio.Event()
         self._busy = asyncio.Lock()
         app = web.Application()
-        app.add_routes([web.get("/v1/models", self.models), web.post("/v1/completions", self.completions)])
+        app.add_routes([web.get("/v1/models", self.models), web.post("/v1/completions", self.completions),
+                        web.post("/v1/chat/completions", self.completions)])
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", self.port)
@@ -71,7 +74,9 @@ class MockOpenAIServer:
         t_arrival = time.monotonic()
         self.received.append(t_arrival)
         body = await request.json()
-        prompt = body["prompt"]
+        chat = "messages" in body
+        prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+        self.paths.append(request.path)
         n = body.get("max_tokens", 16)
         if isinstance(prompt, str) and "FAIL500" in prompt:
             return web.json_response({"error": {"message": "boom", "type": "server_error"}}, status=500)
@@ -86,8 +91,12 @@ class MockOpenAIServer:
             if i == 2 and isinstance(prompt, str) and "DROP" in prompt:
                 request.transport.close()
                 return resp
-            chunk = {"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": f"t{i} ",
-                                                                          "finish_reason": None}]}
+            if chat:
+                chunk = {"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {
+                    "content": f"t{i} "}, "finish_reason": None}]}
+            else:
+                chunk = {"id": "x", "object": "text_completion", "choices": [{"index": 0, "text": f"t{i} ",
+                                                                              "finish_reason": None}]}
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
             writes.append(time.monotonic())
         usage = {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}

@@ -100,3 +100,45 @@ def test_ctrl_c_writes_partial_results(tmp_path):
     df = pd.read_parquet(tmp_path / "requests.parquet")
     assert len(df) == 200 and 3 < df["error"].isna().sum() < 200
     assert df["error"].dropna().str.contains("interrupted").all()
+
+
+def test_chat_mode_measures_what_completions_mode_measures(tmp_path):
+    wl = workload_cfg(name="fixed", prompt_len=8, output_len=10, num_requests=20, arrival="constant", rate=10)
+    got = {}
+    with MockOpenAIServer(ttft_s=0.05, itl_s=0.01) as srv:
+        for endpoint in ("completions", "chat"):
+            s = run_loadgen(loadgen_cfg(srv.url, endpoint=endpoint), wl, SLO, str(tmp_path / endpoint))
+            got[endpoint] = s
+        paths = srv.paths
+    assert paths == ["/v1/completions"] * 20 + ["/v1/chat/completions"] * 20
+    comp, chat = (got[e]["aggregates"] for e in ("completions", "chat"))
+    assert chat["num_ok"] == comp["num_ok"] == 20
+    for m in ("ttft_s", "tpot_s"):  # the server's truth is the same: 50 ms and 10 ms
+        assert abs(chat[m]["p50"] - comp[m]["p50"]) < 0.002, (m, chat[m], comp[m])
+    assert got["chat"]["endpoint"] == "chat" and got["completions"]["endpoint"] == "completions"
+
+
+def test_chat_prompts_have_the_exact_length_under_the_chat_template(tmp_path):
+    from tests.helpers.server import ServerProcess
+
+    srv = ServerProcess("engine=unified", "model=tiny")
+    try:
+        wl = workload_cfg(name="fixed", prompt_len=40, output_len=4, num_requests=6, arrival="constant", rate=20)
+        for endpoint in ("chat", "completions"):
+            s = run_loadgen(loadgen_cfg(srv.url, endpoint=endpoint, tokenizer="builtin"), wl, SLO,
+                            str(tmp_path / endpoint))
+            df = pd.read_parquet(tmp_path / endpoint / "requests.parquet")
+            assert df["error"].isna().all(), df["error"].tolist()
+            assert (df["prompt_tokens"] == 40).all(), (endpoint, df["prompt_tokens"].tolist())  # server's count
+            assert s["length_mismatch"]["prompt_mismatched"] == 0
+            assert s["workload"]["lengths"]["prompt_tokens"]["mean"] == 40
+    finally:
+        srv.stop()
+
+
+def test_chat_with_token_ids_is_refused_before_sending():
+    wl = workload_cfg(name="fixed", prompt_len=8, output_len=2, num_requests=2)
+    with pytest.raises(LoadgenError, match="prompt_format=token_ids"):
+        run_loadgen(loadgen_cfg("http://127.0.0.1:9", endpoint="chat", prompt_format="token_ids"), wl, SLO)
+    with pytest.raises(LoadgenError, match="loadgen.endpoint"):
+        run_loadgen(loadgen_cfg("http://127.0.0.1:9", endpoint="responses"), wl, SLO)

@@ -80,3 +80,16 @@ def test_synthetic_matches_configured_means_and_filters():
     assert abs(p.mean() / 161.3 - 1) < 0.1 and abs(o.mean() / 338.0 - 1) < 0.1
     f = load_workload(workload_cfg(name="synthetic", num_requests=500))
     assert all(i.prompt_len <= 1024 and i.prompt_len + i.output_len <= 2048 for i in f.items)
+
+
+def test_a_sharegpt_file_cut_mid_record_keeps_its_complete_conversations(tmp_path, caplog):
+    conv = {"id": "a", "conversations": [{"from": "human", "value": "tell me a story about a fox, please"},
+                                         {"from": "gpt", "value": "once upon a time"}]}
+    p = tmp_path / "cut.json"
+    p.write_text(json.dumps([conv, conv, conv])[:-40])  # ends inside the third record
+    with caplog.at_level("WARNING"):
+        w = load_workload(workload_cfg(name="sharegpt", path=str(p), num_requests=10))
+    assert len(w.items) == 2 and "2 complete conversations" in caplog.text
+    p.write_text("{not json")
+    with pytest.raises(WorkloadError, match="not valid JSON"):
+        load_workload(workload_cfg(name="sharegpt", path=str(p)))
