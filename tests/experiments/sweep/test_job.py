@@ -110,7 +110,8 @@ def test_headline_picks_each_metric_from_its_place():
         (0.8, 3.2, 4.0, 400.0)
     assert (h["num_requests"], h["num_errors"], h["client_valid"]) == (10, 1, False)
     assert (h["mean_ttft_s"], h["p90_tpot_s"], h["p50_itl_s"], h["p99_e2e_s"]) == (0, 12, 21, 33)
-    assert len(h) == 7 + 16
+    assert h["endpoint"] is None and "mean_prompt_tokens" not in h  # a summary without them (simulated, old)
+    assert len(h) == 8 + 16
 
 
 class _MockEngineServer:
