@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> None:
         if not key.startswith("hydra"):
             overrides[key] = value
     multirun = hc.mode == RunMode.MULTIRUN
-    record = run(cfg, hc.runtime.output_dir, overrides, Path(hc.sweep.dir).name if multirun else None)
+    record = run(cfg, hc.runtime.output_dir, overrides, hc.sweep.dir if multirun else None)
     if not multirun:
         from experiments.sweep.aggregate import finish_sweep
 

@@ -40,7 +40,7 @@ import seaborn as sns  # noqa: E402
 
 from experiments.analysis import points as P  # noqa: E402
 from experiments.analysis import uncertainty as U  # noqa: E402
-from experiments.analysis.server_metrics import server_metrics_figure, server_timeseries  # noqa: E402
+from experiments.analysis.server_metrics import job_timeseries, server_metrics_figure, server_timeseries  # noqa: E402
 
 ENGINE_ORDER = ["unified", "unified_chunked", "unified_splitfuse", "disagg", "semipd", "semipd_uncapped",
                 "semipd_dynamic"]
@@ -512,6 +512,7 @@ def partition_timeline(sweep_dir: Path) -> pd.DataFrame:
             d = json.loads(line)
             rows.append({"job": rel, "time_s": d["time_s"] + offset, "clock": clock, "prefill": d["prefill_share"],
                          "decode": d["decode_share"], "rate": d.get("rate"), "reason": d.get("reason"),
+                         "observed_ttft_s": d.get("observed_ttft_s"), "observed_tpot_s": d.get("observed_tpot_s"),
                          "engine": job.get("engine"), "seed": job.get("seed"), "load_rate": job.get("rate"),
                          "overrides": job.get("overrides") or {},
                          "slo_ttft_s": (job.get("slo") or {}).get("ttft_s"),
@@ -625,6 +626,67 @@ def partition_figure(timeline: pd.DataFrame, requests: Optional[dict[str, pd.Dat
     fig.suptitle("semi-PD partition over time, one run per panel: shares, offered load, and the P90 latency of "
                  "the requests arriving in each window against the SLO", fontsize=8.5)
     return fig
+
+
+# -- one job ---------------------------------------------------------------------------------------------------
+
+
+def request_latency_figure(req: pd.DataFrame, slo: dict[str, Any], title: str):
+    """Each request's TTFT and TPOT against the time it was scheduled, with the SLOs: where in the load the
+    misses happened. Warm-up requests (not counted) are grey; a goodput search's probes each get a colour."""
+    fig, axes = plt.subplots(2, 1, figsize=(6.5, 4.2), sharex=True)
+    groups = list(req.groupby("probe_rate")) if "probe_rate" in req else [(None, req)]
+    for ax, (col, slo_key, label) in zip(axes, (("ttft_s", "ttft_s", "TTFT"), ("tpot_s", "tpot_s", "TPOT"))):
+        vals = req[col] if col in req else pd.Series(dtype=float)
+        limit = slo.get(slo_key)
+        scale, unit = _latency_scale(pd.concat([vals, pd.Series([limit], dtype=float)]))
+        for rate, g in groups:
+            measured = g["measured"].astype(bool) if "measured" in g else pd.Series(True, index=g.index)
+            ax.scatter(g.loc[measured, "scheduled_s"], g.loc[measured, col] * scale, s=8, alpha=0.7,
+                       label=None if rate is None else f"{rate:g} req/s")
+            ax.scatter(g.loc[~measured, "scheduled_s"], g.loc[~measured, col] * scale, s=8, color="0.6",
+                       label="warm-up (not counted)" if ax is axes[0] and rate == groups[0][0] else None)
+        if limit is not None:
+            ax.axhline(float(limit) * scale, color="crimson", ls=(0, (4, 2)), lw=1.0, label="SLO")
+        _maybe_log(ax, vals.to_numpy(dtype=float) * scale)
+        ax.set_ylabel(f"{label} ({unit})")
+    axes[-1].set_xlabel("scheduled time since the load started (s)")
+    axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def job_figures(job_dir: str | Path) -> list[str]:
+    """One job's own figures, as PNGs under <job>/job_figures/ (apart from a sweep's figures/, which a single
+    run writes into the same directory): its requests' latency over time against the SLOs, the server's queues
+    and KV use over time, and the semi-PD partition over time where the job logged one."""
+    jd = Path(job_dir)
+    out = jd / "job_figures"
+    job = json.loads((jd / "job.json").read_text()) if (jd / "job.json").is_file() else {}
+    rate = job.get("rate")
+    title = str(job.get("engine", "job")) + (f" at {rate:g} req/s" if isinstance(rate, (int, float)) else "")
+    sns.set_theme(style="whitegrid", context="paper")
+    figs = []
+    if (jd / "requests.parquet").is_file():
+        req = pd.read_parquet(jd / "requests.parquet")
+        if not req.empty and {"scheduled_s", "ttft_s"} <= set(req.columns):
+            figs.append((request_latency_figure(req, job.get("slo") or {}, title), "latency_over_time"))
+    series = job_timeseries(jd)
+    if series is not None and {"requests_running", "requests_waiting", "kv_usage"} & set(series.columns):
+        series = series.assign(engine=job.get("engine", "job"), rate=rate if rate is not None else 0.0)
+        figs.append((server_metrics_figure(series), "server_queues_and_kv_over_time"))
+    timeline = partition_timeline(jd)
+    if not timeline.empty:
+        figs.append((partition_figure(timeline, partition_requests(jd, timeline)), "partition_over_time"))
+    paths = []
+    for fig, name in figs:
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{name}.png"
+        fig.savefig(path, bbox_inches="tight", dpi=120)
+        plt.close(fig)
+        paths.append(str(path))
+    return paths
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pandas as pd
 from hydra.experimental.callback import Callback
@@ -158,7 +158,8 @@ def format_goodput(gp: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def finish_sweep(sweep_dir: Path, wandb_cfg=None) -> None:
+def finish_sweep(sweep_dir: Path, wandb_cfg=None, experiment: Optional[str] = None) -> None:
+    """Aggregate, print, draw; with `wandb_cfg`, log the sweep's summary run into the group `experiment`."""
     from experiments.analysis import figures
     from experiments.sweep import tracking
 
@@ -180,7 +181,8 @@ def finish_sweep(sweep_dir: Path, wandb_cfg=None) -> None:
     print(f"aggregate: {sweep_dir / 'requests.parquet'}, {sweep_dir / 'summary.csv'}; figures: {sweep_dir / 'figures'}")
     if wandb_cfg is not None:
         try:
-            tracking.log_sweep(wandb_cfg, str(sweep_dir), summary, paths)
+            tracking.log_sweep(wandb_cfg, str(sweep_dir), summary, paths, group=experiment or sweep_dir.name,
+                               points=pts, goodput=gp)
         except Exception as e:
             log.warning("W&B sweep logging failed: %s", e)
 
@@ -213,4 +215,4 @@ class AggregateCallback(Callback):
         from experiments.sweep.config import WandbConfig
         from semipd_engine.config import freeze
 
-        finish_sweep(Path(config.hydra.sweep.dir), freeze(WandbConfig, config.wandb))
+        finish_sweep(Path(config.hydra.sweep.dir), freeze(WandbConfig, config.wandb), config.experiment.name)

@@ -198,7 +198,8 @@ def _validity_columns(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = None,
-        sweep: Optional[str] = None) -> dict[str, Any]:
+        sweep_dir: Optional[str] = None) -> dict[str, Any]:
+    """One job in `job_dir`; `sweep_dir`: the multirun's directory (None: the job is a sweep of its own)."""
     job = Job.from_cfg(cfg)  # validates before anything starts
     jd = Path(job_dir)
     jd.mkdir(parents=True, exist_ok=True)
@@ -240,10 +241,12 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
         record["finished"] = time.time()
         (jd / "job.json").write_text(json.dumps(record, indent=2, default=str))
     requests = pd.read_parquet(jd / "requests.parquet") if (jd / "requests.parquet").is_file() else None
+    # Every run of a sweep under <sweep dir>/wandb/, so that one `wandb sync` glob finds them all.
+    home = Path(sweep_dir) if sweep_dir else jd
     try:
-        tracking.log_job(job.wandb, str(jd), name=jd.name, group=sweep or jd.parent.name, job_type=job.engine.name,
-                         config=resolved, summary={**record, "aggregates": summary.get("aggregates", {})},
-                         requests=requests)
+        tracking.log_job(job.wandb, str(jd), str(home), name=jd.name, group=job.experiment.name,
+                         sweep_id=home.name, job_type=label, config=resolved,
+                         summary={**record, "aggregates": summary.get("aggregates", {})}, requests=requests)
     except Exception as e:  # tracking must never lose a finished measurement
         log.warning("W&B logging failed: %s", e)
     return record

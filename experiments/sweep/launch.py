@@ -222,16 +222,22 @@ def version(command: str | None, env: dict[str, str]) -> str | None:
         return f"unavailable: {e}"
 
 
-# This project's metrics under the canonical names the figures use.
+# This project's metrics under the canonical names the figures use. Iteration times are a histogram: its running
+# sum and count, differenced between samples, give the mean iteration time per phase over time. The partition
+# gauges exist on semi-PD engines only (a metric the page lacks is simply never sampled).
 OWN_METRICS = {"requests_running": "requests_running", "requests_waiting": "requests_waiting",
-               "kv_blocks_used": "kv_blocks_used", "kv_blocks_total": "kv_blocks_total"}
+               "kv_blocks_used": "kv_blocks_used", "kv_blocks_total": "kv_blocks_total",
+               "iteration_time_sum_s": "iteration_time_seconds_sum", "iterations": "iteration_time_seconds_count",
+               "partition_prefill_share": "partition_prefill_share",
+               "partition_decode_share": "partition_decode_share"}
 
 
 class MetricsRecorder:
     """Samples named metrics from a server's /metrics every `interval_s` in a thread; `save()` writes parquet.
 
     `names`: canonical name -> the server's metric name; every label set is kept (rows: time_s, metric,
-    labels, value). Scrape failures are counted, never raised: the load run comes first.
+    labels, value, and monotonic_s, the sample's time.monotonic(), which puts it on the load's clock).
+    Scrape failures are counted, never raised: the load run comes first.
     """
 
     def __init__(self, url: str, names: dict[str, str], interval_s: float = 1.0):
@@ -255,7 +261,8 @@ class MetricsRecorder:
     def _run(self) -> None:
         wanted = {v: k for k, v in self.names.items()}
         while not self._stop.is_set():
-            t = time.monotonic() - self._t0
+            now = time.monotonic()
+            t = now - self._t0
             try:
                 with urllib.request.urlopen(self.url + "/metrics", timeout=5) as r:
                     text = r.read().decode()
@@ -265,7 +272,7 @@ class MetricsRecorder:
                 for name, labels, value in parse_prometheus(text):
                     if name in wanted:
                         self.rows.append({"time_s": t, "metric": wanted[name], "source": name, "labels": labels,
-                                          "value": value})
+                                          "value": value, "monotonic_s": now})
             self._stop.wait(self.interval_s)
 
     def save(self, path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from tests.helpers.experiment_configs import compose_run
+from tests.helpers.wandb_offline import read_run
 
 ROOT = Path(__file__).resolve().parents[2]
 FIGURES = {"slo_attainment_vs_rate", "p90_latency_vs_rate", "mean_e2e_vs_rate", "goodput_per_engine",
@@ -90,10 +91,14 @@ def test_two_job_multirun_end_to_end(tmp_path):
         assert prov["packages"]["torch"] == importlib.metadata.version("torch")
         assert prov["config"]["engine"]["name"] == row["engine"] and prov["config"]["workload"]["rate"] == 4.0
 
-    # W&B: one offline run in each job's directory, one summary run for the sweep.
-    runs = sorted(sweep.rglob("offline-run-*"))
-    assert sorted(r.parent.parent.name for r in runs if r.parent.parent != sweep) == list(summary["job"]), runs
-    assert len([r for r in runs if r.parent.parent == sweep]) == 1, runs
+    # W&B: one offline run per job and one summary run, all under <sweep>/wandb/ (one `wandb sync` glob), grouped
+    # by the experiment; each job's run has the server's queues over time.
+    runs = [r for r in sweep.rglob("offline-run-*") if r.is_dir()]
+    assert {r.parent for r in runs} == {sweep / "wandb"}, runs
+    runs = [read_run(r) for r in runs]
+    assert sorted(r.run.display_name for r in runs) == sorted([*summary["job"], "sweep-summary"])
+    assert {r.run.run_group for r in runs} == {"demo"} and all(r.config["sweep_id"] == "sweep" for r in runs)
+    assert all(r.series("server/requests_running") for r in runs if r.run.job_type != "sweep-summary")
 
     # The sweep's table on the terminal, and its figures.
     assert f"sweep {sweep}: 2 jobs (2 ok, 0 invalid)" in proc.stdout
