@@ -192,7 +192,7 @@ def check_launch(config: DictConfig) -> None:
     from experiments.sweep import cores
 
     n_jobs = cores.launcher_jobs(config.hydra.get("launcher"))
-    if n_jobs <= 1:
+    if n_jobs is None or n_jobs <= 1:  # None: the launcher sizes itself to fit
         return
     params = config.hydra.get("sweeper", {}).get("params") or {}
     backends = {config.backend.name} | set(str(params.get("backend", "")).replace("backend=", "").split(",")) - {""}

@@ -15,6 +15,7 @@ from experiments.sweep.config import (
     WandbConfig,
     WorkloadConfig,
 )
+from experiments.sweep.launchers import RayClusterLauncherConf
 from semipd_engine import conf_store as engine_store
 from semipd_engine.sim.config import BackendConfig, HardwareConfig
 
@@ -33,3 +34,5 @@ def register() -> None:
     cs.store(group="wandb", name="wandb_schema", node=WandbConfig)
     cs.store(group="backend", name="backend_schema", node=BackendConfig)
     cs.store(group="hardware", name="hardware_schema", node=HardwareConfig)
+    # conf/hydra/launcher/ray_cluster.yaml: hydra-ray-launcher's keys plus this project's start timeout.
+    cs.store(group="hydra/launcher", name="ray_cluster_schema", node=RayClusterLauncherConf)

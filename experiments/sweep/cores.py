@@ -6,7 +6,8 @@ and workers it starts, which inherit the affinity) to a core set of its own:
 - `cores_needed(...)`: a real engine takes every core of the machine unless `experiment.cores_per_job` says
   otherwise; a simulated job takes one.
 - `check_parallel(...)`: a parallel launcher (joblib `n_jobs`) asking for more concurrent jobs than the machine
-  has core sets for is refused at the start of the sweep, with a message saying what would fit.
+  has core sets for is refused at the start of the sweep, with a message saying what would fit. The `local`
+  preset's default asks for as many as fit (experiments/sweep/launchers.py).
 - `core_slot(...)`: the job takes the first free core set (an exclusive `flock` per core in a machine-wide
   lock folder, so two processes, of one sweep or of two, can never hold the same core), pins itself to it and
   gives it back when done. A job that finds every set taken waits for one rather than share (and says so).
@@ -45,13 +46,17 @@ def cores_needed(backend: str, cores_per_job: int, cost_model: str = "roofline",
     return n
 
 
-def launcher_jobs(launcher_cfg) -> int:
-    """Concurrent jobs a Hydra launcher config runs on this machine (1 for the sequential basic launcher)."""
+def launcher_jobs(launcher_cfg) -> Optional[int]:
+    """Concurrent jobs a Hydra launcher config runs on this machine (1 for the sequential basic launcher), or None
+    for the `local` preset's default, which sizes itself to the jobs' cores (experiments/sweep/launchers.py)."""
     if launcher_cfg is None:
         return 1
     target = str(launcher_cfg.get("_target_", ""))
-    if "joblib" in target.lower():
-        n = launcher_cfg.get("n_jobs", 1)
+    n = launcher_cfg.get("n_jobs", 1)
+    ours = target.endswith(".semipd_launchers.launchers.LocalLauncher")
+    if ours and n is not None and n < 0:
+        return None
+    if ours or "joblib" in target.lower():
         return os.cpu_count() or 1 if n is None or n < 0 else int(n)
     return 1
 
