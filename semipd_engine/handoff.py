@@ -44,8 +44,9 @@ class Handoff:
         """Forget an aborted request held by the hand-off; True when blocks were freed."""
         return False
 
-    def drop_on_arrival(self, req: Request) -> None:
-        """A request aborted while in transit arrived: give its blocks back."""
+    def arrived_aborted(self, msg) -> None:
+        """A hand-off (AdoptRequest / OfferKV) arrived for a request aborted while in transit: release what it
+        holds, here or at its sender."""
 
     @property
     def busy(self) -> bool:
@@ -56,7 +57,8 @@ class AdoptHandoff(Handoff):
     def hand_off(self, req: Request, target: str) -> None:
         self.send(target, AdoptRequest(req))  # same pool: the decode worker reads the blocks in place
 
-    def drop_on_arrival(self, req: Request) -> None:
+    def arrived_aborted(self, msg) -> None:
+        req = msg.request  # same pool: its blocks are freed here
         if req.block_table:
             self.pool.free(req.block_table)
             req.block_table = []
@@ -105,11 +107,8 @@ class TransferHandoff(Handoff):
                 self.send(waiting.source, ReleaseKV(request_id))
         return self._free_held(request_id)
 
-    def drop_on_arrival(self, req: Request) -> None:
-        pass  # an aborted offer is answered in `arrived_aborted`
-
-    def arrived_aborted(self, msg: OfferKV) -> None:
-        self.send(msg.source, ReleaseKV(msg.request.request_id))
+    def arrived_aborted(self, msg) -> None:
+        self.send(msg.source, ReleaseKV(msg.request.request_id))  # the blocks are the sender's to free
 
     @property
     def busy(self) -> bool:

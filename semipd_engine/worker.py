@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from semipd_engine.handoff import HANDOFFS, Handoff, TransferHandoff
+from semipd_engine.handoff import HANDOFFS, Handoff
 from semipd_engine.messages import (
     AbortRequest,
     AddRequest,
@@ -158,13 +158,13 @@ class Worker:
 
     def on_adopt(self, msg: AdoptRequest) -> bool:
         if msg.request.request_id in self.aborted:
-            self.handoff.drop_on_arrival(msg.request)
+            self.handoff.arrived_aborted(msg)
             return True
         self.core.adopt(msg.request)
         return False
 
     def on_offer(self, msg: OfferKV) -> bool:
-        if msg.request.request_id in self.aborted and isinstance(self.handoff, TransferHandoff):
+        if msg.request.request_id in self.aborted:
             self.handoff.arrived_aborted(msg)
             return False
         return self.handoff.handle(msg)

@@ -8,14 +8,16 @@ here, before any request is simulated, and names the config key.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from semipd_engine.block_pool import BlockPool
 from semipd_engine.clock import VirtualClock
 from semipd_engine.kv_transfer import TransferQueue
 from semipd_engine.partition import Partition, core_sets
 from semipd_engine.policies import make_scheduler
+from semipd_engine.sim.batch import CostModel
 from semipd_engine.sim.executor import CostModelExecutor
 from semipd_engine.sim.share import ShareModel, ShareModels
 from semipd_engine.sim.simulator import LinkConfig, Simulator, SimWorker
@@ -29,7 +31,7 @@ CPU_LINK_GBS = 1.4  # this project's shared-memory block copy, measured (docs/be
 class Platform:
     """What runs the model: cost model(s), memory, how compute shares and KV links behave."""
 
-    cost_for: callable  # threads/GPU share key -> cost model at full share of that unit
+    cost_for: Callable[[Any], CostModel]  # threads/GPU share key -> cost model at full share of that unit
     devices: int  # cores (CPU) or GPUs per replica
     kv_tokens: int  # KV tokens one replica holds
     share_models: ShareModels

@@ -145,7 +145,8 @@ def measure(model_cfg, engine_cfg, thread_counts: list[int], repeats: int = 5) -
                             times=Timestamps(arrival=1.0))
                 r.block_table = pool.try_allocate(pool.blocks_needed(cached + new, 0))
                 if r.block_table is None:
-                    raise RuntimeError("profile: the KV pool is too small for the grid; raise engine.kv_cache_mb")
+                    raise RuntimeError(f"profile: the KV pool ({engine_cfg.kv_cache_mb} MB) is too small for the grid; "
+                                       f"raise --kv-cache-mb")
                 if new == 1:
                     r.output_token_ids = [r.prompt_token_ids.pop()]  # a decode: the last token was sampled
                 r.num_computed_tokens = cached
@@ -171,6 +172,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1..all cores)")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--kv-cache-mb", type=int, default=512,
+                    help="KV pool for the grid's largest batch (a wider model needs more)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     from semipd_engine.config import EngineConfig, ModelConfig, freeze
@@ -178,7 +181,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     threads = [int(t) for t in args.threads.split(",")] if args.threads else list(range(1, cores + 1))
     mcfg = freeze(ModelConfig, {"name": args.model, "path": args.path, "dtype": args.dtype})
-    ecfg = freeze(EngineConfig, {"kv_cache_mb": 512})
+    ecfg = freeze(EngineConfig, {"kv_cache_mb": args.kv_cache_mb})
     t0 = time.time()
     samples = measure(mcfg, ecfg, threads, args.repeats)
     fits = {}
