@@ -39,5 +39,21 @@ def main(cfg: DictConfig) -> None:
     return record.get("slo_attainment")
 
 
+def _entry() -> None:
+    import sys
+
+    from experiments.sweep.job import JobInterrupted
+
+    try:
+        main()
+    except (JobInterrupted, KeyboardInterrupt) as e:
+        # The interrupted job is recorded as `interrupted` and finished ones are kept: say how to go on, without
+        # a traceback through Hydra's launcher.
+        print(f"run.py: interrupted ({str(e) or type(e).__name__}); finished jobs are kept. Run the same command "
+              f"with hydra.sweep.dir=<the sweep directory> to measure the rest (finished jobs are skipped).",
+              file=sys.stderr)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    main()
+    _entry()

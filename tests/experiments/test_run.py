@@ -125,3 +125,27 @@ def test_two_job_multirun_end_to_end(tmp_path):
     assert (again.stdout + again.stderr).count("already finished: skipping") == 2
     assert {j: (sweep / j / "job.json").read_text() for j in summary["job"]} == before
     assert {j: (sweep / j / "requests.parquet").stat().st_mtime_ns for j in summary["job"]} == mtimes
+
+
+def test_ctrl_c_stops_the_sweep_with_a_message_not_a_traceback(tmp_path):
+    import signal
+    import time
+
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "run.py", "-m", "engine=unified", "model=tiny", "workload.rate=1",
+           "workload.num_requests=1000", "experiment.max_host_interference=1.0", "experiment.max_step_slowdown=1000",
+           f"results_dir={tmp_path}", "wandb.mode=disabled", "loadgen.progress=false", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not _server_processes(str(sweep)):
+        time.sleep(0.5)
+    time.sleep(5)  # the server is starting or the load is running: either way the job must end `interrupted`
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C reaches the whole foreground group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:] + err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "run.py: interrupted" in err and "hydra.sweep.dir" in err
+    job = json.loads(next(sweep.glob("*/job.json")).read_text())
+    assert job["status"] == "interrupted"
+    assert not _server_processes(str(sweep))
