@@ -17,7 +17,7 @@ import time
 from typing import Optional
 
 from semipd_engine.engine import SemiPDEngine
-from semipd_engine.partition import core_sets
+from semipd_engine.partition import placement
 from semipd_engine.slo_partitioner import ControllerConfig, SLOPartitioner, Window
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class DynamicSemiPDEngine(SemiPDEngine):
         self.partitioner = SLOPartitioner(
             ControllerConfig(e.slo_ttft_s, e.slo_tpot_s, e.slo_percentile, e.step_size, e.max_step, e.min_share,
                              e.max_share),
-            distinct=lambda a, b: core_sets(a, self.cores) != core_sets(b, self.cores),
+            distinct=lambda a, b: placement(a, self.cores) != placement(b, self.cores),
         )
         self.decisions: list[dict] = []
         self._reset_window(time.monotonic())

@@ -85,6 +85,12 @@ def pinned_sets(p: Partition, cores: Sequence[int]) -> tuple[tuple[int, ...], tu
     return tuple(union[:tp]), tuple(union[len(union) - td :])
 
 
+def placement(p: Partition, cores: Sequence[int]) -> tuple:
+    """Everything the CPU workers run with under `p`: pinned core sets and thread counts. Two partitions with the
+    same placement run identically, so a controller step between them changes nothing."""
+    return pinned_sets(p, cores), thread_counts(p, cores)
+
+
 def _cpu_affinity(device: str) -> str | None:
     return None if device == "cpu" else "core sets cap CPU workers only"
 

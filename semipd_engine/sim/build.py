@@ -15,7 +15,7 @@ from typing import Any, Optional
 from semipd_engine.block_pool import BlockPool
 from semipd_engine.clock import VirtualClock
 from semipd_engine.kv_transfer import TransferQueue
-from semipd_engine.partition import Partition, core_sets
+from semipd_engine.partition import Partition, placement
 from semipd_engine.policies import make_scheduler
 from semipd_engine.sim.batch import CostModel
 from semipd_engine.sim.executor import CostModelExecutor
@@ -211,6 +211,6 @@ def make_controller(engine_cfg, cores: Optional[int] = None):
     e = engine_cfg
     cfg = ControllerConfig(e.slo_ttft_s, e.slo_tpot_s, e.slo_percentile, e.step_size, e.max_step, e.min_share,
                            e.max_share)
-    if cores:  # CPU: only partitions that pin different core sets are distinct
-        return SLOPartitioner(cfg, distinct=lambda a, b: core_sets(a, range(cores)) != core_sets(b, range(cores)))
+    if cores:  # CPU: only partitions the real engine places differently (cores, threads) are distinct
+        return SLOPartitioner(cfg, distinct=lambda a, b: placement(a, range(cores)) != placement(b, range(cores)))
     return SLOPartitioner(cfg)
