@@ -80,7 +80,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def job_timeseries(job_dir: Path) -> Optional[pd.DataFrame]:
     """One job's server metrics over time (`wide_series`), `time_s` in seconds since its load started where the
     job recorded both clocks (before that, since sampling began: it then includes the step probe before the
-    load); `clock` says which. None when the job sampled nothing (simulated jobs have no server)."""
+    load); `clock` says which. None when the job sampled nothing. A simulated job's samples are its virtual engine's (time 0 = load start)."""
     f = Path(job_dir) / "server_metrics.parquet"
     if not f.is_file():
         return None

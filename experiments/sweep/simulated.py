@@ -38,6 +38,9 @@ def check(model_cfg, engine_cfg, hardware_cfg, backend_cfg) -> None:
     build_simulator(model_cfg, engine_cfg, hardware_cfg, backend_cfg)
 
 
+SAMPLES = 200
+
+
 def simulate(model_cfg, engine_cfg, hardware_cfg, backend_cfg, arrivals, prompt_lens, output_lens):
     """Run the simulated engine; returns (finished requests, simulator, platform, wall seconds)."""
     from semipd_engine.sim.build import build_simulator, make_controller
@@ -48,6 +51,8 @@ def simulate(model_cfg, engine_cfg, hardware_cfg, backend_cfg, arrivals, prompt_
         controller = make_controller(engine_cfg, None if backend_cfg.cost_model == "roofline" else _cores())
     sim, plat = build_simulator(model_cfg, engine_cfg, hardware_cfg, backend_cfg, controller)
     requests = make_requests([a + plat.request_delay_s for a in arrivals], prompt_lens, output_lens)
+    if len(arrivals) and max(arrivals) > 0:  # ~200 samples of the queues over the arrivals, as a server's gauges
+        sim.sample_every(max(arrivals) / SAMPLES)
     t0 = time.perf_counter()
     done = sim.run(requests)
     for r, a in zip(requests, arrivals):  # latencies count from the client's send, as a real run's do
@@ -110,11 +115,15 @@ def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, 
                     "events": st.events, "kv_transfers": st.transfers, "kv_transfer_bytes": st.transfer_bytes,
                     "partition_switches": st.switches, "kv_blocks_used_peak": st.kv_peak_blocks},
         "config": resolved_config,
+        "t0_monotonic": 0.0,  # the virtual clock starts with the load: server samples are on the load's clock
     }
     if output_dir:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         df.to_parquet(out / "requests.parquet", index=False)
+        if st.samples:  # the same file a real job's MetricsRecorder writes (monotonic_s: the virtual time)
+            pd.DataFrame(st.samples).assign(monotonic_s=lambda f: f["time_s"]).to_parquet(
+                out / "server_metrics.parquet", index=False)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         if st.decisions:  # the same decision log a real semipd_dynamic job writes
             first = {"time_s": 0.0, "prefill_share": engine_cfg.prefill_share,

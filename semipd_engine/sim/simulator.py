@@ -88,6 +88,9 @@ class SimStats:
     switches: int = 0
     decisions: list[dict[str, Any]] = field(default_factory=list)
     kv_peak_blocks: dict[str, int] = field(default_factory=dict)
+    # What a real server's /metrics would have shown, every `sample_every_s` of virtual time: rows of
+    # (time_s, metric, labels, value) under the canonical names of experiments.analysis.server_metrics.
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
 
 ARRIVAL, ITER_END, TRANSFER_DONE, CONTROL, RESUME = range(5)
@@ -105,6 +108,7 @@ class Simulator:
         self.share_models, self.link, self.block_bytes = share_models, link, block_bytes
         self.controller, self.control_window_s, self.switch_cost_s = controller, control_window_s, switch_cost_s
         self.fast_forward = fast_forward
+        self.sample_every_s, self._next_sample = 0.0, math.inf
         self.stats = SimStats()
         self._heap: list[tuple[float, int, int, Any]] = []
         self._arrivals: list[Request] = []
@@ -160,6 +164,9 @@ class Simulator:
                 t, _, kind, payload = heapq.heappop(heap)
             else:
                 break
+            while self._next_sample <= t:  # the state between two events holds until the later one
+                self._sample(self._next_sample)
+                self._next_sample += self.sample_every_s
             self.clock.advance_to(t)
             self.stats.events += 1
             if kind == ITER_END:
@@ -176,6 +183,27 @@ class Simulator:
             self.stats.iterations += w.iterations
             self.stats.fast_forwarded += w.fast_forwarded
         return self._done
+
+    def sample_every(self, seconds: float) -> None:
+        """Record `stats.samples` every `seconds` of virtual time from 0 (off by default: a speed benchmark
+        should not pay for it)."""
+        self.sample_every_s, self._next_sample = seconds, 0.0
+
+    def _sample(self, t: float) -> None:
+        """Queues, KV use and compute shares now, as the server's gauges would read. Inside a fast-forwarded
+        stretch queues are exact (nothing joins or leaves the batch) and KV use is the stretch's end value."""
+        rows = self.stats.samples
+        for w in self.workers.values():
+            sched, label = w.scheduler, f'instance="{w.name}"'
+            rows.append({"time_s": t, "metric": "requests_running", "labels": label, "value": len(sched.running)})
+            rows.append({"time_s": t, "metric": "requests_waiting", "labels": label,
+                         "value": len(sched.waiting) + len(sched.parked)})
+            if w.colocated is not None:
+                rows.append({"time_s": t, "metric": f"partition_{w.role}_share", "labels": "", "value": w.share})
+        for name, pool in self._pools.values():
+            label = f'instance="{name}"'
+            rows.append({"time_s": t, "metric": "kv_blocks_used", "labels": label, "value": pool.num_used})
+            rows.append({"time_s": t, "metric": "kv_blocks_total", "labels": label, "value": pool.num_blocks})
 
     def _next_arrival(self) -> float:
         return self._arrivals[self._ai].times.arrival if self._ai < len(self._arrivals) else math.inf

@@ -40,6 +40,23 @@ def test_simulated_rows_have_the_load_generators_columns(tmp_path):
     assert on_disk["aggregates"]["slo_attainment"] == s["aggregates"]["slo_attainment"]
 
 
+@pytest.mark.parametrize("engine", ["unified", "disagg", "semipd"])
+def test_simulated_jobs_record_the_servers_queues_and_kv_over_time(tmp_path, engine):
+    from experiments.analysis.server_metrics import job_timeseries
+
+    e = freeze(EngineConfig, {"name": engine})
+    w = workload_cfg(name="synthetic", num_requests=200, rate=20.0)
+    simulated.run_simulated(LLAMA8B, e, A100, SIM, loadgen_cfg("unused"), w, SLO, str(tmp_path))
+    ts = job_timeseries(tmp_path)
+    assert ts is not None and (ts["clock"] == "load").all() and len(ts) >= 150  # to the last finish
+    assert ts["requests_running"].max() > 0 and 0 < ts["kv_usage"].max() <= 1
+    assert ts["time_s"].is_monotonic_increasing and ts["time_s"].iloc[0] == 0
+    if engine == "disagg":  # one series per instance as well as the total
+        assert {c for c in ts if c.startswith("kv_usage/")} == {"kv_usage/prefill0", "kv_usage/decode0"}
+    if engine == "semipd":
+        assert (ts["partition_prefill_share"] == e.prefill_share).all()
+
+
 def test_simulated_arrivals_follow_the_workload_schedule(tmp_path):
     e = freeze(EngineConfig, {"name": "semipd", "prefill_share": 100, "decode_share": 100})
     w = workload_cfg(name="fixed", prompt_len=100, output_len=10, num_requests=30, arrival="constant", rate=2.0)
