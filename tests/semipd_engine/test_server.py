@@ -88,6 +88,19 @@ def test_openai_sdk_streaming(server):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5)
     assert chat.choices[0].message.role == "assistant"
+    # Content as parts is the same prompt as the string its texts join to.
+    parts = client.chat.completions.create(
+        model="tiny", max_tokens=5, temperature=0,
+        messages=[{"role": "developer", "content": "be brief"},
+                  {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}])
+    joined = client.chat.completions.create(
+        model="tiny", max_tokens=5, temperature=0,
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi\nthere"}])
+    assert parts.usage.prompt_tokens == joined.usage.prompt_tokens
+    assert parts.choices[0].message.content == joined.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=4, logprobs=2)
+    assert e.value.body["param"] == "logprobs"
 
 
 def test_stop_string_cuts_output(server):
