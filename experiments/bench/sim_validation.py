@@ -1,7 +1,8 @@
 """Validate the simulator against the real engine on this machine, before trusting it at GPU scale.
 
     python -m experiments.bench.sim_validation --model tiny --requests 150 --rate 6 --out results/validation/tiny
-    python -m experiments.bench.sim_validation --model llama-100m --requests 80 --rate 1.5 --length-scale 0.25 ...
+    python -m experiments.bench.sim_validation --model llama-100m --requests 80 --rate 1.5 --length-scale 0.25 \
+        --kv-cache-mb 3072 --out results/validation/llama-100m
 
 1. Profile: `python -m semipd_engine.sim.profile` measures the real model runner on this machine (skipped with
    --profile FILE). Calibration (--calibrate, on by default for a new profile): two real runs of the unified
@@ -65,6 +66,7 @@ def main() -> None:
     ap.add_argument("--engines", default=None, help="comma-separated labels to run (default: all)")
     ap.add_argument("--calibrate", action="store_true", help="(re)measure the serving overhead into the profile")
     ap.add_argument("--calibration-rates", default="2,6", help="two request rates of the calibration runs")
+    ap.add_argument("--kv-cache-mb", type=int, default=512, help="the profile's KV pool (llama-100m needs ~3072)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     out = Path(args.out)
@@ -73,7 +75,7 @@ def main() -> None:
     profile = args.profile or str(out / f"profile_{args.model}.json")
     if not args.profile:
         subprocess.run([sys.executable, "-m", "semipd_engine.sim.profile", "--model", args.model, "--dtype",
-                        args.dtype, "--out", profile], check=True)
+                        args.dtype, "--kv-cache-mb", str(args.kv_cache_mb), "--out", profile], check=True)
     if args.calibrate or not args.profile:
         held_out = ["workload=synthetic", f"workload.num_requests={args.requests}", f"workload.seed={1000 + args.seed}",
                     f"workload.length_scale={args.length_scale}"]
