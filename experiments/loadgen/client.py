@@ -424,7 +424,8 @@ def format_summary(s: dict[str, Any]) -> str:
     def ms(d, k):
         return "-" if d[k] is None else f"{1e3 * d[k]:.1f}"
 
-    lines = [f"requests {a['num_ok']}/{a['num_requests']} ok, {a['num_errors']} errors, "
+    lines = [(f"endpoint {ENDPOINTS[s['endpoint']]}: " if s.get("endpoint") in ENDPOINTS else "")
+             + f"requests {a['num_ok']}/{a['num_requests']} ok, {a['num_errors']} errors, "
              f"{a['request_throughput']:.2f} req/s, {a['output_token_throughput']:.1f} tok/s out",
              f"{'metric':<22}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}   (ms)"]
     for k in ("ttft_s", "tpot_s", "itl_s", "e2e_s", "dispatch_lateness_s"):
