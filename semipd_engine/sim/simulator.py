@@ -109,6 +109,8 @@ class Simulator:
         self.controller, self.control_window_s, self.switch_cost_s = controller, control_window_s, switch_cost_s
         self.fast_forward = fast_forward
         self.sample_every_s, self._next_sample = 0.0, math.inf
+        self._iter_time: dict[str, float] = {}  # by phase, cumulative: the server's iteration-time histogram
+        self._iter_n: dict[str, int] = {}
         self.stats = SimStats()
         self._heap: list[tuple[float, int, int, Any]] = []
         self._arrivals: list[Request] = []
@@ -190,8 +192,9 @@ class Simulator:
         self.sample_every_s, self._next_sample = seconds, 0.0
 
     def _sample(self, t: float) -> None:
-        """Queues, KV use and compute shares now, as the server's gauges would read. Inside a fast-forwarded
-        stretch queues are exact (nothing joins or leaves the batch) and KV use is the stretch's end value."""
+        """Queues, KV use, compute shares and the iteration-time histogram now, as the server's /metrics would
+        read. Inside a fast-forwarded stretch queues are exact (nothing joins or leaves the batch); KV use and the
+        histogram hold the stretch's end values."""
         rows = self.stats.samples
         for w in self.workers.values():
             sched, label = w.scheduler, f'instance="{w.name}"'
@@ -204,6 +207,10 @@ class Simulator:
             label = f'instance="{name}"'
             rows.append({"time_s": t, "metric": "kv_blocks_used", "labels": label, "value": pool.num_used})
             rows.append({"time_s": t, "metric": "kv_blocks_total", "labels": label, "value": pool.num_blocks})
+        for ph, n in self._iter_n.items():  # cumulative, as a histogram's _sum and _count
+            rows.append({"time_s": t, "metric": "iteration_time_sum_s", "labels": f'phase="{ph}"',
+                         "value": self._iter_time[ph]})
+            rows.append({"time_s": t, "metric": "iterations", "labels": f'phase="{ph}"', "value": n})
 
     def _next_arrival(self) -> float:
         return self._arrivals[self._ai].times.arrival if self._ai < len(self._arrivals) else math.inf
@@ -276,6 +283,10 @@ class Simulator:
         batch, result = w.batch, w.result
         w.busy, w.batch, w.result = False, None, None
         outcome = w.scheduler.update(batch, result, t)
+        if outcome.ran:
+            ph = outcome.phase
+            self._iter_time[ph] = self._iter_time.get(ph, 0.0) + result.duration_s
+            self._iter_n[ph] = self._iter_n.get(ph, 0) + 1
         self._route(w, outcome, t)
         self._kick(w, t)
         if w.colocated is not None:
@@ -378,6 +389,8 @@ class Simulator:
             r.num_computed_tokens += applied
         w.iterations += applied - 1  # iteration 0 is counted by the caller
         w.fast_forwarded += applied
+        self._iter_time["decode"] = self._iter_time.get("decode", 0.0) + (ends[-1] - t)
+        self._iter_n["decode"] = self._iter_n.get("decode", 0) + applied
         w.busy_s += ends[-1] - t
         return ends[-1]
 

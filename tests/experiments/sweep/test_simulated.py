@@ -55,6 +55,8 @@ def test_simulated_jobs_record_the_servers_queues_and_kv_over_time(tmp_path, eng
         assert {c for c in ts if c.startswith("kv_usage/")} == {"kv_usage/prefill0", "kv_usage/decode0"}
     if engine == "semipd":
         assert (ts["partition_prefill_share"] == e.prefill_share).all()
+    decode = ts["iteration_time_s/decode"].dropna()  # mean decode iteration between samples, as a server's
+    assert len(decode) > 50 and (decode > 0).all() and decode.max() < 1.0
 
 
 def test_simulated_arrivals_follow_the_workload_schedule(tmp_path):
