@@ -95,7 +95,8 @@ def main() -> None:
         real = run_job(common + overrides, jd / "real")["aggregates"]
         t1 = time.time()
         simulated = run_job(common + overrides + sim, jd / "sim")["aggregates"]
-        row = {"engine": label, "real_wall_s": t1 - t0, "sim_wall_s": time.time() - t1}
+        row = {"engine": label, "real_wall_s": t1 - t0, "sim_wall_s": time.time() - t1,
+               **iteration_times(jd / "real", "real"), **iteration_times(jd / "sim", "sim")}
         for m, q in METRICS:
             r, s = real[m][q], simulated[m][q]
             row[f"real_{q}_{m}"], row[f"sim_{q}_{m}"] = r, s
@@ -108,6 +109,16 @@ def main() -> None:
     (out / "validation.json").write_text(json.dumps(result, indent=2))
     (out / "validation.md").write_text(markdown(result))
     print(markdown(result))
+
+
+def iteration_times(job_dir: Path, side: str) -> dict:
+    """Mean iteration time per phase over the run, from the job's server series: where a latency error comes
+    from (the forward and its overhead, or batching and queueing) shows in these before it shows in TPOT."""
+    from experiments.analysis.server_metrics import job_timeseries
+
+    ts = job_timeseries(job_dir)
+    cols = [] if ts is None else [c for c in ts.columns if c.startswith("iteration_time_s/")]
+    return {f"{side}_mean_{c.replace('/', '_')}": float(ts[c].mean()) for c in cols}
 
 
 def calibrate(profile: str, model: str, dtype: str, out: Path, rates: str, workload: list[str]) -> dict:
@@ -156,6 +167,10 @@ def calibrate(profile: str, model: str, dtype: str, out: Path, rates: str, workl
 def format_row(row: dict) -> str:
     errs = " ".join(f"{q}_{m[:-2]} {100 * row[f'err_{q}_{m}']:+.1f}%" for m, q in METRICS
                     if row[f"err_{q}_{m}"] is not None)
+    for ph in ("prefill", "decode"):
+        r, s = row.get(f"real_mean_iteration_time_s_{ph}"), row.get(f"sim_mean_iteration_time_s_{ph}")
+        if r and s:
+            errs += f" | {ph} iteration {1e3 * r:.0f} / {1e3 * s:.0f} ms"
     return f"{row['engine']:>16}: {errs}"
 
 
