@@ -196,8 +196,7 @@ def check_launch(config: DictConfig) -> None:
         return
     params = config.hydra.get("sweeper", {}).get("params") or {}
     backends = {config.backend.name} | set(str(params.get("backend", "")).replace("backend=", "").split(",")) - {""}
-    per_job = max(cores.cores_needed(b, config.experiment.cores_per_job, config.backend.get("cost_model", "roofline"))
-                  for b in backends)
+    per_job = max(cores.cores_needed(b, config.experiment.cores_per_job) for b in backends)
     cores.check_parallel(n_jobs, per_job)
 
 

@@ -36,14 +36,13 @@ def machine_cores() -> list[int]:
     return list(_START)
 
 
-def cores_needed(backend: str, cores_per_job: int, cost_model: str = "roofline", available: Optional[int] = None) -> int:
+def cores_needed(backend: str, cores_per_job: int, available: Optional[int] = None) -> int:
     n = available or len(machine_cores())
     if cores_per_job > 0:
         return min(cores_per_job, n)
-    if backend == "sim" and cost_model == "roofline":
-        return 1
-    # A real engine uses every core it is given; a `profile` simulation models the cores it sees.
-    return n
+    if backend == "sim":
+        return 1  # a simulation is one Python thread; a `profile` one models the profiled machine's cores
+    return n  # a real engine uses every core it is given
 
 
 def launcher_jobs(launcher_cfg) -> Optional[int]:

@@ -222,7 +222,7 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
         record["hardware"] = job.hardware.name if job.backend.cost_model == "roofline" else "cpu"
     (jd / "job.json").write_text(json.dumps(record, indent=2))
     summary: dict[str, Any] = {}
-    per_job = cores.cores_needed(job.backend.name, job.experiment.cores_per_job, job.backend.cost_model)
+    per_job = cores.cores_needed(job.backend.name, job.experiment.cores_per_job)
     try:
         with _signals_interrupt(), cores.core_slot(per_job) as my_cores:
             record["cores"] = my_cores

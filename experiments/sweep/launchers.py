@@ -101,7 +101,7 @@ def jobs_of(configs: Sequence[DictConfig]) -> list:
 
 def job_cores(job, available: Optional[int] = None) -> int:
     """Cores the job pins itself to on a machine of `available` cores (default: this one)."""
-    return cores.cores_needed(job.backend.name, job.experiment.cores_per_job, job.backend.cost_model, available)
+    return cores.cores_needed(job.backend.name, job.experiment.cores_per_job, available)
 
 
 def job_gpus(job) -> int:

@@ -48,7 +48,8 @@ def simulate(model_cfg, engine_cfg, hardware_cfg, backend_cfg, arrivals, prompt_
 
     controller = None
     if engine_cfg.name == "semipd_dynamic":
-        controller = make_controller(engine_cfg, None if backend_cfg.cost_model == "roofline" else _cores())
+        controller = make_controller(engine_cfg, None if backend_cfg.cost_model == "roofline"
+                                     else _profile_cores(backend_cfg))
     sim, plat = build_simulator(model_cfg, engine_cfg, hardware_cfg, backend_cfg, controller)
     requests = make_requests([a + plat.request_delay_s for a in arrivals], prompt_lens, output_lens)
     if len(arrivals) and max(arrivals) > 0:  # ~200 samples of the queues over the arrivals, as a server's gauges
@@ -60,10 +61,10 @@ def simulate(model_cfg, engine_cfg, hardware_cfg, backend_cfg, arrivals, prompt_
     return done, sim, plat, time.perf_counter() - t0
 
 
-def _cores() -> int:
-    import os
+def _profile_cores(backend_cfg) -> int:
+    from semipd_engine.sim.profile import Profile
 
-    return len(os.sched_getaffinity(0))
+    return Profile.load(backend_cfg.profile_path).cores
 
 
 def to_frame(done, expected: dict[str, tuple[int, int]]) -> pd.DataFrame:

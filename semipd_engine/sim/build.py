@@ -110,7 +110,7 @@ def cpu_platform(model_cfg, engine_cfg, backend) -> Platform:
                          "(make one with `python -m semipd_engine.sim.profile --model NAME --out FILE`)")
     profile = Profile.load(backend.profile_path)
     shape = _shape(model_cfg)
-    cores = len(os.sched_getaffinity(0))
+    cores = profile.cores
     kv_per_token = shape.kv_bytes_per_token(_dtype_bytes(model_cfg))
     blocks = engine_cfg.num_kv_blocks or max(1, engine_cfg.kv_cache_mb * 2**20 // (kv_per_token * engine_cfg.block_size))
     shares = ShareModels(CoreShares(profile, "prefill", cores), CoreShares(profile, "decode", cores), 1.0)

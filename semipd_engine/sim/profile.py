@@ -77,6 +77,12 @@ class Profile:
     def thread_counts(self) -> list[int]:
         return sorted(self.fits)
 
+    @property
+    def cores(self) -> int:
+        """Cores of the machine the profile measured: the CPU a `profile` simulation models, whatever cores the
+        simulation itself runs on (so a simulated job needs one core, and a sweep can run several at once)."""
+        return int((self.data.get("machine") or {}).get("cores") or max(self.fits))
+
     def cost_model(self, threads: int) -> ProfileCostModel:
         if threads not in self.fits:  # the nearest profiled count below (never an extrapolation upwards)
             below = [t for t in self.fits if t <= threads] or [min(self.fits)]

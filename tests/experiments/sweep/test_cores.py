@@ -22,8 +22,7 @@ def test_too_many_parallel_jobs_are_refused_with_what_would_fit():
 
 def test_cores_each_job_needs():
     assert cores.cores_needed("real", 0, available=8) == 8  # a real engine takes the machine
-    assert cores.cores_needed("sim", 0, "roofline", available=8) == 1
-    assert cores.cores_needed("sim", 0, "profile", available=8) == 8  # it models the cores it sees
+    assert cores.cores_needed("sim", 0, available=8) == 1  # either cost model: the profile says what it models
     assert cores.cores_needed("real", 2, available=8) == 2
     assert cores.launcher_jobs(OmegaConf.create({"_target_": "hydra_plugins.hydra_joblib_launcher.x.JoblibLauncher",
                                                  "n_jobs": 3})) == 3
