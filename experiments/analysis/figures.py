@@ -623,8 +623,11 @@ def partition_figure(timeline: pd.DataFrame, requests: Optional[dict[str, pd.Dat
             ax.yaxis.label.set_size(7.5)
     for j in range(len(jobs), cols * blocks):
         subfigs[j // cols, j % cols].set_visible(False)
-    fig.suptitle("semi-PD partition over time, one run per panel: shares, offered load, and the P90 latency of "
-                 "the requests arriving in each window against the SLO", fontsize=8.5)
+    caption = ("semi-PD partition over time, one run per panel: shares, offered load, and the P90 latency of "
+               "the requests arriving in each window against the SLO")
+    # Wrapped to the figure's width: one narrow panel must not be stretched by its caption.
+    width_chars = max(40, int(fig.get_figwidth() * 14))
+    fig.suptitle(textwrap.fill(caption, width_chars), fontsize=8.5)
     return fig
 
 
