@@ -96,6 +96,32 @@ def job_timeseries(job_dir: Path) -> Optional[pd.DataFrame]:
     return wide.drop(columns=["monotonic_s"], errors="ignore")
 
 
+def iteration_means(job_dir: Path, start_s: float, end_s: float) -> dict[str, float]:
+    """Mean iteration time per phase over the iterations that ended between `start_s` and `end_s` of the load's
+    clock (differences of the cumulative histogram, so each iteration counts once: a mean over samples would
+    weight the drain after the load, when batches are small, like the load itself). {} if nothing was sampled."""
+    f = Path(job_dir) / "server_metrics.parquet"
+    t0 = _read_json(Path(job_dir) / "summary.json").get("t0_monotonic")
+    if not f.is_file() or t0 is None:
+        return {}
+    df = pd.read_parquet(f)
+    df = df[df["metric"].isin(_ITERATION)]
+    if df.empty or "monotonic_s" not in df:
+        return {}
+    df = df.assign(t=df["monotonic_s"] - float(t0), phase=df["labels"].map(lambda x: _labels(x).get("phase")))
+    cum = df.groupby(["t", "metric", "phase"])["value"].sum().unstack(["metric", "phase"]).sort_index()
+    cum = cum.ffill().fillna(0.0)  # a phase that has not run yet has no series: zero iterations so far
+    window = cum[(cum.index >= start_s) & (cum.index <= end_s)]
+    out = {}
+    if len(window) >= 2:
+        d = window.iloc[-1] - window.iloc[0]
+        for phase in cum["iterations"].columns:
+            n = d["iterations"][phase]
+            if n > 0:
+                out[phase] = float(d["iteration_time_sum_s"][phase] / n)
+    return out
+
+
 def server_timeseries(sweep_dir: Path) -> pd.DataFrame:
     """Every job's samples (`job_timeseries`), with the job's engine and rate."""
     frames = []

@@ -86,6 +86,7 @@ def main() -> None:
               "loadgen.progress=false"]
     sim = ["backend=sim", "backend.cost_model=profile", f"backend.profile_path={profile}", "hardware=cpu"]
     wanted = set(args.engines.split(",")) if args.engines else None
+    load_s = args.requests / args.rate  # iterations compared while requests arrive, not in the drain after
     rows = []
     for label, overrides in ENGINES:
         if wanted and label not in wanted:
@@ -96,7 +97,7 @@ def main() -> None:
         t1 = time.time()
         simulated = run_job(common + overrides + sim, jd / "sim")["aggregates"]
         row = {"engine": label, "real_wall_s": t1 - t0, "sim_wall_s": time.time() - t1,
-               **iteration_times(jd / "real", "real"), **iteration_times(jd / "sim", "sim")}
+               **iteration_times(jd / "real", "real", load_s), **iteration_times(jd / "sim", "sim", load_s)}
         for m, q in METRICS:
             r, s = real[m][q], simulated[m][q]
             row[f"real_{q}_{m}"], row[f"sim_{q}_{m}"] = r, s
@@ -111,14 +112,12 @@ def main() -> None:
     print(markdown(result))
 
 
-def iteration_times(job_dir: Path, side: str) -> dict:
-    """Mean iteration time per phase over the run, from the job's server series: where a latency error comes
-    from (the forward and its overhead, or batching and queueing) shows in these before it shows in TPOT."""
-    from experiments.analysis.server_metrics import job_timeseries
+def iteration_times(job_dir: Path, side: str, load_s: float) -> dict:
+    """Mean iteration time per phase while the load arrived (each iteration counted once): where a latency error
+    comes from, the iterations themselves or what happens between and around them."""
+    from experiments.analysis.server_metrics import iteration_means
 
-    ts = job_timeseries(job_dir)
-    cols = [] if ts is None else [c for c in ts.columns if c.startswith("iteration_time_s/")]
-    return {f"{side}_mean_{c.replace('/', '_')}": float(ts[c].mean()) for c in cols}
+    return {f"{side}_mean_iteration_time_s_{ph}": v for ph, v in iteration_means(job_dir, 0.0, load_s).items()}
 
 
 def calibrate(profile: str, model: str, dtype: str, out: Path, rates: str, workload: list[str]) -> dict:
