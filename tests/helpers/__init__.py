@@ -84,24 +84,30 @@ def engine_vocab(path) -> int:
         return json.load(f)["vocab_size"]
 
 
-async def generate_through(engine, ps, max_tokens):
-    """Start an engine client, stream greedy outputs for prompts `ps`, shut it down; returns the outputs."""
+async def stream_greedy(engine, ps, max_tokens, prefix: str = "r", timeout: float = 120):
+    """Greedy outputs of prompts `ps` on a started engine client, each streamed to its end without an error."""
     from semipd_engine.request import Request, SamplingParams
 
+    streams = [engine.add(Request(f"{prefix}{i}", p, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                                     ignore_eos=True))) for i, p in enumerate(ps)]
+    outs = []
+    for s in streams:
+        toks = []
+        while True:
+            o = await asyncio.wait_for(s.get(), timeout)
+            assert o.error is None, o.error
+            toks += o.new_token_ids
+            if o.finished:
+                break
+        outs.append(toks)
+    return outs
+
+
+async def generate_through(engine, ps, max_tokens):
+    """Start an engine client, stream greedy outputs for prompts `ps`, shut it down; returns the outputs."""
     await engine.start(120)
     try:
-        streams = [engine.add(Request(f"r{i}", p, SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                                                  ignore_eos=True))) for i, p in enumerate(ps)]
-        outs = []
-        for s in streams:
-            toks = []
-            while True:
-                o = await asyncio.wait_for(s.get(), 120)
-                assert o.error is None, o.error
-                toks += o.new_token_ids
-                if o.finished:
-                    break
-            outs.append(toks)
+        outs = await stream_greedy(engine, ps, max_tokens)
         await asyncio.sleep(0.3)  # let the idle workers publish their last pool snapshot
         return outs
     finally:

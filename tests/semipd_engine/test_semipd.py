@@ -15,7 +15,7 @@ import torch
 
 from semipd_engine.engine import SemiPDEngine
 from semipd_engine.kv_cache import SharedBlockPool
-from tests.helpers import engine_cfg, engine_vocab, generate_through, hf_greedy, model_cfg, prompts
+from tests.helpers import engine_cfg, engine_vocab, generate_through, hf_greedy, model_cfg, prompts, stream_greedy
 from tests.helpers.server import ServerProcess, alive, get_json, metric, wait_healthy, worker_pids
 
 TWO_CORES = len(os.sched_getaffinity(0)) >= 2
@@ -241,18 +241,7 @@ def test_owner_allocator_is_replaced_after_a_worker_dies(llama_checkpoint):
             print(f"restart in {time.monotonic() - t0:.2f}s; the old allocator had {held} blocks in use")
             assert engine.restarts == 1 and engine.shared.model is model  # the owner kept the weights
             assert engine.shared.pool is not old_pool and engine.shared.pool.num_used == 0
-            streams = [engine.add(Request(f"b{i}", p, SamplingParams(max_tokens=12, temperature=0.0,
-                                                                     ignore_eos=True))) for i, p in enumerate(ps)]
-            outs = []
-            for s in streams:
-                toks = []
-                while True:
-                    o = await asyncio.wait_for(s.get(), 60)
-                    assert o.error is None
-                    toks += o.new_token_ids
-                    if o.finished:
-                        break
-                outs.append(toks)
+            outs = await stream_greedy(engine, ps, 12, prefix="b", timeout=60)
             assert outs == expected
             await asyncio.sleep(0.3)
             assert engine.shared.pool.num_used == 0
