@@ -20,9 +20,11 @@ from typing import Any, Optional
 
 import numpy as np
 
+from semipd_engine import tokenizer_data
+
 log = logging.getLogger(__name__)
 
-REPORT = Path(__file__).resolve().parents[2] / "semipd_engine" / "tokenizer_data" / "report.json"
+REPORT = Path(tokenizer_data.__file__).parent / "report.json"
 # Off by more than this factor in characters per token or in mean length: warn. Real tokenizers of current
 # models sit within ~15% of Llama 3 on English chat (the built-in one 12% below it), so 1.33x is far.
 FAR = 4 / 3
@@ -46,13 +48,11 @@ def describe(workload) -> dict[str, Any]:
     p = np.array([it.prompt_len for it in items], dtype=float)
     o = np.array([it.output_len for it in items], dtype=float)
     out: dict[str, Any] = {"n": len(items), "prompt_tokens": _dist(p), "output_tokens": _dist(o)}
-    chars = [(it.prompt_chars, it.output_chars) for it in items if it.prompt_chars is not None]
-    if chars and p.sum() > 0:
+    text = [it for it in items if it.prompt_chars is not None]  # items with their real text's length
+    if text:
         out["chars_per_token"] = {
-            "prompt": round(sum(c for c, _ in chars) / float(sum(it.prompt_len for it in items
-                                                                 if it.prompt_chars is not None)), 3),
-            "output": round(sum(c for _, c in chars) / float(max(1, sum(it.output_len for it in items
-                                                                          if it.output_chars is not None))), 3),
+            "prompt": round(sum(it.prompt_chars for it in text) / max(1, sum(it.prompt_len for it in text)), 3),
+            "output": round(sum(it.output_chars for it in text) / max(1, sum(it.output_len for it in text)), 3),
         }
     return out
 
