@@ -24,7 +24,9 @@ class ModelConfig:
     path: Optional[str] = None
     # Tokenizer directory; defaults to `path`, else the built-in byte-level BPE.
     tokenizer: Optional[str] = None
-    dtype: str = "float32"  # float32 | bfloat16 | float16
+    # auto | float32 | bfloat16 | float16. auto: bfloat16 where the device multiplies it natively (measured once
+    # per machine on a CPU), else float32 (semipd_engine/model/dtype.py).
+    dtype: str = "auto"
     seed: int = 0
     # Longest prompt + output the engine accepts; 0 means the model's own limit.
     max_model_len: int = 0

@@ -41,7 +41,7 @@ class ModelState:
 def num_kv_blocks(spec: ModelSpec, model_cfg, engine_cfg, fraction: float = 1.0) -> int:
     """Blocks of the KV pool: `engine.num_kv_blocks`, else what `engine.kv_cache_mb` holds; times `fraction`."""
     total = engine_cfg.num_kv_blocks or KVCache.blocks_for_memory(
-        spec, engine_cfg.block_size, torch_dtype(model_cfg.dtype), engine_cfg.kv_cache_mb)
+        spec, engine_cfg.block_size, torch_dtype(model_cfg.dtype, model_cfg.device), engine_cfg.kv_cache_mb)
     return max(1, int(total * fraction))
 
 
@@ -54,7 +54,7 @@ def build_state(model_cfg, engine_cfg, *, weights: bool = True, kv_blocks: Optio
     """
     loaded = resolve(model_cfg)
     spec = loaded.spec
-    dtype = torch_dtype(model_cfg.dtype)
+    dtype = torch_dtype(model_cfg.dtype, model_cfg.device)
     state = ModelState(spec, stop_token_ids(loaded.tokenizer, spec.eos_token_ids))
     if weights:
         state.model = load_model(model_cfg, spec)
@@ -70,7 +70,7 @@ def build_state(model_cfg, engine_cfg, *, weights: bool = True, kv_blocks: Optio
 
 
 def load_model(model_cfg, spec: ModelSpec):
-    return build_model(spec, load_weights(model_cfg, spec), torch_dtype(model_cfg.dtype),
+    return build_model(spec, load_weights(model_cfg, spec), torch_dtype(model_cfg.dtype, model_cfg.device),
                        model_cfg.attention_backend, model_cfg.device)
 
 

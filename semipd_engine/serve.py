@@ -18,13 +18,16 @@ conf_store.register()
 
 
 def serve(cfg: DictConfig) -> None:
-    from semipd_engine.model import resolve
+    from semipd_engine.model import dtype, resolve
     from semipd_engine.registry import engine_class
     from semipd_engine.server import run_server
 
     model_cfg, engine_cfg = freeze(ModelConfig, cfg.model), freeze(EngineConfig, cfg.engine)
     server_cfg = freeze(ServerConfig, cfg.server)
     logging.basicConfig(level=server_cfg.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Resolved here, once: every worker process then loads the same concrete dtype without probing again.
+    model_cfg, choice = dtype.resolve(model_cfg)
+    logging.getLogger(__name__).info("%s", dtype.describe(choice))
     loaded = resolve(model_cfg)
     engine = engine_class(engine_cfg.name)(model_cfg, engine_cfg)
     name = server_cfg.served_model_name or (os.path.basename(os.path.normpath(model_cfg.path))

@@ -6,6 +6,10 @@ import os
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# model.dtype=auto would pick bfloat16 on a CPU with native bf16 and float32 elsewhere: the suite's greedy
+# comparisons (against transformers in float32, and between engines) pin float32 so they mean the same on every
+# machine. tests/semipd_engine/model/test_dtype.py covers the choice itself.
+os.environ.setdefault("SEMIPD_AUTO_DTYPE", "float32")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -20,7 +20,8 @@ from experiments.analysis import uncertainty as U
 
 SEED_KEYS = ("workload.seed", "seed", "experiment.goodput_seeds")
 # Keys that are not a dimension of a point (bookkeeping, or the x axis / hue handled on their own).
-NOT_POINT_KEYS = {"engine", "workload.rate", *SEED_KEYS}
+# workload.load sets the rate (a fraction of the measured capacity): it is the x axis, like the rate.
+NOT_POINT_KEYS = {"engine", "workload.rate", "workload.load", *SEED_KEYS}
 
 
 def point_keys(summary: pd.DataFrame, swept: Sequence[str]) -> list[str]:

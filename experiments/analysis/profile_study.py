@@ -209,7 +209,7 @@ def main() -> None:
     ap.add_argument("profiles", nargs="*", help="profile JSON files to read")
     ap.add_argument("--out", default=None)
     ap.add_argument("--measure", default=None, metavar="MODEL", help="measure a profile of this preset first")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="auto", help="auto (bfloat16 where this CPU has it natively, else float32)")
     ap.add_argument("--kv-cache-mb", type=int, default=2048)
     ap.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1..all cores)")
     ap.add_argument("--repeats", type=int, default=5)
@@ -217,6 +217,12 @@ def main() -> None:
     ap.add_argument("--quick", default=None, metavar="MODEL",
                     help="a few shapes, thread counts interleaved, minimum of the timings (shared machines)")
     args = ap.parse_args()
+    if args.quick or args.measure:
+        from semipd_engine.model.dtype import choose, describe
+
+        choice = choose(args.dtype)
+        print(describe(choice))
+        args.dtype = choice.dtype
     if args.quick:
         import os
 

@@ -1,6 +1,9 @@
 """Engine benchmark: offline throughput vs transformers, decode vs memory floor, prefill vs matmul peak.
 
-    python -m experiments.bench.engine [--model llama-100m] [--dtype float32] [--out FILE.json]
+    python -m experiments.bench.engine [--model llama-100m] [--dtype auto|float32|bfloat16] [--out FILE.json]
+
+`--dtype auto` (default) runs bfloat16 where this CPU multiplies it natively and float32 where it would be
+emulated (semipd_engine/model/dtype.py); the choice and the two matmul figures behind it are printed and saved.
 
 The machine's matmul peak and memory bandwidth are measured in the same run, so
 ratios are side by side on one (noisy) machine.
@@ -128,18 +131,22 @@ def bench_prefill(core: EngineCore, n: int, peak: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="llama-100m")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="auto", help="auto (bfloat16 where native, else float32) or a dtype name")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers generate() comparison")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    from semipd_engine.model import dtype as dtypes
+
     torch.manual_seed(0)
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "threads": torch.get_num_threads(), "torch": torch.__version__}
+               "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "capability": torch.backends.cpu.get_cpu_capability()}
+    mcfg, choice = dtypes.resolve(freeze(ModelConfig, {"name": args.model, "dtype": args.dtype}))
+    print(f"dtype: {dtypes.describe(choice)}")
+    dtype = getattr(torch, mcfg.dtype)
     peak, bw = matmul_peak(dtype), memory_bandwidth()
-    print(f"machine: {machine}; matmul peak {peak / 1e9:.1f} GFLOP/s ({args.dtype}); copy bandwidth {bw / 1e9:.2f} GB/s")
-    mcfg = freeze(ModelConfig, {"name": args.model, "dtype": args.dtype})
+    print(f"machine: {machine}; matmul peak {peak / 1e9:.1f} GFLOP/s ({mcfg.dtype}); copy bandwidth {bw / 1e9:.2f} GB/s")
     ecfg = freeze(EngineConfig, {"kv_cache_mb": 1024, "max_num_seqs": 64, "max_num_batched_tokens": 4096})
     core = build_core(mcfg, ecfg)
     hf_path = None
@@ -154,7 +161,7 @@ def main() -> None:
         save_checkpoint(loaded.hf_config, load_weights(mcfg, loaded.spec), hf_path)
     lens = sharegpt_like(args.requests, 0)
     results = {"machine": machine, "matmul_peak_flops": peak, "bandwidth_bytes_s": bw, "model": args.model,
-               "dtype": args.dtype, "params": core.executor.model.spec.num_params()}
+               "dtype": mcfg.dtype, "dtype_choice": choice.as_dict(), "params": core.executor.model.spec.num_params()}
     results["throughput"] = bench_throughput(core, hf_path, lens, dtype, core.executor.model.spec.vocab_size)
     print("throughput:", results["throughput"])
     results["decode"] = bench_decode(core, 32, 256, torch.tensor([], dtype=dtype).element_size(), bw)

@@ -57,7 +57,7 @@ def run_job(overrides: list[str], job_dir: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="auto", help="auto (bfloat16 where this CPU has it natively, else float32)")
     ap.add_argument("--requests", type=int, default=150)
     ap.add_argument("--rate", type=float, default=6.0)
     ap.add_argument("--length-scale", type=float, default=1.0)
@@ -69,6 +69,11 @@ def main() -> None:
     ap.add_argument("--kv-cache-mb", type=int, default=512, help="the profile's KV pool (llama-100m needs ~3072)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    from semipd_engine.model.dtype import choose, describe
+
+    choice = choose(args.dtype)  # once, so the profile, the replay and the report name one concrete dtype
+    print(describe(choice))
+    args.dtype = choice.dtype
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("WANDB_MODE", "disabled")

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,7 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
-TABLE_COLUMNS = ["engine", "rate", "status", "slo_attainment", "p90_ttft_s", "p90_tpot_s", "mean_e2e_s",
+TABLE_COLUMNS = ["engine", "rate", "load", "status", "slo_attainment", "p90_ttft_s", "p90_tpot_s", "mean_e2e_s",
                  "request_throughput", "goodput_rate", "num_errors"]
 # Shown with their 95% interval next to them in the terminal table.
 _TABLE_CI = ("slo_attainment", "p90_ttft_s", "p90_tpot_s")
@@ -98,7 +99,7 @@ def format_table(summary: pd.DataFrame, swept: list[str] = ()) -> str:
     """One line per job: values in ms / %, the 95% interval beside attainment and P90 latencies, validity."""
     if summary.empty:
         return "(no jobs)"
-    extra = [k for k in swept if k in summary.columns and k not in ("engine", "workload.rate", "experiment")
+    extra = [k for k in swept if k in summary.columns and k not in ("engine", "workload.rate", "workload.load", "experiment")
              and summary[k].astype(str).nunique() > 1]  # a key given one value on the command line is no column
     cols = ["engine", *extra] + [c for c in TABLE_COLUMNS if c in summary.columns and c != "engine"]
     df = summary[cols].copy()
@@ -203,9 +204,18 @@ def check_launch(config: DictConfig) -> None:
 class AggregateCallback(Callback):
     """hydra.callbacks.aggregate: checks the launch before any job starts, aggregates once every job has run."""
 
+    def __init__(self) -> None:
+        self.started: Optional[float] = None
+        self.estimate_s: Optional[float] = None
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from experiments.sweep import capacity
+
+        self.started = time.monotonic()
         try:
             check_launch(config)
+            # Real engines: the machine's dtype and capacity decided once, and the sweep's wall time estimated.
+            self.estimate_s = capacity.announce(config, config.hydra.sweep.dir)
         except ValueError as e:  # Hydra turns a callback's exception into a warning: stop here instead
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -215,3 +225,6 @@ class AggregateCallback(Callback):
         from semipd_engine.config import freeze
 
         finish_sweep(Path(config.hydra.sweep.dir), freeze(WandbConfig, config.wandb), config.experiment.name)
+        if self.started is not None and self.estimate_s:
+            print(f"wall time {(time.monotonic() - self.started) / 60:.1f} min (estimated "
+                  f"{self.estimate_s / 60:.1f} min before the start)")

@@ -19,6 +19,10 @@ class WorkloadConfig:
     # Arrivals: poisson | gamma | constant | trace | closed
     arrival: str = "poisson"
     rate: float = 4.0  # requests/s for poisson, gamma, constant
+    # Offered load as a fraction of the unified engine's measured capacity on this machine (for this model,
+    # dtype and workload; experiments/sweep/capacity.py). When set, the job's rate is load x capacity and
+    # `rate` is not read: a sweep says the same regime (below, near, past the knee) on a slow or a fast CPU.
+    load: Optional[float] = None
     burstiness: float = 1.0  # gamma shape; 1.0 = Poisson, <1 burstier
     max_concurrency: int = 0  # closed loop: requests in flight; 0 = unlimited (open loop)
     # Length filters (ShareGPT protocol of the semi-PD and DistServe evaluations).
@@ -53,6 +57,9 @@ class SLOConfig:
     tpot_s: float = 0.1
     # When set, SLOs = scale x the engine's measured single-request latency (experiments/sweep/slo.py).
     scale: Optional[float] = None
+    # Per-SLO multiples of that latency; each, when set, replaces `scale` for its own SLO.
+    ttft_scale: Optional[float] = None
+    tpot_scale: Optional[float] = None
     percentile: float = 90.0
     target_attainment: float = 0.9
 
@@ -127,6 +134,12 @@ class ExperimentConfig:
     # workload.rate (and the goodput search) per GPU, as the paper plots them: an engine on n GPUs
     # (DistServe 1P1D: 2; tensor parallelism: x TP) is offered n times the rate.
     rates_per_gpu: bool = False
+    # A sweep of real jobs whose rates are `workload.load`s: when its estimated wall time (printed before it
+    # starts) exceeds this budget, every load point runs fewer requests (workload.num_requests is the most, and
+    # never fewer than min_requests) so that it fits; a slow CPU then gets the same regime with wider intervals.
+    # null: always workload.num_requests.
+    time_budget_s: Optional[float] = None
+    min_requests: int = 40
 
 
 @dataclass

@@ -28,12 +28,14 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.loadgen import run_loadgen
-from experiments.sweep import cores, probe, provenance, simulated, tracking
+from experiments.sweep import capacity, cores, probe, provenance, simulated, tracking
 from experiments.sweep.config import ExperimentConfig, LoadgenConfig, SLOConfig, WandbConfig, WorkloadConfig
 from experiments.sweep.host import HostMonitor
 from experiments.sweep.launch import OWN_METRICS, AttachedServer, EngineServer, ExternalServer, MetricsRecorder
-from experiments.sweep.slo import resolve_slo
+from experiments.sweep.slo import apply_scales, resolve_slo
+from experiments.sweep.slo import relative as slo_relative
 from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig, freeze
+from semipd_engine.model import dtype as dtypes
 from semipd_engine.model.presets import PRESETS as MODEL_PRESETS
 from semipd_engine.sim.config import BackendConfig, HardwareConfig
 
@@ -70,9 +72,9 @@ class Job:
             if not (x.command or x.url):
                 raise ValueError("engine.name=external needs engine.external.command (a command template) or "
                                  "engine.external.url (attach to a running server)")
-            if job.slo.scale is not None:
-                raise ValueError("slo.scale measures a baseline on this project's engine; give absolute SLOs "
-                                 "(slo.ttft_s, slo.tpot_s) for an external engine")
+            if slo_relative(job.slo):
+                raise ValueError("slo.scale (slo.ttft_scale, slo.tpot_scale) measures a baseline on this project's "
+                                 "engine; give absolute SLOs (slo.ttft_s, slo.tpot_s) for an external engine")
         elif job.simulated:
             simulated.check(job.model, job.engine, job.hardware, job.backend)
         elif not job.model.path and job.model.name not in MODEL_PRESETS:
@@ -81,6 +83,16 @@ class Job:
         elif job.model.tensor_parallel_size != 1:
             raise ValueError("model.tensor_parallel_size > 1 runs on backend=sim (or an external engine); "
                              "this project's real engine runs one device per worker")
+        if job.workload.load is not None:
+            if job.simulated or job.external:
+                raise ValueError("workload.load is a fraction of this machine's measured capacity for this project's "
+                                 "real engine; with " + ("backend=sim" if job.simulated else "an external engine")
+                                 + " give workload.rate (req/s) and set workload.load=null")
+            if not job.workload.load > 0:
+                raise ValueError(f"workload.load must be > 0 (a fraction of the capacity), got {job.workload.load}")
+        task = OmegaConf.select(cfg, "hydra.overrides.task", default=None) if "hydra" in cfg else None
+        if task is not None:
+            check_overrides(job, [o.lstrip("+~").partition("=")[0] for o in task])
         return job
 
     @property
@@ -98,6 +110,36 @@ class Job:
         if self.simulated and self.backend.cost_model == "roofline" and e.name == "disagg":
             return (e.num_prefill_instances + e.num_decode_instances) * self.model.tensor_parallel_size
         return self.model.tensor_parallel_size
+
+
+def check_overrides(job: Job, keys) -> None:
+    """A rate given on the command line while `workload.load` is in force would be silently replaced: refuse."""
+    if job.workload.load is not None and "workload.rate" in set(keys):
+        raise ValueError(f"workload.rate and workload.load={job.workload.load} are both set: the load (a fraction of "
+                         f"the measured capacity) decides the rate. Give workload.load=... alone, or rates in req/s "
+                         f"with workload.load=null (e.g. `python run.py workload.load=null workload.rate=2,4,6`)")
+
+
+def resolve_machine(job: Job, machine: dict, sweep_dir: Optional[str] = None) -> tuple[Job, dict[str, Any]]:
+    """The job with what depends on this machine made concrete: `model.dtype=auto` (measured), and the rate of a
+    `workload.load` (a fraction of the unified engine's measured capacity). Returns what was decided."""
+    decided: dict[str, Any] = {}
+    if job.simulated or job.external:
+        return job, decided
+    model, choice = dtypes.resolve(job.model)
+    decided["dtype"] = choice
+    job = dataclasses.replace(job, model=model)
+    if job.workload.load is not None:
+        cal = capacity.resolve(job.model, job.engine, job.server, job.workload, job.loadgen, machine, sweep_dir)
+        decided["capacity"] = cal
+        n = job.workload.num_requests
+        sizing = capacity.sweep_sizing(sweep_dir) if job.experiment.time_budget_s else None
+        if sizing:  # the sweep was sized to its time budget before it started (capacity.announce)
+            n = min(n, int(sizing["num_requests"]))
+            decided["sized_num_requests"] = n
+        job = dataclasses.replace(job, workload=dataclasses.replace(
+            job.workload, rate=round(capacity.rate_for(job.workload.load, cal), 4), num_requests=n))
+    return job, decided
 
 
 def read_job(job_dir: Path) -> Optional[dict[str, Any]]:
@@ -201,6 +243,7 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
         sweep_dir: Optional[str] = None) -> dict[str, Any]:
     """One job in `job_dir`; `sweep_dir`: the multirun's directory (None: the job is a sweep of its own)."""
     job = Job.from_cfg(cfg)  # validates before anything starts
+    check_overrides(job, (overrides or {}).keys())
     jd = Path(job_dir)
     jd.mkdir(parents=True, exist_ok=True)
     prev = read_job(jd)
@@ -210,6 +253,12 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
         return prev
     resolved = OmegaConf.to_container(cfg, resolve=True)
     prov = provenance.collect(resolved)
+    job, decided = resolve_machine(job, prov["machine"], sweep_dir)
+    if "dtype" in decided:  # with the two matmul figures behind it, like the host check's figures
+        prov["dtype_choice"] = decided["dtype"].as_dict()
+        log.info("%s", dtypes.describe(decided["dtype"]))
+    if "capacity" in decided:
+        prov["capacity"] = decided["capacity"]
     (jd / "provenance.json").write_text(json.dumps(prov, indent=2, default=str))
     # The label figures group by: the engine preset a sweep named (two semi-PD partitions stay apart).
     label = (overrides or {}).get("engine") or job.engine.name
@@ -217,7 +266,12 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
                               "num_gpus": job.num_gpus, "rate_per_gpu": job.experiment.rates_per_gpu,
                               "workload": job.workload.name, "model": job.model.path or job.model.name,
                               "mode": job.experiment.mode, "backend": job.backend.name,
-                              "seed": job.workload.seed, "overrides": overrides or {}, "started": time.time()}
+                              "seed": job.workload.seed, "dtype": job.model.dtype, "overrides": overrides or {},
+                              "started": time.time()}
+    if "dtype" in decided:
+        record["dtype_reason"] = decided["dtype"].reason
+    if "capacity" in decided:  # the rate is load x the unified engine's measured capacity on this machine
+        record.update(load=job.workload.load, capacity_rps=decided["capacity"]["capacity_rps"])
     if job.simulated:
         record["hardware"] = job.hardware.name if job.backend.cost_model == "roofline" else "cpu"
     (jd / "job.json").write_text(json.dumps(record, indent=2))
@@ -295,6 +349,7 @@ def _run_measurement(job: Job, jd: Path, record: dict[str, Any], prov: dict, res
                              max_steal=job.experiment.max_cpu_steal) as mon:
                 s = run_loadgen(lcfg, dataclasses.replace(wcfg, rate=wcfg.rate * load), slo_cfg, out_dir, resolved)
             s["host"] = mon.result()
+            s["host"]["dtype_choice"] = prov.get("dtype_choice")  # what the model ran in, and the figures why
             if n_probe and not s.get("interrupted"):
                 after = step_probe(wcfg)
                 key = probe.calibration_key(job, my_cores, prov["machine"])
@@ -348,7 +403,7 @@ def _measure(job: Job, measure, slo_cfg, jd: Path, record: dict[str, Any]) -> di
 
 
 def _resolve_slo(job: Job, machine: dict) -> dict[str, Any]:
-    if not job.simulated or job.slo.scale is None:
+    if not job.simulated or not slo_relative(job.slo):
         return resolve_slo(job.slo, job.model, job.engine, job.server, job.workload, job.loadgen, machine)
     # Simulated: the single-request baseline is simulated too, with the unified engine (as a real one is measured).
     w = job.workload
@@ -356,8 +411,7 @@ def _resolve_slo(job: Job, machine: dict) -> dict[str, Any]:
     base = simulated.single_request_latency(job.model, unified, job.hardware, job.backend,
                                             max(1, round(w.prompt_mean * w.length_scale)),
                                             max(2, round(w.output_mean * w.length_scale)))
-    return {"ttft_s": job.slo.scale * base["ttft_s"], "tpot_s": job.slo.scale * base["tpot_s"],
-            "scale": job.slo.scale, "baseline_ttft_s": base["ttft_s"], "baseline_tpot_s": base["tpot_s"]}
+    return apply_scales(job.slo, base)
 
 
 def _save_server_metrics(url: str, jd: Path) -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,14 @@ def baseline_key(model_cfg, wcfg, machine: dict) -> str:
             f"{machine.get('gpus')}|p{wcfg.prompt_mean * wcfg.length_scale:.0f}|o{wcfg.output_mean * wcfg.length_scale:.0f}")
 
 
+def baseline_probe(wcfg, n: int = 8):
+    """`n` requests one at a time at the workload's mean lengths: the single-request baseline's workload."""
+    return dataclasses.replace(
+        wcfg, name="fixed", arrival="closed", max_concurrency=1, num_requests=n, length_scale=1.0,
+        prompt_len=max(1, round(wcfg.prompt_mean * wcfg.length_scale)),
+        output_len=max(2, round(wcfg.output_mean * wcfg.length_scale)))
+
+
 def measure_baseline(model_cfg, engine_cfg, server_cfg, wcfg, lcfg) -> dict[str, float]:
     """Median TTFT and TPOT of requests sent one at a time at the workload's mean lengths."""
     from experiments.loadgen import run_loadgen
@@ -37,20 +46,37 @@ def measure_baseline(model_cfg, engine_cfg, server_cfg, wcfg, lcfg) -> dict[str,
     from semipd_engine.config import freeze
 
     unified = dataclasses.replace(engine_cfg, name="unified", policy="prefill_priority")
-    probe = dataclasses.replace(
-        wcfg, name="fixed", arrival="closed", max_concurrency=1, num_requests=8, length_scale=1.0,
-        prompt_len=max(1, round(wcfg.prompt_mean * wcfg.length_scale)),
-        output_len=max(2, round(wcfg.output_mean * wcfg.length_scale)))
     with tempfile.TemporaryDirectory(prefix="slo-baseline-") as d, \
             EngineServer(model_cfg, unified, server_cfg, d) as srv:
-        s = run_loadgen(dataclasses.replace(lcfg, base_url=srv.url, progress=False), probe,
+        s = run_loadgen(dataclasses.replace(lcfg, base_url=srv.url, progress=False), baseline_probe(wcfg),
                         freeze(SLOConfig, {}))
     a = s["aggregates"]
     return {"ttft_s": a["ttft_s"]["p50"], "tpot_s": a["tpot_s"]["p50"]}
 
 
-def resolve_slo(slo_cfg, model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine: dict) -> dict[str, float]:
-    if slo_cfg.scale is None:
+def scales(slo_cfg) -> tuple[Optional[float], Optional[float]]:
+    """The multiples of the baseline for TTFT and TPOT (None: that SLO is absolute)."""
+    ttft = slo_cfg.ttft_scale if slo_cfg.ttft_scale is not None else slo_cfg.scale
+    tpot = slo_cfg.tpot_scale if slo_cfg.tpot_scale is not None else slo_cfg.scale
+    return ttft, tpot
+
+
+def relative(slo_cfg) -> bool:
+    return any(x is not None for x in scales(slo_cfg))
+
+
+def apply_scales(slo_cfg, base: dict[str, float]) -> dict[str, Any]:
+    ts, ps = scales(slo_cfg)
+    out = {"ttft_s": slo_cfg.ttft_s if ts is None else ts * base["ttft_s"],
+           "tpot_s": slo_cfg.tpot_s if ps is None else ps * base["tpot_s"],
+           "scale": slo_cfg.scale, "baseline_ttft_s": base["ttft_s"], "baseline_tpot_s": base["tpot_s"]}
+    if slo_cfg.ttft_scale is not None or slo_cfg.tpot_scale is not None:
+        out.update(ttft_scale=ts, tpot_scale=ps)
+    return out
+
+
+def resolve_slo(slo_cfg, model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine: dict) -> dict[str, Any]:
+    if not relative(slo_cfg):
         return {"ttft_s": slo_cfg.ttft_s, "tpot_s": slo_cfg.tpot_s, "scale": None}
     path, key = cache_path(), baseline_key(model_cfg, wcfg, machine)
     cache = json.loads(path.read_text()) if path.is_file() else {}
@@ -59,6 +85,4 @@ def resolve_slo(slo_cfg, model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine:
         cache[key] = measure_baseline(model_cfg, engine_cfg, server_cfg, wcfg, lcfg)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cache, indent=2))
-    base = cache[key]
-    return {"ttft_s": slo_cfg.scale * base["ttft_s"], "tpot_s": slo_cfg.scale * base["tpot_s"],
-            "scale": slo_cfg.scale, "baseline_ttft_s": base["ttft_s"], "baseline_tpot_s": base["tpot_s"]}
+    return apply_scales(slo_cfg, cache[key])

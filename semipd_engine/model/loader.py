@@ -22,9 +22,14 @@ from semipd_engine.model.spec import ModelSpec
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    """The torch dtype of `model.dtype`; `auto` is resolved for `device` (semipd_engine/model/dtype.py)."""
+    if name == "auto":
+        from semipd_engine.model.dtype import choose
+
+        name = choose(name, device).dtype
     if name not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {name!r}")
+        raise ValueError(f"model.dtype must be auto or one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 

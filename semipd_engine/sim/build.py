@@ -53,10 +53,13 @@ def _shape(model_cfg):
     return ModelShape.preset(model_cfg.name)
 
 
-def _dtype_bytes(model_cfg) -> int:
-    if model_cfg.dtype not in DTYPE_BYTES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPE_BYTES)}, got {model_cfg.dtype!r}")
-    return DTYPE_BYTES[model_cfg.dtype]
+def _dtype_bytes(model_cfg, auto: str = "bfloat16") -> int:
+    """Bytes per element; `auto` is what the modelled device would pick (every GPU preset has bfloat16; a CPU
+    profile, the dtype it was measured in)."""
+    dtype = auto if model_cfg.dtype == "auto" else model_cfg.dtype
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"model.dtype must be auto or one of {sorted(DTYPE_BYTES)}, got {model_cfg.dtype!r}")
+    return DTYPE_BYTES[dtype]
 
 
 def _share_models(backend, default: ShareModels) -> ShareModels:
@@ -111,7 +114,7 @@ def cpu_platform(model_cfg, engine_cfg, backend) -> Platform:
     profile = Profile.load(backend.profile_path)
     shape = _shape(model_cfg)
     cores = profile.cores
-    kv_per_token = shape.kv_bytes_per_token(_dtype_bytes(model_cfg))
+    kv_per_token = shape.kv_bytes_per_token(_dtype_bytes(model_cfg, auto=profile.data.get("dtype", "float32")))
     blocks = engine_cfg.num_kv_blocks or max(1, engine_cfg.kv_cache_mb * 2**20 // (kv_per_token * engine_cfg.block_size))
     shares = ShareModels(CoreShares(profile, "prefill", cores), CoreShares(profile, "decode", cores), 1.0)
     link_gbs = backend.link_bandwidth_gbs or CPU_LINK_GBS

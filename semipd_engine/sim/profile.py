@@ -175,7 +175,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny", help="model preset name (or use --path)")
     ap.add_argument("--path", default=None, help="a local HF checkpoint directory")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--dtype", default="auto", help="auto (measured: bfloat16 where native, else float32) or a name")
     ap.add_argument("--threads", default=None, help="comma-separated thread counts (default: 1..all cores)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--kv-cache-mb", type=int, default=512,
@@ -183,10 +183,12 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     from semipd_engine.config import EngineConfig, ModelConfig, freeze
+    from semipd_engine.model import dtype as dtypes
 
     cores = len(os.sched_getaffinity(0))
     threads = [int(t) for t in args.threads.split(",")] if args.threads else list(range(1, cores + 1))
-    mcfg = freeze(ModelConfig, {"name": args.model, "path": args.path, "dtype": args.dtype})
+    mcfg, choice = dtypes.resolve(freeze(ModelConfig, {"name": args.model, "path": args.path, "dtype": args.dtype}))
+    print(dtypes.describe(choice))
     ecfg = freeze(EngineConfig, {"kv_cache_mb": args.kv_cache_mb})
     t0 = time.time()
     samples = measure(mcfg, ecfg, threads, args.repeats)
@@ -198,7 +200,7 @@ def main() -> None:
         errs = sorted(abs(model.iteration_time(BatchShape(**s["shape"])) / s["seconds"] - 1) for s in rows)
         fits[str(t)] = {"coef": coef, "terms": TERMS, "median_rel_err": errs[len(errs) // 2], "max_rel_err": errs[-1]}
         print(f"threads={t}: fit median |error| {100 * errs[len(errs) // 2]:.1f}%, max {100 * errs[-1]:.1f}%")
-    out = {"model": args.path or args.model, "dtype": args.dtype, "fits": fits, "samples": samples,
+    out = {"model": args.path or args.model, "dtype": mcfg.dtype, "dtype_choice": choice.as_dict(), "fits": fits, "samples": samples,
            "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores},
            "command": "python -m semipd_engine.sim.profile " + " ".join(
                f"--{k} {v}" for k, v in vars(args).items() if v is not None),

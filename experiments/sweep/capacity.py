@@ -1,0 +1,259 @@
+"""Offered load relative to the machine: `workload.load` = a fraction of the unified engine's measured capacity.
+
+A rate in req/s means different things on different CPUs: the demo's 2, 4 and 6 req/s straddle the unified
+engine's knee on the machine it was tuned on, and sit past it everywhere on a CPU four times slower (every engine
+saturated, nothing to compare) or below it on a faster one. `workload.load=0.9` instead asks for 0.9x the
+*capacity*: the request throughput the unified engine (prefill priority, the job's own batch limits) sustains on
+this machine, for this model, dtype and workload, with `CONCURRENCY` requests in flight (closed loop, the first
+wave left out). A short calibration measures it once and caches it beside the SLO baselines
+(~/.cache/semipd_engine/capacity.json; delete it to recalibrate); the same server run measures the
+single-request latencies that SLO scales (`slo.scale`, `slo.ttft_scale`, `slo.tpot_scale`) multiply, so a
+machine-relative demo costs one server start the first time and none after. A calibration disturbed by other
+processes is used for that sweep but not cached.
+
+`estimate` turns a calibration into the wall time a sweep of real jobs will take (server start, step probes,
+the load itself, drain), printed before a sweep starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from experiments.sweep.slo import baseline_key
+from experiments.sweep.slo import cache_path as slo_cache_path
+
+log = logging.getLogger(__name__)
+CONCURRENCY = 16  # requests in flight while the capacity is measured
+MEASURED = 32  # requests counted after the first wave
+BASELINE_REQUESTS = 8  # single requests at the mean lengths (the SLO baseline's protocol)
+# Per job, besides its server start and its load: step probes' margins, the summary, W&B, figures (measured).
+JOB_FIXED_S = 4.0
+
+
+def cache_path() -> Path:
+    return slo_cache_path().parent / "capacity.json"
+
+
+def reference_engine(engine_cfg):
+    """The engine whose capacity is the unit: unified, prefill priority, default batch limits, the job's KV pool.
+    One reference for every engine of a sweep, so a load means the same rate whichever engine runs it."""
+    from semipd_engine.config import EngineConfig, freeze
+
+    return freeze(EngineConfig, {"name": "unified", "policy": "prefill_priority", "block_size": engine_cfg.block_size,
+                                 "num_kv_blocks": engine_cfg.num_kv_blocks, "kv_cache_mb": engine_cfg.kv_cache_mb,
+                                 "watermark": engine_cfg.watermark})
+
+
+def capacity_key(model_cfg, engine_cfg, wcfg, lcfg, machine: dict) -> str:
+    w, engine_cfg = wcfg, reference_engine(engine_cfg)
+    return (f"{model_cfg.path or model_cfg.name}|{model_cfg.dtype}|{machine.get('cpu')}|{machine.get('cores')} cores"
+            f"|{w.name}|p{w.prompt_mean}s{w.prompt_sigma}|o{w.output_mean}s{w.output_sigma}|x{w.length_scale}"
+            f"|max{w.max_prompt_len}/{w.max_total_len}|seqs{engine_cfg.max_num_seqs}"
+            f"|tok{engine_cfg.max_num_batched_tokens}|{lcfg.endpoint}")
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _write(path: Path, key: str, value: dict[str, Any]) -> None:
+    data = _read(path)
+    data[key] = value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+def cached(model_cfg, engine_cfg, wcfg, lcfg, machine: dict) -> Optional[dict[str, Any]]:
+    return _read(cache_path()).get(capacity_key(model_cfg, engine_cfg, wcfg, lcfg, machine))
+
+
+def measure(model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine: dict) -> dict[str, Any]:
+    """Start the unified engine once: its start-up time, single-request latencies, and its capacity."""
+    from experiments.loadgen import run_loadgen
+    from experiments.sweep.config import SLOConfig
+    from experiments.sweep.host import HostMonitor
+    from experiments.sweep.launch import EngineServer
+    from experiments.sweep.slo import baseline_probe
+    from semipd_engine.config import freeze
+
+    unified = reference_engine(engine_cfg)
+    conc = max(1, min(CONCURRENCY, unified.max_num_seqs))
+    sat = dataclasses.replace(wcfg, arrival="closed", max_concurrency=conc, num_requests=conc + MEASURED)
+    slo = freeze(SLOConfig, {})
+    with tempfile.TemporaryDirectory(prefix="capacity-") as d, HostMonitor(
+            max_interference=0.1, max_steal=0.05) as mon:
+        t0 = time.monotonic()
+        with EngineServer(model_cfg, unified, server_cfg, d) as srv:
+            startup_s = time.monotonic() - t0
+            lc = dataclasses.replace(lcfg, base_url=srv.url, progress=False)
+            one = run_loadgen(lc, baseline_probe(wcfg, BASELINE_REQUESTS), slo)["aggregates"]
+            s = run_loadgen(dataclasses.replace(lc, warmup_requests=conc), sat, slo)
+    a = s["aggregates"]
+    if a["num_errors"] or not a["request_throughput"]:
+        raise RuntimeError(f"capacity calibration failed: {a['num_errors']} errors, "
+                           f"throughput {a['request_throughput']}")
+    host = mon.result()
+    return {"capacity_rps": a["request_throughput"], "concurrency": conc, "measured_requests": a["num_requests"],
+            "startup_s": startup_s, "single_ttft_s": one["ttft_s"]["p50"], "single_tpot_s": one["tpot_s"]["p50"],
+            "single_e2e_s": one["e2e_s"]["p50"], "saturated_p50_e2e_s": a["e2e_s"]["p50"],
+            "host_valid": host.get("valid", True), "host_foreign_cpu_frac": host.get("foreign_cpu_frac"),
+            "measured_at": time.time(), "seconds": time.monotonic() - t0}
+
+
+def resolve(model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine: dict,
+            sweep_dir: Optional[str] = None) -> dict[str, Any]:
+    """The machine's capacity for this model and workload: the sweep's own (every job of a sweep, and a resumed
+    sweep, uses the one its first job saw), else cached, else measured (and cached when quiet)."""
+    key = capacity_key(model_cfg, engine_cfg, wcfg, lcfg, machine)
+    pinned = Path(sweep_dir) / "capacity.json" if sweep_dir else None
+    hit = (_read(pinned).get(key) if pinned else None) or _read(cache_path()).get(key)
+    if hit:
+        if pinned:
+            _write(pinned, key, hit)
+        return {**hit, "cached": True}
+    log.info("measuring the unified engine's capacity on this machine for %s", key)
+    print(f"calibrating: the unified engine's capacity for {model_cfg.path or model_cfg.name} ({model_cfg.dtype}) "
+          f"on this machine (one server start, ~{BASELINE_REQUESTS + CONCURRENCY + MEASURED} requests; cached)",
+          flush=True)
+    cal = measure(model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine)
+    print(f"calibrated: capacity {cal['capacity_rps']:.2f} req/s, single request TTFT "
+          f"{1e3 * cal['single_ttft_s']:.0f} ms / TPOT {1e3 * cal['single_tpot_s']:.1f} ms, server start "
+          f"{cal['startup_s']:.0f} s (took {cal['seconds']:.0f} s)", flush=True)
+    if cal["host_valid"]:
+        _write(cache_path(), key, cal)
+        # The same single-request latencies are the SLO baseline for these lengths: no second server start.
+        _write(slo_cache_path(), baseline_key(model_cfg, wcfg, machine),
+               {"ttft_s": cal["single_ttft_s"], "tpot_s": cal["single_tpot_s"]})
+    else:
+        log.warning("capacity calibration disturbed: other processes used %.0f%% of the cores; used for this sweep, "
+                    "not cached", 100 * (cal.get("host_foreign_cpu_frac") or 0))
+    if pinned:
+        _write(pinned, key, cal)
+    return {**cal, "cached": False}
+
+
+SIZING = "sizing"  # the entry of a sweep's capacity.json that fixes its load points' request count
+
+
+def sweep_sizing(sweep_dir: Optional[str]) -> Optional[dict[str, Any]]:
+    return _read(Path(sweep_dir) / "capacity.json").get(SIZING) if sweep_dir else None
+
+
+def fit_requests(planned: list[dict[str, Any]], cal: dict[str, Any], probes: int, budget: float, floor: int) -> int:
+    """The most requests per load point (no fewer than `floor`) for which the sweep's estimate fits `budget`."""
+    hi = max(p["num_requests"] for p in planned if p["relative"])
+    n = hi
+    while n > floor:
+        trial = [{**p, "num_requests": min(p["num_requests"], n)} if p["relative"] else p for p in planned]
+        if estimate(trial, cal, probes) <= budget:
+            break
+        n -= 1
+    return max(n, min(floor, hi))
+
+
+def rate_for(load: float, cal: dict[str, Any]) -> float:
+    return load * cal["capacity_rps"]
+
+
+def job_seconds(rate: float, num_requests: int, cal: dict[str, Any], probe_requests: int) -> float:
+    """Wall time of one real job: start, probes before and after, arrivals (or the backlog draining at
+    capacity, past the knee), the last request's latency, and the fixed per-job work."""
+    load_s = num_requests / max(min(rate, cal["capacity_rps"]), 1e-9)
+    probe_s = 2 * probe_requests * (cal["single_ttft_s"] + 15 * cal["single_tpot_s"])
+    return cal["startup_s"] + probe_s + load_s + cal["single_e2e_s"] + JOB_FIXED_S
+
+
+def estimate(jobs: list[dict[str, Any]], cal: dict[str, Any], probe_requests: int) -> float:
+    """Seconds for `jobs` ({"rate": req/s, "num_requests": n}) run one after another."""
+    return sum(job_seconds(j["rate"], j["num_requests"], cal, probe_requests) for j in jobs)
+
+
+# --- before a sweep starts ----------------------------------------------------------------------------------------
+
+def sweep_jobs(config) -> list[dict[str, str]]:
+    """Each job's overrides (key -> value as typed), expanded as Hydra's basic sweeper expands them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from hydra_plugins.semipd_launchers.sweeper import one_rate_axis
+
+    params, task = one_rate_axis(config.hydra.get("sweeper", {}).get("params") or {}, config.hydra.overrides.task)
+    args = [f"{k}={v}" for k, v in params.items()] + task
+    chunks = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
+    return [dict(o.lstrip("+~").split("=", 1) for o in job) for chunk in chunks for job in chunk]
+
+
+def _value(v: Optional[str], default):
+    if v is None:
+        return default
+    return None if v in ("null", "None", "~") else float(v)
+
+
+def announce(config, sweep_dir: Optional[str] = None) -> Optional[float]:
+    """Before a sweep of real jobs: calibrate (if a job asks for a `workload.load`), print the rates each load
+    becomes and the estimated wall time. Returns the estimate in seconds (None when it cannot be made)."""
+    from experiments.sweep.job import Job, check_overrides
+    from experiments.sweep.provenance import machine as this_machine
+    from semipd_engine.model import dtype as dtypes
+
+    jobs = sweep_jobs(config)
+    real = [j for j in jobs if j.get("backend", config.backend.name) == "real"
+            and j.get("engine", config.engine.name) not in ("vllm", "vllm_chunked", "sglang", "semipd_fork",
+                                                             "command", "attach", "external")]
+    if not real or config.engine.name == "external":
+        return None
+    group_keys = {k for j in real for k in j if k.startswith(("model", "workload.", "workload"))
+                  and k not in ("workload.rate", "workload.load", "workload.num_requests", "workload.seed")}
+    base = Job.from_cfg(config)
+    w = base.workload
+    loads = [_value(j.get("workload.load"), w.load) for j in real]
+    for j in real:
+        check_overrides(dataclasses.replace(base, workload=dataclasses.replace(
+            w, load=_value(j.get("workload.load"), w.load))), j.keys())
+    model, choice = dtypes.resolve(base.model)
+    print(dtypes.describe(choice), flush=True)
+    m = this_machine()
+    if any(x is not None for x in loads):
+        cal = resolve(model, base.engine, base.server, w, base.loadgen, m, sweep_dir)
+    else:
+        cal = cached(model, base.engine, w, base.loadgen, m)
+        if cal is None:
+            return None
+    planned = []
+    for j, load in zip(real, loads):
+        rate = rate_for(load, cal) if load is not None else _value(j.get("workload.rate"), w.rate)
+        planned.append({"rate": rate, "num_requests": int(_value(j.get("workload.num_requests"), w.num_requests)),
+                        "relative": load is not None})
+    probes = base.experiment.step_probe_requests
+    total = estimate(planned, cal, probes)
+    budget = base.experiment.time_budget_s
+    if budget and total > budget and any(p["relative"] for p in planned):
+        n = fit_requests(planned, cal, probes, budget, base.experiment.min_requests)
+        print(f"the full sweep would take ~{total / 60:.1f} min here, over experiment.time_budget_s={budget:g}: "
+              f"{n} requests per load point instead of {max(p['num_requests'] for p in planned if p['relative'])} "
+              f"(experiment.time_budget_s=null runs them all)", flush=True)
+        planned = [{**p, "num_requests": min(p["num_requests"], n)} if p["relative"] else p for p in planned]
+        total = estimate(planned, cal, probes)
+        if sweep_dir:
+            _write(Path(sweep_dir) / "capacity.json", SIZING, {"num_requests": n, "time_budget_s": budget})
+    if any(x is not None for x in loads):
+        pairs = sorted({(x, rate_for(x, cal)) for x in loads if x is not None})
+        print(f"load -> rate (capacity {cal['capacity_rps']:.2f} req/s: the unified engine on this machine, "
+              f"{model.path or model.name} in {model.dtype}): "
+              + ", ".join(f"{x:g} -> {r:.2f} req/s" for x, r in pairs), flush=True)
+    caveat = f" (for the base {model.path or model.name}/{w.name}; the sweep changes {sorted(group_keys)})" \
+        if group_keys else ""
+    print(f"estimated wall time: {total / 60:.1f} min for {len(real)} real job(s){caveat}", flush=True)
+    return total
