@@ -69,7 +69,7 @@ def test_two_job_multirun_end_to_end(tmp_path):
     assert (summary["slo_baseline_ttft_s"] > 0).all() and (summary["slo_baseline_tpot_s"] > 0).all()
     assert np.allclose(summary["slo_ttft_s"], slo.ttft_scale * summary["slo_baseline_ttft_s"])
     assert np.allclose(summary["slo_tpot_s"], slo.tpot_scale * summary["slo_baseline_tpot_s"])
-    assert (summary["dtype"] == "float32").all() and (summary["workload.rate"] == 4).all()
+    assert (summary["dtype"] == "float32").all()  # the model's dtype, resolved, is in every row
 
     # Every request of every job, tagged with its job; the headline attainment is what its requests imply.
     req = pd.read_parquet(sweep / "requests.parquet")

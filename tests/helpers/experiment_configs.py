@@ -23,7 +23,8 @@ def loadgen_cfg(url, **kw):
                                   **kw})
 
 
-def compose_run(overrides=()):
-    """conf/config.yaml composed as `python run.py OVERRIDES` would (schemas validated)."""
+def compose_run(overrides=(), hydra: bool = False):
+    """conf/config.yaml composed as `python run.py OVERRIDES` would (schemas validated); with `hydra`, the
+    `hydra` node too (sweeper params, the command line's overrides)."""
     with initialize_config_dir(config_dir=conf_store.CONF_DIR, version_base=None):
-        return compose("config", overrides=list(overrides))
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)

@@ -1,0 +1,140 @@
+"""Offered load relative to the machine: calibration cache, sweep pinning, sizing to a time budget, one rate axis."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import open_dict
+
+from experiments.sweep import capacity
+from experiments.sweep.job import Job, check_overrides, resolve_machine
+from hydra_plugins.semipd_launchers.sweeper import one_rate_axis
+from tests.helpers.experiment_configs import compose_run
+
+MACHINE = {"cpu": "test cpu", "cores": 2}
+CAL = {"capacity_rps": 2.0, "startup_s": 10.0, "single_ttft_s": 0.1, "single_tpot_s": 0.02, "single_e2e_s": 0.7,
+       "host_valid": True, "seconds": 30.0}
+
+
+def _job(*overrides):
+    return Job.from_cfg(compose_run(["experiment=single", "model=llama-100m", "workload=prompt_heavy", *overrides]))
+
+
+@pytest.fixture
+def fake_measure(monkeypatch):
+    """capacity.measure replaced by a stand-in returning `result`; the calls are counted."""
+    calls = []
+
+    def install(result):
+        def measure(*args, **kw):
+            calls.append(args)
+            return dict(result)
+
+        monkeypatch.setattr(capacity, "measure", measure)
+        return calls
+
+    return install
+
+
+def test_job_time_is_start_probes_arrivals_or_backlog_and_drain():
+    # below the knee the arrivals set the pace; past it the backlog drains at the capacity
+    below = capacity.job_seconds(1.0, 40, CAL, probe_requests=3)
+    past = capacity.job_seconds(4.0, 40, CAL, probe_requests=3)
+    probes = 2 * 3 * (0.1 + 15 * 0.02)
+    assert below == pytest.approx(10 + probes + 40 / 1.0 + 0.7 + capacity.JOB_FIXED_S)
+    assert past == pytest.approx(10 + probes + 40 / 2.0 + 0.7 + capacity.JOB_FIXED_S)
+    assert capacity.estimate([{"rate": 1.0, "num_requests": 40}] * 2, CAL, 3) == pytest.approx(2 * below)
+
+
+def test_requests_per_point_fit_the_budget_but_never_below_the_floor():
+    planned = [{"rate": r, "num_requests": 80, "relative": True} for r in (0.9, 1.8, 2.7)] * 4
+    full = capacity.estimate(planned, CAL, 3)
+    n = capacity.fit_requests(planned, CAL, 3, full * 0.7, floor=20)
+    trial = [{**p, "num_requests": n} for p in planned]
+    assert 20 < n < 80 and capacity.estimate(trial, CAL, 3) <= full * 0.7
+    assert capacity.estimate([{**p, "num_requests": n + 1} for p in planned], CAL, 3) > full * 0.7
+    assert capacity.fit_requests(planned, CAL, 3, 1.0, floor=40) == 40  # an impossible budget: the floor
+    assert capacity.fit_requests(planned, CAL, 3, full * 2, floor=40) == 80  # room: every request
+
+
+def test_calibration_is_cached_when_quiet_and_pinned_to_the_sweep(tmp_path, fake_measure):
+    job = _job()
+    calls = fake_measure(CAL)
+    args = (job.model, job.engine, job.server, job.workload, job.loadgen, MACHINE)
+    first = capacity.resolve(*args, sweep_dir=str(tmp_path / "sweep"))
+    again = capacity.resolve(*args)
+    assert len(calls) == 1 and not first["cached"] and again["cached"] and again["capacity_rps"] == 2.0
+    pinned = json.loads((tmp_path / "sweep" / "capacity.json").read_text())
+    assert list(pinned.values())[0]["capacity_rps"] == 2.0
+    # the same single-request run is the SLO baseline of those lengths: no second server start for slo scales
+    from experiments.sweep.slo import baseline_key, cache_path
+
+    slo = json.loads(cache_path().read_text())[baseline_key(job.model, job.workload, MACHINE)]
+    assert slo == {"ttft_s": 0.1, "tpot_s": 0.02}
+
+
+def test_a_disturbed_calibration_serves_its_sweep_but_is_not_cached(tmp_path, fake_measure):
+    job = _job()
+    calls = fake_measure({**CAL, "host_valid": False, "host_foreign_cpu_frac": 0.4})
+    args = (job.model, job.engine, job.server, job.workload, job.loadgen, MACHINE)
+    capacity.resolve(*args, sweep_dir=str(tmp_path))
+    assert capacity.resolve(*args, sweep_dir=str(tmp_path))["capacity_rps"] == 2.0  # the sweep keeps its own
+    assert len(calls) == 1 and capacity.cached(job.model, job.engine, job.workload, job.loadgen, MACHINE) is None
+    capacity.resolve(*args)  # outside that sweep: measured again
+    assert len(calls) == 2
+
+
+def test_every_engine_of_a_sweep_shares_one_capacity():
+    keys = {capacity.capacity_key(j.model, j.engine, j.workload, j.loadgen, MACHINE)
+            for j in (_job(f"engine={e}") for e in ("unified", "unified_chunked", "disagg", "semipd"))}
+    assert len(keys) == 1
+    assert len({capacity.capacity_key(j.model, j.engine, j.workload, j.loadgen, MACHINE)
+                for j in (_job(), _job("model.dtype=float32"), _job("workload.length_scale=0.5"))}) == 3
+
+
+def test_a_load_becomes_a_rate_and_the_sweep_sizing_applies(tmp_path, monkeypatch, fake_measure):
+    monkeypatch.setenv("SEMIPD_AUTO_DTYPE", "float32")
+    fake_measure(CAL)
+    job = _job("workload.load=0.9", "experiment.time_budget_s=100")
+    (tmp_path / "capacity.json").write_text(json.dumps({capacity.SIZING: {"num_requests": 42}}))
+    resolved, decided = resolve_machine(job, MACHINE, str(tmp_path))
+    assert resolved.workload.rate == pytest.approx(1.8) and resolved.workload.num_requests == 42
+    assert resolved.model.dtype == "float32" and decided["dtype"].requested == "auto"
+    assert decided["capacity"]["capacity_rps"] == 2.0 and decided["sized_num_requests"] == 42
+    # without a budget the sweep's sizing does not apply
+    unsized, _ = resolve_machine(_job("workload.load=0.9", "workload.num_requests=80"), MACHINE, str(tmp_path))
+    assert unsized.workload.num_requests == 80
+
+
+def test_load_is_refused_where_it_means_nothing():
+    with pytest.raises(ValueError, match="workload.load is a fraction of this machine's measured capacity"):
+        Job.from_cfg(compose_run(["experiment=single", "backend=sim", "model=llama3-8b", "workload.load=0.5"]))
+    with pytest.raises(ValueError, match="workload.load must be > 0"):
+        _job("workload.load=0")
+    with pytest.raises(ValueError, match="workload.rate and workload.load=0.5 are both set"):
+        check_overrides(_job("workload.load=0.5"), ["engine", "workload.rate"])
+
+
+def _with_command_line(cfg, overrides):
+    """`cfg` as a multirun sees it when `overrides` were typed (compose itself refuses sweep values)."""
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.hydra.overrides.task = list(overrides)
+    return cfg
+
+
+def test_the_demo_sweeps_loads_and_a_command_line_rate_replaces_them():
+    demo = compose_run([], hydra=True)
+    params = dict(demo.hydra.sweeper.params)
+    assert params["workload.load"] == "0.45,0.9,1.35" and "workload.rate" not in params
+    jobs = capacity.sweep_jobs(demo)
+    assert len(jobs) == 12 and {j["workload.load"] for j in jobs} == {"0.45", "0.9", "1.35"}
+    # `python run.py -m engine=unified,unified_chunked workload.rate=1,2,4` (README): rates, not rates x loads
+    p, args = one_rate_axis(params, ["engine=unified,unified_chunked", "workload.rate=1,2,4"])
+    assert "workload.load" not in p and args == ["engine=unified,unified_chunked", "workload.rate=1,2,4"]
+    jobs = capacity.sweep_jobs(_with_command_line(demo, ["engine=unified,unified_chunked", "workload.rate=1,2,4"]))
+    assert len(jobs) == 6 and all("workload.load" not in j for j in jobs)
+    # a load on the command line replaces the preset's loads too
+    assert one_rate_axis(params, ["workload.load=0.5"])[0]["workload.load"] == "0.45,0.9,1.35"  # same key: Hydra's
+    assert len(capacity.sweep_jobs(_with_command_line(demo, ["workload.load=0.5,1"]))) == 8
