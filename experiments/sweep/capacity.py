@@ -3,7 +3,7 @@
 A rate in req/s means different things on different CPUs: the demo's 2, 4 and 6 req/s straddle the unified
 engine's knee on the machine it was tuned on, and sit past it everywhere on a CPU four times slower (every engine
 saturated, nothing to compare) or below it on a faster one. `workload.load=0.9` instead asks for 0.9x the
-*capacity*: the request throughput the unified engine (prefill priority, the job's own batch limits) sustains on
+*capacity*: the request throughput the unified engine (prefill priority, default batch limits) sustains on
 this machine, for this model, dtype and workload, with `CONCURRENCY` requests in flight (closed loop, the first
 wave left out). A short calibration measures it once and caches it beside the SLO baselines
 (~/.cache/semipd_engine/capacity.json; delete it to recalibrate); the same server run measures the
@@ -18,16 +18,15 @@ the load itself, drain), printed before a sweep starts.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-from experiments.sweep.slo import baseline_key
+from experiments.sweep.slo import baseline_key, relative
 from experiments.sweep.slo import cache_path as slo_cache_path
+from semipd_engine import cache
 
 log = logging.getLogger(__name__)
 # Requests in flight while the capacity is measured: enough to keep the unified engine's batch as full as an
@@ -40,7 +39,7 @@ JOB_FIXED_S = 4.0
 
 
 def cache_path() -> Path:
-    return slo_cache_path().parent / "capacity.json"
+    return cache.cache_dir() / "capacity.json"
 
 
 def reference_engine(engine_cfg):
@@ -61,24 +60,8 @@ def capacity_key(model_cfg, engine_cfg, wcfg, lcfg, machine: dict) -> str:
             f"|tok{engine_cfg.max_num_batched_tokens}|{lcfg.endpoint}")
 
 
-def _read(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def _write(path: Path, key: str, value: dict[str, Any]) -> None:
-    data = _read(path)
-    data[key] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
-
-
 def cached(model_cfg, engine_cfg, wcfg, lcfg, machine: dict) -> Optional[dict[str, Any]]:
-    return _read(cache_path()).get(capacity_key(model_cfg, engine_cfg, wcfg, lcfg, machine))
+    return cache.read(cache_path()).get(capacity_key(model_cfg, engine_cfg, wcfg, lcfg, machine))
 
 
 def measure(model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine: dict) -> dict[str, Any]:
@@ -120,10 +103,13 @@ def resolve(model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine: dict,
     sweep, uses the one its first job saw), else cached, else measured (and cached when quiet)."""
     key = capacity_key(model_cfg, engine_cfg, wcfg, lcfg, machine)
     pinned = Path(sweep_dir) / "capacity.json" if sweep_dir else None
-    hit = (_read(pinned).get(key) if pinned else None) or _read(cache_path()).get(key)
+    own = cache.read(pinned).get(key) if pinned else None
+    if own:
+        return {**own, "cached": True}
+    hit = cache.read(cache_path()).get(key)
     if hit:
         if pinned:
-            _write(pinned, key, hit)
+            cache.update(pinned, key, hit)
         return {**hit, "cached": True}
     log.info("measuring the unified engine's capacity on this machine for %s", key)
     print(f"calibrating: the unified engine's capacity for {model_cfg.path or model_cfg.name} ({model_cfg.dtype}) "
@@ -134,15 +120,15 @@ def resolve(model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine: dict,
           f"{1e3 * cal['single_ttft_s']:.0f} ms / TPOT {1e3 * cal['single_tpot_s']:.1f} ms, server start "
           f"{cal['startup_s']:.0f} s (took {cal['seconds']:.0f} s)", flush=True)
     if cal["host_valid"]:
-        _write(cache_path(), key, cal)
+        cache.update(cache_path(), key, cal)
         # The same single-request latencies are the SLO baseline for these lengths: no second server start.
-        _write(slo_cache_path(), baseline_key(model_cfg, wcfg, machine),
-               {"ttft_s": cal["single_ttft_s"], "tpot_s": cal["single_tpot_s"]})
+        cache.update(slo_cache_path(), baseline_key(model_cfg, wcfg, machine),
+                     {"ttft_s": cal["single_ttft_s"], "tpot_s": cal["single_tpot_s"]})
     else:
         log.warning("capacity calibration disturbed: other processes used %.0f%% of the cores; used for this sweep, "
                     "not cached", 100 * (cal.get("host_foreign_cpu_frac") or 0))
     if pinned:
-        _write(pinned, key, cal)
+        cache.update(pinned, key, cal)
     return {**cal, "cached": False}
 
 
@@ -150,7 +136,7 @@ SIZING = "sizing"  # the entry of a sweep's capacity.json that fixes its load po
 
 
 def sweep_sizing(sweep_dir: Optional[str]) -> Optional[dict[str, Any]]:
-    return _read(Path(sweep_dir) / "capacity.json").get(SIZING) if sweep_dir else None
+    return cache.read(Path(sweep_dir) / "capacity.json").get(SIZING) if sweep_dir else None
 
 
 def fit_requests(planned: list[dict[str, Any]], cal: dict[str, Any], probes: int, budget: float, floor: int) -> int:
@@ -221,9 +207,8 @@ def announce(config, sweep_dir: Optional[str] = None) -> Optional[float]:
     base = Job.from_cfg(config)
     w = base.workload
     loads = [_value(j.get("workload.load"), w.load) for j in real]
-    for j in real:
-        check_overrides(dataclasses.replace(base, workload=dataclasses.replace(
-            w, load=_value(j.get("workload.load"), w.load))), j.keys())
+    for j, load in zip(real, loads):
+        check_overrides(dataclasses.replace(base, workload=dataclasses.replace(w, load=load)), j.keys())
     model, choice = dtypes.resolve(base.model)
     print(dtypes.describe(choice), flush=True)
     m = this_machine()
@@ -249,15 +234,13 @@ def announce(config, sweep_dir: Optional[str] = None) -> Optional[float]:
         planned = [{**p, "num_requests": min(p["num_requests"], n)} if p["relative"] else p for p in planned]
         total = estimate(planned, cal, probes)
         if sweep_dir:
-            _write(Path(sweep_dir) / "capacity.json", SIZING, {"num_requests": n, "time_budget_s": budget})
+            cache.update(Path(sweep_dir) / "capacity.json", SIZING, {"num_requests": n, "time_budget_s": budget})
     if any(x is not None for x in loads):
         pairs = sorted({(x, rate_for(x, cal)) for x in loads if x is not None})
         print(f"load -> rate (capacity {cal['capacity_rps']:.2f} req/s: the unified engine on this machine, "
               f"{model.path or model.name} in {model.dtype}): "
               + ", ".join(f"{x:g} -> {r:.2f} req/s" for x, r in pairs), flush=True)
     slo_cfg = base.slo
-    from experiments.sweep.slo import relative
-
     if not relative(slo_cfg) and (cal["single_ttft_s"] > slo_cfg.ttft_s / 2 or cal["single_tpot_s"] > slo_cfg.tpot_s / 2):
         print(f"warning: one request alone takes TTFT {1e3 * cal['single_ttft_s']:.0f} ms / TPOT "
               f"{1e3 * cal['single_tpot_s']:.0f} ms on this machine, over half the SLOs ({slo_cfg.ttft_s:g} s / "

@@ -16,18 +16,17 @@ they are not in requests.parquet.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from typing import Any, Optional
 
-from experiments.sweep.slo import cache_path
+from semipd_engine import cache
 
 log = logging.getLogger(__name__)
 PROMPT_LEN = OUTPUT_LEN = 16
 
 
 def calibration_path():
-    return cache_path().parent / "step_probe.json"
+    return cache.cache_dir() / "step_probe.json"
 
 
 def calibration_key(job, cores: list[int], machine: dict) -> str:
@@ -85,19 +84,8 @@ def verdict(before: Optional[dict], after: Optional[dict], calibrated: Optional[
 
 
 def load_calibration(key: str) -> Optional[dict]:
-    p = calibration_path()
-    try:
-        return json.loads(p.read_text()).get(key) if p.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None
+    return cache.read(calibration_path()).get(key)
 
 
 def save_calibration(key: str, value: dict) -> None:
-    p = calibration_path()
-    try:
-        data = json.loads(p.read_text()) if p.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        data = {}
-    data[key] = value
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(data, indent=2))
+    cache.update(calibration_path(), key, value)

@@ -9,19 +9,18 @@ numbers) and cached in ~/.cache/semipd_engine/slo_baselines.json.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
+
+from semipd_engine import cache
 
 log = logging.getLogger(__name__)
 
 
 def cache_path() -> Path:
-    root = os.environ.get("SEMIPD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "semipd_engine"))
-    return Path(root) / "slo_baselines.json"
+    return cache.cache_dir() / "slo_baselines.json"
 
 
 def baseline_key(model_cfg, wcfg, machine: dict) -> str:
@@ -79,10 +78,9 @@ def resolve_slo(slo_cfg, model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine:
     if not relative(slo_cfg):
         return {"ttft_s": slo_cfg.ttft_s, "tpot_s": slo_cfg.tpot_s, "scale": None}
     path, key = cache_path(), baseline_key(model_cfg, wcfg, machine)
-    cache = json.loads(path.read_text()) if path.is_file() else {}
-    if key not in cache:
+    base = cache.read(path).get(key)
+    if base is None:
         log.info("measuring the single-request latency baseline for %s", key)
-        cache[key] = measure_baseline(model_cfg, engine_cfg, server_cfg, wcfg, lcfg)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cache, indent=2))
-    return apply_scales(slo_cfg, cache[key])
+        base = measure_baseline(model_cfg, engine_cfg, server_cfg, wcfg, lcfg)
+        cache.update(path, key, base)
+    return apply_scales(slo_cfg, base)

@@ -15,13 +15,14 @@ the probe says this CPU emulates it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import platform
 import time
 from pathlib import Path
 from typing import Any, Optional
+
+from semipd_engine import cache
 
 log = logging.getLogger(__name__)
 
@@ -57,29 +58,26 @@ class DtypeChoice:
 
 
 def cache_path() -> Path:
-    root = os.environ.get("SEMIPD_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "semipd_engine"))
-    return Path(root) / "dtype_probe.json"
+    return cache.cache_dir() / "dtype_probe.json"
 
 
-def _cpu_model() -> str:
+def _cpuinfo(field: str) -> str:
+    """The first `field` line of /proc/cpuinfo ('' where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(field):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""
+
+
+def _cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def _half_flags() -> tuple[str, ...]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = line.split(":", 1)[1].split()
-                return tuple(sorted(f for f in flags if "bf16" in f or "fp16" in f or f.startswith("amx")))
-    except OSError:
-        pass
-    return ()
+    return tuple(sorted(f for f in _cpuinfo("flags").split() if "bf16" in f or "fp16" in f or f.startswith("amx")))
 
 
 def probe_key() -> str:
@@ -111,23 +109,14 @@ def cpu_probe(refresh: bool = False) -> dict[str, Any]:
     import torch
 
     path, key = cache_path(), probe_key()
-    cache: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            cache = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            cache = {}
-    if not refresh and key in cache:
-        return {**cache[key], "cached": True}
+    hit = cache.read(path).get(key)
+    if hit and not refresh:
+        return {**hit, "cached": True}
     entry = {"gflops": {name: round(matmul_gflops(name), 2) for name in NAMES},
              "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
              "measured_at": time.time()}
-    cache[key] = entry
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=2))
-        tmp.replace(path)  # atomic: concurrent first runs never read half a file
+        cache.update(path, key, entry)
     except OSError as e:
         log.warning("could not cache the dtype probe in %s: %s", path, e)
     return {**entry, "cached": False}
