@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ def records(path: Path) -> list[pb.Record]:
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + _CHUNK_HEADER])
         if kind == 0 and length == 0:
+            break
+        if pos + _CHUNK_HEADER + length > len(data):  # a chunk still being written
             break
         piece = data[pos + _CHUNK_HEADER:pos + _CHUNK_HEADER + length]
         pos += _CHUNK_HEADER + length
@@ -68,12 +71,26 @@ class OfflineRun:
         return [row for row in self.history if key in row]
 
 
+def finished_records(path: Path, timeout_s: float = 60.0) -> list[pb.Record]:
+    """The file's records once its `exit` record is on disk.
+
+    wandb's core process writes the file through a buffer of its own: `run.finish()` can return before the last
+    records (on a loaded machine, all of them) reach the disk.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        recs = records(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in recs) or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.1)
+
+
 def read_run(run_dir: Path) -> OfflineRun:
     """An `offline-run-*` directory -> its run record, config, history rows and metric definitions."""
     run_dir = Path(run_dir)
     (wandb_file,) = run_dir.glob("run-*.wandb")
     run, config, history, metrics = None, {}, [], []
-    for rec in records(wandb_file):
+    for rec in finished_records(wandb_file):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             run = rec.run
