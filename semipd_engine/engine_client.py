@@ -1,11 +1,14 @@
-"""The server's handle on an engine: worker processes, request routing, outputs.
+"""The process driver: an engine's topology run as worker processes behind the server.
 
-An engine (unified, disagg, semi-PD, ...) is a subclass that says which workers
-it runs (`worker_specs`) and where a new request goes (`entry_worker`). The
-rest (spawning, readiness, fan-in of outputs into per-request asyncio queues,
-aborts, crash detection and recovery, shutdown) is shared. Engines know nothing of HTTP: what
-the server may expose beyond generation is a typed capability
-(`partition_control`, `controller`), None where an engine has none.
+It takes a `Topology` (semipd_engine.topology) and runs it: one process per
+worker, pinned to its unit's cores (or its share of them), the pools the
+topology says are shared built here in shared memory (one copy of the weights
+where the topology shares them), requests routed to the entry workers round
+robin, outputs fanned in per request in token order, aborts, crash detection
+and recovery, shutdown. Nothing here names an engine. What the server may
+expose beyond generation is a typed capability read off the topology:
+`partition_control` (a partitioned pair: semi-PD's shares) and `controller`
+(the SLO-aware loop), None where the topology has none.
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import torch.multiprocessing as tmp
 
+from semipd_engine.control import ControlLoop
+from semipd_engine.engines import build_topology
 from semipd_engine.messages import (
     AbortRequest,
     AddRequest,
     KVTransferred,
+    SetShare,
     ShareSwitched,
     Shutdown,
     StepReport,
@@ -33,8 +39,9 @@ from semipd_engine.messages import (
     WorkerReady,
     WorkersRestarted,
 )
-from semipd_engine.partition import Partition
+from semipd_engine.partition import Partition, machine_cores, pinned_sets, resolve_backend, thread_counts, unit_cores
 from semipd_engine.request import Request, RequestOutput
+from semipd_engine.topology import Topology
 from semipd_engine.worker import WorkerSpec, worker_main
 
 log = logging.getLogger(__name__)
@@ -55,6 +62,63 @@ class PartitionControl(Protocol):
     def set_partition(self, p: Partition) -> dict: ...
 
 
+class ShareControl:
+    """The shares of a topology's partitioned pair (semi-PD's prefill and decode workers on one unit).
+
+    On CPU a share is a core set and a thread count (caps that overlap divide their cores:
+    `partition.pinned_sets`), so each worker applies a switch in place at its next iteration boundary
+    (delayed switching), independently of the other (asynchronous switching), with no new process: the
+    stall is two syscalls (docs/benchmarks.md has the measured figure).
+    """
+
+    def __init__(self, prefill: str, decode: str, partition: Partition, backend: str, cores: tuple[int, ...],
+                 num_threads: int, send: Callable[[str, Any], None]):
+        self.workers, self.backend, self.cores = (prefill, decode), backend, cores
+        self.num_threads, self._send = num_threads, send
+        # No way to cap a phase: say what actually runs.
+        self.partition = partition if backend != "none" else Partition(100, 100)
+
+    def _cores(self, p: Partition) -> tuple[Any, Any]:
+        if self.backend != "cpu_affinity":
+            return None, None
+        return pinned_sets(p, self.cores)
+
+    def _threads(self, p: Partition) -> tuple[int, int]:
+        """`engine.num_threads` if set, else one per core each phase runs on (`thread_counts`)."""
+        if self.num_threads or self.backend != "cpu_affinity":
+            return self.num_threads, self.num_threads
+        return thread_counts(p, self.cores)
+
+    def placement(self, worker: str) -> tuple[Any, int]:
+        """(cores, threads) a worker of the pair starts with under the current partition."""
+        i = self.workers.index(worker)
+        return self._cores(self.partition)[i], self._threads(self.partition)[i]
+
+    def set_partition(self, p: Partition) -> dict[str, Any]:
+        """Switch the shares; each worker applies its own at its next iteration boundary."""
+        if self.backend != "cpu_affinity":
+            raise ValueError(f"partition backend {self.backend!r} cannot change shares at run time")
+        old = self.partition
+        new_fit = list(zip(self._cores(p), self._threads(p)))
+        old_fit = list(zip(self._cores(old), self._threads(old)))
+        now = time.monotonic()
+        # A phase whose share is unchanged may still run on other cores (the overlap changed).
+        for i, (share, old_share) in enumerate([(p.prefill_share, old.prefill_share),
+                                                (p.decode_share, old.decode_share)]):
+            if share != old_share or new_fit[i] != old_fit[i]:
+                cores, threads = new_fit[i]
+                self._send(self.workers[i], SetShare(cores, share, now, threads))
+        self.partition = p  # replacement workers start with it too
+        return self.describe()
+
+    def describe(self) -> dict[str, Any]:
+        p_cores, d_cores = self._cores(self.partition)
+        p_threads, d_threads = self._threads(self.partition)
+        return {"prefill_share": self.partition.prefill_share, "decode_share": self.partition.decode_share,
+                "prefill_cores": p_cores, "decode_cores": d_cores, "prefill_threads": p_threads,
+                "decode_threads": d_threads, "backend": self.backend}
+
+
 class EngineClient:
     """The server's side of an engine.
 
@@ -63,16 +127,16 @@ class EngineClient:
     in-flight request is failed at once and the engine replaces *all* its workers, with fresh
     queues: a process killed mid-write can leave a torn message in a queue, or hold a queue's
     or the shared allocator's lock forever, so nothing the dead worker touched is reused. What
-    the engine owns in this process (semi-PD's weights and KV pool) survives; shared allocators
+    the engine owns in this process (shared weights and KV pools) survives; shared allocators
     are made whole by `reset_shared` (no request holds a block once all were failed).
     """
 
-    name = "base"
     RESTART_WINDOW_S = 60.0
 
-    def __init__(self, model_cfg, engine_cfg):
+    def __init__(self, model_cfg, engine_cfg, topology: Optional[Topology] = None):
         self.model_cfg, self.engine_cfg = model_cfg, engine_cfg
-        self.name = engine_cfg.name  # the configured engine (unified and unified_chunked share a class)
+        self.topology = topology if topology is not None else build_topology(engine_cfg)
+        self.name = engine_cfg.name
         # torch's spawn context: tensors (shared weights, the KV pool) travel as shared memory.
         self._ctx = tmp.get_context("spawn")
         self._out_q = None
@@ -81,7 +145,6 @@ class EngineClient:
         self._gen = 0  # worker generation: messages and threads of replaced workers are ignored
         self.state = "created"
         self.worker_info: dict[str, dict] = {}
-        self._pool_labels: dict[str, str] = {}
         self._streams: dict[str, asyncio.Queue] = {}
         # Outputs of one request can come from two workers through two queue feeders:
         # deliver them in token order.
@@ -99,44 +162,145 @@ class EngineClient:
         self.on_stats: Callable[[str, object], None] = lambda worker, stats: None
         # Worker events (ShareSwitched, KVTransferred), restarts and the controller's decisions, for the metrics.
         self.on_event: Callable[[object], None] = lambda event: None
-        self.roles: dict[str, str] = {}
+        self.roles = {w.name: w.role for w in self.topology.workers}
+        self._entry_rr = 0
+        self.states: dict[str, Any] = {}  # pool name -> ModelState built here (shared with the workers)
+        topo, cores = self.topology, machine_cores()
+        self.unit_cores = unit_cores(topo.num_units, cores)
+        self.shares: Optional[ShareControl] = None
+        pair = topo.partitioned()
+        if pair is not None:
+            pre, dec = pair
+            backend = resolve_backend(engine_cfg.partition_backend, model_cfg.device)
+            self.shares = ShareControl(pre.name, dec.name, Partition(pre.share, dec.share), backend,
+                                       self.unit_cores[pre.unit], engine_cfg.num_threads, self._send)
+        self.control: Optional[ControlLoop] = None
+        if topo.controller == "slo":
+            self.control = ControlLoop(engine_cfg, self.unit_cores[pair[0].unit]
+                                       if self.shares.backend == "cpu_affinity" else None,
+                                       log_path=engine_cfg.decision_log)
+        self._control_task: Optional[asyncio.Task] = None
+        self._t_start = time.monotonic()
 
     # -- capabilities the server may expose (typed; None where the engine has none) --------
     @property
     def partition_control(self) -> Optional[PartitionControl]:
-        return None
+        return self.shares
 
     @property
     def controller(self) -> Optional[object]:
         """The SLO-aware partitioner, for engines steered by one."""
-        return None
+        return self.control.partitioner if self.control is not None else None
 
-    # -- engine-specific ------------------------------------------------------
+    # -- the topology, as processes ------------------------------------------------------
     def worker_specs(self) -> list[WorkerSpec]:
-        raise NotImplementedError
+        specs = []
+        single = self.topology.num_units == 1
+        for w in self.topology.workers:
+            if self.shares is not None and w.name in self.shares.workers:
+                cores, threads = self.shares.placement(w.name)
+            else:  # its unit to itself: alone on the machine, every core the process may use
+                cores, threads = (None if single else self.unit_cores[w.unit]), self.engine_cfg.num_threads
+            specs.append(WorkerSpec(w.name, w.policy, w.role, cores, threads, pool=w.pool, handoff=w.handoff,
+                                    decode_peers=w.decode_peers, prefill_peers=w.prefill_peers))
+        return specs
 
     def entry_worker(self, req: Request) -> str:
-        return self.worker_specs()[0].name
+        entry = self.topology.entry
+        name = entry[self._entry_rr % len(entry)]
+        self._entry_rr += 1
+        return name
 
     def prepare(self) -> None:
-        """Build state the workers share (runs in a thread before they are spawned)."""
+        """The pools other processes share or copy from, in shared memory, and the one weight copy where the
+        topology shares it (runs in a thread before the workers are spawned). A pool with one user that nobody
+        copies from is built by its worker in its own process, weights and all."""
+        from semipd_engine.factory import build_state, num_kv_blocks
+        from semipd_engine.model import resolve
+
+        topo = self.topology
+        spec = resolve(self.model_cfg).spec
+        weights = None
+        for pool in topo.pools:
+            users = topo.users(pool.name)
+            shared = len(users) > 1
+            if not (shared or topo.shared_weights or any(w.handoff == "transfer" for w in users)):
+                if pool.kv_fraction == 1.0:
+                    continue
+            blocks = num_kv_blocks(spec, self.model_cfg, self.engine_cfg, pool.kv_fraction)
+            # A pool with one user travels to it as a copy of its allocator: that worker is its only owner.
+            state = build_state(self.model_cfg, self.engine_cfg, weights=topo.shared_weights and weights is None,
+                                kv_blocks=blocks, share=True, lock=self._ctx.Lock() if shared else None)
+            if topo.shared_weights:
+                weights = state.model = weights if weights is not None else state.model
+            self.states[pool.name] = state
+            log.info("engine %s: pool %s of %d blocks (%.1f MiB) for %s%s", self.name, pool.name, state.kv.num_blocks,
+                     state.kv.nbytes / 2**20, ", ".join(w.name for w in users),
+                     "; one weight copy shared by every worker" if topo.shared_weights else "")
 
     def reset_shared(self) -> None:
-        """Before replacement workers start: make state shared with the old ones whole again (in a thread)."""
+        """After a worker died: fresh allocators (and locks) over the same KV tensors of the shared pools.
+
+        Every request was failed and every worker killed, so no block is legitimately held; an old
+        allocator may have lost blocks with a dead worker's requests (or requests in transit between
+        workers), and its lock may be held by a process that no longer exists.
+        """
+        from semipd_engine.kv_cache import SharedBlockPool
+
+        for name, state in self.states.items():
+            old = state.pool
+            if not isinstance(old, SharedBlockPool):
+                continue  # a worker's own allocator: its replacement gets a fresh copy
+            state.pool = SharedBlockPool(old.num_blocks, old.block_size, self.engine_cfg.watermark, self._ctx.Lock())
+            if old.num_used:
+                log.warning("engine %s: %d KV blocks of pool %s were held by requests of the replaced workers; "
+                            "the new allocator starts with all %d free", self.name, old.num_used, name,
+                            old.num_blocks)
 
     def worker_kwargs(self, spec: WorkerSpec) -> dict:
-        return {}
+        topo = self.topology
+        sources = None
+        if spec.handoff == "transfer" and spec.role == "decode":  # it copies out of its prefill peers' pools
+            sources = {p: self.states[topo.worker(p).pool].kv for p in spec.prefill_peers}
+        return {"state": self.states.get(spec.pool), "peers": dict(self._in_qs), "sources": sources}
 
     def observe_request(self, arrival: float, first_token: Optional[float], finished: float,
                         output_tokens: int) -> None:
-        """A request finished (server-side times); engines that steer on latency override this."""
+        """A request finished (server-side times)."""
+        if self.control is not None:
+            self.control.finished(arrival, first_token, finished, output_tokens)
 
     def observe_iteration(self, worker: str, stats, num_outputs: int) -> None:
-        """A worker iteration finished; engines that steer on iteration times override this."""
+        """A worker iteration finished; a prefill worker's outputs are requests done prefilling."""
+        if self.control is not None and self.roles.get(worker) == "prefill" and stats.num_prefill_tokens:
+            self.control.prefill_iteration(stats.duration_s, num_outputs)
 
     def pool_label(self, worker: str) -> str:
         """The metrics label of the KV pool a worker uses (semi-PD's workers share one)."""
-        return self._pool_labels.get(worker, worker)
+        return self.topology.worker(worker).pool if worker in self.roles else worker
+
+    # -- the control loop (topologies with a controller) -----------------------------------
+    def _start_control(self) -> None:
+        self._t_start = time.monotonic()
+        self.control.reset(self._t_start)
+        p = self.shares.partition
+        self.control.record({"time_s": 0.0, "prefill_share": p.prefill_share, "decode_share": p.decode_share,
+                             "reason": "start"})
+        self._control_task = asyncio.create_task(self._control_loop())
+
+    async def _control_loop(self) -> None:
+        while self.state not in ("stopping", "dead"):
+            await asyncio.sleep(self.control.window_s)
+            if self.ready:  # a window that spans a worker restart is still one window
+                self.control_step()
+
+    def control_step(self) -> dict:
+        now = time.monotonic()
+        d = self.control.step(now, now - self._t_start, self.shares.partition)
+        if d.new != self.shares.partition:
+            self.shares.set_partition(d.new)
+        self.on_event(d)
+        return d.row()
 
     # -- lifecycle --------------------------------------------------------------
     async def start(self, timeout_s: float) -> None:
@@ -152,6 +316,8 @@ class EngineClient:
         self.state = "ready"
         self._monitor = threading.Thread(target=self._monitor_loop, name="engine-monitor", daemon=True)
         self._monitor.start()
+        if self.control is not None:
+            self._start_control()
 
     async def _spawn(self, timeout_s: float) -> None:
         """Start one generation of workers with fresh queues; returns once every one is ready."""
@@ -160,8 +326,6 @@ class EngineClient:
         gen = self._gen
         self._out_q = out_q = self._ctx.Queue()
         self._in_qs = {spec.name: self._ctx.Queue() for spec in specs}
-        self._pool_labels = {spec.name: spec.pool or spec.name for spec in specs}
-        self.roles = {spec.name: spec.role for spec in specs}
         self._procs = {}
         for spec in specs:
             # Spawned from the event-loop thread: the workers' parent-death signal is tied to it.
@@ -211,8 +375,9 @@ class EngineClient:
 
     async def shutdown(self, timeout_s: float = 5.0) -> None:
         self.state = "stopping"
-        if self._restart_task is not None:
-            self._restart_task.cancel()
+        for task in (self._restart_task, self._control_task):
+            if task is not None:
+                task.cancel()
         for q in self._in_qs.values():
             self._put(q, Shutdown())
         deadline = time.monotonic() + timeout_s
@@ -323,6 +488,8 @@ class EngineClient:
         self._streams[req.request_id] = stream
         self._next[req.request_id] = 1
         self._send(self.entry_worker(req), AddRequest(req))
+        if self.control is not None:
+            self.control.arrival()
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -409,3 +576,8 @@ class EngineClient:
         self._streams.clear()
         self._next.clear()
         self._held.clear()
+
+
+def make_engine(model_cfg, engine_cfg) -> EngineClient:
+    """The engine `engine_cfg.name`, composed from its topology, as worker processes."""
+    return EngineClient(model_cfg, engine_cfg, build_topology(engine_cfg))

@@ -67,11 +67,13 @@ class AdoptHandoff(Handoff):
 class TransferHandoff(Handoff):
     def __init__(self, name: str, pool: BlockPool, send: Send, copy: Optional[Callable] = None):
         super().__init__(name, pool, send)
-        self.held: dict[str, Request] = {}  # prefill side: sent, not yet copied by the receiver
+        # Prefill side: sent, not yet copied by the receiver, with the blocks it held when it left. (The
+        # simulator's receiver holds the same request object and gives it new blocks when the copy starts.)
+        self.held: dict[str, tuple[Request, list[int]]] = {}
         self.queue = TransferQueue(pool, copy) if copy is not None else None  # decode side
 
     def hand_off(self, req: Request, target: str) -> None:
-        self.held[req.request_id] = req
+        self.held[req.request_id] = (req, req.block_table)
         self.send(target, OfferKV(req, self.name))
 
     def handle(self, msg) -> bool:
@@ -83,11 +85,12 @@ class TransferHandoff(Handoff):
         return super().handle(msg)
 
     def _free_held(self, request_id: str) -> bool:
-        req = self.held.pop(request_id, None)
+        req, blocks = self.held.pop(request_id, (None, None))
         if req is None:
             return False
-        self.pool.free(req.block_table)
-        req.block_table = []
+        self.pool.free(blocks)
+        if req.block_table is blocks:
+            req.block_table = []
         return True
 
     def poll(self, report: Callable[[Any], None]) -> list[Request]:

@@ -48,6 +48,16 @@ def machine_cores() -> tuple[int, ...]:
     return tuple(sorted(os.sched_getaffinity(0)))
 
 
+def unit_cores(n: int, cores: Sequence[int]) -> list[tuple[int, ...]]:
+    """The cores of each of a topology's `n` units: disjoint sets from the front; shared round-robin if there
+    are fewer cores than units."""
+    cores = tuple(cores)
+    if len(cores) < n:
+        return [(cores[i % len(cores)],) for i in range(n)]
+    per = len(cores) // n
+    return [tuple(cores[i * per : (i + 1) * per]) for i in range(n)]
+
+
 def core_sets(p: Partition, cores: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(prefill cores, decode cores) for partition `p` over `cores`."""
     n = len(cores)

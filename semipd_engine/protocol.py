@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from typing import Any, Optional
 
 from semipd_engine.request import MIN_TEMPERATURE, SamplingParams
@@ -29,14 +28,6 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-@dataclass(frozen=True)
-class ParsedRequest:
-    prompt_ids: list[int]
-    params: SamplingParams
-    stream: bool
-    include_usage: bool
 
 
 def parse_json_body(raw: bytes, charset: Optional[str] = None) -> Any:

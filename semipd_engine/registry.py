@@ -46,15 +46,3 @@ class Registry(Generic[T]):
             target = getattr(importlib.import_module(module), attr)
             self._entries[name] = target
         return target
-
-
-ENGINES: Registry[type] = Registry("engine", "engine.name")
-ENGINES.register("unified", "baselines.unified:UnifiedEngine")
-ENGINES.register("unified_chunked", "baselines.unified:UnifiedEngine")
-ENGINES.register("disagg", "baselines.disagg:DisaggEngine")
-ENGINES.register("semipd", "semipd_engine.engine:SemiPDEngine")
-ENGINES.register("semipd_dynamic", "semipd_engine.dynamic:DynamicSemiPDEngine")
-
-
-def engine_class(name: str) -> type:
-    return ENGINES.get(name)

@@ -12,7 +12,7 @@ import time
 import torch
 
 from semipd_engine.kv_cache import KVCache
-from semipd_engine.model.attention import AttentionMetadata, PrefillSeq
+from semipd_engine.model.attention_metadata import AttentionMetadata, PrefillSeq
 from semipd_engine.request import Request
 from semipd_engine.sampler import sample
 from semipd_engine.scheduler import ExecuteResult, ScheduledBatch

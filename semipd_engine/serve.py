@@ -18,8 +18,8 @@ conf_store.register()
 
 
 def serve(cfg: DictConfig) -> None:
+    from semipd_engine.engine_client import make_engine
     from semipd_engine.model import dtype, resolve
-    from semipd_engine.registry import engine_class
     from semipd_engine.server import run_server
 
     model_cfg, engine_cfg = freeze(ModelConfig, cfg.model), freeze(EngineConfig, cfg.engine)
@@ -29,7 +29,7 @@ def serve(cfg: DictConfig) -> None:
     model_cfg, choice = dtype.resolve(model_cfg)
     logging.getLogger(__name__).info("%s", dtype.describe(choice))
     loaded = resolve(model_cfg)
-    engine = engine_class(engine_cfg.name)(model_cfg, engine_cfg)
+    engine = make_engine(model_cfg, engine_cfg)
     name = server_cfg.served_model_name or (os.path.basename(os.path.normpath(model_cfg.path))
                                             if model_cfg.path else model_cfg.name)
     asyncio.run(run_server(engine, loaded.tokenizer, loaded.spec.vocab_size, name, server_cfg))

@@ -41,6 +41,7 @@ import seaborn as sns  # noqa: E402
 from experiments.analysis import points as P  # noqa: E402
 from experiments.analysis import uncertainty as U  # noqa: E402
 from experiments.analysis.server_metrics import job_timeseries, server_metrics_figure, server_timeseries  # noqa: E402
+from experiments.analysis.sweep_dir import job_dirs  # noqa: E402
 
 ENGINE_ORDER = ["unified", "unified_chunked", "unified_splitfuse", "disagg", "semipd", "semipd_uncapped",
                 "semipd_dynamic"]
@@ -88,8 +89,6 @@ def _configs(sweep_dir) -> list[Optional[dict]]:
 
 
 def _provenances(sweep_dir) -> list[dict]:
-    from experiments.sweep.aggregate import job_dirs
-
     out = []
     for jd in job_dirs(Path(sweep_dir)):
         prov = jd / "provenance.json"
@@ -433,9 +432,8 @@ def slo_scale_figure(curves: pd.DataFrame, caption: str, target: float):
 def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(summary, requests, points, goodput) of a saved sweep."""
     if not (sweep_dir / "summary.csv").is_file():
-        from experiments.sweep.aggregate import aggregate_sweep
-
-        aggregate_sweep(sweep_dir)
+        raise FileNotFoundError(f"{sweep_dir}: no summary.csv (a sweep writes it when it ends; for one that did not "
+                                f"end: python -m experiments.sweep.aggregate {sweep_dir})")
     summary = pd.read_csv(sweep_dir / "summary.csv")
     req_path = sweep_dir / "requests.parquet"
     requests = pd.read_parquet(req_path) if req_path.is_file() else pd.DataFrame()

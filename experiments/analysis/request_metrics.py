@@ -49,16 +49,6 @@ def slo_met(df: pd.DataFrame, ttft_s: float, tpot_s: float) -> pd.Series:
     return ok & ttft_ok & tpot_ok
 
 
-def measured_window(df: pd.DataFrame, warmup_s: float, cooldown_s: float, warmup_requests: int = 0) -> pd.DataFrame:
-    """The requests the statistics count: scheduled after `warmup_s`, before the last `cooldown_s`, and not among
-    the first `warmup_requests` in schedule order (they meet an idle engine: cold caches, empty queues)."""
-    if "measured" in df:
-        return df[df["measured"]]
-    if not (warmup_s or cooldown_s or warmup_requests) or df.empty:
-        return df
-    return df[measured_mask(df, warmup_s, cooldown_s, warmup_requests)]
-
-
 def measured_mask(df: pd.DataFrame, warmup_s: float = 0.0, cooldown_s: float = 0.0,
                   warmup_requests: int = 0) -> pd.Series:
     if df.empty:

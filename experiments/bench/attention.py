@@ -46,7 +46,7 @@ def copy_bandwidth(dtype: torch.dtype, mb: int = 1024) -> float:
 
 def batch(seqs: list[tuple[int, int]], dtype: torch.dtype, seed: int = 0):
     """A packed batch over a pool just large enough, blocks handed out in shuffled order (as after churn)."""
-    from semipd_engine.model.attention import AttentionMetadata, PrefillSeq
+    from semipd_engine.model.attention_metadata import AttentionMetadata, PrefillSeq
 
     g = torch.Generator(device="cuda").manual_seed(seed)
     need = [math.ceil((c + n) / PAGE) for c, n in seqs]

@@ -30,7 +30,7 @@ def by_instance(m: dict[str, float], name: str) -> dict[str, float]:
 
 def run_engine(engine: str, args, spec) -> dict:
     extra = {"prefill_share": 50, "decode_share": 50} if engine == "semipd" else {}
-    ecfg = freeze(EngineConfig, {"name": engine, "policy": "chunked", "kv_cache_mb": args.kv_mb, **extra})
+    ecfg = freeze(EngineConfig, {"name": engine, "kv_cache_mb": args.kv_mb, **extra})
     mcfg = freeze(ModelConfig, {"name": args.model})
     wcfg = freeze(WorkloadConfig, {"name": "synthetic", "rate": args.rate, "num_requests": args.requests})
     with tempfile.TemporaryDirectory() as d, EngineServer(mcfg, ecfg, freeze(ServerConfig, {}), d) as srv:

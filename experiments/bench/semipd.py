@@ -37,7 +37,7 @@ def main() -> None:
     shares = [(100, 50), (50, 100), (50, 50), (100, 100)]
     with tempfile.TemporaryDirectory() as d:
         mcfg = freeze(ModelConfig, {"name": "tiny"})
-        ecfg = freeze(EngineConfig, {"name": "semipd", "policy": "chunked", "prefill_share": 50,
+        ecfg = freeze(EngineConfig, {"name": "semipd", "prefill_share": 50,
                                      "decode_share": 50})
         with EngineServer(mcfg, ecfg, freeze(ServerConfig, {}), d) as srv:
             wcfg = freeze(WorkloadConfig, {"name": "fixed", "prompt_len": 64, "output_len": 400,

@@ -56,7 +56,7 @@ def measure(model: str, partitions: list[tuple[int, int]], rounds: int = 3, requ
     from experiments.sweep.launch import EngineServer
     from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig, freeze
 
-    ecfg = freeze(EngineConfig, {"name": "semipd", "policy": "chunked", "prefill_share": 50, "decode_share": 50,
+    ecfg = freeze(EngineConfig, {"name": "semipd", "prefill_share": 50, "decode_share": 50,
                                  "max_num_batched_tokens": 512})
     runs = []
     with tempfile.TemporaryDirectory() as d, \

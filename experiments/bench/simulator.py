@@ -89,8 +89,9 @@ def our_configs(args):
     from semipd_engine.sim.config import BackendConfig, HardwareConfig
 
     engine: dict[str, Any] = {"name": args.engine, "max_num_seqs": args.max_num_seqs,
-                              "max_num_batched_tokens": args.max_num_batched_tokens,
-                              "policy": "prefill_priority" if args.engine == "unified" else "chunked"}
+                              "max_num_batched_tokens": args.max_num_batched_tokens}
+    if args.engine in ("unified", "unified_chunked"):
+        engine["policy"] = "prefill_priority" if args.engine == "unified" else "chunked"
     if args.engine == "semipd":
         engine.update(prefill_share=args.prefill_share, decode_share=args.decode_share)
     return (freeze(ModelConfig, {"name": args.model, "dtype": "bfloat16"}), freeze(EngineConfig, engine),

@@ -47,9 +47,9 @@ from experiments.bench.common import emit, metric_total, scrape_metrics
 ENGINES = {  # the presets of conf/engine/, on a pool small enough to preempt
     "unified": {"policy": "prefill_priority"},
     "unified_chunked": {"policy": "chunked", "max_num_batched_tokens": 64},
-    "semipd": {"policy": "chunked", "prefill_share": 50, "decode_share": 50, "max_num_batched_tokens": 64},
-    "disagg": {"policy": "chunked", "max_num_batched_tokens": 64},
-    "semipd_dynamic": {"policy": "chunked", "prefill_share": 50, "decode_share": 50, "max_num_batched_tokens": 64,
+    "semipd": {"prefill_share": 50, "decode_share": 50, "max_num_batched_tokens": 64},
+    "disagg": {"max_num_batched_tokens": 64},
+    "semipd_dynamic": {"prefill_share": 50, "decode_share": 50, "max_num_batched_tokens": 64,
                        "control_window_s": 1.0, "slo_ttft_s": 0.05, "slo_tpot_s": 0.01},
 }
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly brew strong coffee "

@@ -24,15 +24,13 @@ import pandas as pd
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from experiments.analysis.sweep_dir import job_dirs
+
 log = logging.getLogger(__name__)
 TABLE_COLUMNS = ["engine", "rate", "load", "status", "slo_attainment", "p90_ttft_s", "p90_tpot_s", "mean_e2e_s",
                  "request_throughput", "goodput_rate", "num_errors"]
 # Shown with their 95% interval next to them in the terminal table.
 _TABLE_CI = ("slo_attainment", "p90_ttft_s", "p90_tpot_s")
-
-
-def job_dirs(sweep_dir: Path) -> list[Path]:
-    return sorted(p.parent for p in Path(sweep_dir).rglob("job.json") if "probes" not in p.parts)
 
 
 def _override_value(v: str) -> Any:
@@ -209,13 +207,14 @@ class AggregateCallback(Callback):
         self.estimate_s: Optional[float] = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from experiments.sweep import capacity
+        from experiments.sweep import plan
 
         self.started = time.monotonic()
         try:
             check_launch(config)
+            plan.check_jobs(config)
             # Real engines: the machine's dtype and capacity decided once, and the sweep's wall time estimated.
-            self.estimate_s = capacity.announce(config, config.hydra.sweep.dir)
+            self.estimate_s = plan.announce(config, config.hydra.sweep.dir)
         except ValueError as e:  # Hydra turns a callback's exception into a warning: stop here instead
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -228,3 +227,15 @@ class AggregateCallback(Callback):
         if self.started is not None and self.estimate_s:
             print(f"wall time {(time.monotonic() - self.started) / 60:.1f} min (estimated "
                   f"{self.estimate_s / 60:.1f} min before the start)")
+
+
+def main() -> None:
+    """`python -m experiments.sweep.aggregate <sweep dir>`: aggregate and draw a sweep that did not end (or again)."""
+    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
+        print("usage: python -m experiments.sweep.aggregate <sweep dir>", file=sys.stderr)
+        sys.exit(2)
+    finish_sweep(Path(sys.argv[1]))
+
+
+if __name__ == "__main__":
+    main()

@@ -35,9 +35,11 @@ from experiments.sweep.launch import OWN_METRICS, AttachedServer, EngineServer, 
 from experiments.sweep.slo import apply_scales, resolve_slo
 from experiments.sweep.slo import relative as slo_relative
 from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig, freeze
+from semipd_engine.engines import check_engine_config, engine_kind, retarget
 from semipd_engine.model import dtype as dtypes
 from semipd_engine.model.presets import PRESETS as MODEL_PRESETS
 from semipd_engine.sim.config import BackendConfig, HardwareConfig
+from semipd_engine.topology import CONTROLLER_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class Job:
                   freeze(HardwareConfig, cfg.hardware))
         if job.backend.name not in ("real", "sim"):
             raise ValueError(f"backend.name must be 'real' or 'sim', got {job.backend.name!r}")
+        check_engine_config(job.engine)  # a key this engine would ignore fails here, naming it
         if job.external:
             x = job.engine.external
             if job.simulated:
@@ -313,11 +316,12 @@ def _run_measurement(job: Job, jd: Path, record: dict[str, Any], prov: dict, res
     record["slo"] = slo
     load = job.num_gpus if job.experiment.rates_per_gpu else 1
     (jd / "partition_log.jsonl").unlink(missing_ok=True)  # the engine appends: a re-run starts a fresh log
-    # The engine sees the job's SLOs (semipd_dynamic steers on them) and logs its decisions here.
-    engine_cfg = dataclasses.replace(job.engine, slo_ttft_s=slo["ttft_s"], slo_tpot_s=slo["tpot_s"],
-                                     slo_percentile=job.slo.percentile,
-                                     decision_log=str(jd / "partition_log.jsonl")
-                                     if job.engine.name == "semipd_dynamic" else None)
+    # An engine steered by the SLOs (a topology with a controller) sees the job's, and logs its decisions here.
+    engine_cfg = job.engine
+    if CONTROLLER_KEYS <= engine_kind(job.engine.name).keys:
+        engine_cfg = dataclasses.replace(job.engine, slo_ttft_s=slo["ttft_s"], slo_tpot_s=slo["tpot_s"],
+                                         slo_percentile=job.slo.percentile,
+                                         decision_log=str(jd / "partition_log.jsonl"))
     if job.simulated:
         def measure(wcfg, out_dir):
             s = simulated.run_simulated(job.model, engine_cfg, job.hardware, job.backend, job.loadgen,
@@ -407,7 +411,7 @@ def _resolve_slo(job: Job, machine: dict) -> dict[str, Any]:
         return resolve_slo(job.slo, job.model, job.engine, job.server, job.workload, job.loadgen, machine)
     # Simulated: the single-request baseline is simulated too, with the unified engine (as a real one is measured).
     w = job.workload
-    unified = dataclasses.replace(job.engine, name="unified", policy="prefill_priority")
+    unified = retarget(job.engine, "unified", policy="prefill_priority")
     base = simulated.single_request_latency(job.model, unified, job.hardware, job.backend,
                                             max(1, round(w.prompt_mean * w.length_scale)),
                                             max(2, round(w.output_mean * w.length_scale)))

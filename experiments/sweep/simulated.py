@@ -32,10 +32,11 @@ def _tokenizer(lcfg, wcfg):
 
 
 def check(model_cfg, engine_cfg, hardware_cfg, backend_cfg) -> None:
-    """Build the simulated engine once: every bad preset fails here, naming its key, before a job runs."""
-    from semipd_engine.sim.build import build_simulator
+    """Every bad preset fails here, naming its key, before a job runs (the simulator itself is built once, by the
+    run)."""
+    from semipd_engine.sim.build import validate
 
-    build_simulator(model_cfg, engine_cfg, hardware_cfg, backend_cfg)
+    validate(model_cfg, engine_cfg, hardware_cfg, backend_cfg)
 
 
 SAMPLES = 200
@@ -43,14 +44,10 @@ SAMPLES = 200
 
 def simulate(model_cfg, engine_cfg, hardware_cfg, backend_cfg, arrivals, prompt_lens, output_lens):
     """Run the simulated engine; returns (finished requests, simulator, platform, wall seconds)."""
-    from semipd_engine.sim.build import build_simulator, make_controller
+    from semipd_engine.sim.build import build_simulator
     from semipd_engine.sim.simulator import make_requests
 
-    controller = None
-    if engine_cfg.name == "semipd_dynamic":
-        controller = make_controller(engine_cfg, None if backend_cfg.cost_model == "roofline"
-                                     else _profile_cores(backend_cfg))
-    sim, plat = build_simulator(model_cfg, engine_cfg, hardware_cfg, backend_cfg, controller)
+    sim, plat = build_simulator(model_cfg, engine_cfg, hardware_cfg, backend_cfg)
     requests = make_requests([a + plat.request_delay_s for a in arrivals], prompt_lens, output_lens)
     if len(arrivals) and max(arrivals) > 0:  # ~200 samples of the queues over the arrivals, as a server's gauges
         sim.sample_every(max(arrivals) / SAMPLES)
@@ -59,12 +56,6 @@ def simulate(model_cfg, engine_cfg, hardware_cfg, backend_cfg, arrivals, prompt_
     for r, a in zip(requests, arrivals):  # latencies count from the client's send, as a real run's do
         r.times.arrival = float(a)
     return done, sim, plat, time.perf_counter() - t0
-
-
-def _profile_cores(backend_cfg) -> int:
-    from semipd_engine.sim.profile import Profile
-
-    return Profile.load(backend_cfg.profile_path).cores
 
 
 def to_frame(done, expected: dict[str, tuple[int, int]]) -> pd.DataFrame:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from semipd_engine import cache
+from semipd_engine.engines import retarget
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def measure_baseline(model_cfg, engine_cfg, server_cfg, wcfg, lcfg) -> dict[str,
     from experiments.sweep.launch import EngineServer
     from semipd_engine.config import freeze
 
-    unified = dataclasses.replace(engine_cfg, name="unified", policy="prefill_priority")
+    unified = retarget(engine_cfg, "unified", policy="prefill_priority")
     with tempfile.TemporaryDirectory(prefix="slo-baseline-") as d, \
             EngineServer(model_cfg, unified, server_cfg, d) as srv:
         s = run_loadgen(dataclasses.replace(lcfg, base_url=srv.url, progress=False), baseline_probe(wcfg),

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semipd_engine.model.attention import AttentionMetadata
+from semipd_engine.model.attention_metadata import AttentionMetadata
 from semipd_engine.model.rope import RotaryEmbedding
 from semipd_engine.model.spec import ModelSpec
 

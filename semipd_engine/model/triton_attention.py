@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from semipd_engine.model.attention import AttentionMetadata
+from semipd_engine.model.attention_metadata import AttentionMetadata
 
 KV_LAYOUT = "head_major"  # [num_blocks, kv_heads, block_size, head_dim] per layer, as `KVCache` allocates
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

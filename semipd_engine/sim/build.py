@@ -10,20 +10,20 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from semipd_engine.block_pool import BlockPool
 from semipd_engine.clock import VirtualClock
-from semipd_engine.kv_transfer import TransferQueue
-from semipd_engine.partition import Partition, placement
+from semipd_engine.control import ControlLoop
+from semipd_engine.engines import build_topology, engine_kind, engine_names
 from semipd_engine.policies import make_scheduler
 from semipd_engine.sim.batch import CostModel
 from semipd_engine.sim.executor import CostModelExecutor
 from semipd_engine.sim.share import ShareModel, ShareModels
 from semipd_engine.sim.simulator import LinkConfig, Simulator, SimWorker
+from semipd_engine.topology import Topology
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-SIM_ENGINES = ("unified", "unified_chunked", "disagg", "semipd", "semipd_dynamic")
 CPU_LINK_GBS = 1.4  # this project's shared-memory block copy, measured (docs/benchmarks.md, disagg)
 
 
@@ -137,83 +137,69 @@ def make_platform(model_cfg, engine_cfg, hardware_cfg, backend) -> Platform:
     raise ValueError(f"backend.cost_model must be 'roofline' or 'profile', got {backend.cost_model!r}")
 
 
-def build_simulator(model_cfg, engine_cfg, hardware_cfg, backend, controller=None) -> tuple[Simulator, Platform]:
-    """The simulated twin of `engine_cfg.name`: the same policies, pools and hand-offs, on a virtual clock."""
-    if engine_cfg.name not in SIM_ENGINES:
-        raise ValueError(f"engine.name={engine_cfg.name!r} has no simulated composition; valid: {SIM_ENGINES}")
-    plat = make_platform(model_cfg, engine_cfg, hardware_cfg, backend)
+def build_simulator(model_cfg, engine_cfg, hardware_cfg, backend) -> tuple[Simulator, Platform]:
+    """The engine `engine_cfg.name`, composed from its topology (the one the process driver runs), on a virtual
+    clock: the same policies, pools, hand-offs and controller; time from the platform's cost model."""
+    topo, plat = validate(model_cfg, engine_cfg, hardware_cfg, backend)
+    return simulate(topo, model_cfg, engine_cfg, plat, backend), plat
+
+
+def validate(model_cfg, engine_cfg, hardware_cfg, backend) -> tuple[Topology, Platform]:
+    """Every check a simulated job can fail, naming its config key, without building the simulator."""
+    if engine_kind(engine_cfg.name).build is None:
+        raise ValueError(f"engine.name={engine_cfg.name!r} has no simulated composition (it is launched by its "
+                         f"command); valid: {sim_engines()}")
+    return build_topology(engine_cfg), make_platform(model_cfg, engine_cfg, hardware_cfg, backend)
+
+
+def sim_engines() -> list[str]:
+    return [n for n in engine_names() if engine_kind(n).build is not None]
+
+
+def simulate(topo: Topology, model_cfg, engine_cfg, plat: Platform, backend) -> Simulator:
+    """The event driver's side of a topology: a `SimWorker` per worker, a `BlockPool` per pool.
+
+    Units, as the process driver places them: on a CPU profile one unit has every core, several split the
+    cores between them (`core_counts`) and one KV budget by the pools' fractions; on a GPU each unit is a GPU
+    (TP group) with its own memory, divided between the pools on it.
+    """
     e, bs = engine_cfg, engine_cfg.block_size
     cpu = backend.cost_model == "profile"
+    n = topo.num_units
+    threads = core_counts(n, plat.devices) if cpu and n > 1 else [0] * n
 
-    def pool(tokens: int) -> BlockPool:
-        return BlockPool(max(1, tokens // bs), bs, e.watermark)
+    def kv_fraction(p) -> float:
+        return p.kv_fraction if cpu else p.kv_fraction / sum(q.kv_fraction for q in topo.pools if q.unit == p.unit)
+
+    pools = {p.name: BlockPool(max(1, int(plat.kv_tokens * kv_fraction(p)) // bs), bs, e.watermark)
+             for p in topo.pools}
 
     def max_len(p: BlockPool) -> int:
         cap = (p.num_blocks - p.watermark_blocks) * bs
         return min(model_cfg.max_model_len or plat.max_position_embeddings, plat.max_position_embeddings, cap)
 
-    def worker(name, role, policy, p, cost, **kw) -> SimWorker:
-        sched = make_scheduler(policy, p, e, max_len(p))
+    workers = {}
+    for w in topo.workers:
+        pool = pools[w.pool]
+        sched = make_scheduler(w.policy, pool, e, max_len(pool))
         sched.emit_outputs = False  # nothing streams: results are read off the requests' timestamps
-        return SimWorker(name, role, sched, CostModelExecutor(cost), **kw)
-
-    share_models = None
-    if e.name in ("unified", "unified_chunked"):
-        p = pool(plat.kv_tokens)
-        workers = [worker("unified", "both", e.policy, p, plat.cost_for(0))]
-        entry = ["unified"]
-    elif e.name in ("semipd", "semipd_dynamic"):
-        p = pool(plat.kv_tokens)  # one pool, one weight copy
-        part = Partition(e.prefill_share, e.decode_share)
-        pre = worker("prefill", "prefill", "prefill_only", p, plat.cost_for(0), share=part.prefill_share,
-                     handoff="adopt", peers=("decode",))
-        dec = worker("decode", "decode", "decode_only", p, plat.cost_for(0), share=part.decode_share,
-                     handoff="adopt", peers=("prefill",))
+        workers[w.name] = SimWorker(w.name, w.role, sched, CostModelExecutor(plat.cost_for(threads[w.unit])),
+                                    share=100 if w.share is None else w.share, handoff_kind=w.handoff,
+                                    peers=w.decode_peers if w.role == "prefill" else w.prefill_peers)
+    pair = topo.partitioned()
+    share_models, control = None, None
+    if pair is not None:  # one unit divided by shares: each one's speed depends on its share and the other
+        pre, dec = workers[pair[0].name], workers[pair[1].name]
         pre.colocated, dec.colocated = dec, pre
-        workers, entry, share_models = [pre, dec], ["prefill"], plat.share_models
-    else:  # disagg: each instance its own device(s), weights and pool
-        n_p, n_d = e.num_prefill_instances, e.num_decode_instances
-        if n_p < 1 or n_d < 1:
-            raise ValueError("engine.num_prefill_instances and engine.num_decode_instances must be >= 1")
-        prefills = tuple(f"prefill{i}" for i in range(n_p))
-        decodes = tuple(f"decode{i}" for i in range(n_d))
-        if cpu:  # the real engine splits this machine's cores and its KV budget between instances
-            threads = core_counts(n_p + n_d, plat.devices)
-            frac = {**{n: e.prefill_kv_fraction / n_p for n in prefills},
-                    **{n: (1 - e.prefill_kv_fraction) / n_d for n in decodes}}
-        else:  # a GPU (TP group) per instance, each with its own full memory
-            threads = [0] * (n_p + n_d)
-            frac = {n: 1.0 for n in prefills + decodes}
-        workers = []
-        for i, n in enumerate(prefills):
-            workers.append(worker(n, "prefill", "prefill_only", pool(int(plat.kv_tokens * frac[n])),
-                                  plat.cost_for(threads[i]), handoff="transfer", peers=decodes))
-        for j, n in enumerate(decodes):
-            p = pool(int(plat.kv_tokens * frac[n]))
-            workers.append(worker(n, "decode", "decode_only", p, plat.cost_for(threads[n_p + j]),
-                                  handoff="transfer", peers=prefills, transfers=TransferQueue(p, None)))
-        entry = list(prefills)
-    sim = Simulator(workers, entry, VirtualClock(), share_models, plat.link, plat.kv_bytes_per_token * bs,
-                    controller, e.control_window_s, backend.switch_cost_s, backend.fast_forward)
-    for w in workers:  # the link mechanism belongs to the simulator: bytes over bandwidth, no copy
-        if w.transfers is not None:
-            w.transfers.copy = sim._link_copy
-    return sim, plat
+        share_models = plat.share_models
+    if topo.controller == "slo":  # the real loop; on CPU only partitions placed differently are distinct steps
+        control = ControlLoop(e, range(plat.devices) if cpu else None)
+    return Simulator(list(workers.values()), list(topo.entry), VirtualClock(), share_models, plat.link,
+                     plat.kv_bytes_per_token * bs, control, e.control_window_s, backend.switch_cost_s,
+                     backend.fast_forward)
 
 
 def core_counts(n: int, cores: int) -> list[int]:
-    """Cores per disaggregated instance, as the real engine splits them (at least one each)."""
+    """Cores per unit, as the process driver splits this machine's (at least one each)."""
     per = max(1, cores // n)
     return [per] * n
-
-
-def make_controller(engine_cfg, cores: Optional[int] = None):
-    """semipd_dynamic's partitioner: the real `SLOPartitioner`, with the simulated backend's granularity."""
-    from semipd_engine.slo_partitioner import ControllerConfig, SLOPartitioner
-
-    e = engine_cfg
-    cfg = ControllerConfig(e.slo_ttft_s, e.slo_tpot_s, e.slo_percentile, e.step_size, e.max_step, e.min_share,
-                           e.max_share)
-    if cores:  # CPU: only partitions the real engine places differently (cores, threads) are distinct
-        return SLOPartitioner(cfg, distinct=lambda a, b: placement(a, range(cores)) != placement(b, range(cores)))
-    return SLOPartitioner(cfg)

@@ -8,17 +8,19 @@ predicts its duration d); at `t + d`, `update(batch, result, t + d)`. Between
 the two, other workers run, requests arrive, KV transfers land, and the
 partition can change, exactly as concurrent processes would interleave.
 
-What moves requests between workers is the engine's composition:
-- unified: one worker, the engine's policy;
-- semi-PD: a `prefill_only` and a `decode_only` worker over one pool; hand-off
-  by adoption (no copy); each worker's iteration time is scaled by its compute
-  share (`ShareModels`), with a contention term while both phases run;
-- disaggregated: prefill and decode instances, each with its own pool on its
-  own GPU(s); a prefilled request's blocks move through the same `TransferQueue`
-  (FCFS, back-pressure) as the real engine, with a mechanism that charges bytes
-  over the link instead of copying;
-- semi-PD dynamic: the same `SLOPartitioner` as the real engine, fed every
-  `control_window_s` of virtual time.
+What the workers are and how requests move between them is the engine's
+topology (semipd_engine/topology.py; `build.simulate` makes the workers), and
+nothing here names an engine:
+- a prefilled request leaves through the worker's `Handoff` object, the class the
+  worker processes use (`adopt`: the decode worker takes the blocks in place;
+  `transfer`: the blocks go through its `TransferQueue`, FCFS with
+  back-pressure). The messages they send are delivered in process, and this
+  driver supplies the mechanism: a transfer charges bytes over the link instead
+  of copying, and its release and adoption land when the link is done;
+- a partitioned pair (semi-PD) has each worker's iteration time scaled by its
+  compute share (`ShareModels`), with a contention term while both phases run;
+- a controller is the real `ControlLoop`, closed every `control_window_s` of
+  virtual time.
 
 Fast-forward: a worker whose next iteration is decode-only, with nothing
 waiting, would repeat the same decision until something changes (an arrival or
@@ -38,7 +40,9 @@ from typing import Any, Optional
 
 from semipd_engine.block_pool import BlockPool
 from semipd_engine.clock import VirtualClock
-from semipd_engine.kv_transfer import Transfer, TransferQueue
+from semipd_engine.handoff import HANDOFFS, Handoff
+from semipd_engine.kv_transfer import Transfer
+from semipd_engine.messages import AdoptRequest, KVTransferred, OfferKV, ReleaseKV
 from semipd_engine.partition import Partition
 from semipd_engine.request import Request, RequestStatus, SamplingParams, Timestamps
 from semipd_engine.scheduler import EMPTY_RESULT, ExecuteResult, ScheduledBatch, Scheduler
@@ -52,17 +56,16 @@ class SimWorker:
     scheduler: Scheduler
     executor: CostModelExecutor
     share: int = 100  # compute share (%) of its device
-    handoff: Optional[str] = None  # "adopt" | "transfer"
+    handoff_kind: Optional[str] = None  # "adopt" | "transfer" (semipd_engine.handoff)
     peers: tuple[str, ...] = ()  # decode workers (for a prefill worker), prefill workers (for a decode one)
-    transfers: Optional[TransferQueue] = None  # decode instances of a disaggregated engine
-    colocated: Optional[SimWorker] = None  # the other phase on the same device (semi-PD)
+    colocated: Optional[SimWorker] = None  # the other worker of a partitioned pair (semi-PD)
+    handoff: Optional[Handoff] = None  # made by the simulator, which delivers its messages
     # state of the iteration in flight
     busy: bool = False
     batch: Optional[ScheduledBatch] = None
     result: Optional[ExecuteResult] = None
+    iter_s: float = 0.0  # its duration, switch stall included
     pending_share: Optional[int] = None
-    busy_s: float = 0.0  # iteration time in the current control window
-    prefilled: int = 0  # requests that finished prefill here in the current control window
     iterations: int = 0
     fast_forwarded: int = 0
     _rr: int = 0
@@ -101,12 +104,14 @@ class Simulator:
 
     def __init__(self, workers: list[SimWorker], entry: list[str], clock: VirtualClock,
                  share_models=None, link: Optional[LinkConfig] = None, block_bytes: int = 0,
-                 controller=None, control_window_s: float = 5.0, switch_cost_s: float = 0.0,
+                 control=None, control_window_s: float = 5.0, switch_cost_s: float = 0.0,
                  fast_forward: bool = True):
         self.workers = {w.name: w for w in workers}
         self.entry, self.clock = entry, clock
         self.share_models, self.link, self.block_bytes = share_models, link, block_bytes
-        self.controller, self.control_window_s, self.switch_cost_s = controller, control_window_s, switch_cost_s
+        self.control, self.control_window_s, self.switch_cost_s = control, control_window_s, switch_cost_s
+        self.pair = next(((w, w.colocated) for w in workers if w.colocated is not None and w.role == "prefill"),
+                         None)
         self.fast_forward = fast_forward
         self.sample_every_s, self._next_sample = 0.0, math.inf
         self._iter_time: dict[str, float] = {}  # by phase, cumulative: the server's iteration-time histogram
@@ -118,15 +123,18 @@ class Simulator:
         self._seq = itertools.count()
         self._entry_rr = 0
         self._link_free_at = 0.0
-        self._window: dict[str, Any] = {}
+        self._sent_by_poll: Optional[list[tuple[str, Any]]] = None
         self._done: list[Request] = []
         self._pools = {id(w.scheduler.pool): (w.name, w.scheduler.pool) for w in workers}
         for w in workers:
             w.executor.factor = self._factor_fn(w)
+            if w.handoff_kind is not None:  # the receiving side of a transfer copies over the link
+                kw = {"copy": self.link_copy} if w.handoff_kind == "transfer" and w.role == "decode" else {}
+                w.handoff = HANDOFFS.get(w.handoff_kind)(w.name, w.scheduler.pool, self._send, **kw)
 
     # -- compute shares ------------------------------------------------------------------------
     def _factor_fn(self, w: SimWorker) -> Callable[[], float]:
-        if self.share_models is None or w.role == "both":
+        if self.share_models is None or w.colocated is None:
             return lambda: 1.0
         model = self.share_models.prefill if w.role == "prefill" else self.share_models.decode
 
@@ -152,8 +160,8 @@ class Simulator:
         # Arrivals are known up front: a sorted list beside the heap (they win ties, as if pushed first).
         self._arrivals = sorted(requests, key=lambda r: r.times.arrival)
         self._ai = 0
-        if self.controller is not None:
-            self._reset_window(0.0)
+        if self.control is not None:
+            self.control.reset(0.0)
             self._push(self.control_window_s, CONTROL, None)
         n = len(requests)
         heap, arrivals = self._heap, self._arrivals
@@ -239,8 +247,8 @@ class Simulator:
         self._entry_rr += 1
         w = self.workers[name]
         w.scheduler.add(req)
-        if self.controller is not None:
-            self._window["arrivals"] += 1
+        if self.control is not None:
+            self.control.arrival()
         self._kick(w, t)
 
     def _kick(self, w: SimWorker, t: float) -> None:
@@ -270,8 +278,8 @@ class Simulator:
                 return
         self._track_pool(sched.pool)
         w.busy, w.batch, w.result = True, batch, result
-        w.busy_s += result.duration_s + stall
-        self._push(t + result.duration_s + stall, ITER_END, w)
+        w.iter_s = result.duration_s + stall
+        self._push(t + w.iter_s, ITER_END, w)
 
     def _resume(self, w: SimWorker, t: float) -> None:
         w.busy = False
@@ -287,6 +295,8 @@ class Simulator:
             ph = outcome.phase
             self._iter_time[ph] = self._iter_time.get(ph, 0.0) + result.duration_s
             self._iter_n[ph] = self._iter_n.get(ph, 0) + 1
+            if self.control is not None and w.role == "prefill":
+                self.control.prefill_iteration(w.iter_s, len(outcome.handoffs) + len(outcome.finished))
         self._route(w, outcome, t)
         self._kick(w, t)
         if w.colocated is not None:
@@ -295,22 +305,14 @@ class Simulator:
     def _route(self, w: SimWorker, outcome, t: float) -> None:
         for req in outcome.finished:
             self._finish(req, t)
-        if outcome.handoffs:
-            w.prefilled += len(outcome.handoffs)
         for req in outcome.handoffs:
-            target = self.workers[self._next_peer(w)]
-            if w.handoff == "adopt":
-                target.scheduler.adopt(req)
-                self._kick(target, t)
-            else:
-                target.transfers.offer(req, w.name)
-                self._pull_transfers(target, t)
+            w.handoff.hand_off(req, self._next_peer(w))
         for req in outcome.evicted:
             target = self.workers[self._next_peer(w)]
             target.scheduler.add(req)  # preempted: back to the front of the prefill queue
             self._kick(target, t)
-        if outcome.finished and w.transfers is not None:
-            self._pull_transfers(w, t)  # freed blocks may admit a waiting transfer
+        if outcome.finished and w.handoff is not None and w.handoff.busy:
+            self._poll(w, t)  # freed blocks may admit a waiting transfer
 
     def _next_peer(self, w: SimWorker) -> str:
         w._rr += 1
@@ -318,12 +320,8 @@ class Simulator:
 
     def _finish(self, req: Request, t: float) -> None:
         self._done.append(req)
-        if self.controller is not None:
-            win = self._window
-            if req.times.first_token is not None:
-                win["ttfts"].append(req.times.first_token - req.times.arrival)
-                if len(req.output_token_ids) > 1:
-                    win["tpots"].append((t - req.times.first_token) / (len(req.output_token_ids) - 1))
+        if self.control is not None:
+            self.control.finished(req.times.arrival, req.times.first_token, t, len(req.output_token_ids))
 
     # -- fast-forward ------------------------------------------------------------------------------
     def _fast_forward(self, w: SimWorker, batch: ScheduledBatch, result: ExecuteResult, t: float) -> Optional[float]:
@@ -391,7 +389,6 @@ class Simulator:
         w.fast_forwarded += applied
         self._iter_time["decode"] = self._iter_time.get("decode", 0.0) + (ends[-1] - t)
         self._iter_n["decode"] = self._iter_n.get("decode", 0) + applied
-        w.busy_s += ends[-1] - t
         return ends[-1]
 
     @staticmethod
@@ -412,52 +409,65 @@ class Simulator:
                     r.block_table += pool.try_allocate(need)
         return applied
 
-    # -- disaggregated KV transfer -----------------------------------------------------------------
-    def _link_copy(self, t: Transfer, dst: list[int]) -> tuple[int, float]:
+    # -- hand-offs: the workers' own objects, their messages delivered here --------------------------
+    def _send(self, peer: str, msg) -> None:
+        t, target = self.clock.now(), self.workers[peer]
+        if isinstance(msg, AdoptRequest):  # one pool: the decode worker takes the blocks as they are
+            target.scheduler.adopt(msg.request)
+            self._kick(target, t)
+        elif isinstance(msg, OfferKV):
+            target.handoff.handle(msg)
+            self._poll(target, t)
+        elif isinstance(msg, ReleaseKV):
+            if self._sent_by_poll is not None:  # a copy just started: the release lands when the link is done
+                self._sent_by_poll.append((peer, msg))
+            elif target.handoff.handle(msg):
+                self._kick(target, t)
+        else:
+            raise TypeError(f"unexpected hand-off message {type(msg).__name__}")
+
+    def link_copy(self, t: Transfer, dst: list[int]) -> tuple[int, float]:
+        """The simulated mechanism of a KV transfer: bytes over the link's bandwidth, no copy."""
         nbytes = len(dst) * self.block_bytes
         seconds = nbytes / self.link.bandwidth_bytes_s
         if self.link.layerwise_overlap:  # all but the last layer's copy hides behind prefill compute
             seconds /= max(1, self.link.num_layers)
         return nbytes, seconds + self.link.fixed_s
 
-    def _pull_transfers(self, w: SimWorker, t: float) -> None:
-        for tr, nbytes, seconds in w.transfers.pull():
+    def _poll(self, w: SimWorker, t: float) -> None:
+        """Start the transfers the receiver has room for; each lands when the one link has carried it."""
+        reports: list[KVTransferred] = []
+        self._sent_by_poll = []
+        try:
+            started = w.handoff.poll(reports.append)
+            releases = self._sent_by_poll
+        finally:
+            self._sent_by_poll = None
+        for req, report, (source, release) in zip(started, reports, releases):
             start = max(t, self._link_free_at)  # one link: transfers queue behind each other
-            self._link_free_at = start + seconds
+            self._link_free_at = start + report.seconds
             self.stats.transfers += 1
-            self.stats.transfer_bytes += nbytes
-            self._push(self._link_free_at, TRANSFER_DONE, (w, tr))
+            self.stats.transfer_bytes += report.nbytes
+            self._push(self._link_free_at, TRANSFER_DONE, (w, req, source, release))
         self._track_pool(w.scheduler.pool)
 
     def _transfer_done(self, payload, t: float) -> None:
-        w, tr = payload
-        source = self.workers[tr.source]
-        source.scheduler.pool.free(tr.src_blocks)  # the prefill instance's blocks go back now
-        if tr.request.status is RequestStatus.RUNNING:
-            w.scheduler.adopt(tr.request)
+        w, req, source, release = payload
+        src = self.workers[source]
+        src.handoff.handle(release)  # the prefill instance's blocks go back now
+        if req.status is RequestStatus.RUNNING:
+            w.scheduler.adopt(req)
         self._kick(w, t)
-        self._kick(source, t)
+        self._kick(src, t)
 
     # -- SLO-aware partitioning ------------------------------------------------------------------
-    def _reset_window(self, t: float) -> None:
-        self._window = {"start": t, "ttfts": [], "tpots": [], "arrivals": 0}
-        for w in self.workers.values():
-            w.busy_s, w.prefilled = 0.0, 0
-
     def _control(self, t: float) -> None:
-        from semipd_engine.slo_partitioner import Window
-
-        prefill = next(w for w in self.workers.values() if w.role == "prefill")
-        decode = next(w for w in self.workers.values() if w.role == "decode")
-        win = self._window
-        window = Window(t - win["start"], win["ttfts"], win["tpots"], win["arrivals"], prefill.busy_s,
-                        prefill.prefilled)
+        prefill, decode = self.pair
         current = Partition(prefill.pending_share or prefill.share, decode.pending_share or decode.share)
-        d = self.controller.step(t, window, current)
+        d = self.control.step(t, t, current)
         if d.new != current:
             prefill.pending_share, decode.pending_share = d.new.prefill_share, d.new.decode_share
         self.stats.decisions.append(d.row())
-        self._reset_window(t)
         if self._heap or self._ai < len(self._arrivals):  # stop controlling once nothing else can happen
             self._push(t + self.control_window_s, CONTROL, None)
 

@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 import torch
 
-from semipd_engine.engine import SemiPDEngine
+from semipd_engine.engine_client import make_engine
 from semipd_engine.kv_cache import SharedBlockPool
 from tests.helpers import engine_cfg, engine_vocab, generate_through, hf_greedy, model_cfg, prompts, stream_greedy
 from tests.helpers.server import ServerProcess, alive, get_json, metric, wait_healthy, worker_pids
@@ -23,17 +23,17 @@ TWO_CORES = len(os.sched_getaffinity(0)) >= 2
 
 @pytest.mark.parametrize("num_kv_blocks", [256, 20], ids=["roomy", "preempting"])
 def test_greedy_matches_transformers_with_one_shared_pool(llama_checkpoint, num_kv_blocks):
-    ecfg = engine_cfg(name="semipd", policy="chunked", num_kv_blocks=num_kv_blocks, block_size=4,
+    ecfg = engine_cfg(name="semipd", num_kv_blocks=num_kv_blocks, block_size=4,
                       max_num_batched_tokens=32, prefill_share=50, decode_share=50)
-    engine = SemiPDEngine(model_cfg(llama_checkpoint), ecfg)
+    engine = make_engine(model_cfg(llama_checkpoint), ecfg)
     ps = prompts(engine_vocab(llama_checkpoint))
     outs = asyncio.run(generate_through(engine, ps, 24))
     for p, o in zip(ps, outs):
         assert o == hf_greedy(llama_checkpoint, p, 24)
     # The owner never runs the model: KV bytes in its tensor were written in place by the workers,
     # and its allocator saw every allocation and free of both workers.
-    assert engine.shared.kv.data.abs().sum() > 0
-    assert engine.shared.pool.num_used == 0
+    assert engine.states["shared"].kv.data.abs().sum() > 0
+    assert engine.states["shared"].pool.num_used == 0
     info = engine.worker_info
     assert info["prefill"]["pid"] != info["decode"]["pid"]
     if TWO_CORES:
@@ -207,9 +207,9 @@ def test_dead_workers_are_replaced_and_the_shared_pool_made_whole(llama_checkpoi
 
 def test_owner_allocator_is_replaced_after_a_worker_dies(llama_checkpoint):
     """In process: blocks held by the dead worker's requests are not lost to the pool that follows."""
-    ecfg = engine_cfg(name="semipd", policy="chunked", num_kv_blocks=64, block_size=4, prefill_share=50,
+    ecfg = engine_cfg(name="semipd", num_kv_blocks=64, block_size=4, prefill_share=50,
                       decode_share=50)
-    engine = SemiPDEngine(model_cfg(llama_checkpoint), ecfg)
+    engine = make_engine(model_cfg(llama_checkpoint), ecfg)
     ps = prompts(engine_vocab(llama_checkpoint))
     expected = [hf_greedy(llama_checkpoint, p, 12) for p in ps]
 
@@ -218,7 +218,7 @@ def test_owner_allocator_is_replaced_after_a_worker_dies(llama_checkpoint):
 
         await engine.start(120)
         try:
-            old_pool, model = engine.shared.pool, engine.shared.model
+            old_pool, model = engine.states["shared"].pool, engine.states["shared"].model
             streams = [engine.add(Request(f"a{i}", p, SamplingParams(max_tokens=200, temperature=0.0,
                                                                      ignore_eos=True))) for i, p in enumerate(ps)]
             for s in streams:  # every request has its first token: all hold blocks
@@ -239,12 +239,12 @@ def test_owner_allocator_is_replaced_after_a_worker_dies(llama_checkpoint):
                 assert engine.state == "restarting"
                 await asyncio.sleep(0.05)
             print(f"restart in {time.monotonic() - t0:.2f}s; the old allocator had {held} blocks in use")
-            assert engine.restarts == 1 and engine.shared.model is model  # the owner kept the weights
-            assert engine.shared.pool is not old_pool and engine.shared.pool.num_used == 0
+            assert engine.restarts == 1 and engine.states["shared"].model is model  # the owner kept the weights
+            assert engine.states["shared"].pool is not old_pool and engine.states["shared"].pool.num_used == 0
             outs = await stream_greedy(engine, ps, 12, prefix="b", timeout=60)
             assert outs == expected
             await asyncio.sleep(0.3)
-            assert engine.shared.pool.num_used == 0
+            assert engine.states["shared"].pool.num_used == 0
         finally:
             await engine.shutdown()
 
@@ -263,9 +263,10 @@ def test_overlapping_shares_are_not_slower_than_capped_ones():
 
 
 def test_unavailable_share_backend_falls_back_to_uncapped(llama_checkpoint, caplog):
-    engine = SemiPDEngine(model_cfg(llama_checkpoint), engine_cfg(name="semipd", partition_backend="green_context",
+    engine = make_engine(model_cfg(llama_checkpoint), engine_cfg(name="semipd", partition_backend="green_context",
                                                                     prefill_share=50, decode_share=50))
-    assert engine.backend == "none" and engine.describe()["prefill_share"] == 100
+    shares = engine.partition_control
+    assert shares.backend == "none" and shares.describe()["prefill_share"] == 100
     assert "running uncapped" in caplog.text
     with pytest.raises(ValueError):
-        engine.set_partition(engine.partition)
+        shares.set_partition(shares.partition)

@@ -10,9 +10,16 @@ import pandas as pd
 import pytest
 
 from experiments.analysis import figures
-from experiments.analysis.figures import goodput_from_curve, make_figures, slo_scale_curves, slo_scales
+from experiments.analysis.figures import goodput_from_curve, slo_scale_curves, slo_scales
+from experiments.sweep.aggregate import aggregate_sweep
 from experiments.sweep.config import ExperimentConfig
 from tests.helpers.sweep_dir import write_job
+
+
+def make_figures(sweep_dir):
+    """As a sweep's end does: aggregate the jobs, then draw (the figures read what the aggregate wrote)."""
+    aggregate_sweep(sweep_dir, with_points=True)
+    return figures.make_figures(sweep_dir)
 
 
 def test_figures_goodput_interpolation():

@@ -26,12 +26,8 @@ pytest.importorskip("triton")
 
 from semipd_engine.factory import build_core  # noqa: E402
 from semipd_engine.kv_cache import KVCache  # noqa: E402
-from semipd_engine.model.attention import (  # noqa: E402
-    AttentionMetadata,
-    PrefillSeq,
-    TorchAttention,
-    get_attention_backend,
-)
+from semipd_engine.model.attention import TorchAttention, get_attention_backend  # noqa: E402
+from semipd_engine.model.attention_metadata import AttentionMetadata, PrefillSeq  # noqa: E402
 from semipd_engine.model.triton_attention import TritonAttention, interpreted  # noqa: E402
 from semipd_engine.request import SamplingParams  # noqa: E402
 from semipd_engine.runner import ModelRunner  # noqa: E402

@@ -7,18 +7,19 @@ import pytest
 
 from semipd_engine import policies
 from semipd_engine.config import EngineConfig, ModelConfig, freeze
-from semipd_engine.sim.build import SIM_ENGINES, build_simulator, make_controller
+from semipd_engine.sim.build import build_simulator, sim_engines
 from semipd_engine.sim.config import BackendConfig, HardwareConfig
 from semipd_engine.sim.simulator import make_requests
 from semipd_engine.slo_partitioner import SLOPartitioner
 
-POLICY = {"unified": "prefill_priority"}
+PER_ENGINE = {"unified": {"policy": "prefill_priority"}, "unified_chunked": {"policy": "chunked"},
+              "semipd": {"prefill_share": 60, "decode_share": 80},
+              "semipd_dynamic": {"prefill_share": 60, "decode_share": 80, "slo_ttft_s": 0.2, "slo_tpot_s": 0.03,
+                                 "control_window_s": 2.0}}
 
 
 def _cfgs(engine, model="llama3-8b", hardware="a100-80g", tp=1, **kw):
-    e = {"name": engine, "policy": POLICY.get(engine, "chunked"), "max_num_seqs": 128,
-         "max_num_batched_tokens": 2048, "prefill_share": 60, "decode_share": 80, "slo_ttft_s": 0.2,
-         "slo_tpot_s": 0.03, "control_window_s": 2.0, **kw}
+    e = {"name": engine, "max_num_seqs": 128, "max_num_batched_tokens": 2048, **PER_ENGINE.get(engine, {}), **kw}
     return (freeze(ModelConfig, {"name": model, "dtype": "bfloat16", "tensor_parallel_size": tp}),
             freeze(EngineConfig, e), freeze(HardwareConfig, {"name": hardware}))
 
@@ -34,13 +35,13 @@ def _workload(n, rate, seed=0):
 def _simulate(engine, n=300, rate=12.0, fast_forward=True, seed=0, **kw):
     m, e, h = _cfgs(engine, **kw)
     backend = freeze(BackendConfig, {"name": "sim", "fast_forward": fast_forward})
-    sim, _ = build_simulator(m, e, h, backend, make_controller(e) if engine == "semipd_dynamic" else None)
+    sim, _ = build_simulator(m, e, h, backend)
     done = sim.run(make_requests(*_workload(n, rate, seed)))
     return sim, {r.request_id: (r.times.arrival, r.times.first_token, tuple(r.times.tokens), r.times.finished,
                                 len(r.output_token_ids), tuple(r.times.preemptions)) for r in done}
 
 
-@pytest.mark.parametrize("engine", SIM_ENGINES)
+@pytest.mark.parametrize("engine", sim_engines())
 @pytest.mark.parametrize("load", ["moderate", "preempting"])
 def test_fast_forward_equals_the_step_by_step_loop(engine, load):
     kw = {"rate": 10.0} if load == "moderate" else {"rate": 40.0, "num_kv_blocks": 400}
@@ -62,11 +63,10 @@ def test_a_seeded_run_is_deterministic_and_seeds_differ():
 
 def test_simulated_engines_run_the_real_policy_objects():
     m, e, h = _cfgs("semipd_dynamic")
-    ctrl = make_controller(e)
-    sim, _ = build_simulator(m, e, h, freeze(BackendConfig, {"name": "sim"}), ctrl)
+    sim, _ = build_simulator(m, e, h, freeze(BackendConfig, {"name": "sim"}))
     assert type(sim.workers["prefill"].scheduler) is policies.POLICIES.get("prefill_only") is policies.PrefillOnly
     assert type(sim.workers["decode"].scheduler) is policies.DecodeOnly
-    assert isinstance(sim.controller, SLOPartitioner)
+    assert isinstance(sim.control.partitioner, SLOPartitioner)
     assert sim.workers["prefill"].scheduler.pool is sim.workers["decode"].scheduler.pool  # one pool
     m, e, h = _cfgs("disagg")
     sim, _ = build_simulator(m, e, h, freeze(BackendConfig, {"name": "sim"}))

@@ -10,11 +10,12 @@ import time
 import pytest
 import torch
 
-from baselines.disagg import DisaggEngine, instance_cores
 from semipd_engine.block_pool import BlockPool
+from semipd_engine.engine_client import make_engine
 from semipd_engine.kv_cache import KVCache
 from semipd_engine.kv_transfer import TensorBlockCopy, TransferQueue
 from semipd_engine.model.spec import ModelSpec
+from semipd_engine.partition import unit_cores
 from semipd_engine.request import Request, SamplingParams
 from tests.helpers import engine_cfg, engine_vocab, generate_through, hf_greedy, model_cfg, prompts
 from tests.helpers.server import ServerProcess, metric
@@ -48,16 +49,16 @@ def test_transferred_blocks_are_bit_identical_and_backpressure_waits():
 
 
 def test_instance_core_sets():
-    assert instance_cores(1, 1, (0, 1)) == [(0,), (1,)]
-    assert instance_cores(2, 2, (0, 1, 2, 3, 4, 5, 6, 7)) == [(0, 1), (2, 3), (4, 5), (6, 7)]
-    assert instance_cores(2, 1, (0, 1)) == [(0,), (1,), (0,)]
+    assert unit_cores(2, (0, 1)) == [(0,), (1,)]
+    assert unit_cores(4, (0, 1, 2, 3, 4, 5, 6, 7)) == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert unit_cores(3, (0, 1)) == [(0,), (1,), (0,)]
 
 
 @pytest.mark.parametrize("num_kv_blocks", [512, 40], ids=["roomy", "tight-decode-pool"])
 def test_greedy_matches_transformers(llama_checkpoint, num_kv_blocks):
-    ecfg = engine_cfg(name="disagg", policy="chunked", num_kv_blocks=num_kv_blocks, block_size=4,
+    ecfg = engine_cfg(name="disagg", num_kv_blocks=num_kv_blocks, block_size=4,
                       max_num_batched_tokens=32)
-    engine = DisaggEngine(model_cfg(llama_checkpoint), ecfg)
+    engine = make_engine(model_cfg(llama_checkpoint), ecfg)
     ps = prompts(engine_vocab(llama_checkpoint))
     outs = asyncio.run(generate_through(engine, ps, 24))
     for p, o in zip(ps, outs):
