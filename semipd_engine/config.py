@@ -81,7 +81,9 @@ class EngineConfig:
     # semi-PD compute shares (percent caps of the device); used by semipd engines.
     prefill_share: int = 100
     decode_share: int = 100
-    partition_backend: str = "auto"  # auto | cpu_affinity | green_context | mps | none
+    # auto | cpu_quota | cpu_affinity | green_context | mps | none (semipd_engine/partition.py). auto on a CPU:
+    # cpu_quota (fractions of CPU time) where a cgroup cpu controller is writable, else cpu_affinity (core sets).
+    partition_backend: str = "auto"
     # semipd_dynamic: SLO-aware partitioning (the runner fills the SLOs from the `slo` group).
     slo_ttft_s: float = 1.0
     slo_tpot_s: float = 0.1

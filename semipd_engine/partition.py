@@ -14,6 +14,12 @@ Backends:
   proportion to the caps (`thread_counts`, the way MPS divides SMs between clients
   whose caps add past 100% while both run) and each worker is pinned to its part
   (`pinned_sets`): the pools together never outnumber the cores.
+- `cpu_quota` (default off-GPU where a cgroup cpu controller is writable): a share is
+  CPU *time*, not cores: each worker in its own cgroup with a CFS quota of x% of the
+  cores per 10 ms period (`cpu_quota.py`), unpinned, with as many threads as its quota
+  can keep busy. (70, 30) on two cores is 1.4 and 0.6 cores' worth, which core sets
+  cannot express; caps that add past 100 overlap as MPS caps do. A switch is a write of
+  the quota file. `auto` falls back to `cpu_affinity`, saying why, where it cannot run.
 - `green_context` / `mps` (CUDA): SM shares. Not implemented yet: asking for
   them logs why and falls back to uncapped (`none`), as does `auto` on a GPU.
 """
@@ -105,6 +111,14 @@ def _cpu_affinity(device: str) -> str | None:
     return None if device == "cpu" else "core sets cap CPU workers only"
 
 
+def _cpu_quota(device: str) -> str | None:
+    if device != "cpu":
+        return "CPU-time quotas cap CPU workers only"
+    from semipd_engine.cpu_quota import CpuQuota
+
+    return CpuQuota.open()[1] or None
+
+
 def _not_built(device: str) -> str | None:
     return "no CUDA device here" if not torch.cuda.is_available() else "SM-share backends are not built yet"
 
@@ -112,6 +126,7 @@ def _not_built(device: str) -> str | None:
 # name -> why it cannot run on `device` (None: it can)
 PARTITION_BACKENDS: Registry[Callable[[str], str | None]] = Registry("partition backend", "engine.partition_backend")
 PARTITION_BACKENDS.register("cpu_affinity", _cpu_affinity)
+PARTITION_BACKENDS.register("cpu_quota", _cpu_quota)
 PARTITION_BACKENDS.register("green_context", _not_built)
 PARTITION_BACKENDS.register("mps", _not_built)
 PARTITION_BACKENDS.register("none", lambda device: None)
@@ -119,8 +134,14 @@ PARTITION_BACKENDS.register("none", lambda device: None)
 
 def resolve_backend(name: str, device: str) -> str:
     """The backend that will run: `auto` picks per device; an unavailable one falls back to uncapped."""
+    if name == "auto" and device == "cpu":
+        why = _cpu_quota(device)
+        if why is None:
+            return "cpu_quota"
+        log.warning("partition backend cpu_quota unavailable (%s): shares are core sets (cpu_affinity)", why)
+        return "cpu_affinity"
     if name == "auto":
-        name = "cpu_affinity" if device == "cpu" else "green_context"
+        name = "green_context"
     why = PARTITION_BACKENDS.get(name)(device)
     if why is not None:
         log.warning("partition backend %s unavailable (%s): running uncapped (100, 100)", name, why)

@@ -182,7 +182,8 @@ class Worker:
 
     def on_share(self, msg: SetShare) -> bool:
         t0 = time.monotonic()
-        applied = apply_share("cpu_affinity", msg.cores, msg.num_threads)
+        # Core sets pin; a CPU-time quota (no cores) only resizes the thread pool, the kernel enforces the rest.
+        applied = apply_share("cpu_affinity" if msg.cores else "none", msg.cores or (), msg.num_threads)
         t1 = time.monotonic()
         self.out_q.put(ShareSwitched(self.spec.name, self.spec.role, msg.share, applied, t1 - t0, t1 - msg.sent_at))
         return False

@@ -358,7 +358,7 @@ def _run_measurement(job: Job, jd: Path, record: dict[str, Any], prov: dict, res
                 after = step_probe(wcfg)
                 key = probe.calibration_key(job, my_cores, prov["machine"])
                 v = probe.verdict(before, after, probe.load_calibration(key), job.experiment.max_step_slowdown,
-                                  s["host"].get("valid", True))
+                                  s["host"].get("valid", True), _partition_moved(jd))
                 if v.pop("save"):
                     probe.save_calibration(key, before)
                 s["step_probe"] = v
@@ -416,6 +416,16 @@ def _resolve_slo(job: Job, machine: dict) -> dict[str, Any]:
                                             max(1, round(w.prompt_mean * w.length_scale)),
                                             max(2, round(w.output_mean * w.length_scale)))
     return apply_scales(job.slo, base)
+
+
+def _partition_moved(jd: Path) -> bool:
+    """Did the job's controller end on another partition than it started with (its partition_log.jsonl)?"""
+    path = jd / "partition_log.jsonl"
+    if not path.is_file():
+        return False
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    shares = {(r.get("prefill_share"), r.get("decode_share")) for r in rows}
+    return len(shares) > 1
 
 
 def _save_server_metrics(url: str, jd: Path) -> None:

@@ -10,7 +10,9 @@ first probe recorded for the same model, engine, cores and machine on a run whos
 the cache folder next to the SLO baselines, `step_probe.json`; delete it to recalibrate).
 
 The probe's requests reach the engine like any other (a dynamic partitioner sees them in its first window);
-they are not in requests.parquet.
+they are not in requests.parquet. A semi-PD engine's step time depends on its partition and on how shares are
+enforced (CPU-time quotas or core sets), so both are in the calibration's key; when a controller moved the
+partition during the load, the probe after it measures another partition and is recorded, not compared.
 """
 
 from __future__ import annotations
@@ -30,9 +32,16 @@ def calibration_path():
 
 
 def calibration_key(job, cores: list[int], machine: dict) -> str:
+    from semipd_engine.engines import engine_kind
+
     e, m = job.engine, job.model
+    backend = ""
+    if "partition_backend" in engine_kind(e.name).keys:  # what enforces the shares changes the step time
+        from semipd_engine.partition import resolve_backend
+
+        backend = f"|{resolve_backend(e.partition_backend, m.device)}"
     return (f"{m.path or m.name}|{m.dtype}|{e.name}|{e.policy}|p{e.prefill_share}|d{e.decode_share}|t{e.num_threads}"
-            f"|{machine.get('cpu')}|{len(cores)} cores")
+            f"{backend}|{machine.get('cpu')}|{len(cores)} cores")
 
 
 def measure(url: str, lcfg, wcfg, n: int) -> Optional[dict[str, float]]:
@@ -60,7 +69,7 @@ def measure(url: str, lcfg, wcfg, n: int) -> Optional[dict[str, float]]:
 
 
 def verdict(before: Optional[dict], after: Optional[dict], calibrated: Optional[dict], max_slowdown: float,
-            host_valid: bool) -> dict[str, Any]:
+            host_valid: bool, partition_moved: bool = False) -> dict[str, Any]:
     """Compare the probes; `save` says whether `before` should become the calibration."""
     out: dict[str, Any] = {"before": before, "after": after, "calibrated": calibrated, "max_slowdown": max_slowdown,
                            "reasons": [], "save": False}
@@ -69,7 +78,9 @@ def verdict(before: Optional[dict], after: Optional[dict], calibrated: Optional[
         return out
     if after is not None:
         out["after_over_before"] = after["tpot_s"] / before["tpot_s"]
-        if out["after_over_before"] > max_slowdown:
+        if partition_moved:
+            out["note"] = "after/before not compared: the controller moved the partition during the load"
+        elif out["after_over_before"] > max_slowdown:
             out["reasons"].append(f"engine step probe: TPOT {1e3 * after['tpot_s']:.2f} ms after the load vs "
                                   f"{1e3 * before['tpot_s']:.2f} ms before ({out['after_over_before']:.1f}x)")
     if calibrated is None:

@@ -36,8 +36,10 @@ def test_greedy_matches_transformers_with_one_shared_pool(llama_checkpoint, num_
     assert engine.states["shared"].pool.num_used == 0
     info = engine.worker_info
     assert info["prefill"]["pid"] != info["decode"]["pid"]
-    if TWO_CORES:
+    if TWO_CORES and engine.partition_control.backend == "cpu_affinity":
         assert tuple(info["prefill"]["cores"]) == (0,) and tuple(info["decode"]["cores"]) == (1,)
+    elif engine.partition_control.backend == "cpu_quota":  # both unpinned, each under a quota of one core
+        assert info["prefill"]["num_threads"] == info["decode"]["num_threads"] == 1
 
 
 def _hammer(pool, owner, seed, iters, errors):
@@ -87,10 +89,19 @@ def test_allocator_is_atomic_across_processes():
     assert pool.num_free == 64 and not bool(pool._used_t.any())
 
 
-@pytest.fixture(scope="module")
-def semipd_server(llama_checkpoint):
+def _quota_writable() -> bool:
+    from semipd_engine.cpu_quota import CpuQuota
+
+    return CpuQuota.open()[0] is not None
+
+
+@pytest.fixture(scope="module", params=["cpu_quota", "cpu_affinity"])
+def semipd_server(request, llama_checkpoint):
+    if request.param == "cpu_quota" and not _quota_writable():
+        pytest.skip("no writable cgroup cpu controller here")
     srv = ServerProcess("engine=semipd", "model=hf", f"model.path={llama_checkpoint}", "engine.kv_cache_mb=8",
-                        "engine.block_size=4")
+                        "engine.block_size=4", f"engine.partition_backend={request.param}")
+    srv.backend = request.param
     yield srv
     srv.stop()
 
@@ -140,6 +151,7 @@ def test_switching_every_second_under_load_loses_nothing(semipd_server, llama_ch
     stop.set()
     sw.join(10)
     assert metric(url, "partition_switches_total") >= 4
+    assert get_json(url + "/partition")[1]["backend"] == semipd_server.backend
     assert len(results) == len(ps)
     from transformers import AutoTokenizer
 
