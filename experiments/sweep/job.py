@@ -137,7 +137,7 @@ def resolve_machine(job: Job, machine: dict, sweep_dir: Optional[str] = None) ->
         decided["capacity"] = cal
         n = job.workload.num_requests
         sizing = capacity.sweep_sizing(sweep_dir) if job.experiment.time_budget_s else None
-        if sizing:  # the sweep was sized to its time budget before it started (capacity.announce)
+        if sizing:  # the sweep was sized to its time budget before it started (plan.announce)
             n = min(n, int(sizing["num_requests"]))
             decided["sized_num_requests"] = n
         job = dataclasses.replace(job, workload=dataclasses.replace(
