@@ -7,11 +7,11 @@ The public shapes are the values of each model's published ``config.json``, so t
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from semipd_engine.model.presets import PRESETS as _CPU_PRESETS
-from semipd_engine.model.spec import SUPPORTED_MODEL_TYPES
+from semipd_engine.model.spec import ModelSpec
 
 # The built-in tokenizer's size (semipd_engine.tokenizer.BUILTIN_VOCAB_SIZE, special tokens included),
 # repeated so this package needs nothing of the engine but the preset table; a test checks they agree.
@@ -19,69 +19,25 @@ BUILTIN_VOCAB_SIZE = 16384
 
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    name: str
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 4096
-
-    def __post_init__(self):
-        for f in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
-                  "vocab_size", "max_position_embeddings"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"model shape {self.name!r}: {f} must be >= 1, got {getattr(self, f)}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"model shape {self.name!r}: num_heads={self.num_heads} is not a multiple of "
-                             f"num_kv_heads={self.num_kv_heads}")
-
-    def layer_params(self) -> int:
-        h, d = self.hidden_size, self.head_dim
-        attn = h * d * (2 * self.num_heads + 2 * self.num_kv_heads)  # q, k, v, o
-        return attn + 3 * h * self.intermediate_size + 2 * h  # + gate, up, down, two RMSNorm weights
-
-    def params(self) -> int:
-        """Parameter count, embeddings, LM head (unless tied) and the final norm included."""
-        emb = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * self.layer_params() + emb + self.hidden_size
-
-    def weight_bytes(self, dtype_bytes: int = 2) -> int:
-        return self.params() * dtype_bytes
-
-    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+class ModelShape(ModelSpec):
+    """The simulator's constructors of the one model type (`ModelSpec`): a published shape, a CPU preset with the
+    built-in tokenizer's vocabulary, or a local `config.json` parsed by `ModelSpec.from_hf_config`."""
 
     @classmethod
-    def from_hf_config(cls, path: str | Path, name: str | None = None) -> ModelShape:
-        """From a local Hugging Face ``config.json`` (the file, or the checkpoint directory holding it)."""
+    def from_hf_config(cls, path: Any, name: str | None = None) -> ModelShape:
+        """From a local Hugging Face ``config.json`` (the file, or the checkpoint directory holding it); a config
+        object or dict is parsed as `ModelSpec.from_hf_config` parses it."""
+        if not isinstance(path, (str, Path)):
+            return super().from_hf_config(path, name=name or "")
         p = Path(path)
         if p.is_dir():
             p = p / "config.json"
         if not p.is_file():
             raise ValueError(f"model.path: no config.json at {str(p)!r}")
-        cfg = json.loads(p.read_text())
-        mt = cfg.get("model_type")
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model.path: model_type {mt!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
-        heads = cfg["num_attention_heads"]
-        return cls(
-            name=name or p.parent.name,
-            num_layers=cfg["num_hidden_layers"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            vocab_size=cfg["vocab_size"],
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-        )
+        try:
+            return super().from_hf_config(json.loads(p.read_text()), name=name or p.parent.name)
+        except ValueError as e:
+            raise ValueError(f"model.path: {e}") from None
 
     @classmethod
     def preset(cls, name: str, vocab_size: int | None = None) -> ModelShape:
@@ -90,32 +46,29 @@ class ModelShape:
             return _PUBLIC[name]
         if name in _CPU_PRESETS:
             p = _CPU_PRESETS[name]
-            return cls(
-                name=name,
-                num_layers=p["num_hidden_layers"],
-                hidden_size=p["hidden_size"],
-                intermediate_size=p["intermediate_size"],
-                num_heads=p["num_attention_heads"],
-                num_kv_heads=p["num_key_value_heads"],
-                head_dim=p["hidden_size"] // p["num_attention_heads"],
-                vocab_size=vocab_size or BUILTIN_VOCAB_SIZE,
-                tie_word_embeddings=bool(p.get("tie_word_embeddings", False)),
-                max_position_embeddings=p["max_position_embeddings"],
-            )
+            return super().from_hf_config({**p, "vocab_size": vocab_size or BUILTIN_VOCAB_SIZE}, name=name)
         raise ValueError(f"model.name={name!r} is not a known model shape; valid: {model_names()}")
+
+
+def _public(name, model_type, layers, hidden, inter, heads, kv_heads, vocab, max_pos, qkv_bias=False) -> ModelShape:
+    return ModelShape(model_type=model_type, vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                      num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=hidden // heads,
+                      rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=max_pos,
+                      tie_word_embeddings=False, qkv_bias=qkv_bias, name=name)
 
 
 def model_names() -> list[str]:
     return sorted([*_PUBLIC, *_CPU_PRESETS])
 
 
-# Published config.json values (meta-llama/Meta-Llama-3-8B, Meta-Llama-3-70B, Llama-2-7b-hf, Qwen/Qwen2.5-7B).
+# Published config.json values (meta-llama/Meta-Llama-3-8B, Meta-Llama-3-70B, Llama-2-7b-hf, Qwen/Qwen2.5-7B): the
+# numbers a cost model reads (norm epsilon and RoPE base are not priced).
 _PUBLIC: dict[str, ModelShape] = {
     s.name: s
     for s in (
-        ModelShape("llama3-8b", 32, 4096, 14336, 32, 8, 128, 128256, False, 8192),
-        ModelShape("llama3-70b", 80, 8192, 28672, 64, 8, 128, 128256, False, 8192),
-        ModelShape("llama-2-7b", 32, 4096, 11008, 32, 32, 128, 32000, False, 4096),
-        ModelShape("qwen2.5-7b", 28, 3584, 18944, 28, 4, 128, 152064, False, 131072),
+        _public("llama3-8b", "llama", 32, 4096, 14336, 32, 8, 128256, 8192),
+        _public("llama3-70b", "llama", 80, 8192, 28672, 64, 8, 128256, 8192),
+        _public("llama-2-7b", "llama", 32, 4096, 11008, 32, 32, 32000, 4096),
+        _public("qwen2.5-7b", "qwen2", 28, 3584, 18944, 28, 4, 152064, 131072, qkv_bias=True),
     )
 }
