@@ -447,6 +447,7 @@ def goodput_search(measure, wcfg, slo_cfg, exp, jd: Path) -> dict[str, Any]:
     target = slo_cfg.target_attainment
     probes: list[dict[str, Any]] = []
     aggregates: dict[float, dict[str, Any]] = {}  # rate -> aggregates of its first seed
+    described: dict[float, dict[str, Any]] = {}  # rate -> the workload and SLOs its first seed ran
     frames = []
     reasons: list[str] = []
 
@@ -457,6 +458,7 @@ def goodput_search(measure, wcfg, slo_cfg, exp, jd: Path) -> dict[str, Any]:
             s = measure(dataclasses.replace(wcfg, rate=rate, seed=seed), str(d))
             vals.append(s["aggregates"]["slo_attainment"])
             aggregates.setdefault(rate, s["aggregates"])
+            described.setdefault(rate, {k: s[k] for k in ("workload", "slo") if k in s})
             v = s.get("validity") or validity(s)
             probes.append({"rate": rate, "seed": seed, **headline(s), "valid": v["valid"]})
             reasons.extend(f"probe {rate:g} req/s seed {seed}: {r}" for r in v["reasons"])
@@ -484,7 +486,7 @@ def goodput_search(measure, wcfg, slo_cfg, exp, jd: Path) -> dict[str, Any]:
     summary = {"goodput_rate": goodput, "probes": probes, "target_attainment": target,
                "goodput_at_range_top": at_top, "goodput_at_range_bottom": at_bottom,
                "goodput_monotone": curve_is_monotone(by_rate.index.to_numpy(), by_rate.to_numpy(), target),
-               "aggregates": aggregates[best["rate"]],
+               "aggregates": aggregates[best["rate"]], **described[best["rate"]],
                "self_check": {"valid": all(p["client_valid"] for p in probes)},
                "validity": {"valid": not reasons, "reasons": reasons}}
     (jd / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

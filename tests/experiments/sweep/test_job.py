@@ -38,6 +38,8 @@ def test_goodput_bisection_finds_the_rate_a_single_server_queue_sustains(tmp_pat
     assert any(g < r <= g + 4.0 and a < 0.9 for r, a in by_rate.items()), s["probes"]
     assert (tmp_path / "summary.json").is_file() and len(pd.read_parquet(tmp_path / "requests.parquet")) == 40 * len(rates)
     assert s["aggregates"]["slo_attainment"] >= 0.9
+    # Like a single run's summary: the workload (and its lengths) and the SLOs the reported probe ran under.
+    assert s["workload"]["name"] == "fixed" and s["slo"]["ttft_s"] == 0.3
 
 
 def test_failed_job_is_recorded(tmp_path):
