@@ -113,8 +113,31 @@ class ServerProcess:
         except (ProcessLookupError, PermissionError):
             pass
         self.proc.wait()
+        _wait_group_gone(self.proc.pid)
         if self._log is not None:
             self._log.close()
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Processes of process group `pgid` that have not exited (zombies excluded); [] where /proc is absent."""
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            out.append(int(d.name))
+    return out
+
+
+def _wait_group_gone(pgid: int, timeout_s: float = 5.0) -> None:
+    """A SIGKILL is delivered when its target next runs: on a loaded machine a killed grandchild can still be
+    running a moment after the leader was reaped. Stop returns once none of the group is left (bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while _group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def healthy(url: str) -> bool:
