@@ -102,9 +102,6 @@ class Topology:
     def worker(self, name: str) -> WorkerNode:
         return next(w for w in self.workers if w.name == name)
 
-    def pool(self, name: str) -> PoolNode:
-        return next(p for p in self.pools if p.name == name)
-
     @property
     def num_units(self) -> int:
         return 1 + max(n.unit for n in self.workers + self.pools)

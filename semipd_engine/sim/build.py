@@ -16,6 +16,7 @@ from semipd_engine.block_pool import BlockPool
 from semipd_engine.clock import VirtualClock
 from semipd_engine.control import ControlLoop
 from semipd_engine.engines import build_topology, engine_kind, engine_names
+from semipd_engine.partition import unit_cores
 from semipd_engine.policies import make_scheduler
 from semipd_engine.sim.batch import CostModel
 from semipd_engine.sim.executor import CostModelExecutor
@@ -160,13 +161,13 @@ def simulate(topo: Topology, model_cfg, engine_cfg, plat: Platform, backend) -> 
     """The event driver's side of a topology: a `SimWorker` per worker, a `BlockPool` per pool.
 
     Units, as the process driver places them: on a CPU profile one unit has every core, several split the
-    cores between them (`core_counts`) and one KV budget by the pools' fractions; on a GPU each unit is a GPU
+    cores between them as `partition.unit_cores` does and one KV budget by the pools' fractions; on a GPU each unit is a GPU
     (TP group) with its own memory, divided between the pools on it.
     """
     e, bs = engine_cfg, engine_cfg.block_size
     cpu = backend.cost_model == "profile"
     n = topo.num_units
-    threads = core_counts(n, plat.devices) if cpu and n > 1 else [0] * n
+    threads = [len(c) for c in unit_cores(n, range(plat.devices))] if cpu and n > 1 else [0] * n
 
     def kv_fraction(p) -> float:
         return p.kv_fraction if cpu else p.kv_fraction / sum(q.kv_fraction for q in topo.pools if q.unit == p.unit)
@@ -195,11 +196,4 @@ def simulate(topo: Topology, model_cfg, engine_cfg, plat: Platform, backend) -> 
     if topo.controller == "slo":  # the real loop; on CPU only partitions placed differently are distinct steps
         control = ControlLoop(e, range(plat.devices) if cpu else None)
     return Simulator(list(workers.values()), list(topo.entry), VirtualClock(), share_models, plat.link,
-                     plat.kv_bytes_per_token * bs, control, e.control_window_s, backend.switch_cost_s,
-                     backend.fast_forward)
-
-
-def core_counts(n: int, cores: int) -> list[int]:
-    """Cores per unit, as the process driver splits this machine's (at least one each)."""
-    per = max(1, cores // n)
-    return [per] * n
+                     plat.kv_bytes_per_token * bs, control, backend.switch_cost_s, backend.fast_forward)

@@ -104,12 +104,12 @@ class Simulator:
 
     def __init__(self, workers: list[SimWorker], entry: list[str], clock: VirtualClock,
                  share_models=None, link: Optional[LinkConfig] = None, block_bytes: int = 0,
-                 control=None, control_window_s: float = 5.0, switch_cost_s: float = 0.0,
+                 control=None, switch_cost_s: float = 0.0,
                  fast_forward: bool = True):
         self.workers = {w.name: w for w in workers}
         self.entry, self.clock = entry, clock
         self.share_models, self.link, self.block_bytes = share_models, link, block_bytes
-        self.control, self.control_window_s, self.switch_cost_s = control, control_window_s, switch_cost_s
+        self.control, self.switch_cost_s = control, switch_cost_s
         self.pair = next(((w, w.colocated) for w in workers if w.colocated is not None and w.role == "prefill"),
                          None)
         self.fast_forward = fast_forward
@@ -162,7 +162,7 @@ class Simulator:
         self._ai = 0
         if self.control is not None:
             self.control.reset(0.0)
-            self._push(self.control_window_s, CONTROL, None)
+            self._push(self.control.window_s, CONTROL, None)
         n = len(requests)
         heap, arrivals = self._heap, self._arrivals
         while len(self._done) < n:
@@ -469,7 +469,7 @@ class Simulator:
             prefill.pending_share, decode.pending_share = d.new.prefill_share, d.new.decode_share
         self.stats.decisions.append(d.row())
         if self._heap or self._ai < len(self._arrivals):  # stop controlling once nothing else can happen
-            self._push(t + self.control_window_s, CONTROL, None)
+            self._push(t + self.control.window_s, CONTROL, None)
 
     def _track_pool(self, pool: BlockPool) -> None:
         name = self._pools[id(pool)][0]

@@ -32,7 +32,7 @@ def _process_view(client: EngineClient) -> dict:
     specs = client.worker_specs()
     return {"workers": [(s.name, s.role, s.policy, s.pool, s.handoff, s.decode_peers, s.prefill_peers)
                         for s in specs],
-            "pools": {s.name: s.pool for s in specs}, "entry": [client.entry_worker(None) for _ in specs],
+            "entry": [client.entry_worker(None) for _ in specs],
             "partitioned": client.partition_control is not None, "controller": client.controller is not None}
 
 
