@@ -34,8 +34,13 @@ log = logging.getLogger(__name__)
 CONCURRENCY = 32
 MEASURED = 32  # requests counted after the first wave
 BASELINE_REQUESTS = 8  # single requests at the mean lengths (the SLO baseline's protocol)
-# Per job, besides its server start and its load: step probes' margins, the summary, W&B, figures (measured).
-JOB_FIXED_S = 4.0
+# Per job, besides its server start and its load: the job's process and imports, step probes' margins, the
+# summary, W&B, figures. Measured: the 12 float32 demo jobs on a 2-core EPYC took 8.5 s each more than an estimate
+# with 4 s here (a Poisson draw's last arrival, the drain under load, the gap between Hydra jobs).
+JOB_FIXED_S = 12.0
+# When even `min_requests` per point is over the budget, the requests get shorter: these multiples of the
+# workload's lengths are tried in turn (never below `experiment.min_length_scale`).
+LENGTH_STEPS = (0.75, 0.5, 0.375, 0.25)
 
 
 def cache_path() -> Path:
@@ -83,16 +88,14 @@ def measure(model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine: dict) -> dic
         with EngineServer(model_cfg, unified, server_cfg, d) as srv:
             startup_s = time.monotonic() - t0
             lc = dataclasses.replace(lcfg, base_url=srv.url, progress=False)
-            one = run_loadgen(lc, baseline_probe(wcfg, BASELINE_REQUESTS), slo)["aggregates"]
-            s = run_loadgen(dataclasses.replace(lc, warmup_requests=conc), sat, slo)
-    a = s["aggregates"]
-    if a["num_errors"] or not a["request_throughput"]:
-        raise RuntimeError(f"capacity calibration failed: {a['num_errors']} errors, "
-                           f"throughput {a['request_throughput']}")
+            one = run_loadgen(lc, baseline_probe(wcfg, BASELINE_REQUESTS), slo).aggregates
+            a = run_loadgen(dataclasses.replace(lc, warmup_requests=conc), sat, slo).aggregates
+    if a.num_errors or not a.request_throughput:
+        raise RuntimeError(f"capacity calibration failed: {a.num_errors} errors, throughput {a.request_throughput}")
     host = mon.result()
-    return {"capacity_rps": a["request_throughput"], "concurrency": conc, "measured_requests": a["num_requests"],
-            "startup_s": startup_s, "single_ttft_s": one["ttft_s"]["p50"], "single_tpot_s": one["tpot_s"]["p50"],
-            "single_e2e_s": one["e2e_s"]["p50"], "saturated_p50_e2e_s": a["e2e_s"]["p50"],
+    return {"capacity_rps": a.request_throughput, "concurrency": conc, "measured_requests": a.num_requests,
+            "startup_s": startup_s, "single_ttft_s": one.ttft_s.p50, "single_tpot_s": one.tpot_s.p50,
+            "single_e2e_s": one.e2e_s.p50, "saturated_p50_e2e_s": a.e2e_s.p50,
             "host_valid": host.get("valid", True), "host_foreign_cpu_frac": host.get("foreign_cpu_frac"),
             "measured_at": time.time(), "seconds": time.monotonic() - t0}
 
@@ -149,6 +152,29 @@ def fit_requests(planned: list[dict[str, Any]], cal: dict[str, Any], probes: int
             break
         n -= 1
     return max(n, min(floor, hi))
+
+
+def at_lengths(cal: dict[str, Any], scale: float) -> dict[str, Any]:
+    """A calibration predicted for requests `scale` times as long: the work of a request (its prefill, its decode
+    steps) is about proportional to its lengths, so the capacity scales by 1/scale and one request's latency by
+    scale; a decode step's time stays. Used only to choose a scale: the chosen one is then measured."""
+    return {**cal, "capacity_rps": cal["capacity_rps"] / scale, "single_ttft_s": cal["single_ttft_s"] * scale,
+            "single_e2e_s": cal["single_e2e_s"] * scale}
+
+
+def fit_lengths(planned: list[dict[str, Any]], cal: dict[str, Any], probes: int, budget: float, floor: int,
+                min_scale: float) -> float:
+    """The longest requests (a multiple of the workload's lengths, 1 or one of LENGTH_STEPS, >= `min_scale`) for
+    which `planned` at `floor` requests per load point is estimated to fit `budget`; the shortest allowed when
+    none does. Load points (`"load"` set) keep their load, so their rate grows as the requests shrink."""
+    steps = [s for s in (1.0, *LENGTH_STEPS) if s >= min_scale] or [1.0]
+    for s in steps:
+        c = at_lengths(cal, s)
+        trial = [{**p, "num_requests": min(p["num_requests"], floor), "rate": rate_for(p["load"], c)}
+                 if p["relative"] else p for p in planned]
+        if estimate(trial, c, probes) <= budget:
+            return s
+    return steps[-1]
 
 
 def rate_for(load: float, cal: dict[str, Any]) -> float:

@@ -137,9 +137,12 @@ class ExperimentConfig:
     # A sweep of real jobs whose rates are `workload.load`s: when its estimated wall time (printed before it
     # starts) exceeds this budget, every load point runs fewer requests (workload.num_requests is the most, and
     # never fewer than min_requests) so that it fits; a slow CPU then gets the same regime with wider intervals.
-    # null: always workload.num_requests.
+    # Where even min_requests is over budget, the requests get shorter too (workload.length_scale multiplied by
+    # 0.75, 0.5, ... down to min_length_scale; the capacity is measured again at those lengths). The budget
+    # counts a calibration the sweep has to make. null: always workload.num_requests at the workload's lengths.
     time_budget_s: Optional[float] = None
     min_requests: int = 40
+    min_length_scale: float = 0.25
 
 
 @dataclass

@@ -5,6 +5,7 @@ capacity decided, each load turned into a rate, the wall time estimated (and the
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -39,6 +40,17 @@ def _value(v: Optional[str], default):
     return None if v in ("null", "None", "~") else float(v)
 
 
+def _plan(real: list[dict], loads: list, cal: dict, w) -> list[dict]:
+    """Each real job's rate and request count: a load becomes a rate at this calibration's capacity."""
+    return [{"rate": capacity.rate_for(load, cal) if load is not None else _value(j.get("workload.rate"), w.rate),
+             "load": load, "num_requests": int(_value(j.get("workload.num_requests"), w.num_requests)),
+             "relative": load is not None} for j, load in zip(real, loads)]
+
+
+def _cut(planned: list[dict], n: int) -> list[dict]:
+    return [{**p, "num_requests": min(p["num_requests"], n)} if p["relative"] else p for p in planned]
+
+
 def announce(config, sweep_dir: Optional[str] = None) -> Optional[float]:
     """Before a sweep of real jobs: calibrate (if a job asks for a `workload.load`), print the rates each load
     becomes and the estimated wall time. Returns the estimate in seconds (None when it cannot be made)."""
@@ -61,29 +73,46 @@ def announce(config, sweep_dir: Optional[str] = None) -> Optional[float]:
     model, choice = dtypes.resolve(base.model)
     print(dtypes.describe(choice), flush=True)
     m = this_machine()
+    t0 = time.monotonic()  # a calibration made now is part of the budget
     if any(x is not None for x in loads):
         cal = capacity.resolve(model, base.engine, base.server, w, base.loadgen, m, sweep_dir)
     else:
         cal = capacity.cached(model, base.engine, w, base.loadgen, m)
         if cal is None:
             return None
-    planned = []
-    for j, load in zip(real, loads):
-        rate = capacity.rate_for(load, cal) if load is not None else _value(j.get("workload.rate"), w.rate)
-        planned.append({"rate": rate, "num_requests": int(_value(j.get("workload.num_requests"), w.num_requests)),
-                        "relative": load is not None})
+    planned = _plan(real, loads, cal, w)
     probes = base.experiment.step_probe_requests
     total = capacity.estimate(planned, cal, probes)
     budget = base.experiment.time_budget_s
-    if budget and total > budget and any(p["relative"] for p in planned):
-        n = capacity.fit_requests(planned, cal, probes, budget, base.experiment.min_requests)
-        print(f"the full sweep would take ~{total / 60:.1f} min here, over experiment.time_budget_s={budget:g}: "
-              f"{n} requests per load point instead of {max(p['num_requests'] for p in planned if p['relative'])} "
-              f"(experiment.time_budget_s=null runs them all)", flush=True)
-        planned = [{**p, "num_requests": min(p["num_requests"], n)} if p["relative"] else p for p in planned]
+    if budget and total > budget - (time.monotonic() - t0) and any(p["relative"] for p in planned):
+        floor, most = base.experiment.min_requests, max(p["num_requests"] for p in planned if p["relative"])
+        left = budget - (time.monotonic() - t0)
+        n, scale = capacity.fit_requests(planned, cal, probes, left, floor), 1.0
+        if n <= floor and capacity.estimate(_cut(planned, n), cal, probes) > left:
+            scale = capacity.fit_lengths(planned, cal, probes, left, floor, base.experiment.min_length_scale)
+        if scale < 1.0:
+            print(f"the full sweep would take ~{total / 60:.1f} min here, and ~"
+                  f"{capacity.estimate(_cut(planned, floor), cal, probes) / 60:.1f} min at the floor of {floor} "
+                  f"requests per load point (experiment.min_requests): over experiment.time_budget_s={budget:g}, so "
+                  f"the requests are {scale:g}x as long (workload.length_scale={w.length_scale * scale:g}; the "
+                  f"loads stay fractions of the capacity at those lengths, measured now). "
+                  f"experiment.time_budget_s=null runs the workload as it is.", flush=True)
+            w = dataclasses.replace(w, length_scale=w.length_scale * scale)
+            cal = capacity.resolve(model, base.engine, base.server, w, base.loadgen, m, sweep_dir)
+            planned = _plan(real, loads, cal, w)
+            left = budget - (time.monotonic() - t0)
+            n = capacity.fit_requests(planned, cal, probes, left, floor)
+        if scale < 1.0:
+            print(f"at those lengths, {n} of the {most} requests per load point fit the budget", flush=True)
+        elif n < most:
+            print(f"the full sweep would take ~{total / 60:.1f} min here, over experiment.time_budget_s={budget:g}: "
+                  f"{n} requests per load point instead of {most} (experiment.time_budget_s=null runs them all)",
+                  flush=True)
+        planned = _cut(planned, n)
         total = capacity.estimate(planned, cal, probes)
         if sweep_dir:
-            cache.update(Path(sweep_dir) / "capacity.json", capacity.SIZING, {"num_requests": n, "time_budget_s": budget})
+            cache.update(Path(sweep_dir) / "capacity.json", capacity.SIZING,
+                         {"num_requests": n, "length_scale": scale, "time_budget_s": budget})
     if any(x is not None for x in loads):
         pairs = sorted({(x, capacity.rate_for(x, cal)) for x in loads if x is not None})
         print(f"load -> rate (capacity {cal['capacity_rps']:.2f} req/s: the unified engine on this machine, "

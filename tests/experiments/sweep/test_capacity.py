@@ -138,3 +138,55 @@ def test_the_demo_sweeps_loads_and_a_command_line_rate_replaces_them():
     # a load on the command line replaces the preset's loads too
     assert one_rate_axis(params, ["workload.load=0.5"])[0]["workload.load"] == "0.45,0.9,1.35"  # same key: Hydra's
     assert len(capacity.sweep_jobs(_with_command_line(demo, ["workload.load=0.5,1"]))) == 8
+
+
+def test_lengths_shrink_only_when_the_floor_is_over_budget():
+    planned = [{"rate": capacity.rate_for(x, CAL), "load": x, "num_requests": 80, "relative": True}
+               for x in (0.45, 0.9, 1.35)] * 4
+    at_floor = capacity.estimate([{**p, "num_requests": 40} for p in planned], CAL, 3)
+    assert capacity.fit_lengths(planned, CAL, 3, at_floor + 1, floor=40, min_scale=0.25) == 1.0
+    s = capacity.fit_lengths(planned, CAL, 3, at_floor * 0.6, floor=40, min_scale=0.25)
+    assert s in capacity.LENGTH_STEPS and s < 1.0
+    # the chosen scale is predicted to fit, the next longer one is not
+    longer = (1.0, *capacity.LENGTH_STEPS)[(1.0, *capacity.LENGTH_STEPS).index(s) - 1]
+    for scale, fits in ((s, True), (longer, False)):
+        c = capacity.at_lengths(CAL, scale)
+        est = capacity.estimate([{**p, "num_requests": 40, "rate": capacity.rate_for(p["load"], c)}
+                                 for p in planned], c, 3)
+        assert (est <= at_floor * 0.6) is fits
+    # an impossible budget: the shortest allowed
+    assert capacity.fit_lengths(planned, CAL, 3, 1.0, floor=40, min_scale=0.5) == 0.5
+
+
+def test_a_sweep_too_slow_for_its_budget_runs_shorter_requests_measured_at_those_lengths(
+        tmp_path, monkeypatch, capsys):
+    # A machine that serves 1 req/s at the workload's lengths (the demo would take ~20 min), twice that at half.
+    seen = []
+
+    def measure(model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine):
+        seen.append(wcfg.length_scale)
+        return {**CAL, "capacity_rps": 1.0 / wcfg.length_scale, "startup_s": 3.0,
+                "single_ttft_s": 0.3 * wcfg.length_scale, "single_e2e_s": 2.0 * wcfg.length_scale}
+
+    monkeypatch.setattr(capacity, "measure", measure)
+    from experiments.sweep import plan
+
+    demo = compose_run([], hydra=True)
+    total = plan.announce(demo, str(tmp_path))
+    out = capsys.readouterr().out
+    sizing = capacity.sweep_sizing(str(tmp_path))
+    assert seen[0] == 1.0 and len(seen) == 2 and seen[1] == sizing["length_scale"] < 1.0
+    assert "workload.length_scale=" in out and total <= 540
+    assert sizing["num_requests"] >= demo.experiment.min_requests
+    # every job then runs at those lengths, at the capacity measured there, with the sweep's request count
+    job = _job("workload.load=0.9", "experiment.time_budget_s=540")
+    resolved, decided = resolve_machine(job, capacity_machine(), str(tmp_path))
+    assert resolved.workload.length_scale == sizing["length_scale"] == decided["sized_length_scale"]
+    assert resolved.workload.rate == pytest.approx(0.9 * 1.0 / sizing["length_scale"], rel=1e-3)
+    assert resolved.workload.num_requests == sizing["num_requests"] and len(seen) == 2  # no third calibration
+
+
+def capacity_machine():
+    from experiments.sweep.provenance import machine
+
+    return machine()
