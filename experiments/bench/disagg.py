@@ -40,7 +40,7 @@ def run_engine(engine: str, args, spec) -> dict:
     total, peak = by_instance(m, "kv_blocks_total"), by_instance(m, "kv_blocks_used_peak")
     weights = spec.num_params() * 4
     copies = len([i for i in total if i != "shared"]) if engine == "disagg" else 1
-    res = {"engine": engine, "requests_ok": s["aggregates"]["num_ok"],
+    res = {"engine": engine, "requests_ok": s.aggregates.num_ok,
            "prompt_tokens": m.get("prompt_tokens_total", 0.0),
            "kv_transfer_bytes": m.get("kv_transfer_bytes_total", 0.0),
            "kv_transfers": m.get("kv_transfer_seconds_count", 0.0),
@@ -48,7 +48,7 @@ def run_engine(engine: str, args, spec) -> dict:
            "pools": {i: {"reserved_blocks": total[i], "peak_used_blocks": peak.get(i, 0.0),
                          "peak_fraction": peak.get(i, 0.0) / total[i]} for i in total},
            "weight_copies": copies, "weight_bytes": weights * copies,
-           "p90_ttft_s": s["aggregates"]["ttft_s"]["p90"], "p90_tpot_s": s["aggregates"]["tpot_s"]["p90"]}
+           "p90_ttft_s": s.aggregates.ttft_s.p90, "p90_tpot_s": s.aggregates.tpot_s.p90}
     if res["kv_transfers"]:
         res["transfer_bytes_per_request"] = res["kv_transfer_bytes"] / res["kv_transfers"]
         res["transfer_us_per_request"] = 1e6 * res["kv_transfer_seconds"] / res["kv_transfers"]

@@ -41,10 +41,10 @@ def measure(model: str, engine: str, rounds: int, requests: int, rate: float, pr
                 lc = freeze(LoadgenConfig, {"base_url": srv.url, "progress": False, "endpoint": endpoint,
                                             "warmup_requests": 5})
                 s = run_loadgen(lc, wl, slo)
-                a = s["aggregates"]
-                runs.append({"round": r, "endpoint": endpoint, "valid": s["self_check"]["valid"],
-                             "ok": a["num_ok"], "mismatched_prompts": s["length_mismatch"]["prompt_mismatched"],
-                             **{f"{q}_{m}_ms": round(1e3 * a[m][q], 2) for m in ("ttft_s", "tpot_s")
+                a = s.aggregates
+                runs.append({"round": r, "endpoint": endpoint, "valid": s.self_check["valid"],
+                             "ok": a.num_ok, "mismatched_prompts": s.length_mismatch["prompt_mismatched"],
+                             **{f"{q}_{m}_ms": round(1e3 * getattr(a.latency(m), q), 2) for m in ("ttft_s", "tpot_s")
                                 for q in ("mean", "p90")}})
     summary = {}
     for endpoint in ("completions", "chat"):

@@ -75,12 +75,11 @@ def run_point(url: str, rate: float, seconds: float) -> dict:
     wcfg = freeze(WorkloadConfig, {"name": "fixed", "prompt_len": 4, "output_len": 32, "num_requests": n,
                                    "arrival": "poisson", "rate": rate, "seed": 1})
     s = run_loadgen(lcfg, wcfg, freeze(SLOConfig, {}))
-    c, a = s["self_check"], s["aggregates"]
+    c, a = s.self_check, s.aggregates
     return {"rate": rate, "requests": n, "achieved_rate": c.get("achieved_rate"),
             "scheduled_rate": c.get("scheduled_rate"), "lateness_p99_ms": 1e3 * c["dispatch_lateness_p99_s"],
-            "loop_lag_p99_ms": 1e3 * (c["event_loop_lag_p99_s"] or 0), "errors": a["num_errors"],
-            "ttft_from_send_p50_ms": 1e3 * a["ttft_from_send_s"]["p50"], "valid": c["valid"],
-            "t0": s["t0_monotonic"]}
+            "loop_lag_p99_ms": 1e3 * (c["event_loop_lag_p99_s"] or 0), "errors": a.num_errors,
+            "ttft_from_send_p50_ms": 1e3 * a.ttft_from_send_s.p50, "valid": c["valid"], "t0": s.t0_monotonic}
 
 
 def main() -> None:

@@ -64,7 +64,7 @@ def main() -> None:
             stall_sum = metric_total(samples, "partition_switch_stall_seconds_sum")
             stall_n = metric_total(samples, "partition_switch_stall_seconds_count")
             df = pd.read_parquet(f"{d}/requests.parquet")
-        t0 = summary["t0_monotonic"]
+        t0 = summary.t0_monotonic
     sw = np.array(switch_times) - t0
     spanning, normal = [], []
     for times in df["token_times_s"]:

@@ -41,7 +41,7 @@ METRICS = [("ttft_s", "p50"), ("ttft_s", "p90"), ("tpot_s", "p50"), ("tpot_s", "
            ("e2e_s", "p90")]
 
 
-def run_job(overrides: list[str], job_dir: Path) -> dict:
+def run_job(overrides: list[str], job_dir: Path):
     from hydra import compose, initialize_config_dir
 
     from experiments.sweep import conf_store
@@ -50,8 +50,10 @@ def run_job(overrides: list[str], job_dir: Path) -> dict:
     conf_store.register()
     with initialize_config_dir(config_dir=conf_store.CONF_DIR, version_base=None):
         cfg = compose("config", overrides=overrides)
+    from experiments.loadgen.result import RunResult
+
     run(cfg, str(job_dir))
-    return json.loads((job_dir / "summary.json").read_text())
+    return RunResult.load(job_dir)
 
 
 def main() -> None:
@@ -98,13 +100,13 @@ def main() -> None:
             continue
         jd = out / label.replace("(", "_").replace(")", "").replace(",", "_")
         t0 = time.time()
-        real = run_job(common + overrides, jd / "real")["aggregates"]
+        real = run_job(common + overrides, jd / "real").aggregates
         t1 = time.time()
-        simulated = run_job(common + overrides + sim, jd / "sim")["aggregates"]
+        simulated = run_job(common + overrides + sim, jd / "sim").aggregates
         row = {"engine": label, "real_wall_s": t1 - t0, "sim_wall_s": time.time() - t1,
                **iteration_times(jd / "real", "real", load_s), **iteration_times(jd / "sim", "sim", load_s)}
         for m, q in METRICS:
-            r, s = real[m][q], simulated[m][q]
+            r, s = getattr(real.latency(m), q), getattr(simulated.latency(m), q)
             row[f"real_{q}_{m}"], row[f"sim_{q}_{m}"] = r, s
             row[f"err_{q}_{m}"] = (s / r - 1) if r and s is not None else None
         rows.append(row)
@@ -135,7 +137,7 @@ def calibrate(profile: str, model: str, dtype: str, out: Path, rates: str, workl
     base = ["experiment=single", "engine=unified", f"model={model}", f"model.dtype={dtype}", "slo=default",
             "experiment.skip_finished=false", "loadgen.progress=false", *workload]
     runs = {rate: [*base, f"workload.rate={rate}"] for rate in (lo, hi)}
-    real = {rate: run_job(o, out / f"real_rate{rate}")["aggregates"] for rate, o in runs.items()}
+    real = {rate: run_job(o, out / f"real_rate{rate}").aggregates for rate, o in runs.items()}
     sim = ["backend=sim", "backend.cost_model=profile", f"backend.profile_path={profile}", "hardware=cpu"]
     data = json.loads(Path(profile).read_text())
     data["serving"] = {"fixed_s": 0.0, "per_token_s": 0.0, "request_s": 0.0}
@@ -144,9 +146,9 @@ def calibrate(profile: str, model: str, dtype: str, out: Path, rates: str, workl
     for it in range(4):  # overheads feed back into batching and queueing: refine a few times
         simmed = {rate: run_job(o + sim, out / f"sim{it}_rate{rate}") for rate, o in runs.items()}
         # tokens streamed per iteration, from the simulation at the current fit
-        per_iter = {rate: s["aggregates"]["output_token_throughput"] * s["aggregates"]["duration_s"]
-                    / max(1, s["backend"]["iterations"]) for rate, s in simmed.items()}
-        gap = {rate: real[rate]["tpot_s"]["p50"] - simmed[rate]["aggregates"]["tpot_s"]["p50"] for rate in runs}
+        per_iter = {rate: s.aggregates.output_token_throughput * s.aggregates.duration_s
+                    / max(1, s.backend["iterations"]) for rate, s in simmed.items()}
+        gap = {rate: real[rate].tpot_s.p50 - simmed[rate].aggregates.tpot_s.p50 for rate in runs}
         # fixed + per_token * tokens_per_iteration closes the TPOT gap at both rates (a correction to the
         # current fit: it may go down as well as up; the constants themselves stay >= 0)
         db = (gap[hi] - gap[lo]) / (per_iter[hi] - per_iter[lo]) if per_iter[hi] != per_iter[lo] else 0.0
@@ -156,14 +158,13 @@ def calibrate(profile: str, model: str, dtype: str, out: Path, rates: str, workl
         s_ = data["serving"]
         s_["per_token_s"] = max(0.0, s_["per_token_s"] + db)
         s_["fixed_s"] = max(0.0, s_["fixed_s"] + da)
-        s_["request_s"] = max(0.0, s_["request_s"] + real[lo]["ttft_s"]["p50"]
-                              - simmed[lo]["aggregates"]["ttft_s"]["p50"])
+        s_["request_s"] = max(0.0, s_["request_s"] + real[lo].ttft_s.p50 - simmed[lo].aggregates.ttft_s.p50)
         Path(profile).write_text(json.dumps(data, indent=1))
         fit = {**s_, "iteration": it, "tokens_per_iteration": per_iter, "tpot_gap_s": gap}
         print("calibration:", json.dumps(fit), flush=True)
     data["serving"]["calibration"] = {"rates": [lo, hi], "workload": workload,
-                                      "real_tpot_p50_s": {str(r): real[r]["tpot_s"]["p50"] for r in runs},
-                                      "real_ttft_p50_s": {str(r): real[r]["ttft_s"]["p50"] for r in runs}}
+                                      "real_tpot_p50_s": {str(r): real[r].tpot_s.p50 for r in runs},
+                                      "real_ttft_p50_s": {str(r): real[r].ttft_s.p50 for r in runs}}
     Path(profile).write_text(json.dumps(data, indent=1))
     return fit
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import math
 import os
 import signal
@@ -28,6 +27,7 @@ from experiments.loadgen.arrivals import interarrival_distribution, schedule
 from experiments.loadgen.lengths import format_lengths
 from experiments.loadgen.lengths import report as report_lengths
 from experiments.loadgen.prompts import PromptBuilder
+from experiments.loadgen.result import RunResult, SLOs, measured, workload_run
 from experiments.loadgen.workloads import Workload, load_workload
 
 
@@ -333,7 +333,7 @@ def _run(coro):
         return asyncio.run(coro)
 
 
-def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_config: Any = None) -> dict[str, Any]:
+def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_config: Any = None) -> RunResult:
     """Plan, run and summarise one load run; writes requests.parquet and summary.json."""
     from semipd_engine.tokenizer import load_tokenizer
 
@@ -361,29 +361,20 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
         if progress is not None:
             progress.close()
     df = M.derive(to_frame(records, planned, gen.t0), lcfg.measure_from if wcfg.arrival != "closed" else "send")
-    df = M.mark_measured(df, lcfg)
-    window = df[df["measured"]]
-    sent = window["send_s"].dropna()
-    duration = float(window["finish_s"].max() - sent.min()) if len(sent) else 0.0
-    summary = {
-        "aggregates": M.aggregate(window, slo.ttft_s, slo.tpot_s, duration),
-        "self_check": M.self_check(df, wcfg, gen.loop_lag, interarrival_distribution(wcfg)),
-        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
-        "workload": {"name": workload.name, "num_requests": len(planned), "num_clipped": workload.num_clipped,
-                     "arrival": wcfg.arrival, "rate": wcfg.rate, "lengths": lengths},
-        "endpoint": lcfg.endpoint, "model": model, "base_url": lcfg.base_url,
-        "interrupted": gen.signalled is not None or any(r.error and "interrupted" in r.error for r in records),
-        "signal": gen.signalled, "completeness": completeness(df, len(planned)),
-        "length_mismatch": length_mismatch(df),
-        "config": resolved_config,
-        "t0_monotonic": gen.t0,  # monotonic time of the run's origin (all *_s columns are relative to it)
-    }
+    df, aggregates = measured(df, lcfg, slo)
+    result = RunResult(
+        aggregates=aggregates, slo=SLOs(slo.ttft_s, slo.tpot_s),
+        self_check=M.self_check(df, wcfg, gen.loop_lag, interarrival_distribution(wcfg)),
+        workload=workload_run(workload, wcfg, len(planned), lengths),
+        endpoint=lcfg.endpoint, model=model, base_url=lcfg.base_url,
+        interrupted=gen.signalled is not None or any(r.error and "interrupted" in r.error for r in records),
+        signal=gen.signalled, completeness=completeness(df, len(planned)), length_mismatch=length_mismatch(df),
+        config=resolved_config, t0_monotonic=gen.t0)  # the monotonic origin all *_s columns are relative to
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
         df.to_parquet(os.path.join(output_dir, "requests.parquet"), index=False)
-        with open(os.path.join(output_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=str)
-    return summary
+        result.write(output_dir)
+    return result
 
 
 def _signal_handlers() -> dict:
@@ -418,38 +409,36 @@ def length_mismatch(df: pd.DataFrame) -> dict[str, Any]:
     return {"prompt_mismatched": p, "output_mismatched": o, "checked": int(len(ok))}
 
 
-def format_summary(s: dict[str, Any]) -> str:
-    a, c = s["aggregates"], s["self_check"]
+def format_summary(r: RunResult) -> str:
+    a, c = r.aggregates, r.self_check
 
-    def ms(d, k):
-        return "-" if d[k] is None else f"{1e3 * d[k]:.1f}"
+    def ms(v):
+        return "-" if v is None else f"{1e3 * v:.1f}"
 
-    lines = [(f"endpoint {ENDPOINTS[s['endpoint']]}: " if s.get("endpoint") in ENDPOINTS else "")
-             + f"requests {a['num_ok']}/{a['num_requests']} ok, {a['num_errors']} errors, "
-             f"{a['request_throughput']:.2f} req/s, {a['output_token_throughput']:.1f} tok/s out",
+    lines = [(f"endpoint {ENDPOINTS[r.endpoint]}: " if r.endpoint in ENDPOINTS else "")
+             + f"requests {a.num_ok}/{a.num_requests} ok, {a.num_errors} errors, "
+             f"{a.request_throughput:.2f} req/s, {a.output_token_throughput:.1f} tok/s out",
              f"{'metric':<22}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}   (ms)"]
     for k in ("ttft_s", "tpot_s", "itl_s", "e2e_s", "dispatch_lateness_s"):
-        lines.append(f"{k:<22}" + "".join(f"{ms(a[k], q):>10}" for q in ("mean", "p50", "p90", "p99")))
-    ci = a.get("ci") or {}
-    att = ci.get("slo_attainment")
-    p90 = ci.get("ttft_s.p90")
-    lines.append(f"SLO (TTFT<={s['slo']['ttft_s']}s, TPOT<={s['slo']['tpot_s']}s): attainment "
-                 f"{100 * a['slo_attainment']:.1f}%" + (f" (95% CI {100 * att[0]:.1f}-{100 * att[1]:.1f}%)" if att else "")
-                 + f", goodput {a['goodput']:.2f} req/s")
-    if p90 and a["ttft_s"]["p90"] is not None:
-        lines.append(f"P90 TTFT {ms(a['ttft_s'], 'p90')} ms (95% CI {1e3 * p90[0]:.1f}-{1e3 * p90[1]:.1f} ms) over "
-                     f"{a['num_requests']} measured requests")
-    comp = s.get("completeness")
+        lat = a.latency(k)
+        lines.append(f"{k:<22}" + "".join(f"{ms(getattr(lat, q)):>10}" for q in ("mean", "p50", "p90", "p99")))
+    att, p90 = a.ci.get("slo_attainment"), a.ci.get("ttft_s.p90")
+    lines.append(f"SLO (TTFT<={r.slo.ttft_s}s, TPOT<={r.slo.tpot_s}s): attainment "
+                 f"{100 * a.slo_attainment:.1f}%" + (f" (95% CI {100 * att[0]:.1f}-{100 * att[1]:.1f}%)" if att else "")
+                 + f", goodput {a.goodput:.2f} req/s")
+    if p90 and a.ttft_s.p90 is not None:
+        lines.append(f"P90 TTFT {ms(a.ttft_s.p90)} ms (95% CI {1e3 * p90[0]:.1f}-{1e3 * p90[1]:.1f} ms) over "
+                     f"{a.num_requests} measured requests")
+    comp = r.completeness
     if comp and not comp["complete"]:
         lines.append(f"INCOMPLETE: {comp['rows']} of {comp['planned']} requests recorded, {comp['not_sent']} not sent, "
-                     f"{comp['cancelled']} cancelled" + (f" ({s['signal']})" if s.get("signal") else ""))
-    lm = s["length_mismatch"]
-    if lm["prompt_mismatched"] or lm["output_mismatched"]:
+                     f"{comp['cancelled']} cancelled" + (f" ({r.signal})" if r.signal else ""))
+    lm = r.length_mismatch
+    if lm.get("prompt_mismatched") or lm.get("output_mismatched"):
         lines.append(f"length mismatch: {lm['prompt_mismatched']} prompts, {lm['output_mismatched']} outputs "
                      f"of {lm['checked']}")
-    wl = s.get("workload") or {}
-    if wl.get("lengths"):
-        lines.append(format_lengths(wl["name"], wl["lengths"]))
-        lines.extend(f"WARNING: {w}" for w in wl["lengths"].get("warnings", []))
+    if r.workload.lengths:
+        lines.append(format_lengths(r.workload.name, r.workload.lengths))
+        lines.extend(f"WARNING: {w}" for w in r.workload.length_warnings)
     lines.append("client self-check: " + ("valid" if c["valid"] else "INVALID: " + "; ".join(c["reasons"])))
     return "\n".join(lines)

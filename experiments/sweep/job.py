@@ -28,6 +28,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.loadgen import run_loadgen
+from experiments.loadgen.result import GoodputSearch, RunResult, Validity
 from experiments.sweep import capacity, cores, probe, provenance, simulated, tracking
 from experiments.sweep.config import ExperimentConfig, LoadgenConfig, SLOConfig, WandbConfig, WorkloadConfig
 from experiments.sweep.host import HostMonitor
@@ -93,6 +94,10 @@ class Job:
                                  + " give workload.rate (req/s) and set workload.load=null")
             if not job.workload.load > 0:
                 raise ValueError(f"workload.load must be > 0 (a fraction of the capacity), got {job.workload.load}")
+        if not 0 < job.experiment.min_length_scale <= 1:
+            raise ValueError(f"experiment.min_length_scale must be in (0, 1] (the shortest requests a time budget "
+                             f"may ask for, as a multiple of the workload's lengths), got "
+                             f"{job.experiment.min_length_scale}")
         task = OmegaConf.select(cfg, "hydra.overrides.task", default=None) if "hydra" in cfg else None
         if task is not None:
             check_overrides(job, [o.lstrip("+~").partition("=")[0] for o in task])
@@ -133,54 +138,27 @@ def resolve_machine(job: Job, machine: dict, sweep_dir: Optional[str] = None) ->
     decided["dtype"] = choice
     job = dataclasses.replace(job, model=model)
     if job.workload.load is not None:
-        cal = capacity.resolve(job.model, job.engine, job.server, job.workload, job.loadgen, machine, sweep_dir)
-        decided["capacity"] = cal
-        n = job.workload.num_requests
+        # The sweep was sized to its time budget before it started (plan.announce): fewer and maybe shorter
+        # requests per load point, the capacity measured at those lengths.
         sizing = capacity.sweep_sizing(sweep_dir) if job.experiment.time_budget_s else None
-        if sizing:  # the sweep was sized to its time budget before it started (plan.announce)
+        w = job.workload
+        if sizing and sizing.get("length_scale", 1.0) != 1.0:
+            w = dataclasses.replace(w, length_scale=w.length_scale * sizing["length_scale"])
+            decided["sized_length_scale"] = sizing["length_scale"]
+        cal = capacity.resolve(job.model, job.engine, job.server, w, job.loadgen, machine, sweep_dir)
+        decided["capacity"] = cal
+        n = w.num_requests
+        if sizing:
             n = min(n, int(sizing["num_requests"]))
             decided["sized_num_requests"] = n
         job = dataclasses.replace(job, workload=dataclasses.replace(
-            job.workload, rate=round(capacity.rate_for(job.workload.load, cal), 4), num_requests=n))
+            w, rate=round(capacity.rate_for(w.load, cal), 4), num_requests=n))
     return job, decided
 
 
 def read_job(job_dir: Path) -> Optional[dict[str, Any]]:
     f = Path(job_dir) / "job.json"
     return json.loads(f.read_text()) if f.is_file() else None
-
-
-# Headline statistic -> its key in aggregates["ci"].
-_CI_KEYS = {"slo_attainment": "slo_attainment", "goodput_rps": "goodput", "request_throughput": "request_throughput",
-            "output_token_throughput": "output_token_throughput"}
-
-
-def headline(summary: dict[str, Any]) -> dict[str, Any]:
-    """The job's row: statistics, their 95% intervals (`<name>_ci_low`, `<name>_ci_high`), counts, validity."""
-    a = summary["aggregates"]
-    out = {"slo_attainment": a["slo_attainment"], "goodput_rps": a["goodput"],
-           "request_throughput": a["request_throughput"], "output_token_throughput": a["output_token_throughput"],
-           "num_requests": a["num_requests"], "num_errors": a["num_errors"],
-           "client_valid": summary["self_check"]["valid"],
-           # What was measured: the API endpoint (None when simulated) and the requests' mean lengths.
-           "endpoint": summary.get("endpoint")}
-    lengths = (summary.get("workload") or {}).get("lengths") or {}
-    if lengths:
-        out["mean_prompt_tokens"] = lengths["prompt_tokens"]["mean"]
-        out["mean_output_tokens"] = lengths["output_tokens"]["mean"]
-        out["length_warnings"] = len(lengths.get("warnings", []))
-    for m in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
-        for q in ("mean", "p50", "p90", "p99"):
-            out[f"{q}_{m}"] = a[m][q]
-    ci = a.get("ci")
-    if ci:
-        for name, key in _CI_KEYS.items():
-            out[f"{name}_ci_low"], out[f"{name}_ci_high"] = ci.get(key, (None, None))
-        for m in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
-            for q in ("mean", "p50", "p90", "p99"):
-                out[f"{q}_{m}_ci_low"], out[f"{q}_{m}_ci_high"] = ci.get(f"{m}.{q}", (None, None))
-        out["duration_s"] = a.get("duration_s")
-    return out
 
 
 class JobInterrupted(BaseException):
@@ -204,42 +182,6 @@ def _signals_interrupt():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def validity(summary: dict[str, Any]) -> dict[str, Any]:
-    """Is this measurement one to plot? The client kept its schedule, the host was quiet, the run is whole."""
-    reasons = [f"client: {r}" for r in summary.get("self_check", {}).get("reasons", [])]
-    reasons += summary.get("host", {}).get("reasons", [])
-    reasons += (summary.get("step_probe") or {}).get("reasons", [])
-    comp = summary.get("completeness") or {}
-    if summary.get("interrupted"):
-        reasons.append(f"interrupted ({summary.get('signal') or 'requests cancelled'})")
-    elif comp and not comp.get("complete", True):
-        reasons.append(f"incomplete: {comp['rows']} of {comp['planned']} requests recorded, "
-                       f"{comp['not_sent']} not sent, {comp['cancelled']} cancelled")
-    return {"valid": not reasons, "reasons": reasons}
-
-
-def _status(summary: dict[str, Any]) -> str:
-    if summary.get("interrupted"):
-        return "interrupted"
-    comp = summary.get("completeness") or {}
-    return "ok" if comp.get("complete", True) else "incomplete"
-
-
-def _validity_columns(summary: dict[str, Any]) -> dict[str, Any]:
-    v = summary.get("validity") or validity(summary)
-    host = summary.get("host") or {}
-    out = {"valid": v["valid"], "invalid_reasons": "; ".join(v["reasons"]),
-           "host_valid": host.get("valid", True), "host_checked": host.get("checked", False)}
-    for k in ("foreign_cpu_frac", "steal_frac", "loadavg_1m_start", "loadavg_1m_end"):
-        if k in host:
-            out[f"host_{k}"] = host[k]
-    sp = summary.get("step_probe") or {}
-    for k in ("before", "after", "calibrated"):
-        if sp.get(k):
-            out[f"step_probe_{k}_tpot_s"] = sp[k]["tpot_s"]
-    return out
 
 
 def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = None,
@@ -278,15 +220,15 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
     if job.simulated:
         record["hardware"] = job.hardware.name if job.backend.cost_model == "roofline" else "cpu"
     (jd / "job.json").write_text(json.dumps(record, indent=2))
-    summary: dict[str, Any] = {}
+    result: Optional[RunResult] = None
     per_job = cores.cores_needed(job.backend.name, job.experiment.cores_per_job)
     try:
         with _signals_interrupt(), cores.core_slot(per_job) as my_cores:
             record["cores"] = my_cores
-            summary = _run_measurement(job, jd, record, prov, resolved, my_cores)
-        record.update(status=_status(summary), **headline(summary), **_validity_columns(summary))
+            result = _run_measurement(job, jd, record, prov, resolved, my_cores)
+        record.update(status=result.status, **result.row(), **result.validity_columns())
         if record["status"] == "interrupted":
-            raise JobInterrupted(summary.get("signal") or "requests cancelled")
+            raise JobInterrupted(result.signal or "requests cancelled")
     except JobInterrupted as e:
         record.update(status="interrupted", valid=False, error=f"interrupted: {e}")
         log.error("job %s interrupted (%s): recorded as `interrupted`; running the sweep again runs it again", jd, e)
@@ -303,14 +245,14 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
     try:
         tracking.log_job(job.wandb, str(jd), str(home), name=jd.name, group=job.experiment.name,
                          sweep_id=home.name, job_type=label, config=resolved,
-                         summary={**record, "aggregates": summary.get("aggregates", {})}, requests=requests)
+                         summary={**record, "aggregates": result.aggregates.to_dict()}, requests=requests)
     except Exception as e:  # tracking must never lose a finished measurement
         log.warning("W&B logging failed: %s", e)
     return record
 
 
 def _run_measurement(job: Job, jd: Path, record: dict[str, Any], prov: dict, resolved: Any,
-                     my_cores: list[int]) -> dict[str, Any]:
+                     my_cores: list[int]) -> RunResult:
     slo = _resolve_slo(job, prov["machine"])
     slo_cfg = dataclasses.replace(job.slo, ttft_s=slo["ttft_s"], tpot_s=slo["tpot_s"])
     record["slo"] = slo
@@ -324,11 +266,11 @@ def _run_measurement(job: Job, jd: Path, record: dict[str, Any], prov: dict, res
                                          decision_log=str(jd / "partition_log.jsonl"))
     if job.simulated:
         def measure(wcfg, out_dir):
-            s = simulated.run_simulated(job.model, engine_cfg, job.hardware, job.backend, job.loadgen,
+            r = simulated.run_simulated(job.model, engine_cfg, job.hardware, job.backend, job.loadgen,
                                         dataclasses.replace(wcfg, rate=wcfg.rate * load), slo_cfg, out_dir, resolved)
             # A virtual clock: nothing on the host can disturb it.
-            s["host"] = {"checked": False, "valid": True, "reasons": [], "note": "simulated: virtual clock"}
-            return _finish_summary(s, out_dir)
+            return _finish(r, out_dir, host={"checked": False, "valid": True, "reasons": [],
+                                             "note": "simulated: virtual clock"})
 
         return _measure(job, measure, slo_cfg, jd, record)
     srv = _server(job, engine_cfg, jd)
@@ -351,26 +293,25 @@ def _run_measurement(job: Job, jd: Path, record: dict[str, Any], prov: dict, res
             before = step_probe(wcfg) if n_probe else None
             with HostMonitor(cores=set(my_cores), max_interference=job.experiment.max_host_interference,
                              max_steal=job.experiment.max_cpu_steal) as mon:
-                s = run_loadgen(lcfg, dataclasses.replace(wcfg, rate=wcfg.rate * load), slo_cfg, out_dir, resolved)
-            s["host"] = mon.result()
-            s["host"]["dtype_choice"] = prov.get("dtype_choice")  # what the model ran in, and the figures why
-            if n_probe and not s.get("interrupted"):
+                r = run_loadgen(lcfg, dataclasses.replace(wcfg, rate=wcfg.rate * load), slo_cfg, out_dir, resolved)
+            host = {**mon.result(), "dtype_choice": prov.get("dtype_choice")}  # what the model ran in, and why
+            v = None
+            if n_probe and not r.interrupted:
                 after = step_probe(wcfg)
                 key = probe.calibration_key(job, my_cores, prov["machine"])
                 v = probe.verdict(before, after, probe.load_calibration(key), job.experiment.max_step_slowdown,
-                                  s["host"].get("valid", True), _partition_moved(jd))
+                                  host.get("valid", True), _partition_moved(jd))
                 if v.pop("save"):
                     probe.save_calibration(key, before)
-                s["step_probe"] = v
-            return _finish_summary(s, out_dir)
+            return _finish(r, out_dir, host=host, step_probe=v)
 
         x = job.engine.external
         names = dict(x.metrics) if job.external else OWN_METRICS
         with MetricsRecorder(srv.url, names, x.metrics_interval_s) as recorder:
-            summary = _measure(job, measure, slo_cfg, jd, record)
+            result = _measure(job, measure, slo_cfg, jd, record)
         recorder.save(jd / "server_metrics.parquet")
         _save_server_metrics(srv.url, jd)
-        return summary
+        return result
 
 
 def _server(job: Job, engine_cfg, jd: Path):
@@ -382,27 +323,27 @@ def _server(job: Job, engine_cfg, jd: Path):
     return ExternalServer(job.model, engine_cfg, str(jd))
 
 
-def _finish_summary(s: dict[str, Any], out_dir: Optional[str]) -> dict[str, Any]:
-    """Validity into the summary (and its file): a signal mid-run stops the job here."""
-    if "completeness" not in s and out_dir and (Path(out_dir) / "requests.parquet").is_file():
+def _finish(r: RunResult, out_dir: Optional[str], **checks) -> RunResult:
+    """The run with what was checked around it, judged, and written: a signal mid-run stops the job here."""
+    if r.completeness is None and out_dir and (Path(out_dir) / "requests.parquet").is_file():
         from experiments.loadgen.client import completeness
 
-        s["completeness"] = completeness(pd.read_parquet(Path(out_dir) / "requests.parquet"),
-                                         s["workload"]["num_requests"])
-    s["validity"] = validity(s)
+        checks["completeness"] = completeness(pd.read_parquet(Path(out_dir) / "requests.parquet"),
+                                              r.workload.num_requests)
+    r = r.with_checks(**checks)
     if out_dir:
-        (Path(out_dir) / "summary.json").write_text(json.dumps(s, indent=2, default=str))
-    if s.get("interrupted"):
-        raise JobInterrupted(s.get("signal") or "requests cancelled")
-    return s
+        r.write(out_dir)
+    if r.interrupted:
+        raise JobInterrupted(r.signal or "requests cancelled")
+    return r
 
 
-def _measure(job: Job, measure, slo_cfg, jd: Path, record: dict[str, Any]) -> dict[str, Any]:
+def _measure(job: Job, measure, slo_cfg, jd: Path, record: dict[str, Any]) -> RunResult:
     if job.experiment.mode == "goodput":
-        summary = goodput_search(measure, job.workload, slo_cfg, job.experiment, jd)
-        record.update({k: summary[k] for k in ("goodput_rate", "goodput_at_range_top", "goodput_at_range_bottom",
-                                               "goodput_monotone")})
-        return summary
+        r = goodput_search(measure, job.workload, slo_cfg, job.experiment, jd)
+        record.update({k: getattr(r.goodput, k) for k in ("goodput_rate", "goodput_at_range_top",
+                                                          "goodput_at_range_bottom", "goodput_monotone")})
+        return r
     return measure(job.workload, str(jd))
 
 
@@ -436,18 +377,17 @@ def _save_server_metrics(url: str, jd: Path) -> None:
         log.warning("could not read the server's /metrics: %s", e)
 
 
-def goodput_search(measure, wcfg, slo_cfg, exp, jd: Path) -> dict[str, Any]:
+def goodput_search(measure, wcfg, slo_cfg, exp, jd: Path) -> RunResult:
     """DistServe protocol: bisect the rate for the highest one with attainment >= target.
 
-    `measure(workload_cfg, out_dir) -> summary` runs one probe (a real load run, or a simulated one).
+    `measure(workload_cfg, out_dir) -> RunResult` runs one probe (a real load run, or a simulated one).
     The result says how far to trust it: `goodput_at_range_top` (even goodput_high passed: the true goodput is
     at least that), `goodput_at_range_bottom` (even goodput_low failed), `goodput_monotone` (no probed rate
     failed below one that passed; a bisection assumes it), and every probe's validity.
     """
     target = slo_cfg.target_attainment
     probes: list[dict[str, Any]] = []
-    aggregates: dict[float, dict[str, Any]] = {}  # rate -> aggregates of its first seed
-    described: dict[float, dict[str, Any]] = {}  # rate -> the workload and SLOs its first seed ran
+    first: dict[float, RunResult] = {}  # rate -> the result of its first seed
     frames = []
     reasons: list[str] = []
 
@@ -455,13 +395,12 @@ def goodput_search(measure, wcfg, slo_cfg, exp, jd: Path) -> dict[str, Any]:
         vals = []
         for seed in exp.goodput_seeds:
             d = jd / "probes" / f"rate{rate:.4f}_seed{seed}"
-            s = measure(dataclasses.replace(wcfg, rate=rate, seed=seed), str(d))
-            vals.append(s["aggregates"]["slo_attainment"])
-            aggregates.setdefault(rate, s["aggregates"])
-            described.setdefault(rate, {k: s[k] for k in ("workload", "slo") if k in s})
-            v = s.get("validity") or validity(s)
-            probes.append({"rate": rate, "seed": seed, **headline(s), "valid": v["valid"]})
-            reasons.extend(f"probe {rate:g} req/s seed {seed}: {r}" for r in v["reasons"])
+            r = measure(dataclasses.replace(wcfg, rate=rate, seed=seed), str(d))
+            vals.append(r.aggregates.slo_attainment)
+            first.setdefault(rate, r)
+            v = r.validity or r.checked()
+            probes.append({"rate": rate, "seed": seed, **r.row(), "valid": v.valid})
+            reasons.extend(f"probe {rate:g} req/s seed {seed}: {x}" for x in v.reasons)
             df = pd.read_parquet(d / "requests.parquet")
             frames.append(df.assign(probe_rate=rate, probe_seed=seed))
         return sum(vals) / len(vals)
@@ -483,14 +422,15 @@ def goodput_search(measure, wcfg, slo_cfg, exp, jd: Path) -> dict[str, Any]:
     pd.concat(frames, ignore_index=True).to_parquet(jd / "requests.parquet", index=False)
     best = max((p for p in probes if p["rate"] <= goodput), key=lambda p: p["rate"], default=probes[0])
     by_rate = pd.DataFrame(probes).groupby("rate")["slo_attainment"].mean()
-    summary = {"goodput_rate": goodput, "probes": probes, "target_attainment": target,
-               "goodput_at_range_top": at_top, "goodput_at_range_bottom": at_bottom,
-               "goodput_monotone": curve_is_monotone(by_rate.index.to_numpy(), by_rate.to_numpy(), target),
-               "aggregates": aggregates[best["rate"]], **described[best["rate"]],
-               "self_check": {"valid": all(p["client_valid"] for p in probes)},
-               "validity": {"valid": not reasons, "reasons": reasons}}
-    (jd / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+    search = GoodputSearch(goodput_rate=goodput, target_attainment=target, goodput_at_range_top=at_top,
+                           goodput_at_range_bottom=at_bottom, goodput_monotone=curve_is_monotone(
+                               by_rate.index.to_numpy(), by_rate.to_numpy(), target), probes=tuple(probes))
+    # The reported probe's result (its statistics, workload and SLOs), judged by every probe of the search.
+    result = dataclasses.replace(first[best["rate"]], goodput=search, host=None, step_probe=None, completeness=None,
+                                 self_check={"valid": all(p["client_valid"] for p in probes)},
+                                 validity=Validity(not reasons, tuple(reasons)))
+    result.write(jd)
+    return result
 
 
 def curve_is_monotone(rates, attainments, target: float) -> bool:

@@ -60,12 +60,12 @@ def measure(url: str, lcfg, wcfg, n: int) -> Optional[dict[str, float]]:
     except Exception as e:  # a probe must never lose a measurement
         log.warning("step probe failed: %s", e)
         return None
-    if s.get("interrupted"):
+    if s.interrupted:
         return {"interrupted": True}
-    a = s["aggregates"]
-    if a["num_errors"] or a["tpot_s"]["p50"] is None:
+    a = s.aggregates
+    if a.num_errors or a.tpot_s.p50 is None:
         return None
-    return {"tpot_s": a["tpot_s"]["p50"], "ttft_s": a["ttft_s"]["p50"]}
+    return {"tpot_s": a.tpot_s.p50, "ttft_s": a.ttft_s.p50}
 
 
 def verdict(before: Optional[dict], after: Optional[dict], calibrated: Optional[dict], max_slowdown: float,

@@ -20,6 +20,7 @@ import pandas as pd
 from experiments.analysis import request_metrics as M
 from experiments.loadgen.arrivals import schedule
 from experiments.loadgen.lengths import report as report_lengths
+from experiments.loadgen.result import RunResult, SLOs, measured, workload_run
 from experiments.loadgen.workloads import load_workload
 
 
@@ -74,8 +75,8 @@ def to_frame(done, expected: dict[str, tuple[int, int]]) -> pd.DataFrame:
 
 
 def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, slo,
-                  output_dir: Optional[str] = None, resolved_config: Any = None) -> dict[str, Any]:
-    """The simulated twin of `experiments.loadgen.run_loadgen`: same inputs, same files, same summary keys."""
+                  output_dir: Optional[str] = None, resolved_config: Any = None) -> RunResult:
+    """The simulated twin of `experiments.loadgen.run_loadgen`: same inputs, same files, the same result type."""
     workload = load_workload(wcfg, _tokenizer(lcfg, wcfg))
     lengths = report_lengths(workload, wcfg, lcfg.tokenizer)
     items = workload.items
@@ -87,28 +88,22 @@ def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, 
     outputs = [it.output_len for it in items]
     done, sim, plat, wall = simulate(model_cfg, engine_cfg, hardware_cfg, backend_cfg, offsets, prompts, outputs)
     expected = {f"sim-{i}": (p, o) for i, (p, o) in enumerate(zip(prompts, outputs))}
-    df = M.mark_measured(M.derive(to_frame(done, expected), lcfg.measure_from), lcfg)
-    window = df[df["measured"]]
-    duration = float(window["finish_s"].max() - window["send_s"].min()) if len(window) else 0.0
+    df, aggregates = measured(M.derive(to_frame(done, expected), lcfg.measure_from), lcfg, slo)
     st = sim.stats
-    summary = {
-        "aggregates": M.aggregate(window, slo.ttft_s, slo.tpot_s, duration),
+    result = RunResult(
+        aggregates=aggregates, slo=SLOs(slo.ttft_s, slo.tpot_s),
         # No client, no host: nothing can be late or disturbed. The model's own validity is in docs/benchmarks.md.
-        "self_check": {"valid": True, "reasons": [], "simulated": True},
-        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
-        "workload": {"name": workload.name, "num_requests": len(items), "num_clipped": workload.num_clipped,
-                     "arrival": wcfg.arrival, "rate": wcfg.rate, "lengths": lengths},
-        "model": model_cfg.path or model_cfg.name, "base_url": None, "interrupted": False,
-        "length_mismatch": {"prompt_mismatched": 0, "output_mismatched": int(
+        self_check={"valid": True, "reasons": [], "simulated": True},
+        workload=workload_run(workload, wcfg, len(items), lengths), model=model_cfg.path or model_cfg.name,
+        length_mismatch={"prompt_mismatched": 0, "output_mismatched": int(
             (df["output_tokens"] != df["expected_output_tokens"]).sum()), "checked": int(len(df))},
-        "backend": {"name": "sim", "cost_model": backend_cfg.cost_model, "platform": plat.describe,
-                    "wall_s": wall, "simulated_requests_per_s": len(done) / wall if wall > 0 else None,
-                    "iterations": st.iterations, "fast_forwarded_iterations": st.fast_forwarded,
-                    "events": st.events, "kv_transfers": st.transfers, "kv_transfer_bytes": st.transfer_bytes,
-                    "partition_switches": st.switches, "kv_blocks_used_peak": st.kv_peak_blocks},
-        "config": resolved_config,
-        "t0_monotonic": 0.0,  # the virtual clock starts with the load: server samples are on the load's clock
-    }
+        backend={"name": "sim", "cost_model": backend_cfg.cost_model, "platform": plat.describe,
+                 "wall_s": wall, "simulated_requests_per_s": len(done) / wall if wall > 0 else None,
+                 "iterations": st.iterations, "fast_forwarded_iterations": st.fast_forwarded,
+                 "events": st.events, "kv_transfers": st.transfers, "kv_transfer_bytes": st.transfer_bytes,
+                 "partition_switches": st.switches, "kv_blocks_used_peak": st.kv_peak_blocks},
+        config=resolved_config,
+        t0_monotonic=0.0)  # the virtual clock starts with the load: server samples are on the load's clock
     if output_dir:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -116,14 +111,14 @@ def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, 
         if st.samples:  # the same file a real job's MetricsRecorder writes (monotonic_s: the virtual time)
             pd.DataFrame(st.samples).assign(monotonic_s=lambda f: f["time_s"]).to_parquet(
                 out / "server_metrics.parquet", index=False)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        result.write(out)
         if st.decisions:  # the same decision log a real semipd_dynamic job writes
             first = {"time_s": 0.0, "prefill_share": engine_cfg.prefill_share,
                      "decode_share": engine_cfg.decode_share, "reason": "start"}
             with open(out / "partition_log.jsonl", "w") as f:
                 for row in [first, *st.decisions]:
                     f.write(json.dumps(row, default=float) + "\n")
-    return summary
+    return result
 
 
 def single_request_latency(model_cfg, engine_cfg, hardware_cfg, backend_cfg, prompt_len: int,

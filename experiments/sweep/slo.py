@@ -48,10 +48,9 @@ def measure_baseline(model_cfg, engine_cfg, server_cfg, wcfg, lcfg) -> dict[str,
     unified = retarget(engine_cfg, "unified", policy="prefill_priority")
     with tempfile.TemporaryDirectory(prefix="slo-baseline-") as d, \
             EngineServer(model_cfg, unified, server_cfg, d) as srv:
-        s = run_loadgen(dataclasses.replace(lcfg, base_url=srv.url, progress=False), baseline_probe(wcfg),
-                        freeze(SLOConfig, {}))
-    a = s["aggregates"]
-    return {"ttft_s": a["ttft_s"]["p50"], "tpot_s": a["tpot_s"]["p50"]}
+        a = run_loadgen(dataclasses.replace(lcfg, base_url=srv.url, progress=False), baseline_probe(wcfg),
+                        freeze(SLOConfig, {})).aggregates
+    return {"ttft_s": a.ttft_s.p50, "tpot_s": a.tpot_s.p50}
 
 
 def scales(slo_cfg) -> tuple[Optional[float], Optional[float]]:

@@ -115,7 +115,7 @@ def _phase(url, prompt_len, output_len, n, concurrency, tmp):
     w = freeze(WorkloadConfig, {"name": "fixed", "prompt_len": prompt_len, "output_len": output_len,
                                 "num_requests": n, "arrival": "closed", "max_concurrency": concurrency})
     s = run_loadgen(freeze(LoadgenConfig, {"base_url": url, "progress": False}), w, freeze(SLOConfig, {}), None)
-    return s["aggregates"]
+    return s.aggregates
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores for distinct partitions")
@@ -170,10 +170,10 @@ def test_load_shift_moves_the_partition_each_way(tmp_path):
         b = _phase(srv.url, **decode_heavy, tmp=tmp_path)
     finally:
         srv.stop()
-    assert a["ttft_s"]["p90"] > 2 * b["ttft_s"]["p90"] and a["tpot_s"]["p90"] is None
+    assert a.ttft_s.p90 > 2 * b.ttft_s.p90 and a.tpot_s.p90 is None
     # 2. SLOs between the phases: prompt-heavy load misses only TTFT, decode-heavy load only TPOT.
-    ttft_slo = math.sqrt(a["ttft_s"]["p90"] * b["ttft_s"]["p90"])
-    tpot_slo = b["tpot_s"]["p90"] / 2
+    ttft_slo = math.sqrt(a.ttft_s.p90 * b.ttft_s.p90)
+    tpot_slo = b.tpot_s.p90 / 2
     log = tmp_path / "decisions.jsonl"
     srv = ServerProcess("engine=semipd_dynamic", "engine.control_window_s=1.5", f"engine.slo_ttft_s={ttft_slo}",
                         f"engine.slo_tpot_s={tpot_slo}", f"engine.decision_log={log}", "engine.min_share=50")

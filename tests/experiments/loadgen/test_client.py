@@ -28,14 +28,14 @@ def test_ttft_and_tpot_within_1ms_of_truth_at_low_load(tmp_path):
     df = pd.read_parquet(tmp_path / "requests.parquet")
     assert df["error"].isna().all() and np.allclose(df["output_tokens"], 10)
     # Truth: when the server wrote each token, on the same monotonic clock as the client.
-    sent = s["t0_monotonic"] + df["send_s"].to_numpy()
+    sent = s.t0_monotonic + df["send_s"].to_numpy()
     ttft_true = writes[:, 0] - sent
     tpot_true = (writes[:, -1] - writes[:, 0]) / 9
     assert np.median(np.abs(df["ttft_from_send_s"].to_numpy() - ttft_true)) < 0.001
     assert np.median(np.abs(df["tpot_s"].to_numpy() - tpot_true)) < 0.001
     itl = np.concatenate(df["itl_s"].to_list())
     assert abs(np.median(itl) - np.median(np.diff(writes, axis=1))) < 0.001
-    assert s["self_check"]["valid"], s["self_check"]
+    assert s.self_check["valid"], s.self_check
     assert (tmp_path / "summary.json").is_file()
 
 
@@ -46,7 +46,7 @@ def test_dispatch_is_drift_free_against_absolute_times():
         arrivals = np.array(srv.received)
     planned = schedule(workload_cfg(arrival="poisson", rate=50), 100)
     drift = (arrivals - arrivals[0]) - planned
-    assert abs(drift[-1]) < 0.01 and s["self_check"]["valid"]
+    assert abs(drift[-1]) < 0.01 and s.self_check["valid"]
 
 
 def test_errors_are_counted_never_dropped(tmp_path, monkeypatch):
@@ -65,9 +65,9 @@ def test_errors_are_counted_never_dropped(tmp_path, monkeypatch):
         s = run_loadgen(loadgen_cfg(srv.url), workload_cfg(name="fixed", prompt_len=4, output_len=5, num_requests=8,
                                             arrival="constant", rate=20), SLO, str(tmp_path))
     df = pd.read_parquet(tmp_path / "requests.parquet")
-    assert len(df) == 8 and s["aggregates"]["num_errors"] == 2
+    assert len(df) == 8 and s.aggregates.num_errors == 2
     assert df.loc[1, "error"].startswith("HTTP 500") and df.loc[3, "error"]
-    assert s["aggregates"]["slo_attainment"] == pytest.approx(6 / 8)
+    assert s.aggregates.slo_attainment == pytest.approx(6 / 8)
 
 
 def test_dead_server_fails_fast():
@@ -82,7 +82,7 @@ def test_closed_loop_respects_concurrency():
         s = run_loadgen(loadgen_cfg(srv.url), workload_cfg(name="fixed", prompt_len=4, output_len=4, num_requests=12,
                                             arrival="closed", max_concurrency=3), SLO)
         gaps = np.diff(np.array(srv.received))
-    assert s["aggregates"]["num_ok"] == 12
+    assert s.aggregates.num_ok == 12
     assert (gaps[:2] < 0.01).all() and gaps[2] > 0.02  # 3 at once, then one per completion
 
 
@@ -111,11 +111,11 @@ def test_chat_mode_measures_what_completions_mode_measures(tmp_path):
             got[endpoint] = s
         paths = srv.paths
     assert paths == ["/v1/completions"] * 20 + ["/v1/chat/completions"] * 20
-    comp, chat = (got[e]["aggregates"] for e in ("completions", "chat"))
-    assert chat["num_ok"] == comp["num_ok"] == 20
+    comp, chat = (got[e].aggregates for e in ("completions", "chat"))
+    assert chat.num_ok == comp.num_ok == 20
     for m in ("ttft_s", "tpot_s"):  # the server's truth is the same: 50 ms and 10 ms
-        assert abs(chat[m]["p50"] - comp[m]["p50"]) < 0.002, (m, chat[m], comp[m])
-    assert got["chat"]["endpoint"] == "chat" and got["completions"]["endpoint"] == "completions"
+        assert abs(chat.latency(m).p50 - comp.latency(m).p50) < 0.002, (m, chat.latency(m), comp.latency(m))
+    assert got["chat"].endpoint == "chat" and got["completions"].endpoint == "completions"
 
 
 def test_chat_prompts_have_the_exact_length_under_the_chat_template(tmp_path):
@@ -130,8 +130,8 @@ def test_chat_prompts_have_the_exact_length_under_the_chat_template(tmp_path):
             df = pd.read_parquet(tmp_path / endpoint / "requests.parquet")
             assert df["error"].isna().all(), df["error"].tolist()
             assert (df["prompt_tokens"] == 40).all(), (endpoint, df["prompt_tokens"].tolist())  # server's count
-            assert s["length_mismatch"]["prompt_mismatched"] == 0
-            assert s["workload"]["lengths"]["prompt_tokens"]["mean"] == 40
+            assert s.length_mismatch["prompt_mismatched"] == 0
+            assert s.workload.lengths["prompt_tokens"]["mean"] == 40
     finally:
         srv.stop()
 

@@ -1,4 +1,4 @@
-"""One job: the goodput search, a failed job's record, skipping finished jobs, the headline metrics."""
+"""One job: the goodput search, a failed job's record, skipping finished jobs, probes around the load."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 
 from experiments.loadgen import run_loadgen
+from experiments.loadgen.result import Aggregates, Latency, RunResult, SLOs, WorkloadRun
 from experiments.sweep.config import ExperimentConfig, SLOConfig
-from experiments.sweep.job import JobInterrupted, goodput_search, headline, read_job, run
+from experiments.sweep.job import JobInterrupted, goodput_search, read_job, run
 from experiments.sweep.launch import ServerStartError
 from semipd_engine.config import freeze
 from tests.helpers.experiment_configs import compose_run, loadgen_cfg, workload_cfg
@@ -29,17 +30,20 @@ def test_goodput_bisection_finds_the_rate_a_single_server_queue_sustains(tmp_pat
     w = workload_cfg(name="fixed", prompt_len=4, output_len=1, num_requests=40, arrival="poisson")
     with MockOpenAIServer(ttft_s=0.05, itl_s=0.0, serial=True) as srv:
         s = goodput_search(lambda wcfg, out: run_loadgen(loadgen_cfg(srv.url), wcfg, slo, out), w, slo, exp, tmp_path)
-    g = s["goodput_rate"]
-    rates = [p["rate"] for p in s["probes"]]
+    g = s.goodput.goodput_rate
+    rates = [p["rate"] for p in s.goodput.probes]
     assert rates[:2] == [5.0, 40.0] and len(rates) > 3 and 5.0 <= g < 40.0
     # The bisection's invariant: the rate it reports meets the target, one within the tolerance above fails.
-    by_rate = {p["rate"]: p["slo_attainment"] for p in s["probes"]}
+    by_rate = {p["rate"]: p["slo_attainment"] for p in s.goodput.probes}
     assert by_rate[g] >= 0.9
-    assert any(g < r <= g + 4.0 and a < 0.9 for r, a in by_rate.items()), s["probes"]
+    assert any(g < r <= g + 4.0 and a < 0.9 for r, a in by_rate.items()), s.goodput.probes
     assert (tmp_path / "summary.json").is_file() and len(pd.read_parquet(tmp_path / "requests.parquet")) == 40 * len(rates)
-    assert s["aggregates"]["slo_attainment"] >= 0.9
-    # Like a single run's summary: the workload (and its lengths) and the SLOs the reported probe ran under.
-    assert s["workload"]["name"] == "fixed" and s["slo"]["ttft_s"] == 0.3
+    assert s.aggregates.slo_attainment >= 0.9
+    # Like a single run's result: the workload (and its lengths) and the SLOs the reported probe ran under; the
+    # file is the same type, the search's keys at its top.
+    assert s.workload.name == "fixed" and s.workload.lengths and s.slo.ttft_s == 0.3
+    assert json.dumps(RunResult.load(tmp_path).to_dict(), default=str) == json.dumps(s.to_dict(), default=str)
+    assert json.loads((tmp_path / "summary.json").read_text())["goodput_rate"] == g
 
 
 def test_failed_job_is_recorded(tmp_path):
@@ -99,21 +103,6 @@ def test_read_job(tmp_path):
     assert read_job(tmp_path) is None
     (tmp_path / "job.json").write_text('{"status": "ok", "rate": 2.5}')
     assert read_job(tmp_path) == {"status": "ok", "rate": 2.5}
-
-
-def test_headline_picks_each_metric_from_its_place():
-    stats = {m: {q: i * 10 + j for j, q in enumerate(("mean", "p50", "p90", "p99"))}
-             for i, m in enumerate(("ttft_s", "tpot_s", "itl_s", "e2e_s"))}
-    summary = {"aggregates": {"slo_attainment": 0.8, "goodput": 3.2, "request_throughput": 4.0,
-                              "output_token_throughput": 400.0, "num_requests": 10, "num_errors": 1, **stats},
-               "self_check": {"valid": False}}
-    h = headline(summary)
-    assert (h["slo_attainment"], h["goodput_rps"], h["request_throughput"], h["output_token_throughput"]) == \
-        (0.8, 3.2, 4.0, 400.0)
-    assert (h["num_requests"], h["num_errors"], h["client_valid"]) == (10, 1, False)
-    assert (h["mean_ttft_s"], h["p90_tpot_s"], h["p50_itl_s"], h["p99_e2e_s"]) == (0, 12, 21, 33)
-    assert h["endpoint"] is None and "mean_prompt_tokens" not in h  # a summary without them (simulated, old)
-    assert len(h) == 8 + 16
 
 
 class _MockEngineServer:
@@ -190,18 +179,6 @@ def test_a_job_interrupted_mid_load_is_recorded_as_interrupted_and_runs_again(tm
     assert again["slo_attainment_ci_low"] <= again["slo_attainment"] <= again["slo_attainment_ci_high"]
 
 
-def test_an_incomplete_run_is_not_ok():
-    from experiments.sweep.job import _status, validity
-
-    s = {"self_check": {"reasons": []}, "host": {"reasons": []},
-         "completeness": {"planned": 40, "rows": 28, "not_sent": 12, "cancelled": 0, "complete": False}}
-    assert _status(s) == "incomplete"
-    assert validity(s) == {"valid": False, "reasons": ["incomplete: 28 of 40 requests recorded, 12 not sent, "
-                                                       "0 cancelled"]}
-    s["host"]["reasons"] = ["host interference: other processes used 40% of the job's 2 core(s)"]
-    assert len(validity(s)["reasons"]) == 2
-
-
 def test_goodput_search_flags_the_top_of_the_range_and_probe_validity(tmp_path):
     exp = freeze(ExperimentConfig, {"mode": "goodput", "goodput_low": 1.0, "goodput_high": 8.0,
                                     "goodput_tolerance": 1.0, "goodput_seeds": [0]})
@@ -211,23 +188,25 @@ def test_goodput_search_flags_the_top_of_the_range_and_probe_validity(tmp_path):
         def f(wcfg, out):
             Path(out).mkdir(parents=True, exist_ok=True)
             pd.DataFrame({"request_id": [0]}).to_parquet(Path(out) / "requests.parquet")
-            stats = {q: 0.1 for q in ("mean", "p50", "p90", "p99")}
+            stats = Latency(0.1, 0.1, 0.1, 0.1)
             bad = wcfg.rate == invalid_at
-            return {"aggregates": {"slo_attainment": attain(wcfg.rate), "goodput": 1.0, "request_throughput": 1.0,
-                                   "output_token_throughput": 1.0, "num_requests": 10, "num_errors": 0,
-                                   **{m: stats for m in ("ttft_s", "tpot_s", "itl_s", "e2e_s")}},
-                    "self_check": {"valid": not bad, "reasons": ["late"] if bad else []}}
+            a = Aggregates(num_requests=10, num_ok=10, num_errors=0, duration_s=10.0, request_throughput=1.0,
+                           output_token_throughput=1.0, total_token_throughput=2.0,
+                           slo_attainment=attain(wcfg.rate), goodput=1.0, ttft_s=stats, tpot_s=stats, e2e_s=stats)
+            return RunResult(a, SLOs(1.0, 1.0), WorkloadRun("fixed", 10, "poisson", wcfg.rate),
+                             self_check={"valid": not bad, "reasons": ["late"] if bad else []})
         return f
 
     top = goodput_search(measure(lambda r: 1.0), workload_cfg(), slo, exp, tmp_path / "a")
-    assert top["goodput_rate"] == 8.0 and top["goodput_at_range_top"] and not top["goodput_at_range_bottom"]
+    assert top.goodput.goodput_rate == 8.0 and top.goodput.goodput_at_range_top
+    assert not top.goodput.goodput_at_range_bottom
     bottom = goodput_search(measure(lambda r: 0.0), workload_cfg(), slo, exp, tmp_path / "b")
-    assert bottom["goodput_rate"] == 0.0 and bottom["goodput_at_range_bottom"]
+    assert bottom.goodput.goodput_rate == 0.0 and bottom.goodput.goodput_at_range_bottom
     mid = goodput_search(measure(lambda r: 1.0 if r <= 3 else 0.5, invalid_at=8.0), workload_cfg(), slo, exp,
                          tmp_path / "c")
-    assert 2.0 <= mid["goodput_rate"] <= 3.0 and mid["goodput_monotone"]  # within the tolerance below 3
-    assert not mid["goodput_at_range_top"] and not mid["validity"]["valid"]
-    assert mid["validity"]["reasons"] == ["probe 8 req/s seed 0: client: late"]
+    assert 2.0 <= mid.goodput.goodput_rate <= 3.0 and mid.goodput.goodput_monotone  # within the tolerance below 3
+    assert not mid.goodput.goodput_at_range_top and not mid.checked().valid
+    assert mid.validity.reasons == ("probe 8 req/s seed 0: client: late",)
 
 
 def test_step_probe_verdict():

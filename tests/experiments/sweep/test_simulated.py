@@ -35,9 +35,9 @@ def test_simulated_rows_have_the_load_generators_columns(tmp_path):
     assert list(df.columns) == list(real.columns)
     assert len(df) == 50 and df["error"].isna().all() and (df["output_tokens"] == df["expected_output_tokens"]).all()
     assert (df["ttft_s"] > 0).all() and (df["token_times_s"].map(len) == df["output_tokens"]).all()
-    assert s["backend"]["name"] == "sim" and s["aggregates"]["num_ok"] == 50
+    assert s.backend["name"] == "sim" and s.aggregates.num_ok == 50
     on_disk = json.loads((tmp_path / "summary.json").read_text())
-    assert on_disk["aggregates"]["slo_attainment"] == s["aggregates"]["slo_attainment"]
+    assert on_disk["aggregates"]["slo_attainment"] == s.aggregates.slo_attainment
 
 
 @pytest.mark.parametrize("engine", ["unified", "disagg", "semipd"])

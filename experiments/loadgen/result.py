@@ -1,0 +1,268 @@
+"""What one load run produced, as one type for both backends and for the goodput search.
+
+A real run (`experiments.loadgen.client.run_loadgen`) and a simulated one (`experiments.sweep.simulated`) build it
+through `measured` (the measurement window, the statistics with their intervals, completeness), the sweep adds
+what it checked around the run (`host`, `step_probe`, `validity`), and a goodput search returns the result of the
+probe it reports with the search attached. Everything a user reads is serialised from it here: summary.json
+(`to_dict`, `write`, read back with `load`) and the job's row of summary.csv / points.csv / the W&B tables (`row`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import pandas as pd
+
+from experiments.analysis import request_metrics as M
+
+LATENCIES = ("ttft_s", "tpot_s", "e2e_s", "ntpot_s", "ttft_from_send_s", "e2e_from_send_s", "itl_s",
+             "dispatch_lateness_s")
+QUANTILES = ("mean", "p50", "p90", "p99")
+# Headline statistics of a row, each with its 95% interval (`<name>_ci_low`, `<name>_ci_high`) -> key in `ci`.
+_CI_KEYS = {"slo_attainment": "slo_attainment", "goodput_rps": "goodput", "request_throughput": "request_throughput",
+            "output_token_throughput": "output_token_throughput"}
+# Optional parts written to summary.json only when present (a simulated run has no host check, a real one no
+# simulator counters), as the files always were.
+_OPTIONAL = ("signal", "completeness", "backend", "host", "step_probe", "validity", "endpoint")
+
+
+@dataclass(frozen=True)
+class Latency:
+    """One latency over the measured requests, in seconds (None: no request finished)."""
+    mean: Optional[float] = None
+    p50: Optional[float] = None
+    p90: Optional[float] = None
+    p99: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Aggregates:
+    """The run's statistics over its measured requests; `ci` holds their 95% intervals
+    ({"slo_attainment": [lo, hi], "ttft_s.p90": [lo, hi], ...}; experiments/analysis/uncertainty.py)."""
+    num_requests: int
+    num_ok: int
+    num_errors: int
+    duration_s: float
+    request_throughput: float
+    output_token_throughput: float
+    total_token_throughput: float
+    slo_attainment: float
+    goodput: float
+    ttft_s: Latency = Latency()
+    tpot_s: Latency = Latency()
+    e2e_s: Latency = Latency()
+    ntpot_s: Latency = Latency()
+    ttft_from_send_s: Latency = Latency()
+    e2e_from_send_s: Latency = Latency()
+    itl_s: Latency = Latency()
+    dispatch_lateness_s: Latency = Latency()
+    ci: dict[str, list[float]] = field(default_factory=dict)
+
+    def latency(self, name: str) -> Latency:
+        return getattr(self, name)
+
+    def interval(self, key: str) -> tuple[Optional[float], Optional[float]]:
+        lo_hi = self.ci.get(key)
+        return (lo_hi[0], lo_hi[1]) if lo_hi else (None, None)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Aggregates:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (Latency(**v) if k in LATENCIES else v) for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class SLOs:
+    ttft_s: float
+    tpot_s: float
+
+
+@dataclass(frozen=True)
+class WorkloadRun:
+    """The workload as it was replayed: its name, size, arrivals and the lengths actually sent."""
+    name: str
+    num_requests: int
+    arrival: str
+    rate: Optional[float]
+    num_clipped: int = 0
+    lengths: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def length_warnings(self) -> list[str]:
+        return list(self.lengths.get("warnings", []))
+
+
+@dataclass(frozen=True)
+class Validity:
+    valid: bool
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GoodputSearch:
+    """A bisection on the rate: the goodput, how far to trust it, and every probe's row."""
+    goodput_rate: float
+    target_attainment: float
+    goodput_at_range_top: bool
+    goodput_at_range_bottom: bool
+    goodput_monotone: bool
+    probes: tuple[dict[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class RunResult:
+    aggregates: Aggregates
+    slo: SLOs
+    workload: WorkloadRun
+    self_check: dict[str, Any]  # the client's schedule check: `valid`, `reasons` and its figures
+    model: Optional[str] = None
+    endpoint: Optional[str] = None  # completions | chat (None: simulated)
+    base_url: Optional[str] = None
+    interrupted: bool = False
+    signal: Optional[str] = None
+    completeness: Optional[dict[str, Any]] = None
+    length_mismatch: dict[str, Any] = field(default_factory=dict)
+    backend: Optional[dict[str, Any]] = None  # simulated: the simulator's counters
+    host: Optional[dict[str, Any]] = None  # the host check around the load (experiments/sweep/host.py)
+    step_probe: Optional[dict[str, Any]] = None  # the engine's step time before and after (sweep/probe.py)
+    validity: Optional[Validity] = None
+    goodput: Optional[GoodputSearch] = None
+    config: Any = None
+    t0_monotonic: float = 0.0  # the origin of every *_s column (monotonic; 0 on a virtual clock)
+
+    # --- what the sweep decides from it -------------------------------------------------------------------------
+
+    def checked(self) -> Validity:
+        """Is this measurement one to plot? The client kept its schedule, the host was quiet, the run is whole."""
+        if self.goodput is not None and self.validity is not None:
+            return self.validity  # a search's validity is its probes'
+        reasons = [f"client: {r}" for r in self.self_check.get("reasons", [])]
+        reasons += (self.host or {}).get("reasons", [])
+        reasons += (self.step_probe or {}).get("reasons", [])
+        comp = self.completeness or {}
+        if self.interrupted:
+            reasons.append(f"interrupted ({self.signal or 'requests cancelled'})")
+        elif comp and not comp.get("complete", True):
+            reasons.append(f"incomplete: {comp['rows']} of {comp['planned']} requests recorded, "
+                           f"{comp['not_sent']} not sent, {comp['cancelled']} cancelled")
+        return Validity(not reasons, tuple(reasons))
+
+    def with_checks(self, **parts) -> RunResult:
+        """This result with what was checked around it (`host`, `step_probe`, `completeness`), judged."""
+        r = dataclasses.replace(self, **parts)
+        return dataclasses.replace(r, validity=r.checked())
+
+    @property
+    def status(self) -> str:
+        if self.interrupted:
+            return "interrupted"
+        return "ok" if (self.completeness or {}).get("complete", True) else "incomplete"
+
+    def row(self) -> dict[str, Any]:
+        """The job's row: statistics and their 95% intervals, counts, lengths, validity."""
+        a = self.aggregates
+        out: dict[str, Any] = {
+            "slo_attainment": a.slo_attainment, "goodput_rps": a.goodput, "request_throughput": a.request_throughput,
+            "output_token_throughput": a.output_token_throughput, "num_requests": a.num_requests,
+            "num_errors": a.num_errors, "client_valid": self.self_check.get("valid", True),
+            "endpoint": self.endpoint}  # what was measured: None when simulated
+        if self.workload.lengths:
+            out["mean_prompt_tokens"] = self.workload.lengths["prompt_tokens"]["mean"]
+            out["mean_output_tokens"] = self.workload.lengths["output_tokens"]["mean"]
+            out["length_warnings"] = len(self.workload.length_warnings)
+        for m in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+            for q in QUANTILES:
+                out[f"{q}_{m}"] = getattr(a.latency(m), q)
+        if a.ci:
+            for name, key in _CI_KEYS.items():
+                out[f"{name}_ci_low"], out[f"{name}_ci_high"] = a.interval(key)
+            for m in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+                for q in QUANTILES:
+                    out[f"{q}_{m}_ci_low"], out[f"{q}_{m}_ci_high"] = a.interval(f"{m}.{q}")
+            out["duration_s"] = a.duration_s
+        return out
+
+    def validity_columns(self) -> dict[str, Any]:
+        v, host, sp = self.validity or self.checked(), self.host or {}, self.step_probe or {}
+        out = {"valid": v.valid, "invalid_reasons": "; ".join(v.reasons),
+               "host_valid": host.get("valid", True), "host_checked": host.get("checked", False)}
+        for k in ("foreign_cpu_frac", "steal_frac", "loadavg_1m_start", "loadavg_1m_end"):
+            if k in host:
+                out[f"host_{k}"] = host[k]
+        for k in ("before", "after", "calibrated"):
+            if sp.get(k):
+                out[f"step_probe_{k}_tpot_s"] = sp[k]["tpot_s"]
+        return out
+
+    # --- summary.json -------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "aggregates": self.aggregates.to_dict(), "self_check": self.self_check,
+            "slo": dataclasses.asdict(self.slo), "workload": dataclasses.asdict(self.workload),
+            "model": self.model, "base_url": self.base_url, "interrupted": self.interrupted,
+            "length_mismatch": self.length_mismatch, "config": self.config, "t0_monotonic": self.t0_monotonic}
+        for k in _OPTIONAL:
+            v = getattr(self, k)
+            if v is not None:
+                d[k] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+        if "validity" in d:
+            d["validity"]["reasons"] = list(d["validity"]["reasons"])
+        if self.goodput is not None:  # the search's keys at the top, as a goodput job's summary.json has them
+            d.update(dataclasses.asdict(self.goodput), probes=list(self.goodput.probes))
+        return d
+
+    def write(self, out_dir) -> None:
+        (Path(out_dir) / "summary.json").write_text(json.dumps(self.to_dict(), indent=2, default=str))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunResult:
+        w = d.get("workload") or {}
+        names = {f.name for f in dataclasses.fields(WorkloadRun)}
+        v = d.get("validity")
+        search = None
+        if "goodput_rate" in d:
+            search = GoodputSearch(**{f.name: d[f.name] for f in dataclasses.fields(GoodputSearch)
+                                      if f.name in d and f.name != "probes"}, probes=tuple(d.get("probes", ())))
+        return cls(aggregates=Aggregates.from_dict(d["aggregates"]), slo=SLOs(**d["slo"]),
+                   workload=WorkloadRun(**{k: x for k, x in w.items() if k in names}),
+                   self_check=d.get("self_check") or {"valid": True, "reasons": []},
+                   **{k: d[k] for k in ("model", "endpoint", "base_url", "interrupted", "signal", "completeness",
+                                        "length_mismatch", "backend", "host", "step_probe", "config",
+                                        "t0_monotonic") if k in d},
+                   validity=Validity(v["valid"], tuple(v["reasons"])) if v else None, goodput=search)
+
+    @classmethod
+    def load(cls, path) -> RunResult:
+        """A summary.json (or the job directory holding one) read back."""
+        p = Path(path)
+        return cls.from_dict(json.loads((p / "summary.json" if p.is_dir() else p).read_text()))
+
+    def __getitem__(self, key: str) -> Any:
+        """summary.json's keys, for scripts written against the dictionary this used to be."""
+        return self.to_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)
+
+
+def measured(df: pd.DataFrame, lcfg, slo) -> tuple[pd.DataFrame, Aggregates]:
+    """The requests with the measurement window marked (warm-up and cool-down out: `loadgen.*`), and the
+    statistics over that window against the SLOs: the one computation both backends share."""
+    df = M.mark_measured(df, lcfg)
+    window = df[df["measured"]]
+    sent = window["send_s"].dropna()
+    duration = float(window["finish_s"].max() - sent.min()) if len(sent) else 0.0
+    return df, Aggregates.from_dict(M.aggregate(window, slo.ttft_s, slo.tpot_s, duration))
+
+
+def workload_run(workload, wcfg, num_requests: int, lengths: dict[str, Any]) -> WorkloadRun:
+    return WorkloadRun(name=workload.name, num_requests=num_requests, arrival=wcfg.arrival, rate=wcfg.rate,
+                       num_clipped=workload.num_clipped, lengths=lengths or {})

@@ -1,0 +1,80 @@
+"""One result type for a run: what both backends produce, what a sweep row and summary.json are made of."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments.loadgen import run_loadgen
+from experiments.loadgen.result import Aggregates, Latency, RunResult, SLOs, WorkloadRun
+from experiments.sweep import simulated
+from semipd_engine.config import EngineConfig, ModelConfig, freeze
+from semipd_engine.sim.config import BackendConfig, HardwareConfig
+from tests.helpers.experiment_configs import SLO, loadgen_cfg, workload_cfg
+from tests.helpers.mock_openai import MockOpenAIServer
+
+
+def _result(**kw) -> RunResult:
+    stats = {m: Latency(*(i * 10 + j for j in range(4))) for i, m in enumerate(("ttft_s", "tpot_s", "itl_s", "e2e_s"))}
+    a = Aggregates(num_requests=10, num_ok=9, num_errors=1, duration_s=5.0, request_throughput=4.0,
+                   output_token_throughput=400.0, total_token_throughput=900.0, slo_attainment=0.8, goodput=3.2,
+                   **stats)
+    return RunResult(a, SLOs(1.0, 0.1), WorkloadRun("fixed", 10, "poisson", 2.0),
+                     **{"self_check": {"valid": False}, **kw})
+
+
+def test_a_row_picks_each_metric_from_its_place():
+    h = _result().row()
+    assert (h["slo_attainment"], h["goodput_rps"], h["request_throughput"], h["output_token_throughput"]) == \
+        (0.8, 3.2, 4.0, 400.0)
+    assert (h["num_requests"], h["num_errors"], h["client_valid"]) == (10, 1, False)
+    assert (h["mean_ttft_s"], h["p90_tpot_s"], h["p50_itl_s"], h["p99_e2e_s"]) == (0, 12, 21, 33)
+    assert h["endpoint"] is None and "mean_prompt_tokens" not in h  # a result without them (simulated, old)
+    assert len(h) == 8 + 16
+
+
+def test_an_incomplete_run_is_not_ok_and_every_check_gives_its_reason():
+    r = _result(self_check={"reasons": []}, host={"reasons": []},
+                completeness={"planned": 40, "rows": 28, "not_sent": 12, "cancelled": 0, "complete": False})
+    assert r.status == "incomplete"
+    assert r.checked().reasons == ("incomplete: 28 of 40 requests recorded, 12 not sent, 0 cancelled",)
+    judged = r.with_checks(host={"reasons": ["host interference: other processes used 40% of the job's 2 core(s)"]})
+    assert len(judged.validity.reasons) == 2 and not judged.validity_columns()["valid"]
+    assert _result(interrupted=True, signal="SIGTERM").status == "interrupted"
+
+
+def test_both_backends_produce_the_same_result_and_it_round_trips_through_its_file(tmp_path):
+    w = workload_cfg(name="fixed", prompt_len=8, output_len=6, num_requests=12, arrival="poisson", rate=20.0)
+    with MockOpenAIServer(ttft_s=0.02, itl_s=0.005) as srv:
+        real = run_loadgen(loadgen_cfg(srv.url), w, SLO, str(tmp_path / "real"))
+    sim = simulated.run_simulated(freeze(ModelConfig, {"name": "llama3-8b", "dtype": "bfloat16"}),
+                                  freeze(EngineConfig, {"name": "unified"}), freeze(HardwareConfig, {"name": "a100-80g"}),
+                                  freeze(BackendConfig, {"name": "sim"}), loadgen_cfg("unused"), w, SLO,
+                                  str(tmp_path / "sim"))
+    for r, d in ((real, "real"), (sim, "sim")):
+        assert isinstance(r, RunResult) and r.aggregates.num_requests == r.aggregates.num_ok == 12
+        assert r.workload == WorkloadRun("fixed", 12, "poisson", 20.0, 0, r.workload.lengths)
+        assert r.workload.lengths["prompt_tokens"]["mean"] == 8
+        # summary.json is the result, read back whole (compared as JSON: an empty interval is NaN)
+        assert json.dumps(RunResult.load(tmp_path / d).to_dict(), default=str) == json.dumps(r.to_dict(), default=str)
+        on_disk = json.loads((tmp_path / d / "summary.json").read_text())
+        assert on_disk["aggregates"]["ttft_s"]["p90"] == r.aggregates.ttft_s.p90 == r["aggregates"]["ttft_s"]["p90"]
+    # one schema: the simulated file differs only by the simulator's counters and what needs a client
+    keys = {d: set(json.loads((tmp_path / d / "summary.json").read_text())) for d in ("real", "sim")}
+    assert keys["sim"] - keys["real"] == {"backend"}
+    assert keys["real"] - keys["sim"] == {"endpoint", "completeness"}
+    assert set(real.row()) == set(sim.row())
+
+
+def test_reading_an_old_summary_keeps_what_it_has():
+    old = {"aggregates": {"num_requests": 3, "num_ok": 3, "num_errors": 0, "duration_s": 1.0,
+                          "request_throughput": 3.0, "output_token_throughput": 30.0, "total_token_throughput": 60.0,
+                          "slo_attainment": 1.0, "goodput": 3.0, "ttft_s": {"mean": 0.1, "p50": 0.1, "p90": 0.1,
+                                                                             "p99": 0.1}},
+           "slo": {"ttft_s": 1.0, "tpot_s": 0.1}, "workload": {"name": "x", "num_requests": 3, "arrival": "poisson",
+                                                              "rate": 3.0, "unknown_later_key": 1}}
+    r = RunResult.from_dict(old)
+    assert r.aggregates.ttft_s.p90 == 0.1 and r.aggregates.tpot_s == Latency() and r.status == "ok"
+    with pytest.raises(KeyError):
+        r["no_such_key"]
