@@ -42,10 +42,13 @@ class ExternalConfig:
 
     `command` is a template; its {placeholders} come from the job's config: {python} {host} {port} {model}
     {served_model_name} {tp} {dtype} {max_num_seqs} {max_num_batched_tokens} {max_model_len} {block_size}
-    {prefill_share} {decode_share} {extra_args}. `env` values are templated the same way.
+    {prefill_share} {decode_share} {extra_args}. `env` values and `version_command` are templated the same way.
     """
 
     command: Optional[str] = None
+    # The Python of the engine's own environment ({python}: an engine such as vLLM's CPU build pins its own
+    # torch and is installed in a virtual environment of its own); empty: the Python running this harness.
+    python: str = ""
     url: Optional[str] = None  # attach: drive the server already running at this URL; launch nothing
     env: dict[str, str] = field(default_factory=dict)
     extra_args: str = ""  # appended where the template says {extra_args}

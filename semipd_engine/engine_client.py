@@ -52,6 +52,15 @@ class EngineDead(RuntimeError):
     pass
 
 
+class EngineObserver(Protocol):
+    """What watches an engine (the server's metrics): every worker iteration's stats, and its events (share
+    switches, KV transfers, worker restarts, the controller's decisions)."""
+
+    def observe_iteration(self, worker: str, stats) -> None: ...
+
+    def observe_event(self, event) -> None: ...
+
+
 class PartitionControl(Protocol):
     """Run-time control of semi-PD's compute shares."""
 
@@ -210,9 +219,7 @@ class EngineClient:
         self.restart_reason: Optional[str] = None
         self.restarts = 0
         self.last_restart: Optional[dict] = None
-        self.on_stats: Callable[[str, object], None] = lambda worker, stats: None
-        # Worker events (ShareSwitched, KVTransferred), restarts and the controller's decisions, for the metrics.
-        self.on_event: Callable[[object], None] = lambda event: None
+        self._observers: list[EngineObserver] = []
         self.roles = {w.name: w.role for w in self.topology.workers}
         self._entry_rr = 0
         self.states: dict[str, Any] = {}  # pool name -> ModelState built here (shared with the workers)
@@ -232,6 +239,14 @@ class EngineClient:
                                        log_path=engine_cfg.decision_log)
         self._control_task: Optional[asyncio.Task] = None
         self._t_start = time.monotonic()
+
+    def subscribe(self, observer: EngineObserver) -> None:
+        """`observer` is told every worker iteration and every engine event from now on."""
+        self._observers.append(observer)
+
+    def _notify(self, event) -> None:
+        for o in self._observers:
+            o.observe_event(event)
 
     # -- capabilities the server may expose (typed; None where the engine has none) --------
     @property
@@ -350,7 +365,7 @@ class EngineClient:
         d = self.control.step(now, now - self._t_start, self.shares.partition)
         if d.new != self.shares.partition:
             self.shares.set_partition(d.new)
-        self.on_event(d)
+        self._notify(d)
         return d.row()
 
     # -- lifecycle --------------------------------------------------------------
@@ -488,7 +503,7 @@ class EngineClient:
         self.state, self.restart_reason = "ready", None
         log.warning("engine %s: workers replaced in %.2fs (restart %d) after: %s", self.name, seconds,
                     self.restarts, reason)
-        self.on_event(WorkersRestarted(reason, seconds, self.restarts, dict(self.worker_info)))
+        self._notify(WorkersRestarted(reason, seconds, self.restarts, dict(self.worker_info)))
 
     async def _stop_workers(self) -> None:
         """Kill every worker of the current generation; their queues are abandoned."""
@@ -596,11 +611,12 @@ class EngineClient:
         if isinstance(msg, StepReport):
             if msg.stats is not None:
                 self.observe_iteration(msg.worker, msg.stats, len(msg.outputs))
-                self.on_stats(msg.worker, msg.stats)
+                for o in self._observers:
+                    o.observe_iteration(msg.worker, msg.stats)
             for out in msg.outputs:
                 self._deliver(out)
         elif isinstance(msg, (ShareSwitched, KVTransferred)):
-            self.on_event(msg)
+            self._notify(msg)
         elif isinstance(msg, WorkerFailed):
             tb = msg.traceback.strip().splitlines()
             self._worker_died(gen, f"worker {msg.worker} crashed: {tb[-1] if tb else ''}\n{msg.traceback}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from semipd_engine.messages import KVTransferred, ShareSwitched, WorkersRestarted
@@ -12,7 +14,10 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.
 
 
 class EngineMetrics:
-    def __init__(self) -> None:
+    """An engine's observer (EngineClient.subscribe): its iterations and events as Prometheus series.
+    `pool_label(worker)` names the KV pool a worker's gauges belong to (semi-PD's two workers share one)."""
+
+    def __init__(self, pool_label: Callable[[str], str] = lambda worker: worker) -> None:
         r = self.registry = CollectorRegistry()
         self.kv_blocks_total = Gauge("kv_blocks_total", "KV blocks in the pool", ["instance"], registry=r)
         self.kv_blocks_used = Gauge("kv_blocks_used", "KV blocks allocated", ["instance"], registry=r)
@@ -44,7 +49,7 @@ class EngineMetrics:
                                              "being ready", buckets=(0.5, 1, 2, 3, 5, 10, 20, 60), registry=r)
         self._preempt_seen: dict[str, int] = {}
         self._peaks: dict[str, int] = {}
-        self.pool_label = lambda worker: worker
+        self.pool_label = pool_label
 
     def add_partition_metrics(self) -> None:
         r = self.registry

@@ -89,10 +89,8 @@ class ApiServer:
                  request_log: Optional[str] = None, api_key: Optional[str] = None):
         self.engine, self.tok, self.vocab_size, self.model_name = engine, tokenizer, vocab_size, model_name
         self.api_key = api_key or None
-        self.metrics = EngineMetrics()
-        self.metrics.pool_label = engine.pool_label
-        engine.on_stats = self.metrics.observe_iteration
-        engine.on_event = self.metrics.observe_event
+        self.metrics = EngineMetrics(engine.pool_label)
+        engine.subscribe(self.metrics)
         if engine.partition_control is not None:
             self.metrics.add_partition_metrics()
         if engine.controller is not None:

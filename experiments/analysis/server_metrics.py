@@ -19,6 +19,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
 
+from experiments.analysis.sweep_dir import job_dirs
+
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 # Histogram parts, differenced between samples rather than read as levels.
 _ITERATION = ("iteration_time_sum_s", "iterations")
@@ -125,9 +127,11 @@ def iteration_means(job_dir: Path, start_s: float, end_s: float) -> dict[str, fl
 def server_timeseries(sweep_dir: Path) -> pd.DataFrame:
     """Every job's samples (`job_timeseries`), with the job's engine and rate."""
     frames = []
-    for f in sorted(Path(sweep_dir).glob("*/server_metrics.parquet")):
-        job = json.loads((f.parent / "job.json").read_text())
-        wide = job_timeseries(f.parent)
+    for jd in job_dirs(Path(sweep_dir)):  # a single run's job is the run's own directory
+        if not (jd / "server_metrics.parquet").is_file():
+            continue
+        job = json.loads((jd / "job.json").read_text())
+        wide = job_timeseries(jd)
         if wide is not None:
             frames.append(wide.assign(engine=job["engine"], rate=job["rate"]))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

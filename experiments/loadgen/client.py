@@ -9,7 +9,9 @@ DIR/requests.parquet (one row per request) and DIR/summary.json.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
+import logging
 import math
 import os
 import signal
@@ -30,6 +32,8 @@ from experiments.loadgen.prompts import PromptBuilder
 from experiments.loadgen.result import RunResult, SLOs, measured, workload_run
 from experiments.loadgen.workloads import Workload, load_workload
 
+log = logging.getLogger(__name__)
+
 
 class LoadgenError(RuntimeError):
     pass
@@ -42,6 +46,8 @@ def check_config(lcfg, tokenizer) -> None:
     """Settings that cannot work together fail before anything is sent, naming the key."""
     if lcfg.endpoint not in ENDPOINTS:
         raise LoadgenError(f"loadgen.endpoint={lcfg.endpoint!r}: expected one of {', '.join(ENDPOINTS)}")
+    if lcfg.over_context not in CONTEXT_POLICIES:
+        raise LoadgenError(f"loadgen.over_context={lcfg.over_context!r}: expected one of {', '.join(CONTEXT_POLICIES)}")
     if lcfg.endpoint == "chat" and lcfg.prompt_format == "token_ids":
         raise LoadgenError("loadgen.endpoint=chat sends text messages: loadgen.prompt_format=token_ids needs "
                            "loadgen.endpoint=completions")
@@ -306,7 +312,9 @@ def auth_headers(api_key: Optional[str]) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-async def fetch_model(base_url: str, api_key: Optional[str] = None) -> str:
+async def fetch_model(base_url: str, api_key: Optional[str] = None) -> tuple[str, Optional[int]]:
+    """The served model's id and its context length (`max_model_len`, as vLLM and this project's server report
+    it; None where the server does not say)."""
     url = base_url.rstrip("/") + "/v1/models"
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10),
@@ -318,9 +326,48 @@ async def fetch_model(base_url: str, api_key: Optional[str] = None) -> str:
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
         raise LoadgenError(f"server at {base_url} is unreachable: {type(e).__name__}: {e}") from None
     try:
-        return data["data"][0]["id"]
+        entry = data["data"][0]
+        model = entry["id"]
     except (KeyError, IndexError, TypeError):
         raise LoadgenError(f"{url} returned no model") from None
+    n = entry.get("max_model_len") if isinstance(entry, dict) else None
+    return model, int(n) if isinstance(n, (int, float)) and n > 0 else None
+
+
+CONTEXT_POLICIES = ("clamp", "drop", "send")
+
+
+def fit_context(planned: list[Planned], max_len: Optional[int], policy: str) -> tuple[list[Planned], dict[str, Any]]:
+    """The requests as they will be sent to a server whose context holds `max_len` tokens. One that does not fit
+    (prompt + output > max_len) would not be the request asked for either way (refused, or its output cut short
+    by the server without a word): `clamp` shortens its output to what fits (a prompt that alone fills the
+    context is dropped), `drop` leaves it out of the run, `send` sends it as it is. Counted in the summary."""
+    if policy not in CONTEXT_POLICIES:
+        raise LoadgenError(f"loadgen.over_context={policy!r}: expected one of {', '.join(CONTEXT_POLICIES)}")
+    report: dict[str, Any] = {"max_model_len": max_len, "policy": policy, "over_context": 0, "clamped": 0,
+                              "dropped": 0}
+    if not max_len:
+        return planned, report
+    out = []
+    for p in planned:
+        if p.prompt_tokens < 0 or p.prompt_tokens + p.output_tokens <= max_len:
+            out.append(p)
+            continue
+        report["over_context"] += 1
+        room = max_len - p.prompt_tokens
+        if policy == "send":
+            out.append(p)
+        elif policy == "clamp" and room >= 1:
+            out.append(dataclasses.replace(p, output_tokens=room))
+            report["clamped"] += 1
+        else:
+            report["dropped"] += 1
+    if report["over_context"]:
+        log.warning("%d of %d requests do not fit the server's context of %d tokens: %s (loadgen.over_context=%s)",
+                    report["over_context"], len(planned), max_len,
+                    {"clamp": f"{report['clamped']} outputs shortened, {report['dropped']} dropped",
+                     "drop": f"{report['dropped']} dropped", "send": "sent as they are"}[policy], policy)
+    return out, report
 
 
 def _run(coro):
@@ -344,7 +391,14 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
     workload = load_workload(wcfg, tok)  # fails on a bad file before anything is sent
     lengths = report_lengths(workload, wcfg, lcfg.tokenizer)
     planned = plan(workload, wcfg, lcfg, tok)
-    model = lcfg.model or _run(fetch_model(lcfg.base_url, lcfg.api_key))
+    try:
+        model, max_len = _run(fetch_model(lcfg.base_url, lcfg.api_key))
+    except LoadgenError:
+        if not lcfg.model:
+            raise
+        model, max_len = lcfg.model, None  # a named model on a server without /v1/models: no context known
+    model = lcfg.model or model
+    planned, context = fit_context(planned, max_len, lcfg.over_context)
     gen = LoadGenerator(lcfg, wcfg, model)
     progress = None
     if lcfg.progress:
@@ -369,6 +423,7 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
         endpoint=lcfg.endpoint, model=model, base_url=lcfg.base_url,
         interrupted=gen.signalled is not None or any(r.error and "interrupted" in r.error for r in records),
         signal=gen.signalled, completeness=completeness(df, len(planned)), length_mismatch=length_mismatch(df),
+        context=context,
         config=resolved_config, t0_monotonic=gen.t0)  # the monotonic origin all *_s columns are relative to
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)

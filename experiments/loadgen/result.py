@@ -27,7 +27,7 @@ _CI_KEYS = {"slo_attainment": "slo_attainment", "goodput_rps": "goodput", "reque
             "output_token_throughput": "output_token_throughput"}
 # Optional parts written to summary.json only when present (a simulated run has no host check, a real one no
 # simulator counters), as the files always were.
-_OPTIONAL = ("signal", "completeness", "backend", "host", "step_probe", "validity", "endpoint")
+_OPTIONAL = ("signal", "completeness", "context", "backend", "host", "step_probe", "validity", "endpoint")
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,8 @@ class RunResult:
     signal: Optional[str] = None
     completeness: Optional[dict[str, Any]] = None
     length_mismatch: dict[str, Any] = field(default_factory=dict)
+    # The server's context length and what was done to requests that did not fit it (loadgen.over_context).
+    context: Optional[dict[str, Any]] = None
     backend: Optional[dict[str, Any]] = None  # simulated: the simulator's counters
     host: Optional[dict[str, Any]] = None  # the host check around the load (experiments/sweep/host.py)
     step_probe: Optional[dict[str, Any]] = None  # the engine's step time before and after (sweep/probe.py)
@@ -172,7 +174,9 @@ class RunResult:
             "slo_attainment": a.slo_attainment, "goodput_rps": a.goodput, "request_throughput": a.request_throughput,
             "output_token_throughput": a.output_token_throughput, "num_requests": a.num_requests,
             "num_errors": a.num_errors, "client_valid": self.self_check.get("valid", True),
-            "endpoint": self.endpoint}  # what was measured: None when simulated
+            "endpoint": self.endpoint,  # what was measured: None when simulated
+            # requests that did not fit the server's context (clamped, dropped or sent: loadgen.over_context)
+            "over_context": (self.context or {}).get("over_context")}
         if self.workload.lengths:
             out["mean_prompt_tokens"] = self.workload.lengths["prompt_tokens"]["mean"]
             out["mean_output_tokens"] = self.workload.lengths["output_tokens"]["mean"]
@@ -235,7 +239,7 @@ class RunResult:
                    workload=WorkloadRun(**{k: x for k, x in w.items() if k in names}),
                    self_check=d.get("self_check") or {"valid": True, "reasons": []},
                    **{k: d[k] for k in ("model", "endpoint", "base_url", "interrupted", "signal", "completeness",
-                                        "length_mismatch", "backend", "host", "step_probe", "config",
+                                        "length_mismatch", "context", "backend", "host", "step_probe", "config",
                                         "t0_monotonic") if k in d},
                    validity=Validity(v["valid"], tuple(v["reasons"])) if v else None, goodput=search)
 

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from experiments.sweep import probe
 from experiments.sweep.slo import baseline_key
 from experiments.sweep.slo import cache_path as slo_cache_path
 from semipd_engine import cache
@@ -185,7 +186,7 @@ def job_seconds(rate: float, num_requests: int, cal: dict[str, Any], probe_reque
     """Wall time of one real job: start, probes before and after, arrivals (or the backlog draining at
     capacity, past the knee), the last request's latency, and the fixed per-job work."""
     load_s = num_requests / max(min(rate, cal["capacity_rps"]), 1e-9)
-    probe_s = 2 * probe_requests * (cal["single_ttft_s"] + 15 * cal["single_tpot_s"])
+    probe_s = 2 * probe_requests * (cal["single_ttft_s"] + (probe.OUTPUT_LEN - 1) * cal["single_tpot_s"])
     return cal["startup_s"] + probe_s + load_s + cal["single_e2e_s"] + JOB_FIXED_S
 
 

@@ -76,6 +76,10 @@ class LoadgenConfig:
     # whose length under the tokenizer's chat template is the requested prompt length.
     endpoint: str = "completions"
     ignore_eos: bool = True
+    # A request that does not fit the server's context (prompt + output > the max_model_len its /v1/models
+    # reports): clamp (shorten its output to what fits) | drop (leave it out) | send (as it is: the server
+    # refuses it or cuts it short). Counted in summary.json (`context`) and the job's row.
+    over_context: str = "clamp"
     stream: bool = True
     request_timeout_s: float = 600.0
     # Latencies are measured from the scheduled time (no coordinated omission) or the send time.

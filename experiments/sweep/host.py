@@ -81,8 +81,9 @@ class HostMonitor:
     """
 
     def __init__(self, root_pid: Optional[int] = None, cores: Optional[set[int]] = None,
-                 max_interference: float = 0.1, max_steal: float = 0.05):
+                 max_interference: float = 0.1, max_steal: float = 0.05, also: tuple[int, ...] = ()):
         self.root = root_pid or os.getpid()
+        self.also = tuple(also)  # other process trees that belong to the job (an attached local server)
         self.cores = set(cores) if cores is not None else set(os.sched_getaffinity(0))
         self.max_interference, self.max_steal = max_interference, max_steal
         self.available = os.path.isfile("/proc/stat")
@@ -100,7 +101,7 @@ class HostMonitor:
         self._result = None
         if not self.available:
             return
-        self._own0 = _tree_cpu(self.root)
+        self._own0 = self._own()
         self._cpu0 = _cpu_times(self.cores)
         self._load0 = os.getloadavg()[0]
         self._t0 = time.monotonic()
@@ -113,7 +114,7 @@ class HostMonitor:
             return self._result
         wall = time.monotonic() - self._t0
         cpu1 = _cpu_times(self.cores)
-        own1 = _tree_cpu(self.root)
+        own1 = self._own()
         busy = cpu1[0] - self._cpu0[0]
         steal = cpu1[1] - self._cpu0[1]
         # A process alive at both ends counts its difference; one born in between counts whole.
@@ -136,6 +137,12 @@ class HostMonitor:
         res["valid"] = not res["reasons"]
         self._result = res
         return res
+
+    def _own(self) -> dict[int, float]:
+        own: dict[int, float] = {}
+        for root in (self.root, *self.also):
+            own.update(_tree_cpu(root))
+        return own
 
     def result(self) -> dict[str, Any]:
         return self.stop()

@@ -28,6 +28,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.loadgen import run_loadgen
+from experiments.loadgen.client import LoadgenError, check_config
 from experiments.loadgen.result import GoodputSearch, RunResult, Validity
 from experiments.sweep import capacity, cores, probe, provenance, simulated, tracking
 from experiments.sweep.config import ExperimentConfig, LoadgenConfig, SLOConfig, WandbConfig, WorkloadConfig
@@ -68,6 +69,10 @@ class Job:
         if job.backend.name not in ("real", "sim"):
             raise ValueError(f"backend.name must be 'real' or 'sim', got {job.backend.name!r}")
         check_engine_config(job.engine)  # a key this engine would ignore fails here, naming it
+        try:  # the load generator's settings too, before any server starts
+            check_config(job.loadgen, None)
+        except LoadgenError as e:
+            raise ValueError(str(e)) from None
         if job.external:
             x = job.engine.external
             if job.simulated:
@@ -280,6 +285,11 @@ def _run_measurement(job: Job, jd: Path, record: dict[str, Any], prov: dict, res
         stack.enter_context(srv)
         lcfg = dataclasses.replace(job.loadgen, base_url=srv.url)
         record["server_ready_monotonic"] = time.monotonic()
+        # An attached server on this machine runs outside the job's process tree: its CPU is the job's own.
+        attached = (srv.pid,) if isinstance(srv, AttachedServer) and srv.pid else ()
+        if isinstance(srv, AttachedServer) and not srv.pid:
+            log.info("attached server %s: not a process of this machine that can be seen; its CPU time, if it "
+                     "runs here, counts as host interference", srv.url)
 
         n_probe = job.experiment.step_probe_requests
 
@@ -292,7 +302,7 @@ def _run_measurement(job: Job, jd: Path, record: dict[str, Any], prov: dict, res
         def measure(wcfg, out_dir):
             before = step_probe(wcfg) if n_probe else None
             with HostMonitor(cores=set(my_cores), max_interference=job.experiment.max_host_interference,
-                             max_steal=job.experiment.max_cpu_steal) as mon:
+                             max_steal=job.experiment.max_cpu_steal, also=attached) as mon:
                 r = run_loadgen(lcfg, dataclasses.replace(wcfg, rate=wcfg.rate * load), slo_cfg, out_dir, resolved)
             host = {**mon.result(), "dtype_choice": prov.get("dtype_choice")}  # what the model ran in, and why
             v = None
@@ -319,7 +329,7 @@ def _server(job: Job, engine_cfg, jd: Path):
     if not job.external:
         return EngineServer(job.model, engine_cfg, job.server, str(jd), job.server.startup_timeout_s)
     if job.engine.external.url:
-        return AttachedServer(engine_cfg, str(jd))
+        return AttachedServer(engine_cfg, str(jd), job.model)
     return ExternalServer(job.model, engine_cfg, str(jd))
 
 

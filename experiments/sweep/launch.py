@@ -9,8 +9,10 @@ leaves no orphan behind. `MetricsRecorder` samples the server's Prometheus page 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -19,6 +21,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -83,17 +86,19 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 self.stop()
                 raise ServerStartError(f"engine server exited with code {self.proc.returncode}; "
-                                       f"log {self.log_path}:\n{self.log_tail()}")
+                                       f"log {self.log_path}:\n{self.log_excerpt()}")
             if healthy(self.url + self.health_path):
                 return
             time.sleep(0.25)
         self.stop()
         raise ServerStartError(f"engine server not healthy after {self.health_timeout_s}s "
-                               f"({self.url + self.health_path}); log {self.log_path}:\n{self.log_tail()}")
+                               f"({self.url + self.health_path}); log {self.log_path}:\n{self.log_excerpt()}")
 
-    def log_tail(self, n: int = 40) -> str:
+    def log_excerpt(self, n: int = 40) -> str:
+        """The log's last `n` lines and, when it lies before them, the error that stopped the server: an engine
+        that dies on a bad flag can print dozens of lines of shutdown after its exception (vLLM: ~50)."""
         try:
-            return "\n".join(self.log_path.read_text().splitlines()[-n:])
+            return excerpt(self.log_path.read_text(errors="replace").splitlines(), n)
         except OSError:
             return ""
 
@@ -140,6 +145,65 @@ def _wait_group_gone(pgid: int, timeout_s: float = 5.0) -> None:
         time.sleep(0.05)
 
 
+_ERROR = re.compile(r"^\s*(?:[\w.]+\.)?\w*(?:Error|Exception|Exit)\b(?::|$)|^\s*(?:ERROR|CRITICAL|FATAL)\b|"
+                    r"\b(?:ERROR|CRITICAL)\b.*\b(?:Error|Exception)\b")
+
+
+def excerpt(lines: list[str], n: int = 40, context: int = 30) -> str:
+    """`lines`' last `n`, preceded by the last traceback or error line (with up to `context` lines of its
+    traceback) when that lies above them."""
+    tail_start = max(0, len(lines) - n)
+    hits = [i for i, line in enumerate(lines[:tail_start]) if _ERROR.search(line)]
+    if not hits:
+        return "\n".join(lines[tail_start:])
+    last = hits[-1]
+    tb = [i for i in range(max(0, last - context), last) if lines[i].startswith("Traceback")]
+    first = tb[-1] if tb else last
+    skipped = tail_start - last - 1
+    return "\n".join([*lines[first:last + 1], f"... ({skipped} lines) ...", *lines[tail_start:]])
+
+
+def listening_pid(url: str) -> int | None:
+    """The process listening on `url`'s port, when that is this machine (Linux /proc); None otherwise."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        local = host in ("localhost", "") or ipaddress.ip_address(socket.gethostbyname(host)).is_loopback \
+            or socket.gethostbyname(host) in _local_addresses()
+    except (OSError, ValueError):
+        return None
+    if not local:
+        return None
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f[9])
+    if not inodes:
+        return None
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            for fd in (proc / "fd").iterdir():
+                link = os.readlink(fd)
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+def _local_addresses() -> set[str]:
+    try:
+        return {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        return set()
+
+
 def healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
@@ -173,7 +237,7 @@ def template_fields(model_cfg, engine_cfg, port: int) -> dict[str, object]:
     """What an external engine's command template may use (engine.external.command)."""
     e, x = engine_cfg, engine_cfg.external
     model = model_cfg.path or model_cfg.name
-    return {"python": sys.executable, "host": "127.0.0.1", "port": port, "model": model,
+    return {"python": x.python or sys.executable, "host": "127.0.0.1", "port": port, "model": model,
             "served_model_name": os.path.basename(os.path.normpath(model)), "tp": model_cfg.tensor_parallel_size,
             "dtype": model_cfg.dtype, "max_num_seqs": e.max_num_seqs,
             "max_num_batched_tokens": e.max_num_batched_tokens, "max_model_len": model_cfg.max_model_len,
@@ -201,9 +265,11 @@ class ExternalServer(ServerProcess):
         if not self.argv:
             raise ValueError("engine.external.command is empty")
         self.extra_env = {k: fill(str(v), fields, f"engine.external.env.{k}") for k, v in x.env.items()}
+        vcmd = fill(x.version_command, fields, "engine.external.version_command") if x.version_command else None
         (self.job_dir / "external.json").write_text(json.dumps({
-            "command": self.argv, "env": self.extra_env, "version": version(x.version_command, self.extra_env),
-            "tensor_parallel_size": model_cfg.tensor_parallel_size}, indent=2))
+            "command": self.argv, "env": self.extra_env, "version_command": vcmd,
+            "version": version(vcmd, self.extra_env), "tensor_parallel_size": model_cfg.tensor_parallel_size},
+            indent=2))
 
     def command(self) -> list[str]:
         return self.argv
@@ -215,14 +281,22 @@ class ExternalServer(ServerProcess):
 class AttachedServer:
     """A server somebody else runs (`engine.external.url`): checked, driven, never started or stopped."""
 
-    def __init__(self, engine_cfg, job_dir: str):
+    def __init__(self, engine_cfg, job_dir: str, model_cfg=None):
         x = engine_cfg.external
         self.url = x.url.rstrip("/")
         if not healthy(self.url + x.health_path):
             raise ServerStartError(f"engine.external.url={x.url}: no healthy server at {self.url + x.health_path}")
         Path(job_dir).mkdir(parents=True, exist_ok=True)
+        vcmd = None
+        if x.version_command and model_cfg is not None:
+            port = urllib.parse.urlsplit(self.url).port or 80
+            vcmd = fill(x.version_command, template_fields(model_cfg, engine_cfg, port),
+                        "engine.external.version_command")
+        # A server on this machine: its processes are the job's, not interference (sweep/host.py).
+        self.pid = listening_pid(self.url)
         (Path(job_dir) / "external.json").write_text(json.dumps({
-            "attached": self.url, "version": version(x.version_command, {})}, indent=2))
+            "attached": self.url, "version_command": vcmd, "version": version(vcmd, {}), "pid": self.pid},
+            indent=2))
 
     def __enter__(self):
         return self

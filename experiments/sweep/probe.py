@@ -3,7 +3,7 @@
 The host check sees CPU time taken by others; it cannot see a machine that is slower than usual for reasons
 that leave no CPU time behind (frequency, memory bandwidth taken by a neighbour on another core, a hypervisor
 that hides its steal). A short probe can: `experiment.step_probe_requests` requests sent one at a time (16-token
-prompts, 16-token answers) right before and right after the load; their median TPOT is the engine's step time
+prompts, 8-token answers) right before and right after the load; their median TPOT is the engine's step time
 at batch 1 plus the serving path's per-token cost. A run is flagged when the probe after the load is more than
 `experiment.max_step_slowdown` times the one before, or when the probe before it is that much slower than the
 first probe recorded for the same model, engine, cores and machine on a run whose host check passed (kept in
@@ -18,13 +18,16 @@ partition during the load, the probe after it measures another partition and is 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from typing import Any, Optional
 
 from semipd_engine import cache
 
 log = logging.getLogger(__name__)
-PROMPT_LEN = OUTPUT_LEN = 16
+# 16-token prompts, 8-token answers: 7 decode steps a request, 21 over the default 3 requests, enough for a
+# median to within a few percent; longer answers cost a slow CPU seconds per job (two probes a job) for nothing.
+PROMPT_LEN, OUTPUT_LEN = 16, 8
 
 
 def calibration_path():
@@ -40,8 +43,11 @@ def calibration_key(job, cores: list[int], machine: dict) -> str:
         from semipd_engine.partition import resolve_backend
 
         backend = f"|{resolve_backend(e.partition_backend, m.device)}"
+    if e.name == "external":  # every external engine is named `external`: its command (or URL) says which
+        x = e.external
+        backend = "|" + hashlib.sha1(f"{x.command or x.url}|{x.extra_args}".encode()).hexdigest()[:12]
     return (f"{m.path or m.name}|{m.dtype}|{e.name}|{e.policy}|p{e.prefill_share}|d{e.decode_share}|t{e.num_threads}"
-            f"{backend}|{machine.get('cpu')}|{len(cores)} cores")
+            f"{backend}|{machine.get('cpu')}|{len(cores)} cores|probe {PROMPT_LEN}x{OUTPUT_LEN}")
 
 
 def measure(url: str, lcfg, wcfg, n: int) -> Optional[dict[str, float]]:

@@ -17,8 +17,11 @@ from aiohttp import web
 
 
 class MockOpenAIServer:
-    def __init__(self, ttft_s: float = 0.05, itl_s: float = 0.01, serial: bool = False, port: int = 0):
+    def __init__(self, ttft_s: float = 0.05, itl_s: float = 0.01, serial: bool = False, port: int = 0,
+                 max_model_len: int | None = None):
         self.ttft_s, self.itl_s = ttft_s, itl_s
+        self.max_model_len = max_model_len  # reported in /v1/models, as vLLM does
+        self.max_tokens: list[int] = []  # what each generation request asked for
         # serial: one request at a time (a single-server queue), so latency grows with the load.
         self.serial = serial
         self.received: list[float] = []  # arrival times (monotonic) of completion requests
@@ -62,7 +65,10 @@ class MockOpenAIServer:
         await runner.cleanup()
 
     async def models(self, request):
-        return web.json_response({"object": "list", "data": [{"id": "mock", "object": "model"}]})
+        entry = {"id": "mock", "object": "model"}
+        if self.max_model_len:
+            entry["max_model_len"] = self.max_model_len
+        return web.json_response({"object": "list", "data": [entry]})
 
     async def completions(self, request):
         if self.serial:
@@ -78,6 +84,7 @@ class MockOpenAIServer:
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
         self.paths.append(request.path)
         n = body.get("max_tokens", 16)
+        self.max_tokens.append(n)
         if isinstance(prompt, str) and "FAIL500" in prompt:
             return web.json_response({"error": {"message": "boom", "type": "server_error"}}, status=500)
         n_prompt = len(prompt) if isinstance(prompt, list) else len(prompt.split())

@@ -142,3 +142,24 @@ def test_chat_with_token_ids_is_refused_before_sending():
         run_loadgen(loadgen_cfg("http://127.0.0.1:9", endpoint="chat", prompt_format="token_ids"), wl, SLO)
     with pytest.raises(LoadgenError, match="loadgen.endpoint"):
         run_loadgen(loadgen_cfg("http://127.0.0.1:9", endpoint="responses"), wl, SLO)
+
+
+def test_requests_that_do_not_fit_the_servers_context_are_clamped_dropped_or_sent_and_counted(tmp_path):
+    from experiments.loadgen.client import Planned, fit_context
+
+    planned = [Planned(0, "a", 100, 20, 0.0), Planned(1, "b", 120, 20, 0.1), Planned(2, "c", 130, 5, 0.2),
+               Planned(3, "d", -1, 500, 0.3)]  # unknown prompt length: not judged
+    kept, rep = fit_context(planned, 128, "clamp")
+    assert [(p.idx, p.output_tokens) for p in kept] == [(0, 20), (1, 8), (3, 500)]
+    assert (rep["over_context"], rep["clamped"], rep["dropped"]) == (2, 1, 1)
+    kept, rep = fit_context(planned, 128, "drop")
+    assert [p.idx for p in kept] == [0, 3] and rep["dropped"] == 2
+    kept, rep = fit_context(planned, 128, "send")
+    assert kept == planned and rep["over_context"] == 2
+    assert fit_context(planned, None, "clamp")[0] == planned  # a server that does not say: nothing to do
+    # end to end: the server's context read from /v1/models, the clamped request asks for what fits
+    w = workload_cfg(name="fixed", prompt_len=8, output_len=10, num_requests=6, arrival="poisson", rate=20.0)
+    with MockOpenAIServer(ttft_s=0.01, itl_s=0.002, max_model_len=14) as srv:  # prompts of exactly 8 tokens
+        s = run_loadgen(loadgen_cfg(srv.url, tokenizer="builtin"), w, SLO, str(tmp_path))
+    assert srv.max_tokens == [6] * 6 and s.context["clamped"] == 6 and s.context["max_model_len"] == 14
+    assert s.length_mismatch["output_mismatched"] == 0 and s.row()["over_context"] == 6

@@ -31,7 +31,7 @@ def test_a_row_picks_each_metric_from_its_place():
     assert (h["num_requests"], h["num_errors"], h["client_valid"]) == (10, 1, False)
     assert (h["mean_ttft_s"], h["p90_tpot_s"], h["p50_itl_s"], h["p99_e2e_s"]) == (0, 12, 21, 33)
     assert h["endpoint"] is None and "mean_prompt_tokens" not in h  # a result without them (simulated, old)
-    assert len(h) == 8 + 16
+    assert len(h) == 9 + 16
 
 
 def test_an_incomplete_run_is_not_ok_and_every_check_gives_its_reason():
@@ -63,7 +63,7 @@ def test_both_backends_produce_the_same_result_and_it_round_trips_through_its_fi
     # one schema: the simulated file differs only by the simulator's counters and what needs a client
     keys = {d: set(json.loads((tmp_path / d / "summary.json").read_text())) for d in ("real", "sim")}
     assert keys["sim"] - keys["real"] == {"backend"}
-    assert keys["real"] - keys["sim"] == {"endpoint", "completeness"}
+    assert keys["real"] - keys["sim"] == {"endpoint", "completeness", "context"}
     assert set(real.row()) == set(sim.row())
 
 

@@ -41,7 +41,7 @@ def test_job_time_is_start_probes_arrivals_or_backlog_and_drain():
     # below the knee the arrivals set the pace; past it the backlog drains at the capacity
     below = capacity.job_seconds(1.0, 40, CAL, probe_requests=3)
     past = capacity.job_seconds(4.0, 40, CAL, probe_requests=3)
-    probes = 2 * 3 * (0.1 + 15 * 0.02)
+    probes = 2 * 3 * (0.1 + 7 * 0.02)  # 8-token answers: 7 decode steps each
     assert below == pytest.approx(10 + probes + 40 / 1.0 + 0.7 + capacity.JOB_FIXED_S)
     assert past == pytest.approx(10 + probes + 40 / 2.0 + 0.7 + capacity.JOB_FIXED_S)
     assert capacity.estimate([{"rate": 1.0, "num_requests": 40}] * 2, CAL, 3) == pytest.approx(2 * below)

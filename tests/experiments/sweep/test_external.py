@@ -111,3 +111,56 @@ def test_every_preset_fills_its_command_template():
         env = {k: fill(v, fields, k) for k, v in job.engine.external.env.items()}
         if preset == "semipd_fork":
             assert env == {"SEMI_PD_PREFILL_SM_PERCENTILE": "80", "SEMI_PD_DECODE_SM_PERCENTILE": "100"}
+
+
+def test_a_failed_start_shows_the_error_even_when_the_log_goes_on_after_it(tmp_path):
+    from experiments.sweep.launch import excerpt
+
+    lines = ["INFO starting", "Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
+             "ValueError: the head size 16 is not supported", *[f"INFO shutting down {i}" for i in range(60)]]
+    text = excerpt(lines, n=40)
+    assert "ValueError: the head size 16 is not supported" in text and "Traceback" in text
+    assert "INFO shutting down 59" in text and "INFO starting" not in text and "(20 lines)" in text
+    assert excerpt(lines[-30:], n=40) == "\n".join(lines[-30:])  # nothing above the tail: the tail alone
+    # through a launch: the cause 60 lines above the end is in the error
+    noisy = ("{python} -c 'import sys; print(\"ValueError: bad flag --frobnicate\"); "
+             "[print(\"cleanup\", i) for i in range(60)]; sys.exit(2)'")
+    cfg = compose_run([*LOAD, "engine=command"])
+    cfg.engine.external.command = noisy
+    with pytest.raises(ServerStartError, match="bad flag --frobnicate"):
+        run(cfg, str(tmp_path / "job"))
+
+
+def test_the_engines_own_python_runs_it_and_reports_its_version(tmp_path):
+    import sys
+
+    from experiments.sweep.launch import ExternalServer
+
+    job = Job.from_cfg(compose_run([*LOAD, "engine=vllm", "model=hf", "model.path=/m/llama",
+                                    f"engine.external.python={sys.executable}", "slo=default"]))
+    x = job.engine.external
+    assert x.command.startswith("{python} -m vllm.entrypoints.openai.api_server")
+    srv = ExternalServer(job.model, job.engine, str(tmp_path))
+    assert srv.argv[0] == sys.executable
+    ext = json.loads((tmp_path / "external.json").read_text())
+    assert ext["version_command"].startswith(sys.executable)  # not whatever `python` is first on PATH
+    assert "No module named 'vllm'" in ext["version"]  # this environment has no vLLM: said, not hidden
+
+
+def test_each_external_engine_has_its_own_step_probe_calibration():
+    from experiments.sweep.probe import calibration_key
+
+    keys = {calibration_key(Job.from_cfg(compose_run(["experiment=single", f"engine={e}", "model=hf",
+                                                       "model.path=/m/llama", "slo=default"])), [0, 1], {"cpu": "x"})
+            for e in ("vllm", "vllm_chunked", "sglang", "semipd_fork")}
+    assert len(keys) == 4
+
+
+def test_keys_added_to_the_external_dicts_on_the_command_line():
+    """Hydra adds a key that a config does not have with `+`, as the README writes them."""
+    cfg = compose_run(["experiment=single", "engine=vllm", "model=hf", "model.path=/m/llama", "slo=default",
+                       "+engine.external.env.VLLM_CPU_KVCACHE_SPACE=4",
+                       "+engine.external.metrics.iterations=vllm:iteration_tokens_total_count"])
+    job = Job.from_cfg(cfg)
+    assert job.engine.external.env["VLLM_CPU_KVCACHE_SPACE"] == "4"
+    assert job.engine.external.metrics["iterations"] == "vllm:iteration_tokens_total_count"

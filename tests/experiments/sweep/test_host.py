@@ -55,3 +55,31 @@ def test_the_jobs_own_work_is_not_interference():
     assert used > 0.1 and res["own_cpu_s"] == pytest.approx(used, abs=0.05), res
     assert res["foreign_cpu_s"] == pytest.approx(max(0.0, res["busy_cpu_s"] - res["own_cpu_s"]))
     assert {"busy_cpu_s", "own_cpu_s", "steal_frac", "loadavg_1m_start", "loadavg_1m_end"} <= set(res)
+
+
+def test_an_attached_local_servers_processes_are_the_jobs_own():
+    """A server the job attached to runs outside its process tree; named in `also`, its CPU is not foreign."""
+    from experiments.sweep.launch import listening_pid
+
+    core = sorted(os.sched_getaffinity(0))[0]
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # the job: idle
+    server = subprocess.Popen([sys.executable, "-c",
+                               "import http.server, os, threading, time\n"
+                               f"os.sched_setaffinity(0, {{{core}}})\n"
+                               "s = http.server.HTTPServer(('127.0.0.1', 0), http.server.BaseHTTPRequestHandler)\n"
+                               "print(s.server_address[1], flush=True)\n"
+                               "t = time.monotonic()\n"
+                               "while time.monotonic() - t < 3:\n    pass\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        assert listening_pid(f"http://127.0.0.1:{port}") == server.pid
+        assert listening_pid("http://192.0.2.1:80") is None  # not this machine
+        with HostMonitor(root_pid=job.pid, cores={core}, also=(server.pid,)) as mine, \
+                HostMonitor(root_pid=job.pid, cores={core}) as blind:
+            time.sleep(1.0)
+    finally:
+        for p in (job, server):
+            p.kill()
+            p.wait()
+    assert mine.result()["valid"] and mine.result()["own_cpu_frac"] > 0.5, mine.result()
+    assert not blind.result()["valid"]
