@@ -39,6 +39,12 @@ BASELINE_REQUESTS = 8  # single requests at the mean lengths (the SLO baseline's
 # summary, W&B, figures. Measured: the 12 float32 demo jobs on a 2-core EPYC took 8.5 s each more than an estimate
 # with 4 s here (a Poisson draw's last arrival, the drain under load, the gap between Hydra jobs).
 JOB_FIXED_S = 12.0
+# The unified engine's capacity (req/s) times one request's latency alone (s), as measured on three machines
+# (docs/benchmarks.md, the default demo): 3.2 (native bf16), 1.8 (float32), 1.7 (float32 at half the speed).
+# A capacity predicted from the single-request run alone lies between these two multiples of 1 / latency; the
+# prediction only decides that a sweep cannot fit its time budget at these lengths (skipping a long saturated run
+# on a slow machine), never the rate of a load.
+CAPACITY_X_E2E = (1.7, 3.2)
 # When even `min_requests` per point is over the budget, the requests get shorter: these multiples of the
 # workload's lengths are tried in turn (never below `experiment.min_length_scale`).
 LENGTH_STEPS = (0.75, 0.5, 0.375, 0.25)
@@ -70,8 +76,11 @@ def cached(model_cfg, engine_cfg, wcfg, lcfg, machine: dict) -> Optional[dict[st
     return cache.read(cache_path()).get(capacity_key(model_cfg, engine_cfg, wcfg, lcfg, machine))
 
 
-def measure(model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine: dict) -> dict[str, Any]:
-    """Start the unified engine once: its start-up time, single-request latencies, and its capacity."""
+def measure(model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine: dict, worth=None) -> dict[str, Any]:
+    """Start the unified engine once: its start-up time, single-request latencies, and its capacity.
+
+    `worth(partial)`, given the start-up time and single-request latencies, may say the saturated run is not
+    worth making (False): the capacity is then predicted from them (`predicted`: the lower of CAPACITY_X_E2E)."""
     from experiments.loadgen import run_loadgen
     from experiments.sweep.config import SLOConfig
     from experiments.sweep.host import HostMonitor
@@ -90,6 +99,13 @@ def measure(model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine: dict) -> dic
             startup_s = time.monotonic() - t0
             lc = dataclasses.replace(lcfg, base_url=srv.url, progress=False)
             one = run_loadgen(lc, baseline_probe(wcfg, BASELINE_REQUESTS), slo).aggregates
+            single = {"startup_s": startup_s, "single_ttft_s": one.ttft_s.p50, "single_tpot_s": one.tpot_s.p50,
+                      "single_e2e_s": one.e2e_s.p50}
+            if worth is not None and one.e2e_s.p50 and not worth(single):
+                host = mon.stop()
+                return {**single, "capacity_rps": CAPACITY_X_E2E[0] / one.e2e_s.p50, "predicted": True,
+                        "host_valid": host.get("valid", True), "host_foreign_cpu_frac": host.get("foreign_cpu_frac"),
+                        "measured_at": time.time(), "seconds": time.monotonic() - t0}
             a = run_loadgen(dataclasses.replace(lc, warmup_requests=conc), sat, slo).aggregates
     if a.num_errors or not a.request_throughput:
         raise RuntimeError(f"capacity calibration failed: {a.num_errors} errors, throughput {a.request_throughput}")
@@ -102,16 +118,21 @@ def measure(model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine: dict) -> dic
 
 
 def resolve(model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine: dict,
-            sweep_dir: Optional[str] = None) -> dict[str, Any]:
+            sweep_dir: Optional[str] = None, worth=None) -> dict[str, Any]:
     """The machine's capacity for this model and workload: the sweep's own (every job of a sweep, and a resumed
-    sweep, uses the one its first job saw), else cached, else measured (and cached when quiet)."""
+    sweep, uses the one its first job saw), else cached, else measured (and cached when quiet). With `worth`
+    (see `measure`) a predicted capacity may come back (`predicted`); without it, only a measured one."""
     key = capacity_key(model_cfg, engine_cfg, wcfg, lcfg, machine)
     pinned = Path(sweep_dir) / "capacity.json" if sweep_dir else None
+
+    def usable(entry):
+        return entry and (worth is not None or not entry.get("predicted"))
+
     own = cache.read(pinned).get(key) if pinned else None
-    if own:
+    if usable(own):
         return {**own, "cached": True}
     hit = cache.read(cache_path()).get(key)
-    if hit:
+    if usable(hit):
         if pinned:
             cache.update(pinned, key, hit)
         return {**hit, "cached": True}
@@ -119,8 +140,10 @@ def resolve(model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine: dict,
     print(f"calibrating: the unified engine's capacity for {model_cfg.path or model_cfg.name} ({model_cfg.dtype}) "
           f"on this machine (one server start, ~{BASELINE_REQUESTS + CONCURRENCY + MEASURED} requests; cached)",
           flush=True)
-    cal = measure(model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine)
-    print(f"calibrated: capacity {cal['capacity_rps']:.2f} req/s, single request TTFT "
+    cal = measure(model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine, worth)
+    what = "predicted from one request's latency (the saturated run skipped: too slow for the budget)" \
+        if cal.get("predicted") else "capacity"
+    print(f"calibrated: {what} {cal['capacity_rps']:.2f} req/s, single request TTFT "
           f"{1e3 * cal['single_ttft_s']:.0f} ms / TPOT {1e3 * cal['single_tpot_s']:.1f} ms, server start "
           f"{cal['startup_s']:.0f} s (took {cal['seconds']:.0f} s)", flush=True)
     if cal["host_valid"]:

@@ -74,24 +74,32 @@ def announce(config, sweep_dir: Optional[str] = None) -> Optional[float]:
     print(dtypes.describe(choice), flush=True)
     m = this_machine()
     t0 = time.monotonic()  # a calibration made now is part of the budget
+    probes, budget, floor = base.experiment.step_probe_requests, base.experiment.time_budget_s, base.experiment.min_requests
+    worth = None
+    if budget and any(x is not None for x in loads):
+        def worth(single: dict) -> bool:
+            """Is the saturated calibration run worth making at these lengths? Not when even the highest capacity
+            these single-request latencies allow leaves the sweep over budget at the request floor: the requests
+            will be shortened, and measured there."""
+            c = {**single, "capacity_rps": capacity.CAPACITY_X_E2E[1] / single["single_e2e_s"]}
+            return capacity.estimate(_cut(_plan(real, loads, c, w), floor), c, probes) <= budget - (time.monotonic() - t0)
     if any(x is not None for x in loads):
-        cal = capacity.resolve(model, base.engine, base.server, w, base.loadgen, m, sweep_dir)
+        cal = capacity.resolve(model, base.engine, base.server, w, base.loadgen, m, sweep_dir, worth=worth)
     else:
         cal = capacity.cached(model, base.engine, w, base.loadgen, m)
         if cal is None:
             return None
     planned = _plan(real, loads, cal, w)
-    probes = base.experiment.step_probe_requests
     total = capacity.estimate(planned, cal, probes)
-    budget = base.experiment.time_budget_s
     if budget and total > budget - (time.monotonic() - t0) and any(p["relative"] for p in planned):
-        floor, most = base.experiment.min_requests, max(p["num_requests"] for p in planned if p["relative"])
+        most = max(p["num_requests"] for p in planned if p["relative"])
         left = budget - (time.monotonic() - t0)
         n, scale = capacity.fit_requests(planned, cal, probes, left, floor), 1.0
         if n <= floor and capacity.estimate(_cut(planned, n), cal, probes) > left:
             scale = capacity.fit_lengths(planned, cal, probes, left, floor, base.experiment.min_length_scale)
         if scale < 1.0:
-            print(f"the full sweep would take ~{total / 60:.1f} min here, and ~"
+            guess = " (capacity predicted from one request's latency)" if cal.get("predicted") else ""
+            print(f"the full sweep would take ~{total / 60:.1f} min here{guess}, and ~"
                   f"{capacity.estimate(_cut(planned, floor), cal, probes) / 60:.1f} min at the floor of {floor} "
                   f"requests per load point (experiment.min_requests): over experiment.time_budget_s={budget:g}, so "
                   f"the requests are {scale:g}x as long (workload.length_scale={w.length_scale * scale:g}; the "

@@ -161,12 +161,17 @@ def test_lengths_shrink_only_when_the_floor_is_over_budget():
 def test_a_sweep_too_slow_for_its_budget_runs_shorter_requests_measured_at_those_lengths(
         tmp_path, monkeypatch, capsys):
     # A machine that serves 1 req/s at the workload's lengths (the demo would take ~20 min), twice that at half.
-    seen = []
+    seen, skipped = [], []
 
-    def measure(model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine):
-        seen.append(wcfg.length_scale)
-        return {**CAL, "capacity_rps": 1.0 / wcfg.length_scale, "startup_s": 3.0,
-                "single_ttft_s": 0.3 * wcfg.length_scale, "single_e2e_s": 2.0 * wcfg.length_scale}
+    def measure(model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine, worth=None):
+        x = wcfg.length_scale
+        seen.append(x)
+        single = {"startup_s": 3.0, "single_ttft_s": 0.3 * x, "single_tpot_s": 0.02, "single_e2e_s": 2.0 * x}
+        if worth is not None and not worth(single):  # not even the fastest capacity these latencies allow fits
+            skipped.append(x)
+            return {**CAL, **single, "capacity_rps": capacity.CAPACITY_X_E2E[0] / single["single_e2e_s"],
+                    "predicted": True}
+        return {**CAL, **single, "capacity_rps": 1.0 / x}
 
     monkeypatch.setattr(capacity, "measure", measure)
     from experiments.sweep import plan
@@ -175,8 +180,9 @@ def test_a_sweep_too_slow_for_its_budget_runs_shorter_requests_measured_at_those
     total = plan.announce(demo, str(tmp_path))
     out = capsys.readouterr().out
     sizing = capacity.sweep_sizing(str(tmp_path))
-    assert seen[0] == 1.0 and len(seen) == 2 and seen[1] == sizing["length_scale"] < 1.0
-    assert "workload.length_scale=" in out and total <= 540
+    # the saturated run at full length is skipped (hopeless within the budget); the shorter lengths are measured
+    assert skipped == [1.0] and seen == [1.0, sizing["length_scale"]] and sizing["length_scale"] < 1.0
+    assert "workload.length_scale=" in out and "predicted" in out and total <= 540
     assert sizing["num_requests"] >= demo.experiment.min_requests
     # every job then runs at those lengths, at the capacity measured there, with the sweep's request count
     job = _job("workload.load=0.9", "experiment.time_budget_s=540")
@@ -184,6 +190,12 @@ def test_a_sweep_too_slow_for_its_budget_runs_shorter_requests_measured_at_those
     assert resolved.workload.length_scale == sizing["length_scale"] == decided["sized_length_scale"]
     assert resolved.workload.rate == pytest.approx(0.9 * 1.0 / sizing["length_scale"], rel=1e-3)
     assert resolved.workload.num_requests == sizing["num_requests"] and len(seen) == 2  # no third calibration
+    # the next sweep decides from the cache alone; a job at full length never takes a predicted capacity
+    plan.announce(demo, str(tmp_path / "again"))
+    assert len(seen) == 2
+    full = _job("workload.load=0.9", "experiment.time_budget_s=null")
+    resolve_machine(full, capacity_machine(), str(tmp_path / "unsized"))
+    assert seen[-1] == 1.0 and len(seen) == 3 and len(skipped) == 1  # measured, saturated run and all
 
 
 def capacity_machine():
