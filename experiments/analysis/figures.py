@@ -117,11 +117,13 @@ def context(sweep_dir: Path, summary: pd.DataFrame, pts: Optional[pd.DataFrame] 
     model = uniq("model") or (cfg.get("model") or {}).get("name", "?")
     workload = uniq("workload") or (cfg.get("workload") or {}).get("name", "?")
     w = cfg.get("workload") or {}
+    # The scale the jobs ran at (a time budget may have shortened the requests), else the configured one.
+    run_scales = sorted(set(summary["length_scale"].dropna())) if "length_scale" in summary else []
+    ls = run_scales[0] if len(run_scales) == 1 else w.get("length_scale", 1.0)
     if w.get("name") in ("synthetic", "longbench_synthetic", "shift") and w.get("prompt_mean"):
-        ls = w.get("length_scale", 1.0)
         workload += f" (mean prompt {w['prompt_mean'] * ls:.0f} / output {w['output_mean'] * ls:.0f} tokens)"
-    elif w.get("length_scale", 1.0) != 1.0:
-        workload += f" (lengths x{w['length_scale']:g})"
+    elif ls != 1.0:
+        workload += f" (lengths x{ls:g})"
     backends = set(summary["backend"].dropna()) if "backend" in summary else {"real"}
     if backends == {"sim"}:
         hw = uniq("hardware") or "?"

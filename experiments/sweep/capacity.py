@@ -35,10 +35,11 @@ log = logging.getLogger(__name__)
 CONCURRENCY = 32
 MEASURED = 32  # requests counted after the first wave
 BASELINE_REQUESTS = 8  # single requests at the mean lengths (the SLO baseline's protocol)
-# Per job, besides its server start and its load: the job's process and imports, step probes' margins, the
-# summary, W&B, figures. Measured: the 12 float32 demo jobs on a 2-core EPYC took 8.5 s each more than an estimate
-# with 4 s here (a Poisson draw's last arrival, the drain under load, the gap between Hydra jobs).
-JOB_FIXED_S = 12.0
+# Per job, besides its server start, probes and load: the job's process, stopping the server, the summary, W&B,
+# figures, and the drain past one request's latency. Measured over the demo's 12 jobs (docs/benchmarks.md): with
+# 12 s here the estimates ran 7-10 s a job over what the jobs took, both on a 2-core EPYC with native bf16 and on
+# the same CPU made half as fast in float32.
+JOB_FIXED_S = 5.0
 # The unified engine's capacity (req/s) times one request's latency alone (s), as measured on three machines
 # (docs/benchmarks.md, the default demo): 3.2 (native bf16), 1.8 (float32), 1.7 (float32 at half the speed).
 # A capacity predicted from the single-request run alone lies between these two multiples of 1 / latency; the

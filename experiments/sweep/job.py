@@ -217,6 +217,8 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
                               "workload": job.workload.name, "model": job.model.path or job.model.name,
                               "mode": job.experiment.mode, "backend": job.backend.name,
                               "seed": job.workload.seed, "dtype": job.model.dtype, "overrides": overrides or {},
+                              # the lengths' multiple as run (a time budget may have shortened the requests)
+                              "length_scale": job.workload.length_scale,
                               "started": time.time()}
     if "dtype" in decided:
         record["dtype_reason"] = decided["dtype"].reason
