@@ -221,8 +221,8 @@ def estimate(jobs: list[dict[str, Any]], cal: dict[str, Any], probe_requests: in
 
 # --- before a sweep starts ----------------------------------------------------------------------------------------
 
-def sweep_jobs(config) -> list[dict[str, str]]:
-    """Each job's overrides (key -> value as typed), expanded as Hydra's basic sweeper expands them."""
+def sweep_overrides(config) -> list[list[str]]:
+    """Each job's overrides as Hydra composes them (`+key=value` kept), expanded as its basic sweeper does."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -231,4 +231,9 @@ def sweep_jobs(config) -> list[dict[str, str]]:
     params, task = one_rate_axis(config.hydra.get("sweeper", {}).get("params") or {}, config.hydra.overrides.task)
     args = [f"{k}={v}" for k, v in params.items()] + task
     chunks = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(args), None)
-    return [dict(o.lstrip("+~").split("=", 1) for o in job) for chunk in chunks for job in chunk]
+    return [list(job) for chunk in chunks for job in chunk]
+
+
+def sweep_jobs(config) -> list[dict[str, str]]:
+    """Each job's overrides (key -> value as typed; a `+` or `~` prefix dropped)."""
+    return [dict(o.lstrip("+~").split("=", 1) for o in job) for job in sweep_overrides(config)]

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -81,9 +82,15 @@ class Job:
             if not (x.command or x.url):
                 raise ValueError("engine.name=external needs engine.external.command (a command template) or "
                                  "engine.external.url (attach to a running server)")
-            if slo_relative(job.slo):
-                raise ValueError("slo.scale (slo.ttft_scale, slo.tpot_scale) measures a baseline on this project's "
-                                 "engine; give absolute SLOs (slo.ttft_s, slo.tpot_s) for an external engine")
+            # Relative SLOs are multiples of one request's latency on this project's unified engine, the one
+            # reference for every engine of a sweep: it has to be able to load the model.
+            loadable = (job.model.path and os.path.isdir(job.model.path)) or (
+                not job.model.path and job.model.name in MODEL_PRESETS)
+            if slo_relative(job.slo) and not loadable:
+                raise ValueError("slo.scale (slo.ttft_scale, slo.tpot_scale) multiplies one request's latency "
+                                 "measured on this project's unified engine, which needs the model as a local "
+                                 "checkpoint (model=hf model.path=DIR); give absolute SLOs (slo.ttft_s, slo.tpot_s) "
+                                 "for an external engine serving anything else")
         elif job.simulated:
             simulated.check(job.model, job.engine, job.hardware, job.backend)
         elif not job.model.path and job.model.name not in MODEL_PRESETS:
@@ -137,8 +144,10 @@ def resolve_machine(job: Job, machine: dict, sweep_dir: Optional[str] = None) ->
     """The job with what depends on this machine made concrete: `model.dtype=auto` (measured), and the rate of a
     `workload.load` (a fraction of the unified engine's measured capacity). Returns what was decided."""
     decided: dict[str, Any] = {}
-    if job.simulated or job.external:
+    if job.simulated:
         return job, decided
+    # An external engine launched here gets the same choice ({dtype} in its command), so that a sweep mixing it
+    # with this project's engines compares one dtype, and both share one SLO baseline.
     model, choice = dtypes.resolve(job.model)
     decided["dtype"] = choice
     job = dataclasses.replace(job, model=model)

@@ -66,7 +66,11 @@ class ServerProcess:
         return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     def __enter__(self):
-        self.start()
+        try:
+            self.start()
+        except BaseException:  # a signal while it starts (JobInterrupted): `with` would not call __exit__
+            self.stop()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

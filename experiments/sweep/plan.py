@@ -25,8 +25,7 @@ def check_jobs(config) -> None:
     if not GlobalHydra.instance().is_initialized():
         return
     loader = GlobalHydra.instance().config_loader()
-    for job in capacity.sweep_jobs(config):
-        overrides = [f"{k}={v}" for k, v in job.items()]
+    for overrides in capacity.sweep_overrides(config):
         cfg = loader.load_sweep_config(master_config=config, sweep_overrides=overrides)
         try:
             check_engine_config(freeze(EngineConfig, cfg.engine))

@@ -87,7 +87,7 @@ def test_bad_commands_fail_clearly_and_leave_no_process(tmp_path, command, timeo
 @pytest.mark.parametrize("override, message", [
     (["engine.external.command=null"], "engine.external.command"),
     (["backend=sim"], "backend=sim"),
-    (["slo=tight"], "slo.scale"),
+    (["slo=tight", "model=hf", "model.path=/no/such/checkpoint"], "slo.scale"),
     (["engine.external.command='{python} --port {prot}'"], "unknown or malformed placeholder"),
 ])
 def test_misconfigured_external_engines_fail_before_anything_runs(tmp_path, override, message):
@@ -164,3 +164,34 @@ def test_keys_added_to_the_external_dicts_on_the_command_line():
     job = Job.from_cfg(cfg)
     assert job.engine.external.env["VLLM_CPU_KVCACHE_SPACE"] == "4"
     assert job.engine.external.metrics["iterations"] == "vllm:iteration_tokens_total_count"
+
+
+def test_a_sweep_mixing_vllm_and_a_built_in_engine_composes(tmp_path, monkeypatch):
+    """`python run.py -m engine=vllm,unified model=hf model.path=DIR workload.rate=1,2`: vLLM's environment from
+    $SEMIPD_VLLM_PYTHON (the built-in engine takes no engine.external key), the machine-relative SLOs of the
+    demo measured once on this project's unified engine for both, and a `+key` override checked as typed."""
+    from omegaconf import open_dict
+
+    from experiments.sweep import capacity
+    from experiments.sweep.plan import check_jobs
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    monkeypatch.setenv("SEMIPD_VLLM_PYTHON", "/opt/vllm/bin/python")
+    job = Job.from_cfg(compose_run(["engine=vllm", "model=hf", f"model.path={ckpt}"]))  # the demo's SLOs
+    assert job.engine.external.python == "/opt/vllm/bin/python" and job.slo.ttft_scale == 14.0
+    from hydra import compose, initialize_config_dir
+
+    from experiments.sweep import conf_store
+
+    with initialize_config_dir(config_dir=conf_store.CONF_DIR, version_base=None):  # as a multirun has it
+        cfg = compose("config", overrides=["model=hf", f"model.path={ckpt}"], return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.overrides.task = ["engine=vllm,unified", "workload.rate=1,2",
+                                        "+engine.external.env.VLLM_CPU_KVCACHE_SPACE=1"]
+        assert all("+engine.external.env.VLLM_CPU_KVCACHE_SPACE=1" in o for o in capacity.sweep_overrides(cfg))
+        with pytest.raises(ValueError, match="does not apply to engine 'unified'"):
+            check_jobs(cfg)  # composed with its `+`: the env key reaches the unified job, which refuses it by name
+        with open_dict(cfg):
+            cfg.hydra.overrides.task = ["engine=vllm,unified", "workload.rate=1,2"]
+        check_jobs(cfg)  # without it, both engines' configs are what they read
