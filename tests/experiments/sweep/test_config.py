@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -56,8 +57,13 @@ def test_every_group_option_composes(group):
             assert cfg[group].name == f.stem
         spec = yaml.safe_load(f.read_text())
         for key, value in _leaves({k: v for k, v in spec.items() if k != "defaults"}):
-            if value != "???":  # a mandatory value (model.path, workload.path) the user supplies
-                assert _get(cfg[group], key) == value, (f.name, key)
+            if value == "???":  # a mandatory value (model.path, workload.path) the user supplies
+                continue
+            if isinstance(value, str) and value.startswith("${oc.env:"):  # from the environment, else its default
+                var = value[len("${oc.env:"):].split(",")[0].rstrip("}")
+                assert _get(cfg[group], key) == os.environ.get(var, ""), (f.name, key)
+                continue
+            assert _get(cfg[group], key) == value, (f.name, key)
 
 
 @pytest.mark.parametrize("override,reason", [
