@@ -146,10 +146,15 @@ def resolve_machine(job: Job, machine: dict, sweep_dir: Optional[str] = None) ->
     decided: dict[str, Any] = {}
     if job.simulated:
         return job, decided
-    # An external engine launched here gets the same choice ({dtype} in its command), so that a sweep mixing it
-    # with this project's engines compares one dtype, and both share one SLO baseline.
     model, choice = dtypes.resolve(job.model)
     decided["dtype"] = choice
+    if job.external:
+        # The engine keeps `model.dtype` as given (`auto`: its own choice, on whatever device it runs on: a GPU
+        # behind a command must not get this CPU's answer). The SLO baseline, this project's unified engine on
+        # this machine, is measured in this machine's choice, as for the built-in engines of the same sweep: one
+        # baseline, one pair of SLOs for every engine.
+        decided["baseline_model"] = model
+        return job, decided
     job = dataclasses.replace(job, model=model)
     if job.workload.load is not None:
         # The sweep was sized to its time budget before it started (plan.announce): fewer and maybe shorter
@@ -241,7 +246,7 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
     try:
         with _signals_interrupt(), cores.core_slot(per_job) as my_cores:
             record["cores"] = my_cores
-            result = _run_measurement(job, jd, record, prov, resolved, my_cores)
+            result = _run_measurement(job, jd, record, prov, resolved, my_cores, decided.get("baseline_model"))
         record.update(status=result.status, **result.row(), **result.validity_columns())
         if record["status"] == "interrupted":
             raise JobInterrupted(result.signal or "requests cancelled")
@@ -268,8 +273,8 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
 
 
 def _run_measurement(job: Job, jd: Path, record: dict[str, Any], prov: dict, resolved: Any,
-                     my_cores: list[int]) -> RunResult:
-    slo = _resolve_slo(job, prov["machine"])
+                     my_cores: list[int], baseline_model=None) -> RunResult:
+    slo = _resolve_slo(job, prov["machine"], baseline_model)
     slo_cfg = dataclasses.replace(job.slo, ttft_s=slo["ttft_s"], tpot_s=slo["tpot_s"])
     record["slo"] = slo
     load = job.num_gpus if job.experiment.rates_per_gpu else 1
@@ -368,9 +373,10 @@ def _measure(job: Job, measure, slo_cfg, jd: Path, record: dict[str, Any]) -> Ru
     return measure(job.workload, str(jd))
 
 
-def _resolve_slo(job: Job, machine: dict) -> dict[str, Any]:
+def _resolve_slo(job: Job, machine: dict, baseline_model=None) -> dict[str, Any]:
     if not job.simulated or not slo_relative(job.slo):
-        return resolve_slo(job.slo, job.model, job.engine, job.server, job.workload, job.loadgen, machine)
+        return resolve_slo(job.slo, baseline_model or job.model, job.engine, job.server, job.workload, job.loadgen,
+                           machine)
     # Simulated: the single-request baseline is simulated too, with the unified engine (as a real one is measured).
     w = job.workload
     unified = retarget(job.engine, "unified", policy="prefill_priority")

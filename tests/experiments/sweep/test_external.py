@@ -180,6 +180,11 @@ def test_a_sweep_mixing_vllm_and_a_built_in_engine_composes(tmp_path, monkeypatc
     monkeypatch.setenv("SEMIPD_VLLM_PYTHON", "/opt/vllm/bin/python")
     job = Job.from_cfg(compose_run(["engine=vllm", "model=hf", f"model.path={ckpt}"]))  # the demo's SLOs
     assert job.engine.external.python == "/opt/vllm/bin/python" and job.slo.ttft_scale == 14.0
+    # the engine keeps its own `auto` (it may run on a GPU); the SLO baseline is measured in this machine's choice
+    from experiments.sweep.job import resolve_machine
+
+    kept, decided = resolve_machine(job, {"cpu": "test cpu", "cores": 2})
+    assert kept.model.dtype == "auto" and decided["baseline_model"].dtype == "float32"
     from hydra import compose, initialize_config_dir
 
     from experiments.sweep import conf_store
