@@ -193,8 +193,11 @@ class EngineClient:
 
     RESTART_WINDOW_S = 60.0
 
-    def __init__(self, model_cfg, engine_cfg, topology: Optional[Topology] = None):
+    def __init__(self, model_cfg, engine_cfg, topology: Optional[Topology] = None,
+                 executor_wrapper: Optional[Callable[[Any], Any]] = None):
         self.model_cfg, self.engine_cfg = model_cfg, engine_cfg
+        # Picklable; each worker wraps its executor with it (a tracer, or a test's pacing to fixed iteration times).
+        self.executor_wrapper = executor_wrapper
         self.topology = topology if topology is not None else build_topology(engine_cfg)
         self.name = engine_cfg.name
         # torch's spawn context: tensors (shared weights, the KV pool) travel as shared memory.
@@ -328,7 +331,8 @@ class EngineClient:
         sources = None
         if spec.handoff == "transfer" and spec.role == "decode":  # it copies out of its prefill peers' pools
             sources = {p: self.states[topo.worker(p).pool].kv for p in spec.prefill_peers}
-        return {"state": self.states.get(spec.pool), "peers": dict(self._in_qs), "sources": sources}
+        return {"state": self.states.get(spec.pool), "peers": dict(self._in_qs), "sources": sources,
+                "executor_wrapper": self.executor_wrapper}
 
     def observe_request(self, arrival: float, first_token: Optional[float], finished: float,
                         output_tokens: int) -> None:

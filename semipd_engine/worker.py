@@ -76,7 +76,7 @@ def die_with_parent(parent_pid: Optional[int]) -> None:
 
 def worker_main(spec: WorkerSpec, model_cfg, engine_cfg, in_q, out_q, state=None,
                 peers: Optional[dict[str, Any]] = None, sources: Optional[dict[str, Any]] = None,
-                parent_pid: Optional[int] = None) -> None:
+                parent_pid: Optional[int] = None, executor_wrapper=None) -> None:
     die_with_parent(parent_pid)
     import torch
 
@@ -87,6 +87,8 @@ def worker_main(spec: WorkerSpec, model_cfg, engine_cfg, in_q, out_q, state=None
     try:
         cores = apply_share("cpu_affinity" if spec.cores else "none", spec.cores or (), spec.num_threads)
         core = build_core(model_cfg, engine_cfg, spec.policy, state)
+        if executor_wrapper is not None:
+            core.executor = executor_wrapper(core.executor)
         kv = core.executor.kv
         info = dict(pid=os.getpid(), cores=cores, num_threads=torch.get_num_threads(),
                     max_model_len=core.max_model_len, kv_blocks_total=core.pool.num_blocks,

@@ -125,6 +125,7 @@ class Simulator:
         self._link_free_at = 0.0
         self._sent_by_poll: Optional[list[tuple[str, Any]]] = None
         self._done: list[Request] = []
+        self._kicks: dict[str, SimWorker] = {}  # workers to decide at the end of this instant, in kick order
         self._pools = {id(w.scheduler.pool): (w.name, w.scheduler.pool) for w in workers}
         for w in workers:
             w.executor.factor = self._factor_fn(w)
@@ -189,6 +190,10 @@ class Simulator:
                 self._transfer_done(payload, t)
             else:
                 self._control(t)
+            if self._kicks:
+                nxt = arrivals[self._ai].times.arrival if self._ai < n else math.inf
+                if (heap[0][0] if heap and heap[0][0] < nxt else nxt) > t:
+                    self._flush_kicks(t)
         for w in self.workers.values():
             self.stats.iterations += w.iterations
             self.stats.fast_forwarded += w.fast_forwarded
@@ -252,8 +257,18 @@ class Simulator:
         self._kick(w, t)
 
     def _kick(self, w: SimWorker, t: float) -> None:
-        if not w.busy and w.scheduler.has_work():
-            self._start(w, t)
+        """`w` may have work: it decides once every event of this instant is handled (`_flush_kicks`)."""
+        if not w.busy:
+            self._kicks[w.name] = w
+
+    def _flush_kicks(self, t: float) -> None:
+        # A real worker drains its whole inbox before it schedules: requests arriving together, or handed off
+        # by one iteration together, start one batch, not one each.
+        kicks = self._kicks
+        while kicks:
+            w = kicks.pop(next(iter(kicks)))
+            if not w.busy and w.scheduler.has_work():
+                self._start(w, t)
 
     def _start(self, w: SimWorker, t: float) -> None:
         if w.pending_share is not None:
