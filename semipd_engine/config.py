@@ -64,7 +64,7 @@ class ExternalConfig:
 class EngineConfig:
     # Registry name (semipd_engine.registry): unified, unified_chunked, ...
     name: str = "unified"
-    # Scheduler policy: prefill_priority | chunked (see semipd_engine.scheduler).
+    # Scheduler policy: prefill_priority | chunked (see semipd_engine.core.scheduler).
     policy: str = "prefill_priority"
     max_num_seqs: int = 64
     # Token budget of one iteration. For `chunked` it is the Sarathi chunk budget.
@@ -84,7 +84,7 @@ class EngineConfig:
     # semi-PD compute shares (percent caps of the device); used by semipd engines.
     prefill_share: int = 100
     decode_share: int = 100
-    # auto | cpu_quota | cpu_affinity | green_context | mps | none (semipd_engine/partition.py). auto on a CPU:
+    # auto | cpu_quota | cpu_affinity | green_context | mps | none (semipd_engine/shares/partition.py). auto on a CPU:
     # cpu_quota (fractions of CPU time) where a cgroup cpu controller is writable, else cpu_affinity (core sets).
     partition_backend: str = "auto"
     # semipd_dynamic: SLO-aware partitioning (the runner fills the SLOs from the `slo` group).

@@ -18,9 +18,9 @@ conf_store.register()
 
 
 def serve(cfg: DictConfig) -> None:
-    from semipd_engine.engine_client import make_engine
     from semipd_engine.model import dtype, resolve
-    from semipd_engine.server import run_server
+    from semipd_engine.process.engine_client import make_engine
+    from semipd_engine.serving.server import run_server
 
     model_cfg, engine_cfg = freeze(ModelConfig, cfg.model), freeze(EngineConfig, cfg.engine)
     server_cfg = freeze(ServerConfig, cfg.server)

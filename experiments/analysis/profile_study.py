@@ -150,9 +150,9 @@ def quick(model: str, dtype: str, threads: list[int], repeats: int = 9, kv_cache
 
     from experiments.sweep.host import HostMonitor
     from semipd_engine.config import EngineConfig, ModelConfig, freeze
-    from semipd_engine.factory import build_core
-    from semipd_engine.request import Request, SamplingParams, Timestamps
-    from semipd_engine.scheduler import ScheduledBatch
+    from semipd_engine.core.request import Request, SamplingParams, Timestamps
+    from semipd_engine.core.scheduler import ScheduledBatch
+    from semipd_engine.runtime.factory import build_core
 
     core = build_core(freeze(ModelConfig, {"name": model, "dtype": dtype}),
                       freeze(EngineConfig, {"kv_cache_mb": kv_cache_mb}))

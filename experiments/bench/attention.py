@@ -114,7 +114,7 @@ def bench_prefill(backends: dict, dtype: torch.dtype) -> list[dict]:
 def bench_engine_step(dtype_name: str, bandwidth: float) -> dict:
     from experiments.bench_engine import bench_decode as engine_decode
     from semipd_engine.config import EngineConfig, ModelConfig, freeze
-    from semipd_engine.engine_core import EngineCore
+    from semipd_engine.core.engine_core import EngineCore
 
     out = {}
     for name in ("torch", "triton"):

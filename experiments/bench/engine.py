@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from semipd_engine.config import EngineConfig, ModelConfig, freeze
-from semipd_engine.engine_core import EngineCore
-from semipd_engine.factory import build_core
-from semipd_engine.request import Request, SamplingParams
+from semipd_engine.core.engine_core import EngineCore
+from semipd_engine.core.request import Request, SamplingParams
+from semipd_engine.runtime.factory import build_core
 
 
 def best_of(fn, reps: int) -> float:

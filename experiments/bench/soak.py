@@ -443,7 +443,7 @@ def soak_engine(engine: str, n: int, concurrency: int, seed: int, kill: int = 0,
     """Run the soak against one engine in a fresh server; returns counts, timings and problems."""
     from experiments.sweep.launch import EngineServer
     from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig, freeze
-    from semipd_engine.tokenizer import BUILTIN_VOCAB_SIZE
+    from semipd_engine.serving.tokenizer import BUILTIN_VOCAB_SIZE
 
     # The soak checks correctness, not speed. Its client and the server share the cores with the workers,
     # and a multi-threaded worker's spinning OpenMP threads then stall (unified ran a 300-request soak in

@@ -382,7 +382,7 @@ def _run(coro):
 
 def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_config: Any = None) -> RunResult:
     """Plan, run and summarise one load run; writes requests.parquet and summary.json."""
-    from semipd_engine.tokenizer import load_tokenizer
+    from semipd_engine.serving.tokenizer import load_tokenizer
 
     tok = None
     if lcfg.tokenizer and lcfg.tokenizer != "none":

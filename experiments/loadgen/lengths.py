@@ -5,9 +5,9 @@ distribution in tokens; for real text it also states characters per token. A Sha
 a tokenizer that compresses English far worse or better than the paper's models' tokenizer gives requests of
 the wrong size in tokens without any error, so such runs get a warning that names the ratio and the fix.
 
-The reference is measured, not assumed: `semipd_engine/tokenizer_data/report.json` holds Llama 3's tokenizer
+The reference is measured, not assumed: `semipd_engine/serving/tokenizer_data/report.json` holds Llama 3's tokenizer
 (Llama 3 8B/70B, the paper's models) on held-out ShareGPT V3 first turns (`python -m
-semipd_engine.tokenizer_data.derive`).
+semipd_engine.serving.tokenizer_data.derive`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from semipd_engine import tokenizer_data
+from semipd_engine.serving import tokenizer_data
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ class PromptBuilder:
     def __init__(self, tokenizer=None, seed: int = 0, vocab_hint: int = 1000):
         self.tok = tokenizer
         self.rng = np.random.default_rng(seed + 104729)
-        from semipd_engine.tokenizer import synthetic_corpus
+        from semipd_engine.serving.tokenizer import synthetic_corpus
 
         text = " ".join(synthetic_corpus(seed=4321, num_lines=4000))
         self.words = text.split()
@@ -37,7 +37,7 @@ class PromptBuilder:
         if self.tok is None:
             return -1
         if chat:
-            from semipd_engine.protocol import chat_token_ids
+            from semipd_engine.serving.protocol import chat_token_ids
 
             return len(chat_token_ids(self.tok, [{"role": "user", "content": text}]))
         return len(self.tok.encode(text))

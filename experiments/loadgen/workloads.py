@@ -33,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 
-from semipd_engine.tokenizer_data import read_truncated_json_list
+from semipd_engine.serving.tokenizer_data import read_truncated_json_list
 
 log = logging.getLogger(__name__)
 TRACE_DIR = Path(__file__).resolve().parents[1] / "data" / "traces"  # experiments/data/traces

@@ -38,11 +38,11 @@ from experiments.sweep.launch import OWN_METRICS, AttachedServer, EngineServer, 
 from experiments.sweep.slo import apply_scales, resolve_slo
 from experiments.sweep.slo import relative as slo_relative
 from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig, freeze
-from semipd_engine.engines import check_engine_config, engine_kind, retarget
 from semipd_engine.model import dtype as dtypes
 from semipd_engine.model.presets import PRESETS as MODEL_PRESETS
 from semipd_engine.sim.config import BackendConfig, HardwareConfig
-from semipd_engine.topology import CONTROLLER_KEYS
+from semipd_engine.topology.engines import check_engine_config, engine_kind, retarget
+from semipd_engine.topology.graph import CONTROLLER_KEYS
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from experiments.sweep.job import Job, check_overrides
 from experiments.sweep.slo import relative
 from semipd_engine import cache
 from semipd_engine.config import EngineConfig, freeze
-from semipd_engine.engines import check_engine_config
+from semipd_engine.topology.engines import check_engine_config
 
 
 def check_jobs(config) -> None:

@@ -35,12 +35,12 @@ def calibration_path():
 
 
 def calibration_key(job, cores: list[int], machine: dict) -> str:
-    from semipd_engine.engines import engine_kind
+    from semipd_engine.topology.engines import engine_kind
 
     e, m = job.engine, job.model
     backend = ""
     if "partition_backend" in engine_kind(e.name).keys:  # what enforces the shares changes the step time
-        from semipd_engine.partition import resolve_backend
+        from semipd_engine.shares.partition import resolve_backend
 
         backend = f"|{resolve_backend(e.partition_backend, m.device)}"
     if e.name == "external":  # every external engine is named `external`: its command (or URL) says which

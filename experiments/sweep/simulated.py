@@ -27,7 +27,7 @@ from experiments.loadgen.workloads import load_workload
 def _tokenizer(lcfg, wcfg):
     if wcfg.name != "sharegpt" or not lcfg.tokenizer or lcfg.tokenizer == "none":
         return None  # only real text needs counting
-    from semipd_engine.tokenizer import load_tokenizer
+    from semipd_engine.serving.tokenizer import load_tokenizer
 
     return load_tokenizer(None if lcfg.tokenizer == "builtin" else lcfg.tokenizer)
 

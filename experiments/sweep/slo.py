@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from semipd_engine import cache
-from semipd_engine.engines import retarget
+from semipd_engine.topology.engines import retarget
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ def resolve(model_cfg) -> LoadedModel:
     """Spec, HF config and tokenizer for a model config, without loading weights."""
     from semipd_engine.model.loader import load_hf_config
     from semipd_engine.model.presets import preset_hf_config
-    from semipd_engine.tokenizer import load_tokenizer
+    from semipd_engine.serving.tokenizer import load_tokenizer
 
     if model_cfg.path:
         hf = load_hf_config(model_cfg.path)

@@ -12,17 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from semipd_engine.block_pool import BlockPool
-from semipd_engine.clock import VirtualClock
-from semipd_engine.control import ControlLoop
-from semipd_engine.engines import build_topology, engine_kind, engine_names
-from semipd_engine.partition import unit_cores
-from semipd_engine.policies import make_scheduler
+from semipd_engine.control.loop import ControlLoop
+from semipd_engine.core.block_pool import BlockPool
+from semipd_engine.core.clock import VirtualClock
+from semipd_engine.core.policies import make_scheduler
+from semipd_engine.shares.partition import unit_cores
 from semipd_engine.sim.batch import CostModel
 from semipd_engine.sim.executor import CostModelExecutor
 from semipd_engine.sim.share import ShareModel, ShareModels
 from semipd_engine.sim.simulator import LinkConfig, Simulator, SimWorker
-from semipd_engine.topology import Topology
+from semipd_engine.topology.engines import build_topology, engine_kind, engine_names
+from semipd_engine.topology.graph import Topology
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CPU_LINK_GBS = 1.4  # this project's shared-memory block copy, measured (docs/benchmarks.md, disagg)

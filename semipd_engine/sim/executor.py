@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from semipd_engine.scheduler import ExecuteResult, ScheduledBatch
+from semipd_engine.core.scheduler import ExecuteResult, ScheduledBatch
 from semipd_engine.sim.batch import BatchShape
 
 SIM_TOKEN = 0

@@ -134,9 +134,9 @@ def grid(max_tokens: int) -> list[tuple[str, list[tuple[int, int]]]]:
 def measure(model_cfg, engine_cfg, thread_counts: list[int], repeats: int = 5) -> list[dict]:
     import torch
 
-    from semipd_engine.factory import build_core
-    from semipd_engine.request import Request, SamplingParams, Timestamps
-    from semipd_engine.scheduler import ScheduledBatch
+    from semipd_engine.core.request import Request, SamplingParams, Timestamps
+    from semipd_engine.core.scheduler import ScheduledBatch
+    from semipd_engine.runtime.factory import build_core
     from semipd_engine.sim.executor import batch_shape
 
     core = build_core(model_cfg, engine_cfg)

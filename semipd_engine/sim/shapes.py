@@ -13,7 +13,7 @@ from typing import Any
 from semipd_engine.model.presets import PRESETS as _CPU_PRESETS
 from semipd_engine.model.spec import ModelSpec
 
-# The built-in tokenizer's size (semipd_engine.tokenizer.BUILTIN_VOCAB_SIZE, special tokens included),
+# The built-in tokenizer's size (semipd_engine.serving.tokenizer.BUILTIN_VOCAB_SIZE, special tokens included),
 # repeated so this package needs nothing of the engine but the preset table; a test checks they agree.
 BUILTIN_VOCAB_SIZE = 16384
 

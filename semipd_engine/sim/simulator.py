@@ -1,7 +1,7 @@
 """The simulated engines: the real compositions, driven by events on one virtual clock.
 
 Each simulated worker holds the *same* scheduler object a worker process runs
-(a policy from `semipd_engine.policies`, over a `BlockPool`), and a
+(a policy from `semipd_engine.core.policies`, over a `BlockPool`), and a
 `CostModelExecutor` in place of the model runner. An iteration is the real
 one split in two events: at its start `schedule(t)` and `execute` (which
 predicts its duration d); at `t + d`, `update(batch, result, t + d)`. Between
@@ -9,7 +9,7 @@ the two, other workers run, requests arrive, KV transfers land, and the
 partition can change, exactly as concurrent processes would interleave.
 
 What the workers are and how requests move between them is the engine's
-topology (semipd_engine/topology.py; `build.simulate` makes the workers), and
+topology (semipd_engine/topology/graph.py; `build.simulate` makes the workers), and
 nothing here names an engine:
 - a prefilled request leaves through the worker's `Handoff` object, the class the
   worker processes use (`adopt`: the decode worker takes the blocks in place;
@@ -38,14 +38,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from semipd_engine.block_pool import BlockPool
-from semipd_engine.clock import VirtualClock
-from semipd_engine.handoff import HANDOFFS, Handoff
-from semipd_engine.kv_transfer import Transfer
-from semipd_engine.messages import AdoptRequest, KVTransferred, OfferKV, ReleaseKV
-from semipd_engine.partition import Partition
-from semipd_engine.request import Request, RequestStatus, SamplingParams, Timestamps
-from semipd_engine.scheduler import EMPTY_RESULT, ExecuteResult, ScheduledBatch, Scheduler
+from semipd_engine.core.block_pool import BlockPool
+from semipd_engine.core.clock import VirtualClock
+from semipd_engine.core.handoff import HANDOFFS, Handoff
+from semipd_engine.core.kv_transfer import Transfer
+from semipd_engine.core.messages import AdoptRequest, KVTransferred, OfferKV, ReleaseKV
+from semipd_engine.core.request import Request, RequestStatus, SamplingParams, Timestamps
+from semipd_engine.core.scheduler import EMPTY_RESULT, ExecuteResult, ScheduledBatch, Scheduler
+from semipd_engine.shares.partition import Partition
 from semipd_engine.sim.executor import SIM_TOKEN, CostModelExecutor
 
 
@@ -56,7 +56,7 @@ class SimWorker:
     scheduler: Scheduler
     executor: CostModelExecutor
     share: int = 100  # compute share (%) of its device
-    handoff_kind: Optional[str] = None  # "adopt" | "transfer" (semipd_engine.handoff)
+    handoff_kind: Optional[str] = None  # "adopt" | "transfer" (semipd_engine.core.handoff)
     peers: tuple[str, ...] = ()  # decode workers (for a prefill worker), prefill workers (for a decode one)
     colocated: Optional[SimWorker] = None  # the other worker of a partitioned pair (semi-PD)
     handoff: Optional[Handoff] = None  # made by the simulator, which delivers its messages

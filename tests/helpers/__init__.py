@@ -27,7 +27,7 @@ def make_checkpoint(path, model_type: str, seed: int = 0, **overrides) -> str:
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-    from semipd_engine.tokenizer import builtin_tokenizer
+    from semipd_engine.serving.tokenizer import builtin_tokenizer
 
     tok = builtin_tokenizer()
     kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -86,7 +86,7 @@ def engine_vocab(path) -> int:
 
 async def stream_greedy(engine, ps, max_tokens, prefix: str = "r", timeout: float = 120):
     """Greedy outputs of prompts `ps` on a started engine client, each streamed to its end without an error."""
-    from semipd_engine.request import Request, SamplingParams
+    from semipd_engine.core.request import Request, SamplingParams
 
     streams = [engine.add(Request(f"{prefix}{i}", p, SamplingParams(max_tokens=max_tokens, temperature=0.0,
                                                                      ignore_eos=True))) for i, p in enumerate(ps)]

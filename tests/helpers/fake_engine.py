@@ -6,8 +6,8 @@ import asyncio
 from typing import Optional
 
 from semipd_engine.config import EngineConfig, ModelConfig, freeze
-from semipd_engine.engine_client import EngineClient, EngineDead
-from semipd_engine.request import Request, RequestOutput
+from semipd_engine.core.request import Request, RequestOutput
+from semipd_engine.process.engine_client import EngineClient, EngineDead
 
 
 class FakeEngine(EngineClient):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from semipd_engine.factory import build_core
-from semipd_engine.request import SamplingParams
+from semipd_engine.core.request import SamplingParams
+from semipd_engine.runtime.factory import build_core
 from tests.helpers import engine_cfg, hf_greedy, model_cfg, prompts
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

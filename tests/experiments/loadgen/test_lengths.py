@@ -4,7 +4,7 @@ import json
 
 from experiments.loadgen.lengths import describe, report, sharegpt_reference
 from experiments.loadgen.workloads import load_workload
-from semipd_engine.tokenizer import builtin_tokenizer
+from semipd_engine.serving.tokenizer import builtin_tokenizer
 from tests.helpers.experiment_configs import workload_cfg
 
 PROMPT = ("Could you explain, in a few plain sentences, why a long prompt makes the other users of a serving "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from experiments.loadgen.prompts import PromptBuilder
-from semipd_engine.tokenizer import builtin_tokenizer
+from semipd_engine.serving.tokenizer import builtin_tokenizer
 
 
 def test_text_prompts_have_exact_token_lengths():

@@ -67,7 +67,7 @@ def test_sharegpt_roles_checked_and_filters(tmp_path):
     ]
     p = tmp_path / "sg.json"
     p.write_text(json.dumps(data))
-    from semipd_engine.tokenizer import builtin_tokenizer
+    from semipd_engine.serving.tokenizer import builtin_tokenizer
 
     w = load_workload(workload_cfg(name="sharegpt", path=str(p), num_requests=10), builtin_tokenizer())
     assert [i.prompt_text for i in w.items] == ["tell me a story"]

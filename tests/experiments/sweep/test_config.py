@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 
 from experiments.sweep.config import ExperimentConfig
 from semipd_engine.config import EngineConfig, freeze
-from semipd_engine.engines import check_engine_config, engine_names
+from semipd_engine.topology.engines import check_engine_config, engine_names
 from tests.helpers.experiment_configs import compose_run
 
 CONF = Path(__file__).resolve().parents[3] / "conf"

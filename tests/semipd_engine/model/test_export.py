@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from semipd_engine.config import EngineConfig, ModelConfig, freeze
-from semipd_engine.factory import build_core
-from semipd_engine.request import SamplingParams
+from semipd_engine.core.request import SamplingParams
+from semipd_engine.runtime.factory import build_core
 
 
 def test_an_exported_preset_serves_the_same_tokens_and_loads_in_transformers(tmp_path):

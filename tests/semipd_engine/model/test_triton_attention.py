@@ -24,13 +24,13 @@ import torch
 
 pytest.importorskip("triton")
 
-from semipd_engine.factory import build_core  # noqa: E402
-from semipd_engine.kv_cache import KVCache  # noqa: E402
+from semipd_engine.core.request import SamplingParams  # noqa: E402
 from semipd_engine.model.attention import TorchAttention, get_attention_backend  # noqa: E402
 from semipd_engine.model.attention_metadata import AttentionMetadata, PrefillSeq  # noqa: E402
 from semipd_engine.model.triton_attention import TritonAttention, interpreted  # noqa: E402
-from semipd_engine.request import SamplingParams  # noqa: E402
-from semipd_engine.runner import ModelRunner  # noqa: E402
+from semipd_engine.runtime.factory import build_core  # noqa: E402
+from semipd_engine.runtime.kv_cache import KVCache  # noqa: E402
+from semipd_engine.runtime.runner import ModelRunner  # noqa: E402
 from tests.helpers import engine_cfg, model_cfg, prompts  # noqa: E402
 
 DEVICE = "cpu" if interpreted() else "cuda"

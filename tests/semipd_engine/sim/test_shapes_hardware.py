@@ -24,7 +24,7 @@ def test_public_shapes_match_published_sizes():
 
 
 def test_cpu_presets_use_the_builtin_tokenizer_vocab():
-    from semipd_engine.tokenizer import BUILTIN_VOCAB_SIZE as engine_vocab
+    from semipd_engine.serving.tokenizer import BUILTIN_VOCAB_SIZE as engine_vocab
 
     assert BUILTIN_VOCAB_SIZE == engine_vocab
     for name, p in PRESETS.items():

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from semipd_engine import policies
 from semipd_engine.config import EngineConfig, ModelConfig, freeze
+from semipd_engine.control.slo_partitioner import SLOPartitioner
+from semipd_engine.core import policies
 from semipd_engine.sim.build import build_simulator, sim_engines
 from semipd_engine.sim.config import BackendConfig, HardwareConfig
 from semipd_engine.sim.simulator import make_requests
-from semipd_engine.slo_partitioner import SLOPartitioner
 
 PER_ENGINE = {"unified": {"policy": "prefill_priority"}, "unified_chunked": {"policy": "chunked"},
               "semipd": {"prefill_share": 60, "decode_share": 80},

@@ -1,0 +1,210 @@
+"""SLO-aware dynamic partitioning: the semi-PD paper's Algorithm 1 with latency models fitted online.
+
+Latency models (the paper's, with x and y the prefill and decode shares in %):
+    TTFT(x) = a1 / (x - lam) + b1,  lam = 100 * r * l_100   (an M/M/1 queue in front of prefill;
+                                                          r = arrival rate, l_100 = prefill time per
+                                                          request at full share)
+    TPOT(y) = a2 / y + b2                                   (no queueing)
+Both are linear in (a, b) once the feature 1/(x - lam) or 1/y is known, so each
+refit is an ordinary least-squares solve over the windows observed so far, at
+the shares actually run. Until two distinct feature values exist the prior is
+pure inverse scaling through the latest observation (b = 0, a = latency x
+feature^-1), i.e. "latency is proportional to 1/share", the paper's l_x = (100/x) l_100.
+
+Algorithm 1, every window: observe the percentile TTFT and TPOT of the requests
+that finished in it. Exactly one fails -> raise that phase's share in steps of
+`step_size` until the model predicts the SLO is met or `max_step` steps are
+taken; a raise past `max_share` lowers the other share instead. Both pass or
+both fail -> keep. Steps that the backend cannot distinguish (on 2 CPU cores
+only a handful of partitions differ) are skipped, not counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from semipd_engine.shares.partition import Partition
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    ttft_slo_s: float
+    tpot_slo_s: float
+    percentile: float = 90.0
+    step_size: int = 10
+    max_step: int = 3
+    min_share: int = 10
+    max_share: int = 100
+    min_requests: int = 5  # fewer finished requests in a window: no decision
+
+
+class InverseModel:
+    """latency = a * feature + b, fitted by least squares on (feature, latency) samples."""
+
+    def __init__(self, max_samples: int = 64):
+        self.samples: list[tuple[float, float]] = []
+        self.max_samples = max_samples
+        self.a: Optional[float] = None
+        self.b: float = 0.0
+
+    def add(self, feature: float, latency: float) -> None:
+        if not (math.isfinite(feature) and math.isfinite(latency)) or feature <= 0:
+            return
+        self.samples.append((feature, latency))
+        self.samples = self.samples[-self.max_samples :]
+        self.fit()
+
+    def fit(self) -> None:
+        f = np.array([s[0] for s in self.samples])
+        y = np.array([s[1] for s in self.samples])
+        if len(np.unique(np.round(f, 9))) >= 2:
+            a, b = np.linalg.lstsq(np.stack([f, np.ones_like(f)], axis=1), y, rcond=None)[0]
+            if a > 0:  # a non-physical fit (latency falling with less compute) keeps the prior
+                self.a, self.b = float(a), float(b)
+                return
+        last_f, last_y = self.samples[-1]
+        self.a, self.b = last_y / last_f, 0.0  # prior: pure inverse scaling through the last point
+
+    @property
+    def fitted(self) -> bool:
+        return self.a is not None
+
+    def predict(self, feature: float) -> float:
+        if self.a is None:
+            return math.nan
+        if feature <= 0 or not math.isfinite(feature):
+            return math.inf
+        return self.a * feature + self.b
+
+
+@dataclass
+class Window:
+    """What the engine saw during one control window."""
+
+    duration_s: float
+    ttfts: list[float]
+    tpots: list[float]
+    arrivals: int
+    prefill_busy_s: float = 0.0  # prefill iteration time in the window
+    prefilled_requests: int = 0
+
+
+@dataclass
+class Decision:
+    time_s: float
+    old: Partition
+    new: Partition
+    reason: str
+    observed_ttft_s: float
+    observed_tpot_s: float
+    predicted_ttft_s: float
+    predicted_tpot_s: float
+    rate: float
+    lam: float
+    coefficients: dict[str, Optional[float]] = field(default_factory=dict)
+
+    def row(self) -> dict:
+        return {"time_s": self.time_s, "prefill_share": self.new.prefill_share,
+                "decode_share": self.new.decode_share, "old_prefill_share": self.old.prefill_share,
+                "old_decode_share": self.old.decode_share, "reason": self.reason,
+                "observed_ttft_s": self.observed_ttft_s, "observed_tpot_s": self.observed_tpot_s,
+                "predicted_ttft_s": self.predicted_ttft_s, "predicted_tpot_s": self.predicted_tpot_s,
+                "rate": self.rate, "lambda": self.lam, **self.coefficients}
+
+
+class SLOPartitioner:
+    def __init__(self, cfg: ControllerConfig, distinct: Callable[[Partition, Partition], bool] = lambda a, b: a != b):
+        self.cfg = cfg
+        self.distinct = distinct  # does the backend run these two partitions differently?
+        self.ttft_model = InverseModel()
+        self.tpot_model = InverseModel()
+        self.l_100: Optional[float] = None  # prefill seconds per request at full share
+
+    @staticmethod
+    def lam(rate: float, l_100: Optional[float]) -> float:
+        return 100.0 * rate * (l_100 or 0.0)
+
+    def ttft_feature(self, x: float, lam: float) -> float:
+        return 1.0 / (x - lam) if x > lam else math.inf
+
+    def observe(self, w: Window, p: Partition) -> tuple[float, float, float, float]:
+        """Update the models with one window; returns (observed ttft, observed tpot, rate, lambda)."""
+        rate = w.arrivals / w.duration_s if w.duration_s > 0 else 0.0
+        if w.prefilled_requests:
+            l_x = w.prefill_busy_s / w.prefilled_requests
+            self.l_100 = l_x * p.prefill_share / 100.0  # l_x = (100 / x) * l_100
+        lam = self.lam(rate, self.l_100)
+        q = self.cfg.percentile
+        ttft = float(np.percentile(w.ttfts, q)) if w.ttfts else math.nan
+        tpot = float(np.percentile(w.tpots, q)) if w.tpots else math.nan
+        if w.ttfts:
+            self.ttft_model.add(self.ttft_feature(p.prefill_share, lam), ttft)
+        if w.tpots:
+            self.tpot_model.add(1.0 / p.decode_share, tpot)
+        return ttft, tpot, rate, lam
+
+    def coefficients(self) -> dict[str, Optional[float]]:
+        return {"a1": self.ttft_model.a, "b1": self.ttft_model.b, "a2": self.tpot_model.a,
+                "b2": self.tpot_model.b, "l_100": self.l_100}
+
+    def step(self, now: float, w: Window, p: Partition) -> Decision:
+        """One control window: observe, then decide the next partition."""
+        ttft, tpot, rate, lam = self.observe(w, p)
+        c = self.cfg
+        reason, new = "keep", p
+        if len(w.ttfts) < c.min_requests:
+            reason = "too few requests"
+        else:
+            ttft_fail, tpot_fail = ttft > c.ttft_slo_s, (tpot > c.tpot_slo_s if w.tpots else False)
+            if ttft_fail and tpot_fail:
+                reason = "both fail: keep"
+            elif not ttft_fail and not tpot_fail:
+                reason = "both pass: keep"
+            elif ttft_fail:
+                new = self._raise(p, "prefill", lam)
+                reason = "ttft fails: more prefill" if new != p else "ttft fails: no distinct step left"
+            else:
+                new = self._raise(p, "decode", lam)
+                reason = "tpot fails: more decode" if new != p else "tpot fails: no distinct step left"
+        pred_ttft = self.ttft_model.predict(self.ttft_feature(new.prefill_share, lam))
+        pred_tpot = self.tpot_model.predict(1.0 / new.decode_share)
+        return Decision(now, p, new, reason, ttft, tpot, pred_ttft, pred_tpot, rate, lam, self.coefficients())
+
+    def _raise(self, p: Partition, phase: str, lam: float) -> Partition:
+        c = self.cfg
+        best = p
+        taken = 0
+        k = 0
+        while taken < c.max_step:
+            k += 1
+            cand = self._candidate(p, phase, k * c.step_size)
+            if cand is None:
+                break
+            if not self.distinct(cand, best):
+                continue  # the backend runs it exactly like the last one: not a step
+            best = cand
+            taken += 1
+            if self._meets(cand, phase, lam):
+                break
+        return best
+
+    def _candidate(self, p: Partition, phase: str, delta: int) -> Optional[Partition]:
+        """`phase`'s share raised by `delta`; what would pass max_share lowers the other share instead."""
+        c = self.cfg
+        mine, other = (p.prefill_share, p.decode_share) if phase == "prefill" else (p.decode_share, p.prefill_share)
+        excess = max(0, mine + delta - c.max_share)
+        mine, other = min(c.max_share, mine + delta), other - excess
+        if other < c.min_share:
+            return None
+        return Partition(mine, other) if phase == "prefill" else Partition(other, mine)
+
+    def _meets(self, p: Partition, phase: str, lam: float) -> bool:
+        if phase == "prefill":
+            pred = self.ttft_model.predict(self.ttft_feature(p.prefill_share, lam))
+            return pred <= self.cfg.ttft_slo_s
+        return self.tpot_model.predict(1.0 / p.decode_share) <= self.cfg.tpot_slo_s

@@ -1,0 +1,113 @@
+"""Typed messages between the engine client (server process) and its worker processes.
+
+Everything that crosses a process boundary is one of these frozen dataclasses;
+both ends dispatch on the type, so a new message is a new class plus a handler,
+never another tagged tuple.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from semipd_engine.core.request import Request, RequestOutput
+
+
+# -- to a worker ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AddRequest:
+    """A request to prefill: new from the server, or evicted by a decode worker for recompute."""
+
+    request: Request
+
+
+@dataclass(frozen=True)
+class AdoptRequest:
+    """A prefilled request whose KV blocks are already in the receiver's pool (semi-PD hand-off)."""
+
+    request: Request
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class SetShare:
+    """Apply a new compute share (core set) at the next iteration boundary."""
+
+    cores: tuple[int, ...]
+    share: int
+    sent_at: float
+    num_threads: int = 0  # 0 = one per core; fewer where the other phase's core set overlaps
+
+
+@dataclass(frozen=True)
+class OfferKV:
+    """Disaggregated: a prefilled request whose blocks sit in `source`'s pool, to be copied."""
+
+    request: Request
+    source: str
+
+
+@dataclass(frozen=True)
+class ReleaseKV:
+    """Disaggregated: the decode instance holds its copy; the prefill instance may free its blocks."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+# -- from a worker ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkerReady:
+    worker: str
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One iteration's outputs and the pool/queue state after it (stats may be an idle snapshot)."""
+
+    worker: str
+    outputs: list[RequestOutput]
+    stats: Optional[Any]  # engine_core.IterationStats
+
+
+@dataclass(frozen=True)
+class ShareSwitched:
+    worker: str
+    phase: str  # "prefill" | "decode"
+    share: int
+    cores: tuple[int, ...]
+    stall_s: float
+    delay_s: float
+
+
+@dataclass(frozen=True)
+class KVTransferred:
+    worker: str
+    nbytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    worker: str
+    traceback: str
+
+
+# -- from the engine client to the server (events, not crossing a process boundary) --------------------
+@dataclass(frozen=True)
+class WorkersRestarted:
+    """The engine replaced its workers after one failed; in-flight requests were failed."""
+
+    reason: str
+    seconds: float  # from noticing the failure to every new worker ready
+    restarts: int  # since the engine started
+    worker_info: dict[str, dict[str, Any]]

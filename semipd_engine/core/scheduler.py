@@ -1,0 +1,294 @@
+"""The scheduler: what to run next, and what a finished iteration means for each request.
+
+One iteration of any engine is
+
+    batch = scheduler.schedule(now)          # policy: which requests, how many new tokens each
+    result = executor.execute(batch)         # model runner (real) or cost model (simulated)
+    outcome = scheduler.update(batch, result, now)
+
+`Scheduler` holds what every policy shares: the waiting queue, the running
+list, admission against the block pool (blocks for a whole prompt at once,
+behind the watermark), decode block reservation with preemption by recompute
+(the newest running request is freed and goes back to the *front* of the
+waiting queue, keeping its outputs), and postprocessing (append the sampled
+token, detect the finish, free blocks). The policies (semipd_engine.core.policies)
+only choose the batch and say where a request goes after its iteration.
+
+Nothing here imports torch or reads a clock of its own: times are passed in,
+so the same objects run in worker processes and in the simulator.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from semipd_engine.core.block_pool import BlockPool
+from semipd_engine.core.request import FinishReason, Request, RequestOutput, RequestStatus
+
+
+@dataclass
+class ScheduledBatch:
+    items: list[tuple[Request, int]] = field(default_factory=list)  # (request, new tokens)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.items)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(n for r, n in self.items if not r.in_decode)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+@dataclass(frozen=True)
+class ExecuteResult:
+    """What an executor returns: the token sampled for each request that reached its end, and how long it took."""
+
+    sampled: list[tuple[Request, int]]
+    duration_s: float
+
+
+EMPTY_RESULT = ExecuteResult([], 0.0)
+
+
+@dataclass
+class StepOutcome:
+    """What one iteration produced, for whoever drives the scheduler (worker loop or simulator)."""
+
+    outputs: list[RequestOutput] = field(default_factory=list)
+    finished: list[Request] = field(default_factory=list)
+    # Phase-split engines: prefilled requests leave for a decode worker with their blocks (`handoffs`);
+    # requests a decode worker preempted go back to a prefill worker for recompute (`evicted`).
+    handoffs: list[Request] = field(default_factory=list)
+    evicted: list[Request] = field(default_factory=list)
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+    duration_s: float = 0.0
+
+    @property
+    def phase(self) -> str:
+        if self.num_prefill_tokens and self.num_decode_tokens:
+            return "mixed"
+        return "prefill" if self.num_prefill_tokens else "decode"
+
+    @property
+    def ran(self) -> bool:
+        return bool(self.num_prefill_tokens or self.num_decode_tokens)
+
+
+class Scheduler:
+    """Queues, admission, preemption and postprocessing; subclasses are the policies."""
+
+    name = "base"
+    runs_prefill = True  # can this policy compute prompts (or must preempted requests leave)?
+    hands_off = False  # does a request leave after its first token (a prefill-only worker)?
+    # Per-token outputs stream to clients; the simulator reads requests' own timestamps and turns them off.
+    emit_outputs = True
+
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int):
+        self.pool = pool
+        self.max_num_seqs, self.budget, self.max_model_len = max_num_seqs, max_num_batched_tokens, max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # Adopted (prefilled elsewhere) while `max_num_seqs` are running: they hold their blocks and wait here.
+        self.parked: deque[Request] = deque()
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # -- requests in and out ------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        """A request to prefill (new, or preempted elsewhere and sent back for recompute)."""
+        req.status = RequestStatus.WAITING
+        self.requests[req.request_id] = req
+        self.waiting.append(req) if not req.times.preemptions else self.waiting.appendleft(req)
+
+    def adopt(self, req: Request) -> None:
+        """Take over a request prefilled elsewhere: its KV blocks are already in this worker's pool."""
+        req.status = RequestStatus.RUNNING
+        self.requests[req.request_id] = req
+        if len(self.running) < self.max_num_seqs:
+            self.running.append(req)
+        else:
+            self.parked.append(req)
+
+    def abort(self, request_id: str) -> bool:
+        req = self.requests.get(request_id)
+        if req is None:
+            return False
+        self._drop(req)
+        req.status, req.finish_reason = RequestStatus.FINISHED, FinishReason.ABORT
+        return True
+
+    def fail(self, req: Request, error: str, now: float) -> RequestOutput:
+        """A request the executor could not run: forget it, free its blocks, and say why."""
+        if self.requests.get(req.request_id) is req:
+            self._drop(req)
+        req.status, req.finish_reason = RequestStatus.FINISHED, FinishReason.ERROR
+        req.times.finished = now
+        return make_output(req, (), (), error=error)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.parked)
+
+    def _drop(self, req: Request, free: bool = True) -> None:
+        """Forget a request (finished, aborted, handed off or evicted); free its blocks unless they travel."""
+        if req.status is not RequestStatus.RUNNING:
+            self.waiting.remove(req)
+        elif req in self.parked:
+            self.parked.remove(req)
+        else:
+            self.running.remove(req)
+        self.requests.pop(req.request_id, None)
+        if free and req.block_table:
+            self.pool.free(req.block_table)
+            req.block_table = []
+
+    # -- the policy ----------------------------------------------------------------------------
+    def schedule(self, now: float) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        self._fill(batch, now)
+        for req, _ in batch.items:
+            if req.times.first_scheduled is None:
+                req.times.first_scheduled = now
+        return batch
+
+    def _fill(self, batch: ScheduledBatch, now: float) -> None:
+        raise NotImplementedError
+
+    def update(self, batch: ScheduledBatch, result: ExecuteResult, now: float) -> StepOutcome:
+        """Postprocess one iteration: count computed tokens, append sampled ones, route finished requests."""
+        out = StepOutcome(duration_s=result.duration_s)
+        decode = prefill = 0
+        for req, n in batch.items:
+            # req.in_decode, inline (this loop runs for every request of every iteration)
+            if n == 1 and req.output_token_ids and len(req.prompt_token_ids) + len(req.output_token_ids) \
+                    - req.num_computed_tokens == 1:
+                decode += 1
+            else:
+                prefill += n
+            req.num_computed_tokens += n
+        out.num_decode_tokens, out.num_prefill_tokens = decode, prefill
+        for req, token in result.sampled:
+            req.append_token(token, now)
+            reason = req.check_finished(self.max_model_len)
+            if reason is not None:
+                self._drop(req)
+                req.status, req.finish_reason = RequestStatus.FINISHED, reason
+                req.times.finished = now
+                out.finished.append(req)
+            else:
+                self._after_token(req, out)
+            if self.emit_outputs:
+                out.outputs.append(make_output(req, (token,), (now,)))
+        if not self.runs_prefill:
+            self._evict_waiting(out)
+        return out
+
+    def _after_token(self, req: Request, out: StepOutcome) -> None:
+        """Where an unfinished request goes after a token; by default it keeps decoding here."""
+
+    def _evict_waiting(self, out: StepOutcome) -> None:
+        # A worker that cannot prefill sends preempted requests back for recompute.
+        for req in list(self.waiting):
+            self._drop(req)
+            out.evicted.append(req)
+
+    # -- building blocks of the policies -------------------------------------------------------
+    def _decodes(self, batch: ScheduledBatch, now: float) -> int:
+        """Schedule every running decode (oldest first), preempting the newest on OOM."""
+        scheduled = 0
+        bs = self.pool.block_size
+        running = self.running
+        i = 0
+        while i < len(running):
+            req = running[i]
+            n = len(req.prompt_token_ids) + len(req.output_token_ids)
+            if not req.output_token_ids or n - req.num_computed_tokens != 1:  # not decoding (a prompt or chunk)
+                i += 1
+                continue
+            # The common case, inline: the next token's slot is in a block the request already holds.
+            if (n + bs - 1) // bs > len(req.block_table):
+                while not self._reserve(req, n):
+                    victim = running[-1]
+                    self._preempt(victim, batch, now)
+                    if victim is req:
+                        break
+                else:
+                    batch.items.append((req, 1))
+                    scheduled += 1
+                    i += 1
+                continue
+            batch.items.append((req, 1))
+            scheduled += 1
+            i += 1
+        return scheduled
+
+    def _continue_prefills(self, batch: ScheduledBatch, budget: int, skip_decodes: bool = True) -> int:
+        """Chunks of partly computed prompts. A recompute whose last chunk is one token looks like a decode:
+        policies that schedule decodes themselves skip those (`skip_decodes`), a prefill-only one must not."""
+        for req in self.running:
+            if budget <= 0:
+                break
+            if req.num_remaining > 0 and not (skip_decodes and req.in_decode):
+                n = min(req.num_remaining, budget)
+                batch.items.append((req, n))
+                budget -= n
+        return budget
+
+    def _admit(self, batch: ScheduledBatch, budget: int, chunk: bool) -> None:
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            n = req.num_remaining
+            if chunk:
+                if budget <= 0:
+                    break
+                n = min(n, budget)
+            elif n > budget and batch.items:
+                break  # a lone prompt over the budget still runs, alone
+            got = self.pool.try_allocate(self.pool.blocks_needed(req.num_tokens, len(req.block_table)),
+                                         admission=True)
+            if got is None:
+                break
+            req.block_table += got
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            batch.items.append((req, n))
+            budget -= n
+
+    def _reserve(self, req: Request, num_tokens: int) -> bool:
+        got = self.pool.try_allocate(self.pool.blocks_needed(num_tokens, len(req.block_table)))
+        if got is None:
+            return False
+        req.block_table += got
+        return True
+
+    def _preempt(self, req: Request, batch: ScheduledBatch, now: float) -> None:
+        self.running.remove(req)
+        batch.items = [(r, n) for r, n in batch.items if r is not req]
+        if req.block_table:
+            self.pool.free(req.block_table)
+            req.block_table = []
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.WAITING
+        req.times.preemptions.append(now)
+        self.waiting.appendleft(req)  # the front: a preempted request is not starved behind new ones
+        batch.preempted.append(req)
+        self.num_preemptions += 1
+
+
+def make_output(req: Request, tokens: tuple[int, ...], times: tuple[float, ...],
+                error: Optional[str] = None) -> RequestOutput:
+    done = req.status is RequestStatus.FINISHED
+    return RequestOutput(
+        request_id=req.request_id, new_token_ids=tokens, token_times=times, finished=done,
+        finish_reason=req.finish_reason.value if done and req.finish_reason else None,
+        num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_token_ids),
+        first_scheduled=req.times.first_scheduled if done else None,
+        preemptions=tuple(req.times.preemptions) if done else (), error=error,
+    )

@@ -1,0 +1,1 @@
+"""The process driver: any topology as worker processes behind one engine client."""

@@ -1,0 +1,209 @@
+"""A worker process: receive messages, loop `core.step()`, report.
+
+Every real engine is made of these. A worker's `WorkerSpec` fixes its role
+(which policy it runs), its compute share (CPU core set + thread count), how
+prefilled requests leave it (`handoff`) and which peers it sends them to.
+Engines whose phases run in separate workers give each worker shared memory
+(one model, one KV pool, one allocator) instead of letting it build its own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import queue
+import signal
+import sys
+import time
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from semipd_engine.core.handoff import HANDOFFS, Handoff
+from semipd_engine.core.messages import (
+    AbortRequest,
+    AddRequest,
+    AdoptRequest,
+    OfferKV,
+    ReleaseKV,
+    SetShare,
+    ShareSwitched,
+    Shutdown,
+    StepReport,
+    WorkerFailed,
+    WorkerReady,
+)
+from semipd_engine.shares.partition import apply_share
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    name: str
+    policy: str
+    role: str = "both"  # "prefill" | "decode" | "both": what the engine client observes it as
+    cores: Optional[tuple[int, ...]] = None  # None = every core the process may use
+    num_threads: int = 0  # 0 = one per core
+    pool: Optional[str] = None  # metrics label of the KV pool it uses (default: its own name)
+    handoff: Optional[str] = None  # how prefilled requests leave: "adopt" | "transfer" (semipd_engine.core.handoff)
+    decode_peers: tuple[str, ...] = ()  # where hand-offs go (round robin)
+    prefill_peers: tuple[str, ...] = ()  # where evicted requests go back to
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: Optional[int]) -> None:
+    """Make sure this process does not outlive the one that started it (the server).
+
+    On Linux the kernel sends SIGKILL when the parent goes, whatever killed it (even kill -9,
+    which runs no cleanup). The worker loop also compares os.getppid() with `parent_pid` (other
+    platforms, and a parent that died before prctl ran).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+                log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+        except (OSError, AttributeError) as e:
+            log.warning("prctl unavailable (%s): relying on the parent liveness check", e)
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)  # the parent is already gone
+
+
+def worker_main(spec: WorkerSpec, model_cfg, engine_cfg, in_q, out_q, state=None,
+                peers: Optional[dict[str, Any]] = None, sources: Optional[dict[str, Any]] = None,
+                parent_pid: Optional[int] = None, executor_wrapper=None) -> None:
+    die_with_parent(parent_pid)
+    import torch
+
+    from semipd_engine.core.kv_transfer import TensorBlockCopy
+    from semipd_engine.runtime.factory import build_core
+
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{spec.name}] %(levelname)s %(message)s")
+    try:
+        cores = apply_share("cpu_affinity" if spec.cores else "none", spec.cores or (), spec.num_threads)
+        core = build_core(model_cfg, engine_cfg, spec.policy, state)
+        if executor_wrapper is not None:
+            core.executor = executor_wrapper(core.executor)
+        kv = core.executor.kv
+        info = dict(pid=os.getpid(), cores=cores, num_threads=torch.get_num_threads(),
+                    max_model_len=core.max_model_len, kv_blocks_total=core.pool.num_blocks,
+                    kv_bytes=kv.nbytes, block_size=core.pool.block_size)
+        peers = peers or {}
+        handoff = None
+        if spec.handoff is not None:
+            copy = TensorBlockCopy(sources, kv) if sources else None
+            kwargs = {"copy": copy} if spec.handoff == "transfer" else {}
+            handoff = HANDOFFS.get(spec.handoff)(spec.name, core.pool, lambda peer, m: peers[peer].put(m), **kwargs)
+        out_q.put(WorkerReady(spec.name, info))
+        Worker(spec, core, in_q, out_q, peers, handoff, parent_pid).loop()
+    except Exception:
+        out_q.put(WorkerFailed(spec.name, traceback.format_exc()))
+        raise
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, core, in_q, out_q, peers: dict[str, Any], handoff: Optional[Handoff],
+                 parent_pid: Optional[int] = None):
+        self.spec, self.core, self.in_q, self.out_q, self.peers = spec, core, in_q, out_q, peers
+        self.handoff = handoff
+        self.parent_pid = parent_pid
+        self._rr = 0
+        # Requests aborted while in transit between workers are dropped on arrival.
+        self.aborted: OrderedDict[str, None] = OrderedDict()
+        self.cuda = getattr(core.executor, "device", None) is not None and core.executor.device.type == "cuda"
+        self.handlers = {AddRequest: self.on_add, AdoptRequest: self.on_adopt, AbortRequest: self.on_abort,
+                         SetShare: self.on_share, OfferKV: self.on_offer, ReleaseKV: self.on_release}
+
+    def busy(self) -> bool:
+        return self.core.has_work() or bool(self.handoff and self.handoff.busy)
+
+    def loop(self) -> None:
+        while True:
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                log.warning("the server (pid %d) is gone: exiting", self.parent_pid)
+                return
+            # Block only when idle, so a busy worker never waits on its inbox.
+            try:
+                msg = self.in_q.get(timeout=0.05) if not self.busy() else self.in_q.get_nowait()
+            except queue.Empty:
+                msg = None
+            changed = False
+            while msg is not None:
+                if isinstance(msg, Shutdown):
+                    return
+                changed |= bool(self.handlers[type(msg)](msg))
+                try:
+                    msg = self.in_q.get_nowait()
+                except queue.Empty:
+                    msg = None
+            if self.handoff is not None:
+                for req in self.handoff.poll(self.out_q.put):
+                    self.core.adopt(req)
+                    changed = True
+            outcome = self.core.step()
+            if outcome.ran or outcome.outputs or changed:
+                # An idle snapshot when blocks changed hands keeps /metrics true while nothing runs.
+                self.out_q.put(StepReport(self.spec.name, outcome.outputs, self.core.stats(outcome)))
+            self.publish(outcome)
+
+    # -- messages ------------------------------------------------------------------------------
+    def on_add(self, msg: AddRequest) -> bool:
+        if msg.request.request_id in self.aborted:
+            return False  # new or evicted: it holds no blocks
+        self.core.add_request(msg.request)
+        return False
+
+    def on_adopt(self, msg: AdoptRequest) -> bool:
+        if msg.request.request_id in self.aborted:
+            self.handoff.arrived_aborted(msg)
+            return True
+        self.core.adopt(msg.request)
+        return False
+
+    def on_offer(self, msg: OfferKV) -> bool:
+        if msg.request.request_id in self.aborted:
+            self.handoff.arrived_aborted(msg)
+            return False
+        return self.handoff.handle(msg)
+
+    def on_release(self, msg: ReleaseKV) -> bool:
+        return self.handoff.handle(msg)
+
+    def on_abort(self, msg: AbortRequest) -> bool:
+        rid = msg.request_id
+        self.aborted[rid] = None
+        if len(self.aborted) > 10000:
+            self.aborted.popitem(last=False)
+        held = self.handoff.abort(rid) if self.handoff is not None else False
+        return self.core.abort(rid) or held
+
+    def on_share(self, msg: SetShare) -> bool:
+        t0 = time.monotonic()
+        # Core sets pin; a CPU-time quota (no cores) only resizes the thread pool, the kernel enforces the rest.
+        applied = apply_share("cpu_affinity" if msg.cores else "none", msg.cores or (), msg.num_threads)
+        t1 = time.monotonic()
+        self.out_q.put(ShareSwitched(self.spec.name, self.spec.role, msg.share, applied, t1 - t0, t1 - msg.sent_at))
+        return False
+
+    # -- hand-offs -----------------------------------------------------------------------------
+    def publish(self, outcome) -> None:
+        """Hand prefilled requests to a decode worker, evicted ones back to a prefill worker."""
+        if not (outcome.handoffs or outcome.evicted):
+            return
+        if self.cuda:
+            import torch
+
+            torch.cuda.current_stream().synchronize()  # KV writes complete before anyone reads them
+        for req in outcome.handoffs:
+            self.handoff.hand_off(req, self._next(self.spec.decode_peers))
+        for req in outcome.evicted:
+            self.peers[self._next(self.spec.prefill_peers)].put(AddRequest(req))
+
+    def _next(self, names: tuple[str, ...]) -> str:
+        self._rr += 1
+        return names[self._rr % len(names)]

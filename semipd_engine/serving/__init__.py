@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server around an engine client: HTTP, validation, (de)tokenization, Prometheus metrics."""

@@ -1,0 +1,1 @@
+"""Engines as data: a `Topology` of workers and KV pools per engine, one function each, run by either driver."""
