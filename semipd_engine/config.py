@@ -75,6 +75,8 @@ class EngineConfig:
     kv_cache_mb: int = 256
     # Admission keeps this fraction of the pool free for running decodes.
     watermark: float = 0.01
+    # Reuse the KV of a prompt's cached full-block prefix (vLLM's default; a block is shared, never copied).
+    enable_prefix_caching: bool = True
     # Intra-op threads per worker; 0 = as many as the worker's cores (semi-PD: its share of them where the
     # two phases' core sets overlap, so the workers never run more threads than there are cores).
     num_threads: int = 0

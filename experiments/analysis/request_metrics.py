@@ -78,6 +78,16 @@ def _pct(values) -> dict[str, Optional[float]]:
     return {"mean": float(v.mean()), **{f"p{p}": float(np.percentile(v, p)) for p in PERCENTILES}}
 
 
+def prefix_cache_hit_rate(ok: pd.DataFrame) -> Optional[float]:
+    """Prompt tokens served from the prefix cache over prompt tokens, over the requests whose server said (usage
+    `prompt_tokens_details.cached_tokens`); None where none did."""
+    if "cached_tokens" not in ok:
+        return None
+    known = ok[ok["cached_tokens"].notna()]
+    prompt = float(known["prompt_tokens"].sum())
+    return float(known["cached_tokens"].sum()) / prompt if len(known) and prompt > 0 else None
+
+
 def aggregate(df: pd.DataFrame, ttft_slo: float, tpot_slo: float, duration_s: float) -> dict[str, Any]:
     ok = df[df["error"].isna()]
     out: dict[str, Any] = {
@@ -92,6 +102,7 @@ def aggregate(df: pd.DataFrame, ttft_slo: float, tpot_slo: float, duration_s: fl
     out["request_throughput"] = len(ok) / dur
     out["output_token_throughput"] = float(ok["output_tokens"].sum()) / dur
     out["total_token_throughput"] = float(ok["output_tokens"].sum() + ok["prompt_tokens"].sum()) / dur
+    out["prefix_cache_hit_rate"] = prefix_cache_hit_rate(ok)
     met = slo_met(df, ttft_slo, tpot_slo)
     out["slo_attainment"] = float(met.mean()) if len(df) else 0.0
     out["goodput"] = float(met.sum()) / dur

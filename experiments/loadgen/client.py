@@ -76,6 +76,7 @@ class Record:
     token_times: list[float] = field(default_factory=list)
     prompt_tokens: Optional[int] = None
     output_tokens: Optional[int] = None
+    cached_tokens: Optional[int] = None  # usage.prompt_tokens_details.cached_tokens, where the server says
     chunks: int = 0
     status: Optional[int] = None
     error: Optional[str] = None
@@ -180,6 +181,9 @@ class LoadGenerator:
         if u:
             rec.prompt_tokens = u.get("prompt_tokens")
             rec.output_tokens = u.get("completion_tokens")
+            details = u.get("prompt_tokens_details")
+            if isinstance(details, dict) and details.get("cached_tokens") is not None:
+                rec.cached_tokens = details["cached_tokens"]
 
     async def _lag_monitor(self) -> None:
         period = 0.01
@@ -301,7 +305,7 @@ def to_frame(records: list[Record], planned: list[Planned], t0: float) -> pd.Dat
             "prompt_tokens": r.prompt_tokens if r.prompt_tokens is not None else p.prompt_tokens,
             "output_tokens": out_tokens, "expected_prompt_tokens": p.prompt_tokens,
             "expected_output_tokens": p.output_tokens, "num_chunks": r.chunks, "http_status": r.status,
-            "error": r.error,
+            "error": r.error, "cached_tokens": r.cached_tokens,
         })
     return pd.DataFrame(rows)
 

@@ -52,6 +52,7 @@ class Aggregates:
     total_token_throughput: float
     slo_attainment: float
     goodput: float
+    prefix_cache_hit_rate: Optional[float] = None  # cached prompt tokens / prompt tokens (None: not reported)
     ttft_s: Latency = Latency()
     tpot_s: Latency = Latency()
     e2e_s: Latency = Latency()
@@ -173,6 +174,7 @@ class RunResult:
         out: dict[str, Any] = {
             "slo_attainment": a.slo_attainment, "goodput_rps": a.goodput, "request_throughput": a.request_throughput,
             "output_token_throughput": a.output_token_throughput, "num_requests": a.num_requests,
+            "prefix_cache_hit_rate": a.prefix_cache_hit_rate,
             "num_errors": a.num_errors, "client_valid": self.self_check.get("valid", True),
             "endpoint": self.endpoint,  # what was measured: None when simulated
             # requests that did not fit the server's context (clamped, dropped or sent: loadgen.over_context)

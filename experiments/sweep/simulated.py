@@ -70,6 +70,7 @@ def to_frame(done, expected: dict[str, tuple[int, int]]) -> pd.DataFrame:
             "first_token_s": t.first_token, "finish_s": t.finished, "token_times_s": list(t.tokens),
             "prompt_tokens": r.num_prompt_tokens, "output_tokens": n_out, "expected_prompt_tokens": p,
             "expected_output_tokens": o, "num_chunks": n_out, "http_status": 200, "error": None,
+            "cached_tokens": r.num_cached_tokens or 0,
         })
     return pd.DataFrame(rows)
 

@@ -1,53 +1,143 @@
-"""The KV block allocator: plain bookkeeping of block ids, no tensors.
+"""The KV block allocator, with its prefix cache: plain bookkeeping of block ids, no tensors.
 
 It is kept apart from the KV tensor (semipd_engine.runtime.kv_cache) so the policies and
 the simulator can allocate without torch, and so one allocator can have exactly
 one owner while several workers read and write the blocks it handed out.
 `SharedBlockPool` (kv_cache.py) keeps the same state in shared memory for the
 multi-process engines.
+
+Prefix caching (as vLLM's, on by default): a block whose tokens are all computed is
+registered under a hash chained over every token up to its end (`prefix_hashes`), so
+two requests whose prompts begin alike share the blocks of their common full-block
+prefix. Blocks are reference counted; one that nobody references but that holds a
+registered prefix stays cached, least recently freed first out, and is evicted only
+when a fresh block is needed. `num_free` counts those too: a cached block is free to
+take.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Optional
+
+ROOT_HASH = 0x5E1FD  # the chain's seed for requests without a cache salt
+
+
+def salt_hash(salt: Optional[str]) -> int:
+    """The chain's seed: stable across processes (str hashes are randomised per interpreter)."""
+    if salt is None:
+        return ROOT_HASH
+    return int.from_bytes(hashlib.blake2b(salt.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def prefix_hashes(req, block_size: int, num_blocks: int) -> list[int]:
+    """`req.block_hashes`, extended to (at least) its first `num_blocks` full blocks: computed once per request.
+
+    Block i's hash covers tokens [0, (i+1) x block_size) through the chain, and the request's cache salt: equal
+    hashes mean equal KV (same model, same tokens at the same positions). Python's hash of a tuple of ints is
+    the same in every process; 64 bits make a collision among a pool's blocks negligible (~n^2 / 2^65).
+    """
+    hs = req.block_hashes
+    if len(hs) < num_blocks:
+        prev = hs[-1] if hs else salt_hash(req.cache_salt)
+        for i in range(len(hs), num_blocks):
+            prev = hash((prev, *req.token_ids(i * block_size, (i + 1) * block_size)))
+            hs.append(prev)
+    return hs
+
 
 class BlockPool:
-    """Block-id allocator with an admission watermark: new prompts may not eat the last
-    `watermark` of the pool, which running decodes need to grow."""
+    """Block-id allocator with an admission watermark (new prompts may not eat the last `watermark` of the pool,
+    which running decodes need to grow) and, with `prefix_caching`, a cache of full blocks by prefix hash."""
 
-    def __init__(self, num_blocks: int, block_size: int, watermark: float = 0.0):
+    def __init__(self, num_blocks: int, block_size: int, watermark: float = 0.0, prefix_caching: bool = False):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"a block pool needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
         self.watermark_blocks = int(watermark * num_blocks)
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: pops 0, 1, 2, ...
-        self._used = bytearray(num_blocks)
+        self.prefix_caching = prefix_caching
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack of uncached free blocks: pops 0, 1, 2, ...
+        self._ref = [0] * num_blocks
+        self._hash: list[Optional[int]] = [None] * num_blocks
+        self._cached: dict[int, int] = {}  # prefix hash -> block
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; least recently freed first
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
+        """Blocks some request references."""
         return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
 
     def blocks_needed(self, num_tokens: int, have: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - have)
 
-    def try_allocate(self, n: int, admission: bool = False) -> list[int] | None:
-        """Take `n` blocks, or None when they are not there (behind the watermark for admissions)."""
+    def cached_block(self, h: int) -> Optional[int]:
+        """The block cached under prefix hash `h` (no reference taken: `try_allocate(..., hit=)` takes it)."""
+        return self._cached.get(h)
+
+    def try_allocate(self, n: int, admission: bool = False,
+                     hit: Sequence[tuple[int, int]] = ()) -> list[int] | None:
+        """Take `n` fresh blocks and a reference on each cached (block, hash) of `hit`, or nothing when the pool cannot
+        (behind the watermark for admissions). Fresh blocks come from the uncached ones first, then by evicting
+        the least recently freed cached block."""
         reserve = self.watermark_blocks if admission else 0
-        if n > len(self._free) - reserve:
+        revive = sum(1 for b, _ in hit if self._ref[b] == 0)
+        if n + revive > len(self._free) + len(self._evictable) - reserve:
             return None
-        ids = [self._free.pop() for _ in range(n)]
-        for b in ids:
-            if self._used[b]:
-                raise RuntimeError(f"allocator corrupted: free block {b} is marked used")
-            self._used[b] = 1
+        ref = self._ref
+        for b, _ in hit:
+            if ref[b] == 0:
+                del self._evictable[b]
+            ref[b] += 1
+        ids = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.pop()
+            else:
+                b, _ = self._evictable.popitem(last=False)
+                del self._cached[self._hash[b]]
+                self._hash[b] = None
+            if ref[b]:
+                raise RuntimeError(f"allocator corrupted: free block {b} is referenced")
+            ref[b] = 1
+            ids.append(b)
         return ids
 
     def free(self, blocks: list[int]) -> None:
-        if len(set(blocks)) != len(blocks) or not all(self._used[b] for b in blocks):
+        """Drop one reference on each block. Its tail first, so a sequence's own tail is evicted before the head
+        it may share."""
+        ref = self._ref
+        if len(set(blocks)) != len(blocks) or not all(ref[b] > 0 for b in blocks):
             raise RuntimeError(f"KV block freed twice among {blocks}")
-        for b in blocks:
-            self._used[b] = 0
-        self._free.extend(reversed(blocks))
+        for b in reversed(blocks):
+            ref[b] -= 1
+            if ref[b] == 0:
+                if self._hash[b] is None:
+                    self._free.append(b)
+                else:
+                    self._evictable[b] = None
+
+    def cache(self, block: int, h: int) -> None:
+        """Register a block whose tokens are all computed under its prefix hash (a first copy wins: a block
+        computed again by a request that missed it stays private)."""
+        if self._hash[block] is None and h not in self._cached:
+            self._cached[h] = block
+            self._hash[block] = h
+
+    def reset_cache(self) -> None:
+        """Forget every cached prefix (what vLLM's /reset_prefix_cache does); referenced blocks stay."""
+        for b in self._evictable:
+            self._free.append(b)
+        self._evictable.clear()
+        for b in self._cached.values():
+            self._hash[b] = None
+        self._cached.clear()

@@ -38,6 +38,9 @@ class IterationStats:
     num_running: int
     num_waiting: int
     preemptions_total: int
+    kv_blocks_cached: int = 0  # full blocks registered in the prefix cache (referenced or not)
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up at admission, cumulative
+    prefix_cache_hits_total: int = 0  # of them, found cached
 
 
 class EngineCore:
@@ -123,6 +126,8 @@ class EngineCore:
             num_decode_tokens=outcome.num_decode_tokens if ran else 0,
             kv_blocks_used=self.pool.num_used, kv_blocks_total=self.pool.num_blocks,
             num_running=len(s.running), num_waiting=len(s.waiting), preemptions_total=s.num_preemptions,
+            kv_blocks_cached=self.pool.num_cached, prefix_cache_queries_total=s.prefix_queries,
+            prefix_cache_hits_total=s.prefix_hits,
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:

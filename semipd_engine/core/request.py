@@ -76,6 +76,11 @@ class Request:
     times: Timestamps = field(default_factory=Timestamps)
     # torch.Generator state (bytes) for seeded sampling; travels with the request between workers.
     rng_state: Optional[bytes] = None
+    # Prefix caching: requests with different salts never share blocks (vLLM's `cache_salt`).
+    cache_salt: Optional[str] = None
+    block_hashes: list[int] = field(default_factory=list)  # of its full blocks, as far as computed (block_pool)
+    num_registered_blocks: int = 0  # of its block table, how many are registered in the pool's prefix cache
+    num_cached_tokens: Optional[int] = None  # prompt tokens found cached at its first admission (usage)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -134,3 +139,4 @@ class RequestOutput:
     first_scheduled: Optional[float] = None
     preemptions: tuple[float, ...] = ()
     error: Optional[str] = None
+    num_cached_tokens: int = 0

@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
-from semipd_engine.core.block_pool import BlockPool
+from semipd_engine.core.block_pool import BlockPool, prefix_hashes
 from semipd_engine.core.request import FinishReason, Request, RequestOutput, RequestStatus
 
 
@@ -99,6 +99,8 @@ class Scheduler:
         self.parked: deque[Request] = deque()
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # Prefix cache lookups at admission, in tokens (vLLM's prefix_cache_queries / prefix_cache_hits).
+        self.prefix_queries = self.prefix_hits = 0
 
     # -- requests in and out ------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -173,6 +175,8 @@ class Scheduler:
                 prefill += n
             req.num_computed_tokens += n
         out.num_decode_tokens, out.num_prefill_tokens = decode, prefill
+        if self.pool.prefix_caching:
+            self._register(batch)
         for req, token in result.sampled:
             req.append_token(token, now)
             reason = req.check_finished(self.max_model_len)
@@ -191,6 +195,20 @@ class Scheduler:
 
     def _after_token(self, req: Request, out: StepOutcome) -> None:
         """Where an unfinished request goes after a token; by default it keeps decoding here."""
+
+    def _register(self, batch: ScheduledBatch) -> None:
+        """Blocks this iteration filled with computed tokens join the prefix cache."""
+        for req, _ in batch.items:
+            self.register_blocks(req)
+
+    def register_blocks(self, req: Request) -> None:
+        pool, bs = self.pool, self.pool.block_size
+        full = min(req.num_computed_tokens // bs, len(req.block_table))
+        if full > req.num_registered_blocks:
+            hs = prefix_hashes(req, bs, full)
+            for i in range(req.num_registered_blocks, full):
+                pool.cache(req.block_table[i], hs[i])
+            req.num_registered_blocks = full
 
     def _evict_waiting(self, out: StepOutcome) -> None:
         # A worker that cannot prefill sends preempted requests back for recompute.
@@ -241,25 +259,50 @@ class Scheduler:
         return budget
 
     def _admit(self, batch: ScheduledBatch, budget: int, chunk: bool) -> None:
+        pool = self.pool
         while self.waiting and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            n = req.num_remaining
+            hit = self._cached_prefix(req) if pool.prefix_caching and not req.block_table else ()
+            n = req.num_remaining - len(hit) * pool.block_size
             if chunk:
                 if budget <= 0:
                     break
                 n = min(n, budget)
             elif n > budget and batch.items:
                 break  # a lone prompt over the budget still runs, alone
-            got = self.pool.try_allocate(self.pool.blocks_needed(req.num_tokens, len(req.block_table)),
-                                         admission=True)
+            got = pool.try_allocate(pool.blocks_needed(req.num_tokens, len(req.block_table) + len(hit)),
+                                    admission=True, hit=hit)
             if got is None:
                 break
+            if pool.prefix_caching and not req.block_table:
+                cached = len(hit) * pool.block_size
+                self.prefix_queries += req.num_tokens
+                self.prefix_hits += cached
+                req.block_table = [b for b, _ in hit]
+                req.num_computed_tokens = req.num_registered_blocks = len(hit)
+                req.num_computed_tokens *= pool.block_size
+                if req.num_cached_tokens is None:
+                    req.num_cached_tokens = cached
             req.block_table += got
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             batch.items.append((req, n))
             budget -= n
+
+    def _cached_prefix(self, req: Request) -> list[tuple[int, int]]:
+        """The (block, hash) pairs of the cached blocks of `req`'s prompt (and outputs, after a preemption), leaving at least its last token
+        to compute: the iteration that computes it samples the next token."""
+        pool, bs = self.pool, self.pool.block_size
+        hs, out = req.block_hashes, []
+        for i in range((req.num_tokens - 1) // bs):  # hashed as far as the cache matches, no further
+            if i == len(hs):
+                prefix_hashes(req, bs, i + 1)
+            b = pool.cached_block(hs[i])
+            if b is None:
+                break
+            out.append((b, hs[i]))
+        return out
 
     def _reserve(self, req: Request, num_tokens: int) -> bool:
         got = self.pool.try_allocate(self.pool.blocks_needed(num_tokens, len(req.block_table)))
@@ -274,7 +317,7 @@ class Scheduler:
         if req.block_table:
             self.pool.free(req.block_table)
             req.block_table = []
-        req.num_computed_tokens = 0
+        req.num_computed_tokens = req.num_registered_blocks = 0
         req.status = RequestStatus.WAITING
         req.times.preemptions.append(now)
         self.waiting.appendleft(req)  # the front: a preempted request is not starved behind new ones
@@ -291,4 +334,5 @@ def make_output(req: Request, tokens: tuple[int, ...], times: tuple[float, ...],
         num_prompt_tokens=req.num_prompt_tokens, num_output_tokens=len(req.output_token_ids),
         first_scheduled=req.times.first_scheduled if done else None,
         preemptions=tuple(req.times.preemptions) if done else (), error=error,
+        num_cached_tokens=req.num_cached_tokens or 0,
     )

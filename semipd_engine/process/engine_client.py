@@ -327,7 +327,8 @@ class EngineClient:
             old = state.pool
             if not isinstance(old, SharedBlockPool):
                 continue  # a worker's own allocator: its replacement gets a fresh copy
-            state.pool = SharedBlockPool(old.num_blocks, old.block_size, self.engine_cfg.watermark, self._ctx.Lock())
+            state.pool = SharedBlockPool(old.num_blocks, old.block_size, self.engine_cfg.watermark, self._ctx.Lock(),
+                                         old.prefix_caching)
             if old.num_used:
                 log.warning("engine %s: %d KV blocks of pool %s were held by requests of the replaced workers; "
                             "the new allocator starts with all %d free", self.name, old.num_used, name,

@@ -63,9 +63,10 @@ def build_state(model_cfg, engine_cfg, *, weights: bool = True, kv_blocks: Optio
     blocks = kv_blocks or num_kv_blocks(spec, model_cfg, engine_cfg)
     state.kv = KVCache(spec, blocks, engine_cfg.block_size, dtype, model_cfg.device, share=share)
     if lock is not None:
-        state.pool = SharedBlockPool(blocks, engine_cfg.block_size, engine_cfg.watermark, lock)
+        state.pool = SharedBlockPool(blocks, engine_cfg.block_size, engine_cfg.watermark, lock,
+                                     engine_cfg.enable_prefix_caching)
     else:
-        state.pool = BlockPool(blocks, engine_cfg.block_size, engine_cfg.watermark)
+        state.pool = BlockPool(blocks, engine_cfg.block_size, engine_cfg.watermark, engine_cfg.enable_prefix_caching)
     return state
 
 
@@ -95,7 +96,8 @@ def build_core(model_cfg, engine_cfg, policy: Optional[str] = None, state: Optio
     if state.model is None:
         state.model = load_model(model_cfg, state.spec)
     if state.pool is None:
-        state.pool = BlockPool(state.kv.num_blocks, state.kv.block_size, engine_cfg.watermark)
+        state.pool = BlockPool(state.kv.num_blocks, state.kv.block_size, engine_cfg.watermark,
+                               engine_cfg.enable_prefix_caching)
     scheduler = make_scheduler(policy or engine_cfg.policy, state.pool, engine_cfg,
                                max_model_len(state.spec, model_cfg, state.pool))
     return EngineCore(scheduler, ModelRunner(state.model, state.kv), clock, state.eos_token_ids)

@@ -47,6 +47,13 @@ class EngineMetrics:
                                        registry=r)
         self.worker_restart_time = Histogram("worker_restart_seconds", "From a worker's death to its replacements "
                                              "being ready", buckets=(0.5, 1, 2, 3, 5, 10, 20, 60), registry=r)
+        # vLLM's names: tokens looked up in the prefix cache at admission, and tokens found there
+        self.prefix_cache_queries = Counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                            registry=r)
+        self.prefix_cache_hits = Counter("prefix_cache_hits", "Prompt tokens found in the prefix cache", registry=r)
+        self.kv_blocks_cached = Gauge("kv_blocks_cached", "KV blocks holding a cached prefix", ["instance"],
+                                      registry=r)
+        self._prefix_seen: dict[str, tuple[int, int]] = {}
         self._preempt_seen: dict[str, int] = {}
         self._peaks: dict[str, int] = {}
         self.pool_label = pool_label
@@ -99,6 +106,7 @@ class EngineMetrics:
 
     def engine_ready(self, worker_info: dict[str, dict]) -> None:
         self._preempt_seen.clear()  # new worker processes count from zero
+        self._prefix_seen.clear()
         for worker, info in worker_info.items():
             self.kv_blocks_total.labels(self.pool_label(worker)).set(info["kv_blocks_total"])
             self.kv_blocks_used.labels(self.pool_label(worker)).set(0)
@@ -123,6 +131,13 @@ class EngineMetrics:
         if new > 0:
             self.preemptions.inc(new)
         self._preempt_seen[worker] = s.preemptions_total
+        self.kv_blocks_cached.labels(pool).set(s.kv_blocks_cached)
+        q0, h0 = self._prefix_seen.get(worker, (0, 0))
+        if s.prefix_cache_queries_total > q0:
+            self.prefix_cache_queries.inc(s.prefix_cache_queries_total - q0)
+        if s.prefix_cache_hits_total > h0:
+            self.prefix_cache_hits.inc(s.prefix_cache_hits_total - h0)
+        self._prefix_seen[worker] = (s.prefix_cache_queries_total, s.prefix_cache_hits_total)
 
     def observe_request(self, arrival: float, first_token, finished: float, prompt_tokens: int,
                         output_tokens: int, finish_reason: str) -> None:

@@ -262,14 +262,15 @@ class ApiServer:
             if resp is not None:
                 if include_usage:
                     tail = completion_body(rid, self.model_name, chat, None, None, True, created)
-                    tail["choices"], tail["usage"] = [], usage(req.num_prompt_tokens, n_out)
+                    tail["choices"], tail["usage"] = [], usage(req.num_prompt_tokens, n_out,
+                                                                  req.num_cached_tokens or 0)
                     await self._send_event(resp, tail)
                 await resp.write(b"data: [DONE]\n\n")
                 await resp.write_eof()
                 delivered = True
                 return resp
             body = completion_body(rid, self.model_name, chat, detok.text, finish, False, created)
-            body["usage"] = usage(req.num_prompt_tokens, n_out)
+            body["usage"] = usage(req.num_prompt_tokens, n_out, req.num_cached_tokens or 0)
             delivered = True
             return web.json_response(body)
         except ConnectionResetError:  # a write found the client gone (aiohttp's ClientConnectionResetError)
@@ -330,6 +331,7 @@ class ApiServer:
     def _record_tokens(self, req: Request, out: RequestOutput) -> None:
         if out.token_times and req.times.first_token is None:
             req.times.first_token = out.token_times[0]
+            req.num_cached_tokens = out.num_cached_tokens
         req.times.tokens.extend(out.token_times)
         if out.finished:
             req.times.first_scheduled = out.first_scheduled
@@ -348,7 +350,7 @@ class ApiServer:
                 "request_id": req.request_id, "arrival": t.arrival, "first_scheduled": t.first_scheduled,
                 "first_token": t.first_token, "finished": t.finished, "token_times": t.tokens,
                 "preemptions": t.preemptions, "prompt_tokens": req.num_prompt_tokens, "output_tokens": n_out,
-                "finish_reason": reason,
+                "cached_tokens": req.num_cached_tokens or 0, "finish_reason": reason,
             }) + "\n")
 
     async def drain(self, timeout_s: float) -> None:

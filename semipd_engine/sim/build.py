@@ -172,7 +172,8 @@ def simulate(topo: Topology, model_cfg, engine_cfg, plat: Platform, backend) -> 
     def kv_fraction(p) -> float:
         return p.kv_fraction if cpu else p.kv_fraction / sum(q.kv_fraction for q in topo.pools if q.unit == p.unit)
 
-    pools = {p.name: BlockPool(max(1, int(plat.kv_tokens * kv_fraction(p)) // bs), bs, e.watermark)
+    pools = {p.name: BlockPool(max(1, int(plat.kv_tokens * kv_fraction(p)) // bs), bs, e.watermark,
+                                 e.enable_prefix_caching)
              for p in topo.pools}
 
     def max_len(p: BlockPool) -> int:

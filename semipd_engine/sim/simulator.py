@@ -400,6 +400,9 @@ class Simulator:
             r.output_token_ids.extend(tail)
             r.times.tokens.extend(ends)
             r.num_computed_tokens += applied
+        if sched.pool.prefix_caching:
+            for r, _ in batch.items:
+                sched.register_blocks(r)
         w.iterations += applied - 1  # iteration 0 is counted by the caller
         w.fast_forwarded += applied
         self._iter_time["decode"] = self._iter_time.get("decode", 0.0) + (ends[-1] - t)
@@ -495,6 +498,7 @@ class Simulator:
 
 def make_requests(arrivals, prompt_lens, output_lens) -> list[Request]:
     """Simulated requests: token ids are placeholders (only lengths matter to a cost model)."""
+    # Placeholder tokens are all alike: a salt per request keeps their blocks from matching each other's.
     return [Request(f"sim-{i}", [SIM_TOKEN] * p, SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0),
-                    times=Timestamps(arrival=float(a)))
+                    times=Timestamps(arrival=float(a)), cache_salt=f"sim-{i}")
             for i, (a, p, o) in enumerate(zip(arrivals, prompt_lens, output_lens))]

@@ -130,7 +130,8 @@ class Topology:
 # -- the registry ----------------------------------------------------------------------------------------
 # Keys every engine this project runs reads (budgets, pool sizing, threads, restarts).
 COMMON_KEYS = frozenset({"name", "max_num_seqs", "max_num_batched_tokens", "block_size", "num_kv_blocks",
-                         "kv_cache_mb", "watermark", "num_threads", "max_worker_restarts"})
+                         "kv_cache_mb", "watermark", "num_threads", "max_worker_restarts",
+                         "enable_prefix_caching"})
 CONTROLLER_KEYS = frozenset({"slo_ttft_s", "slo_tpot_s", "slo_percentile", "control_window_s", "step_size",
                              "max_step", "min_share", "max_share", "decision_log"})
 

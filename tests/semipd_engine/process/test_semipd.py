@@ -42,7 +42,9 @@ def test_greedy_matches_transformers_with_one_shared_pool(llama_checkpoint, num_
         assert info["prefill"]["num_threads"] == info["decode"]["num_threads"] == 1
 
 
-def _hammer(pool, owner, seed, iters, errors):
+def _hammer(pool, holders, seed, iters, errors):
+    """Allocate, cache, find cached and free at random; `holders` counts each block's holders across processes:
+    a fresh block must have none, a cached one found by its hash may have several."""
     import random
 
     rng = random.Random(seed)
@@ -52,41 +54,54 @@ def _hammer(pool, owner, seed, iters, errors):
             if held and (rng.random() < 0.5 or pool.num_free < 4):
                 blocks = held.pop(rng.randrange(len(held)))
                 for b in blocks:
-                    owner[b] = -1
+                    holders[b] -= 1
                 pool.free(blocks)
-            else:
-                got = pool.try_allocate(rng.randint(1, 4))
-                if got is None:
-                    continue
-                for b in got:
-                    if owner[b] != -1:
-                        errors[0] += 1  # handed out while another process held it
-                    owner[b] = seed
-                held.append(got)
+                continue
+            hit = []
+            if pool.prefix_caching:
+                h = rng.randrange(16)  # few prefixes: both processes find each other's
+                b = pool.cached_block(h)
+                if b is not None:
+                    hit = [(b, h)]
+            got = pool.try_allocate(rng.randint(1, 4), hit=hit)
+            if got is None:
+                continue
+            for b in got:
+                if holders[b] != 0:
+                    errors[0] += 1  # handed out fresh while another process held it
+                holders[b] += 1
+            for b, _ in hit:
+                holders[b] += 1
+            if pool.prefix_caching:
+                pool.cache(got[0], rng.randrange(16))
+            held.append(got + [b for b, _ in hit])
         for blocks in held:
             for b in blocks:
-                owner[b] = -1
+                holders[b] -= 1
             pool.free(blocks)
     except Exception:
         errors[1] += 1
         raise
 
 
-def test_allocator_is_atomic_across_processes():
+@pytest.mark.parametrize("prefix_caching", [False, True], ids=["plain", "prefix_caching"])
+def test_allocator_is_atomic_across_processes(prefix_caching):
     import torch.multiprocessing as tmp
 
     ctx = tmp.get_context("spawn")
-    pool = SharedBlockPool(64, 4, 0.0, ctx.Lock())
-    owner = torch.full((64,), -1, dtype=torch.int64).share_memory_()
+    pool = SharedBlockPool(64, 4, 0.0, ctx.Lock(), prefix_caching)
+    holders = torch.zeros(64, dtype=torch.int64).share_memory_()
     errors = torch.zeros(2, dtype=torch.int64).share_memory_()
-    procs = [ctx.Process(target=_hammer, args=(pool, owner, s, 3000, errors)) for s in (1, 2)]
+    procs = [ctx.Process(target=_hammer, args=(pool, holders, s, 3000, errors)) for s in (1, 2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
     assert all(p.exitcode == 0 for p in procs)
     assert errors.tolist() == [0, 0], "double allocation or allocator error"
-    assert pool.num_free == 64 and not bool(pool._used_t.any())
+    assert pool.num_free == 64 and not pool.v["ref"].any() and not holders.any()
+    if prefix_caching:
+        assert 0 < pool.num_cached <= 16
 
 
 def _quota_writable() -> bool:

@@ -279,3 +279,19 @@ def test_http_errors_are_json_on_a_real_server(server):
     for path in ("/nothing", "/partition"):  # unified has no partition control
         status, body = get_json(server.url + path)
         assert status == 404 and body["error"]["code"] == "not_found"
+
+
+def test_a_repeated_prompt_reports_cached_tokens_through_the_openai_sdk(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+    prompt = list(range(1000, 1080))  # 80 token ids: 5 full blocks of 16, unlike any other test's prompt
+    kw = dict(model="tiny", prompt=prompt, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    hits = metric(server.url, "prefix_cache_hits_total")
+    first = client.completions.create(**kw)
+    second = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    # 4 of the 5 blocks: the prompt's last token is always computed (it samples the first output)
+    assert second[-1].usage.prompt_tokens_details.cached_tokens == 64
+    assert "".join(c.choices[0].text for c in second if c.choices) == first.choices[0].text
+    assert metric(server.url, "prefix_cache_hits_total") - hits == 64
+    assert metric(server.url, "kv_blocks_cached") >= 5

@@ -1,0 +1,160 @@
+"""The prefix cache in the block pool: both implementations (plain Python, and shared memory for semi-PD's
+two workers) behave alike, and the scheduler computes only what is not cached."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import pytest
+
+from semipd_engine.core.block_pool import BlockPool, prefix_hashes
+from semipd_engine.core.policies import make_scheduler
+from semipd_engine.core.request import Request, SamplingParams
+from semipd_engine.core.scheduler import ExecuteResult
+from tests.helpers import engine_cfg
+
+
+def _pool(kind: str, n: int = 8, bs: int = 4, watermark: float = 0.0) -> BlockPool:
+    if kind == "plain":
+        return BlockPool(n, bs, watermark, prefix_caching=True)
+    from semipd_engine.runtime.kv_cache import SharedBlockPool
+
+    return SharedBlockPool(n, bs, watermark, multiprocessing.get_context("spawn").Lock(), prefix_caching=True)
+
+
+KINDS = ["plain", "shared"]
+
+
+def _req(rid: str, tokens: list[int], salt=None) -> Request:
+    return Request(rid, list(tokens), SamplingParams(max_tokens=4, temperature=0.0), cache_salt=salt)
+
+
+def test_hashes_chain_over_the_whole_prefix_and_the_salt():
+    a, b = _req("a", [1, 2, 3, 4, 5, 6, 7, 8]), _req("b", [9, 2, 3, 4, 5, 6, 7, 8])
+    ha, hb = prefix_hashes(a, 4, 2), prefix_hashes(b, 4, 2)
+    assert ha[1] != hb[1]  # same second block, different first: different prefixes
+    assert prefix_hashes(_req("c", [1, 2, 3, 4, 0, 0, 0, 0]), 4, 1)[0] == ha[0]
+    assert prefix_hashes(_req("d", [1, 2, 3, 4], salt="x"), 4, 1)[0] != ha[0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_blocks_are_shared_counted_and_evicted_least_recently_freed_first(kind):
+    pool = _pool(kind)
+    a = pool.try_allocate(3)
+    for i, b in enumerate(a):
+        pool.cache(b, 100 + i)
+    assert pool.num_cached == 3 and pool.cached_block(101) == a[1] and pool.cached_block(999) is None
+    b = pool.try_allocate(1, hit=[(a[0], 100), (a[1], 101)])  # a second request shares a's first two blocks
+    assert pool.num_used == 4
+    pool.free(a)  # a's tail (uncached or unshared) goes first; blocks still referenced stay
+    assert pool.num_used == 3 and pool.num_free == 5
+    assert pool.cached_block(102) == a[2]  # freed, still cached
+    assert pool.try_allocate(4) is not None  # the 4 uncached free blocks
+    c = pool.try_allocate(1)  # nothing uncached left: the least recently freed cached block goes
+    assert c == [a[2]] and pool.cached_block(102) is None and pool.cached_block(100) == a[0]
+    assert pool.try_allocate(1) is None  # the rest is referenced
+    pool.free([a[0], a[1]])
+    pool.free(b)
+    assert pool.num_cached == 2 and pool.num_free == 3
+    with pytest.raises(RuntimeError, match="freed twice"):
+        pool.free([a[0]])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_stale_hit_is_refused_and_the_first_copy_wins(kind):
+    pool = _pool(kind, n=2)
+    a = pool.try_allocate(1)
+    pool.cache(a[0], 7)
+    other = pool.try_allocate(1)
+    pool.cache(other[0], 7)  # the same prefix computed twice: the first copy stays the cached one
+    assert pool.cached_block(7) == a[0]
+    pool.free(a)
+    pool.free(other)
+    got = pool.try_allocate(2)  # evicts a's cached block
+    assert pool.cached_block(7) is None
+    pool.free(got)
+    if kind == "shared":  # a hit found before the eviction is checked again
+        assert pool.try_allocate(0, hit=[(a[0], 7)]) is None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_many_cached_blocks_evicted_in_any_order_keep_the_index_whole(kind):
+    import random
+
+    rng = random.Random(0)
+    pool = _pool(kind, n=64)
+    live: dict[int, int] = {}
+    for step in range(2000):
+        if rng.random() < 0.5 and pool.num_free:
+            b = pool.try_allocate(1)[0]
+            live = {h: x for h, x in live.items() if x != b}  # an evicted block's hash is gone
+            h = rng.randrange(-2**63, 2**63)
+            pool.cache(b, h)
+            live[h] = b
+            pool.free([b])
+        else:
+            for h, b in rng.sample(sorted(live.items()), min(3, len(live))):
+                assert pool.cached_block(h) == b, step
+    assert all(pool.cached_block(h) == b for h, b in live.items())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_reset_forgets_cached_prefixes_only(kind):
+    pool = _pool(kind)
+    a = pool.try_allocate(2)
+    pool.cache(a[0], 1)
+    pool.cache(a[1], 2)
+    pool.free(a[1:])
+    pool.reset_cache()
+    assert pool.num_cached == 0 and pool.num_free == 7 and pool.cached_block(1) is None
+    pool.free(a[:1])
+    assert pool.num_free == 8
+
+
+class _FakeExecutor:
+    def execute(self, batch):
+        return ExecuteResult([(r, 5) for r, n in batch.items if r.num_computed_tokens + n == r.num_tokens], 0.01)
+
+
+@pytest.mark.parametrize("policy", ["prefill_priority", "chunked"])
+def test_a_repeated_prompt_computes_only_its_uncached_tail(policy):
+    e = engine_cfg(policy=policy, max_num_batched_tokens=64)
+    pool = BlockPool(32, 4, 0.0, prefix_caching=True)
+    sched = make_scheduler(policy, pool, e, 1000)
+    prompt = list(range(10, 24))  # 14 tokens: 3 full blocks + 2
+
+    def run(rid):
+        req = _req(rid, prompt)
+        sched.add(req)
+        computed = []
+        while sched.has_work():
+            batch = sched.schedule(0.0)
+            computed += [(r.num_computed_tokens, n) for r, n in batch.items if r is req]
+            sched.update(batch, _FakeExecutor().execute(batch), 0.0)
+        return req, computed
+
+    first, c1 = run("a")
+    assert c1[0] == (0, 14) and first.num_cached_tokens == 0
+    second, c2 = run("b")
+    assert c2[0] == (12, 2) and second.num_cached_tokens == 12  # 3 cached blocks; the tail computed
+    assert second.output_token_ids == first.output_token_ids
+    assert sched.prefix_queries == 28 and sched.prefix_hits == 12
+    # a prompt that is all full blocks still computes its last token (it samples the next one)
+    exact = _req("d", list(range(10, 26)))  # 16 tokens = 4 blocks, of which 3 cached
+    sched.add(exact)
+    batch = sched.schedule(0.0)
+    assert [(r.num_computed_tokens, n) for r, n in batch.items] == [(12, 4)]
+    assert pool.num_used == len(exact.block_table) == 4
+
+
+def test_prefix_caching_off_caches_nothing():
+    pool = BlockPool(32, 4)
+    sched = make_scheduler("prefill_priority", pool, engine_cfg(), 1000)
+    for rid in "ab":
+        req = _req(rid, list(range(10, 24)))
+        sched.add(req)
+        batch = sched.schedule(0.0)
+        assert [(r.num_computed_tokens, n) for r, n in batch.items] == [(0, 14)]
+        sched.update(batch, _FakeExecutor().execute(batch), 0.0)
+        sched.abort(rid)
+    assert pool.num_cached == 0 and pool.num_free == 32
