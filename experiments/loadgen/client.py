@@ -28,7 +28,7 @@ from experiments.analysis import request_metrics as M
 from experiments.loadgen.arrivals import interarrival_distribution, schedule
 from experiments.loadgen.lengths import format_lengths
 from experiments.loadgen.lengths import report as report_lengths
-from experiments.loadgen.prompts import PromptBuilder
+from experiments.loadgen.prompts import PromptBuilder, prompt_token_ids
 from experiments.loadgen.result import RunResult, SLOs, measured, workload_run
 from experiments.loadgen.workloads import Workload, load_workload
 
@@ -90,7 +90,11 @@ def plan(workload: Workload, wcfg, lcfg, tokenizer) -> list[Planned]:
     out = []
     for i, it in enumerate(workload.items):
         if lcfg.prompt_format == "token_ids":
-            prompt, n = builder.token_ids(it.prompt_len), it.prompt_len
+            prompt, n = prompt_token_ids(builder, it), it.prompt_len
+        elif it.prefix_group is not None:  # its group's system prompt, then a question
+            head = builder.prefix_text(it.prefix_group, it.prefix_len)
+            prompt = head + builder.text(max(1, it.prompt_len - it.prefix_len), chat)[0]
+            n = builder.count(prompt, chat)
         elif it.prompt_text is not None:
             prompt, n = it.prompt_text, builder.count(it.prompt_text, chat)
         else:

@@ -16,6 +16,8 @@ import numpy as np
 class PromptBuilder:
     def __init__(self, tokenizer=None, seed: int = 0, vocab_hint: int = 1000):
         self.tok = tokenizer
+        self.seed = seed
+        self._prefix_text: dict[int, str] = {}
         self.rng = np.random.default_rng(seed + 104729)
         from semipd_engine.serving.tokenizer import synthetic_corpus
 
@@ -31,6 +33,21 @@ class PromptBuilder:
 
     def token_ids(self, n: int) -> list[int]:
         return self.rng.choice(self.id_pool, size=n).tolist()
+
+    def prefix_ids(self, group: int, n: int) -> list[int]:
+        """Group `group`'s shared prefix as token ids: the same for every request of the group, in any run."""
+        rng = np.random.default_rng((self.seed, 15485863, group))
+        return rng.choice(self.id_pool, size=n).tolist()
+
+    def prefix_text(self, group: int, n: int) -> str:
+        """Group `group`'s shared prefix as text of about `n` tokens (its requests share its whole-block prefix)."""
+        if group not in self._prefix_text:
+            own, self.rng = self.rng, np.random.default_rng((self.seed, 15485863, group))
+            try:  # its own generator: the requests' draws stay what they would be without prefixes
+                self._prefix_text[group] = self.text(n)[0] + "\n\n"
+            finally:
+                self.rng = own
+        return self._prefix_text[group]
 
     def count(self, text: str, chat: bool = False) -> int:
         """Tokens the server will see: the text itself, or one user message under the chat template."""
@@ -73,3 +90,10 @@ class PromptBuilder:
             if self.count(text, chat) == n:
                 return text, n
         return best
+
+
+def prompt_token_ids(builder: PromptBuilder, it) -> list[int]:
+    """A prompt as token ids: its group's shared prefix first, where it has one (the simulator builds the same)."""
+    if it.prefix_group is None:
+        return builder.token_ids(it.prompt_len)
+    return builder.prefix_ids(it.prefix_group, it.prefix_len) + builder.token_ids(it.prompt_len - it.prefix_len)

@@ -55,6 +55,8 @@ class WorkItem:
     prompt_text: Optional[str] = None  # real text (ShareGPT); otherwise built to length
     prompt_chars: Optional[int] = None  # characters of the real prompt and answer (characters per token)
     output_chars: Optional[int] = None
+    prefix_group: Optional[int] = None  # requests of one group begin with the same `prefix_len` tokens
+    prefix_len: int = 0
 
 
 @dataclass
@@ -92,6 +94,27 @@ def synthetic(cfg, prompt_mean=None, prompt_sigma=None, output_mean=None, output
         if len(items) >= cfg.num_requests:
             return Workload(items[: cfg.num_requests], cfg.name)
     raise WorkloadError("the length filters reject almost every synthetic request; loosen them")
+
+
+def shared_prefix(cfg) -> Workload:
+    """Groups sharing a system prompt: `num_prefix_groups` prefixes of `prefix_len` tokens, each request one of
+    them (at random) plus a question drawn as `synthetic` draws prompts. What a prefix cache is for."""
+    import dataclasses
+
+    if cfg.num_prefix_groups < 1 or cfg.prefix_len < 0:
+        raise WorkloadError(f"workload.num_prefix_groups must be >= 1 and workload.prefix_len >= 0, got "
+                            f"{cfg.num_prefix_groups}, {cfg.prefix_len}")
+    prefix = _scale(cfg.prefix_len, cfg) if cfg.prefix_len else 0
+    room = dataclasses.replace(cfg, max_prompt_len=cfg.max_prompt_len - prefix, max_total_len=cfg.max_total_len - prefix,
+                               min_prompt_len=max(1, cfg.min_prompt_len - prefix))
+    if room.max_prompt_len < 1 or room.max_total_len < 2:
+        raise WorkloadError(f"workload.prefix_len={cfg.prefix_len} leaves no room under max_prompt_len / "
+                            f"max_total_len")
+    questions = synthetic(room).items
+    groups = np.random.default_rng(cfg.seed + 7919).integers(0, cfg.num_prefix_groups, len(questions))
+    items = [WorkItem(prefix + q.prompt_len, q.output_len, prefix_group=int(g), prefix_len=prefix)
+             for q, g in zip(questions, groups)]
+    return Workload(items, cfg.name)
 
 
 def shift(cfg) -> Workload:
@@ -249,11 +272,13 @@ def load_workload(cfg, tokenizer=None) -> Workload:
         return fixed(cfg)
     if cfg.name == "shift":
         return shift(cfg)
+    if cfg.name == "shared_prefix":
+        return shared_prefix(cfg)
     if cfg.name == "sharegpt":
         return sharegpt(cfg, tokenizer)
     loaders = {"mooncake": mooncake, "azure": azure, "burstgpt": burstgpt}
     if cfg.name not in loaders:
         raise WorkloadError(f"unknown workload {cfg.name!r}; known: synthetic, longbench_synthetic, prompt_heavy, "
-                            f"fixed, shift, "
+                            f"fixed, shift, shared_prefix, "
                             f"sharegpt, {', '.join(loaders)}")
     return loaders[cfg.name](cfg)

@@ -41,6 +41,10 @@ class WorkloadConfig:
     shift_at: float = 0.5
     shift_prompt_mean: float = 32.0
     shift_output_mean: float = 300.0
+    # shared_prefix workload (inference-perf's): requests in `num_prefix_groups` groups, each prompt its group's
+    # system prompt of `prefix_len` tokens plus a question (lengths from prompt_mean / prompt_sigma)
+    num_prefix_groups: int = 8
+    prefix_len: int = 512
     # fixed-length workload
     prompt_len: int = 128
     output_len: int = 128

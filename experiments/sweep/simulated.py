@@ -20,6 +20,7 @@ import pandas as pd
 from experiments.analysis import request_metrics as M
 from experiments.loadgen.arrivals import schedule
 from experiments.loadgen.lengths import report as report_lengths
+from experiments.loadgen.prompts import PromptBuilder, prompt_token_ids
 from experiments.loadgen.result import RunResult, SLOs, measured, workload_run
 from experiments.loadgen.workloads import load_workload
 
@@ -43,13 +44,14 @@ def check(model_cfg, engine_cfg, hardware_cfg, backend_cfg) -> None:
 SAMPLES = 200
 
 
-def simulate(model_cfg, engine_cfg, hardware_cfg, backend_cfg, arrivals, prompt_lens, output_lens):
+def simulate(model_cfg, engine_cfg, hardware_cfg, backend_cfg, arrivals, prompt_lens, output_lens,
+             prompt_ids=None):
     """Run the simulated engine; returns (finished requests, simulator, platform, wall seconds)."""
     from semipd_engine.sim.build import build_simulator
     from semipd_engine.sim.simulator import make_requests
 
     sim, plat = build_simulator(model_cfg, engine_cfg, hardware_cfg, backend_cfg)
-    requests = make_requests([a + plat.request_delay_s for a in arrivals], prompt_lens, output_lens)
+    requests = make_requests([a + plat.request_delay_s for a in arrivals], prompt_lens, output_lens, prompt_ids)
     if len(arrivals) and max(arrivals) > 0:  # ~200 samples of the queues over the arrivals, as a server's gauges
         sim.sample_every(max(arrivals) / SAMPLES)
     t0 = time.perf_counter()
@@ -87,7 +89,12 @@ def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, 
                          "a closed loop needs a client")
     prompts = [it.prompt_len for it in items]
     outputs = [it.output_len for it in items]
-    done, sim, plat, wall = simulate(model_cfg, engine_cfg, hardware_cfg, backend_cfg, offsets, prompts, outputs)
+    ids = None
+    if any(it.prefix_group is not None for it in items):  # the token ids a real run sends (prompt_format=token_ids)
+        builder = PromptBuilder(_tokenizer(lcfg, wcfg), seed=wcfg.seed)
+        ids = [prompt_token_ids(builder, it) for it in items]
+    done, sim, plat, wall = simulate(model_cfg, engine_cfg, hardware_cfg, backend_cfg, offsets, prompts, outputs,
+                                     ids)
     expected = {f"sim-{i}": (p, o) for i, (p, o) in enumerate(zip(prompts, outputs))}
     df, aggregates = measured(M.derive(to_frame(done, expected), lcfg.measure_from), lcfg, slo)
     st = sim.stats

@@ -42,9 +42,14 @@ def prefix_hashes(req, block_size: int, num_blocks: int) -> list[int]:
     hs = req.block_hashes
     if len(hs) < num_blocks:
         prev = hs[-1] if hs else salt_hash(req.cache_salt)
-        for i in range(len(hs), num_blocks):
-            prev = hash((prev, *req.token_ids(i * block_size, (i + 1) * block_size)))
-            hs.append(prev)
+        if req.placeholder_tokens:  # the simulator's stand-in tokens: the salt and the position say it all
+            for i in range(len(hs), num_blocks):
+                prev = hash((prev, i))
+                hs.append(prev)
+        else:
+            for i in range(len(hs), num_blocks):
+                prev = hash((prev, *req.token_ids(i * block_size, (i + 1) * block_size)))
+                hs.append(prev)
     return hs
 
 
@@ -90,10 +95,17 @@ class BlockPool:
         (behind the watermark for admissions). Fresh blocks come from the uncached ones first, then by evicting
         the least recently freed cached block."""
         reserve = self.watermark_blocks if admission else 0
-        revive = sum(1 for b, _ in hit if self._ref[b] == 0)
-        if n + revive > len(self._free) + len(self._evictable) - reserve:
+        ref, free = self._ref, self._free
+        if not hit and n <= len(free) - reserve:  # the common case: uncached free blocks are enough
+            ids = [free.pop() for _ in range(n)]
+            for b in ids:
+                if ref[b]:
+                    raise RuntimeError(f"allocator corrupted: free block {b} is referenced")
+                ref[b] = 1
+            return ids
+        revive = sum(1 for b, _ in hit if ref[b] == 0)
+        if n + revive > len(free) + len(self._evictable) - reserve:
             return None
-        ref = self._ref
         for b, _ in hit:
             if ref[b] == 0:
                 del self._evictable[b]

@@ -81,6 +81,7 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)  # of its full blocks, as far as computed (block_pool)
     num_registered_blocks: int = 0  # of its block table, how many are registered in the pool's prefix cache
     num_cached_tokens: Optional[int] = None  # prompt tokens found cached at its first admission (usage)
+    placeholder_tokens: bool = False  # stand-in token ids (the simulator's): blocks hash by salt and position
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -198,8 +198,10 @@ class Scheduler:
 
     def _register(self, batch: ScheduledBatch) -> None:
         """Blocks this iteration filled with computed tokens join the prefix cache."""
+        bs = self.pool.block_size
         for req, _ in batch.items:
-            self.register_blocks(req)
+            if req.num_computed_tokens >= (req.num_registered_blocks + 1) * bs:  # a block boundary was crossed
+                self.register_blocks(req)
 
     def register_blocks(self, req: Request) -> None:
         pool, bs = self.pool, self.pool.block_size

@@ -496,9 +496,14 @@ class Simulator:
             peak[name] = pool.num_used
 
 
-def make_requests(arrivals, prompt_lens, output_lens) -> list[Request]:
-    """Simulated requests: token ids are placeholders (only lengths matter to a cost model)."""
+def make_requests(arrivals, prompt_lens, output_lens, prompt_ids=None) -> list[Request]:
+    """Simulated requests: token ids are placeholders (only lengths matter to a cost model), unless `prompt_ids`
+    gives them (workloads whose prompts share prefixes: the prefix cache sees what a real engine would)."""
+    if prompt_ids is not None:
+        return [Request(f"sim-{i}", list(ids), SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0),
+                        times=Timestamps(arrival=float(a)))
+                for i, (a, ids, o) in enumerate(zip(arrivals, prompt_ids, output_lens))]
     # Placeholder tokens are all alike: a salt per request keeps their blocks from matching each other's.
     return [Request(f"sim-{i}", [SIM_TOKEN] * p, SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0),
-                    times=Timestamps(arrival=float(a)), cache_salt=f"sim-{i}")
+                    times=Timestamps(arrival=float(a)), cache_salt=f"sim-{i}", placeholder_tokens=True)
             for i, (a, p, o) in enumerate(zip(arrivals, prompt_lens, output_lens))]
