@@ -89,7 +89,8 @@ def our_configs(args):
     from semipd_engine.sim.config import BackendConfig, HardwareConfig
 
     engine: dict[str, Any] = {"name": args.engine, "max_num_seqs": args.max_num_seqs,
-                              "max_num_batched_tokens": args.max_num_batched_tokens}
+                              "max_num_batched_tokens": args.max_num_batched_tokens,
+                              "enable_prefix_caching": not args.no_prefix_caching}
     if args.engine in ("unified", "unified_chunked"):
         engine["policy"] = "prefill_priority" if args.engine == "unified" else "chunked"
     if args.engine == "semipd":
@@ -293,6 +294,9 @@ def parse_args(argv=None):
     p.add_argument("--prefill-share", type=int, default=50, help="semipd: prefill compute share, percent")
     p.add_argument("--decode-share", type=int, default=50, help="semipd: decode compute share, percent")
     p.add_argument("--no-fast-forward", action="store_true", help="ours: step every decode iteration")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="ours: engine.enable_prefix_caching=false (no request of this workload shares a prefix; "
+                        "a preempted one may still find its own blocks with it on)")
     p.add_argument("--simdistserve", metavar="PATH", default=None,
                    help="root of a DistServe checkout; without it, ours runs alone")
     p.add_argument("--cpu", type=int, default=None, help="pin to this core (os.sched_setaffinity)")
