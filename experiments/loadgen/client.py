@@ -91,6 +91,12 @@ def plan(workload: Workload, wcfg, lcfg, tokenizer) -> list[Planned]:
     for i, it in enumerate(workload.items):
         if lcfg.prompt_format == "token_ids":
             prompt, n = prompt_token_ids(builder, it), it.prompt_len
+        elif it.hash_blocks:  # a trace's whole content blocks as text of about their length each, then the rest
+            full = min(len(it.hash_blocks), it.prompt_len // it.block_len)
+            prompt = "".join(builder.block_text(h, it.block_len) for h in it.hash_blocks[:full])
+            if it.prompt_len > full * it.block_len:
+                prompt += builder.text(it.prompt_len - full * it.block_len, chat)[0]
+            n = builder.count(prompt, chat)
         elif it.prefix_group is not None:  # its group's system prompt, then a question
             head = builder.prefix_text(it.prefix_group, it.prefix_len)
             prompt = head + builder.text(max(1, it.prompt_len - it.prefix_len), chat)[0]

@@ -17,7 +17,7 @@ class PromptBuilder:
     def __init__(self, tokenizer=None, seed: int = 0, vocab_hint: int = 1000):
         self.tok = tokenizer
         self.seed = seed
-        self._prefix_text: dict[int, str] = {}
+        self._prefix_text: dict[tuple, str] = {}
         self.rng = np.random.default_rng(seed + 104729)
         from semipd_engine.serving.tokenizer import synthetic_corpus
 
@@ -39,15 +39,28 @@ class PromptBuilder:
         rng = np.random.default_rng((self.seed, 15485863, group))
         return rng.choice(self.id_pool, size=n).tolist()
 
+    def block_ids(self, h: int, n: int) -> list[int]:
+        """The `n` tokens a trace's content block `h` stands for: the same wherever `h` appears."""
+        rng = np.random.default_rng((self.seed, 32452843, h))
+        return rng.choice(self.id_pool, size=n).tolist()
+
     def prefix_text(self, group: int, n: int) -> str:
         """Group `group`'s shared prefix as text of about `n` tokens (its requests share its whole-block prefix)."""
-        if group not in self._prefix_text:
-            own, self.rng = self.rng, np.random.default_rng((self.seed, 15485863, group))
-            try:  # its own generator: the requests' draws stay what they would be without prefixes
-                self._prefix_text[group] = self.text(n)[0] + "\n\n"
+        return self._own_text(("group", group), (self.seed, 15485863, group), n) + "\n\n"
+
+    def block_text(self, h: int, n: int) -> str:
+        """A trace's content block `h` as text of about `n` tokens (as text, sharing is approximate at the joins:
+        token ids share exactly)."""
+        return self._own_text(("block", h), (self.seed, 32452843, h), n) + " "
+
+    def _own_text(self, key, seed, n: int) -> str:
+        if key not in self._prefix_text:
+            own, self.rng = self.rng, np.random.default_rng(seed)
+            try:  # its own generator: the requests' draws stay what they would be without shared parts
+                self._prefix_text[key] = self.text(n)[0]
             finally:
                 self.rng = own
-        return self._prefix_text[group]
+        return self._prefix_text[key]
 
     def count(self, text: str, chat: bool = False) -> int:
         """Tokens the server will see: the text itself, or one user message under the chat template."""
@@ -93,7 +106,11 @@ class PromptBuilder:
 
 
 def prompt_token_ids(builder: PromptBuilder, it) -> list[int]:
-    """A prompt as token ids: its group's shared prefix first, where it has one (the simulator builds the same)."""
+    """A prompt as token ids: its group's shared prefix first, or its trace's content blocks, where it has them
+    (the simulator builds the same ids, so both backends see the same sharing)."""
+    if it.hash_blocks:
+        ids = [t for h in it.hash_blocks for t in builder.block_ids(h, it.block_len)][: it.prompt_len]
+        return ids + builder.token_ids(it.prompt_len - len(ids))
     if it.prefix_group is None:
         return builder.token_ids(it.prompt_len)
     return builder.prefix_ids(it.prefix_group, it.prefix_len) + builder.token_ids(it.prompt_len - it.prefix_len)

@@ -57,6 +57,9 @@ class WorkItem:
     output_chars: Optional[int] = None
     prefix_group: Optional[int] = None  # requests of one group begin with the same `prefix_len` tokens
     prefix_len: int = 0
+    # A trace's content blocks (Mooncake's `hash_ids`): equal ids at the same place = the same `block_len` tokens
+    hash_blocks: Optional[tuple[int, ...]] = None
+    block_len: int = 0
 
 
 @dataclass
@@ -192,11 +195,15 @@ def mooncake(cfg) -> Workload:
                 continue
             try:
                 rec = json.loads(line)
-                rows.append((float(rec["timestamp"]) / 1000.0, int(rec["input_length"]), int(rec["output_length"])))
+                hashes = rec.get("hash_ids")
+                if hashes is not None and not (isinstance(hashes, list) and all(isinstance(h, int) for h in hashes)):
+                    raise TypeError(f"'hash_ids' must be a list of integers, got {hashes!r:.60}")
+                rows.append((float(rec["timestamp"]) / 1000.0, int(rec["input_length"]), int(rec["output_length"]),
+                             tuple(hashes) if hashes else None))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise WorkloadError(f"{path}:{lineno}: bad Mooncake record ({type(e).__name__}: {e}); "
                                     "need 'timestamp' (ms), 'input_length', 'output_length'") from None
-    return _trace(cfg, rows)
+    return _trace(cfg, rows, block_len=MOONCAKE_BLOCK_TOKENS)
 
 
 def _read_csv(path: str, columns: tuple[str, str, str], parse_time) -> list[tuple[float, int, int]]:
@@ -232,21 +239,27 @@ def burstgpt(cfg) -> Workload:
     return _trace(cfg, [r for r in rows if r[2] > 0])  # zero-token responses are failed requests
 
 
-def _trace(cfg, rows: list[tuple[float, int, int]]) -> Workload:
+MOONCAKE_BLOCK_TOKENS = 512  # what one of its hash_ids stands for (the trace's README)
+
+
+def _trace(cfg, rows: list[tuple], block_len: int = 0) -> Workload:
     if not rows:
         raise WorkloadError(f"{_path(cfg)}: the trace is empty")
     rows.sort(key=lambda r: r[0])
     t0 = rows[0][0] + cfg.window_start_s
     end = t0 + cfg.window_s if cfg.window_s else math.inf
     items, clipped = [], 0
-    for t, p, o in rows:
+    blen = _scale(block_len, cfg) if block_len else 0
+    for t, p, o, *rest in rows:
         if t < t0 or t >= end:
             continue
         p, o = _scale(p, cfg), _scale(o, cfg)
         cp = min(max(p, cfg.min_prompt_len), cfg.max_prompt_len)
         co = max(cfg.min_output_len, min(o, cfg.max_total_len - cp))
         clipped += (cp, co) != (p, o)
-        items.append(WorkItem(cp, co, timestamp=(t - t0) / cfg.time_scale))
+        hashes = rest[0] if rest else None
+        items.append(WorkItem(cp, co, timestamp=(t - t0) / cfg.time_scale, hash_blocks=hashes,
+                              block_len=blen if hashes else 0))
         if len(items) >= cfg.num_requests:
             break
     if not items:

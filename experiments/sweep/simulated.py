@@ -90,7 +90,7 @@ def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, 
     prompts = [it.prompt_len for it in items]
     outputs = [it.output_len for it in items]
     ids = None
-    if any(it.prefix_group is not None for it in items):  # the token ids a real run sends (prompt_format=token_ids)
+    if any(it.prefix_group is not None or it.hash_blocks for it in items):  # the token ids a real run sends (prompt_format=token_ids)
         builder = PromptBuilder(_tokenizer(lcfg, wcfg), seed=wcfg.seed)
         ids = [prompt_token_ids(builder, it) for it in items]
     done, sim, plat, wall = simulate(model_cfg, engine_cfg, hardware_cfg, backend_cfg, offsets, prompts, outputs,

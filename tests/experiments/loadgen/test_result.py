@@ -31,7 +31,7 @@ def test_a_row_picks_each_metric_from_its_place():
     assert (h["num_requests"], h["num_errors"], h["client_valid"]) == (10, 1, False)
     assert (h["mean_ttft_s"], h["p90_tpot_s"], h["p50_itl_s"], h["p99_e2e_s"]) == (0, 12, 21, 33)
     assert h["endpoint"] is None and "mean_prompt_tokens" not in h  # a result without them (simulated, old)
-    assert len(h) == 9 + 16
+    assert len(h) == 10 + 16 and h["prefix_cache_hit_rate"] is None
 
 
 def test_an_incomplete_run_is_not_ok_and_every_check_gives_its_reason():

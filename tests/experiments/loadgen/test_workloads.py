@@ -93,3 +93,28 @@ def test_a_sharegpt_file_cut_mid_record_keeps_its_complete_conversations(tmp_pat
     p.write_text("{not json")
     with pytest.raises(WorkloadError, match="not valid JSON"):
         load_workload(workload_cfg(name="sharegpt", path=str(p)))
+
+
+def test_shared_prefix_groups_and_mooncake_blocks_become_prompts_that_share_exactly_that():
+    from experiments.loadgen.prompts import PromptBuilder, prompt_token_ids
+
+    w = load_workload(workload_cfg(name="shared_prefix", num_prefix_groups=3, prefix_len=40, prompt_mean=20,
+                                   num_requests=30))
+    b = PromptBuilder(None, seed=0)
+    ids = [prompt_token_ids(b, it) for it in w.items]
+    assert [len(x) for x in ids] == [it.prompt_len for it in w.items]
+    assert {it.prefix_group for it in w.items} == {0, 1, 2}
+    for it, x in zip(w.items, ids):
+        for jt, y in zip(w.items, ids):
+            same = x[:40] == y[:40]
+            assert same == (it.prefix_group == jt.prefix_group)
+            if it is not jt:
+                assert x[40:] != y[40:]  # the questions differ
+    moon = load_workload(workload_cfg(name="mooncake", num_requests=4, length_scale=1 / 64, max_prompt_len=4096,
+                                      max_total_len=8192))  # 512-token blocks become 8
+    assert [it.hash_blocks[:2] for it in moon.items] == [(0, 1), (0, 14), (0, 28), (0, 42)]
+    assert all(it.block_len == 8 for it in moon.items)
+    ids = [prompt_token_ids(b, it) for it in moon.items]
+    assert all(x[:8] == ids[0][:8] for x in ids) and ids[0][8:16] != ids[1][8:16]  # block 0 shared, then not
+    with pytest.raises(WorkloadError, match="prefix_len"):
+        load_workload(workload_cfg(name="shared_prefix", prefix_len=5000))
