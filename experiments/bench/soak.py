@@ -434,7 +434,10 @@ def check(outcomes: list[Outcome], refs: list[str], url: str, request_log: Path,
               "finish_reasons": dict(reasons), "client_aborts": sum(o.aborted for o in outcomes),
               "partition_switches": len(switches), "preemptions": metric_total(m, "preemptions_total"),
               "retried_503": sum(o.retries for o in outcomes),
-              "kv_blocks_used_peak": metric_total(m, "kv_blocks_used_peak"), "worker_restarts": restarts}
+              "kv_blocks_used_peak": metric_total(m, "kv_blocks_used_peak"), "worker_restarts": restarts,
+              # prompt tokens found in the prefix cache (the greedy reference prompts repeat): shared blocks, whose
+              # reference counts the leak check above sees back at zero
+              "prefix_cache_hits": metric_total(m, "prefix_cache_hits_total")}
     return problems, counts
 
 

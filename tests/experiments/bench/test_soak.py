@@ -14,6 +14,7 @@ def test_short_soak(tmp_path):
     assert not res["problems"], "\n".join(res["problems"][:20])
     assert res["kinds"]["bad"] and res["client_aborts"] and res["finish_reasons"].get("abort")
     assert res["partition_switches"] > 0 and res["preemptions"] > 0
+    assert res["prefix_cache_hits"] > 0  # blocks were shared, and every reference came back (no leak above)
 
 
 @pytest.mark.slow
