@@ -53,6 +53,8 @@ def test_every_group_option_composes(group):
             assert cfg.engine.name in engine_names(), f.name
             if "???" not in f.read_text():  # and it sets no key its engine would ignore
                 check_engine_config(freeze(EngineConfig, cfg.engine))
+        elif group == "workload":  # a workload's loader, or a variant of one (mooncake_llama3_8b: mooncake)
+            assert f.stem == cfg.workload.name or f.stem.startswith(cfg.workload.name + "_"), f.name
         else:
             assert cfg[group].name == f.stem
         spec = yaml.safe_load(f.read_text())
