@@ -246,7 +246,10 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
     try:
         with _signals_interrupt(), cores.core_slot(per_job) as my_cores:
             record["cores"] = my_cores
-            result = _run_measurement(job, jd, record, prov, resolved, my_cores, decided.get("baseline_model"))
+            # A sweep's simulated jobs that differ only in their SLOs share one simulation (tight and loose halves).
+            sim_cache = Path(sweep_dir) / "sim_cache" if sweep_dir and job.simulated else None
+            result = _run_measurement(job, jd, record, prov, resolved, my_cores, decided.get("baseline_model"),
+                                      sim_cache)
         record.update(status=result.status, **result.row(), **result.validity_columns())
         if record["status"] == "interrupted":
             raise JobInterrupted(result.signal or "requests cancelled")
@@ -273,7 +276,7 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
 
 
 def _run_measurement(job: Job, jd: Path, record: dict[str, Any], prov: dict, resolved: Any,
-                     my_cores: list[int], baseline_model=None) -> RunResult:
+                     my_cores: list[int], baseline_model=None, sim_cache: Optional[Path] = None) -> RunResult:
     slo = _resolve_slo(job, prov["machine"], baseline_model)
     slo_cfg = dataclasses.replace(job.slo, ttft_s=slo["ttft_s"], tpot_s=slo["tpot_s"])
     record["slo"] = slo
@@ -288,7 +291,8 @@ def _run_measurement(job: Job, jd: Path, record: dict[str, Any], prov: dict, res
     if job.simulated:
         def measure(wcfg, out_dir):
             r = simulated.run_simulated(job.model, engine_cfg, job.hardware, job.backend, job.loadgen,
-                                        dataclasses.replace(wcfg, rate=wcfg.rate * load), slo_cfg, out_dir, resolved)
+                                        dataclasses.replace(wcfg, rate=wcfg.rate * load), slo_cfg, out_dir, resolved,
+                                        cache_dir=sim_cache)
             # A virtual clock: nothing on the host can disturb it.
             return _finish(r, out_dir, host={"checked": False, "valid": True, "reasons": [],
                                              "note": "simulated: virtual clock"})

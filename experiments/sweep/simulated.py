@@ -10,8 +10,13 @@ the two apart (a `backend` block in the summary says which it was).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import json
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,6 +47,7 @@ def check(model_cfg, engine_cfg, hardware_cfg, backend_cfg) -> None:
 
 
 SAMPLES = 200
+ROOT = Path(__file__).resolve().parents[2]  # the repository root
 
 
 def simulate(model_cfg, engine_cfg, hardware_cfg, backend_cfg, arrivals, prompt_lens, output_lens,
@@ -77,11 +83,53 @@ def to_frame(done, expected: dict[str, tuple[int, int]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, slo,
-                  output_dir: Optional[str] = None, resolved_config: Any = None) -> RunResult:
-    """The simulated twin of `experiments.loadgen.run_loadgen`: same inputs, same files, the same result type."""
+@dataclass
+class Simulation:
+    """What one simulation produced, before any SLO is applied: the requests' rows and the simulator's records."""
+
+    frame: pd.DataFrame  # to_frame(...): one row per request, the load generator's columns
+    backend: dict[str, Any]  # the platform and the simulator's counters (RunResult.backend)
+    samples: list[dict]  # the server gauges over virtual time
+    decisions: list[dict]  # the controller's log (semipd_dynamic)
+    key: str = ""
+    cached: bool = False
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """A hash of this project's Python sources: a simulation cached by other code is never reused."""
+    h = hashlib.sha256()
+    for pkg in ("semipd_engine", "experiments"):
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            h.update(str(f.relative_to(ROOT)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def simulation_key(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg) -> str:
+    """Everything that changes what is simulated: the model, the engine (its decision log's path aside), the
+    platform, the workload and its arrivals, the tokenizer (a shared-prefix workload's token ids), the code. The
+    SLOs and the measurement window are not in it: they only judge the result (a controller's SLOs are engine
+    keys, so a `semipd_dynamic` run is keyed by them)."""
+    engine = dataclasses.asdict(engine_cfg)
+    engine.pop("decision_log", None)
+    parts = {"model": dataclasses.asdict(model_cfg), "engine": engine, "hardware": dataclasses.asdict(hardware_cfg),
+             "backend": dataclasses.asdict(backend_cfg), "workload": dataclasses.asdict(wcfg),
+             "tokenizer": lcfg.tokenizer, "code": code_version()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def simulation(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg,
+               cache_dir: Optional[Path] = None) -> tuple[Simulation, Any, dict]:
+    """Simulate the workload (or read the same simulation from `cache_dir`); returns it, the workload and its
+    lengths report."""
     workload = load_workload(wcfg, _tokenizer(lcfg, wcfg))
     lengths = report_lengths(workload, wcfg, lcfg.tokenizer)
+    key = simulation_key(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg) if cache_dir else ""
+    if cache_dir is not None and (Path(cache_dir) / f"{key}.json").is_file():
+        meta = json.loads((Path(cache_dir) / f"{key}.json").read_text())
+        frame = pd.read_parquet(Path(cache_dir) / f"{key}.parquet")
+        return Simulation(frame, meta["backend"], meta["samples"], meta["decisions"], key, True), workload, lengths
     items = workload.items
     offsets = schedule(wcfg, len(items), [it.timestamp for it in items] if workload.has_timestamps else None)
     if offsets is None:
@@ -90,41 +138,63 @@ def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, 
     prompts = [it.prompt_len for it in items]
     outputs = [it.output_len for it in items]
     ids = None
-    if any(it.prefix_group is not None or it.hash_blocks for it in items):  # the token ids a real run sends (prompt_format=token_ids)
+    if any(it.prefix_group is not None or it.hash_blocks for it in items):  # what a token-ids run sends
         builder = PromptBuilder(_tokenizer(lcfg, wcfg), seed=wcfg.seed)
         ids = [prompt_token_ids(builder, it) for it in items]
     done, sim, plat, wall = simulate(model_cfg, engine_cfg, hardware_cfg, backend_cfg, offsets, prompts, outputs,
                                      ids)
     expected = {f"sim-{i}": (p, o) for i, (p, o) in enumerate(zip(prompts, outputs))}
-    df, aggregates = measured(M.derive(to_frame(done, expected), lcfg.measure_from), lcfg, slo)
     st = sim.stats
+    backend = {"name": "sim", "cost_model": backend_cfg.cost_model, "platform": plat.describe,
+               "wall_s": wall, "simulated_requests_per_s": len(done) / wall if wall > 0 else None,
+               "iterations": st.iterations, "fast_forwarded_iterations": st.fast_forwarded,
+               "events": st.events, "kv_transfers": st.transfers, "kv_transfer_bytes": st.transfer_bytes,
+               "partition_switches": st.switches, "kv_blocks_used_peak": st.kv_peak_blocks}
+    run = Simulation(to_frame(done, expected), backend, st.samples, st.decisions, key)
+    if cache_dir is not None:  # written whole or not at all: a concurrent job reads a complete entry or none
+        d = Path(cache_dir)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{key}.{os.getpid()}"
+        run.frame.to_parquet(tmp.with_suffix(".parquet"), index=False)
+        os.replace(tmp.with_suffix(".parquet"), d / f"{key}.parquet")
+        tmp.with_suffix(".json").write_text(json.dumps({"backend": backend, "samples": run.samples,
+                                                        "decisions": run.decisions}, default=float))
+        os.replace(tmp.with_suffix(".json"), d / f"{key}.json")
+    return run, workload, lengths
+
+
+def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, slo,
+                  output_dir: Optional[str] = None, resolved_config: Any = None,
+                  cache_dir: Optional[Path] = None) -> RunResult:
+    """The simulated twin of `experiments.loadgen.run_loadgen`: same inputs, same files, the same result type.
+
+    With `cache_dir` (a sweep's), runs that differ only in how they are judged (SLOs, the measurement window)
+    share one simulation: the first simulates and stores it under `simulation_key`, the others read it."""
+    run, workload, lengths = simulation(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, cache_dir)
+    df, aggregates = measured(M.derive(run.frame, lcfg.measure_from), lcfg, slo)
     result = RunResult(
         aggregates=aggregates, slo=SLOs(slo.ttft_s, slo.tpot_s),
         # No client, no host: nothing can be late or disturbed. The model's own validity is in docs/benchmarks.md.
         self_check={"valid": True, "reasons": [], "simulated": True},
-        workload=workload_run(workload, wcfg, len(items), lengths), model=model_cfg.path or model_cfg.name,
+        workload=workload_run(workload, wcfg, len(workload.items), lengths), model=model_cfg.path or model_cfg.name,
         length_mismatch={"prompt_mismatched": 0, "output_mismatched": int(
             (df["output_tokens"] != df["expected_output_tokens"]).sum()), "checked": int(len(df))},
-        backend={"name": "sim", "cost_model": backend_cfg.cost_model, "platform": plat.describe,
-                 "wall_s": wall, "simulated_requests_per_s": len(done) / wall if wall > 0 else None,
-                 "iterations": st.iterations, "fast_forwarded_iterations": st.fast_forwarded,
-                 "events": st.events, "kv_transfers": st.transfers, "kv_transfer_bytes": st.transfer_bytes,
-                 "partition_switches": st.switches, "kv_blocks_used_peak": st.kv_peak_blocks},
+        backend={**run.backend, **({"simulation_key": run.key, "from_cache": run.cached} if run.key else {})},
         config=resolved_config,
         t0_monotonic=0.0)  # the virtual clock starts with the load: server samples are on the load's clock
     if output_dir:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         df.to_parquet(out / "requests.parquet", index=False)
-        if st.samples:  # the same file a real job's MetricsRecorder writes (monotonic_s: the virtual time)
-            pd.DataFrame(st.samples).assign(monotonic_s=lambda f: f["time_s"]).to_parquet(
+        if run.samples:  # the same file a real job's MetricsRecorder writes (monotonic_s: the virtual time)
+            pd.DataFrame(run.samples).assign(monotonic_s=lambda f: f["time_s"]).to_parquet(
                 out / "server_metrics.parquet", index=False)
         result.write(out)
-        if st.decisions:  # the same decision log a real semipd_dynamic job writes
+        if run.decisions:  # the same decision log a real semipd_dynamic job writes
             first = {"time_s": 0.0, "prefill_share": engine_cfg.prefill_share,
                      "decode_share": engine_cfg.decode_share, "reason": "start"}
             with open(out / "partition_log.jsonl", "w") as f:
-                for row in [first, *st.decisions]:
+                for row in [first, *run.decisions]:
                     f.write(json.dumps(row, default=float) + "\n")
     return result
 

@@ -142,3 +142,39 @@ def test_a_shared_prefix_workload_hits_the_cache_alike_on_both_backends(tmp_path
                                        A100, SIM, lcfg, long, SLO) for c in (True, False))
     assert off.aggregates.prefix_cache_hit_rate == 0.0 and on.aggregates.prefix_cache_hit_rate > 0.9
     assert on.aggregates.ttft_s.p50 < 0.3 * off.aggregates.ttft_s.p50
+
+
+def test_runs_judged_differently_share_one_simulation_and_a_changed_simulation_never_does(tmp_path):
+    import dataclasses
+
+    from experiments.sweep.config import SLOConfig
+
+    e = freeze(EngineConfig, {"name": "unified", "max_num_seqs": 64})
+    w = workload_cfg(num_requests=150, rate=10.0)
+    lcfg = loadgen_cfg("http://unused")
+    tight, loose = freeze(SLOConfig, {"ttft_s": 0.05, "tpot_s": 0.02}), freeze(SLOConfig, {"ttft_s": 5.0,
+                                                                                            "tpot_s": 0.5})
+    cache = tmp_path / "sim_cache"
+    a = simulated.run_simulated(LLAMA8B, e, A100, SIM, lcfg, w, tight, cache_dir=cache)
+    b = simulated.run_simulated(LLAMA8B, e, A100, SIM, lcfg, w, loose, str(tmp_path / "b"), cache_dir=cache)
+    ref = simulated.run_simulated(LLAMA8B, e, A100, SIM, lcfg, w, loose, str(tmp_path / "ref"))
+    assert not a.backend["from_cache"] and b.backend["from_cache"] and a.backend["simulation_key"] == \
+        b.backend["simulation_key"]
+    assert a.aggregates.slo_attainment < b.aggregates.slo_attainment == ref.aggregates.slo_attainment
+    assert (b.aggregates.ttft_s, b.aggregates.tpot_s, b.aggregates.goodput) == \
+        (ref.aggregates.ttft_s, ref.aggregates.tpot_s, ref.aggregates.goodput)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "b" / "requests.parquet"),
+                                  pd.read_parquet(tmp_path / "ref" / "requests.parquet"))
+    changed = [  # each changes what is simulated: none may be served the cached run
+        (LLAMA8B, dataclasses.replace(e, max_num_seqs=32), A100, SIM, lcfg, w),
+        (LLAMA8B, dataclasses.replace(e, enable_prefix_caching=False), A100, SIM, lcfg, w),
+        (freeze(ModelConfig, {"name": "llama-2-7b", "dtype": "bfloat16"}), e, A100, SIM, lcfg, w),
+        (LLAMA8B, e, freeze(HardwareConfig, {"name": "h100"}), SIM, lcfg, w),
+        (LLAMA8B, e, A100, freeze(BackendConfig, {"name": "sim", "overhead_s": 0.002}), lcfg, w),
+        (LLAMA8B, e, A100, SIM, lcfg, dataclasses.replace(w, seed=1)),
+        (LLAMA8B, e, A100, SIM, lcfg, dataclasses.replace(w, rate=11.0)),
+        (LLAMA8B, e, A100, SIM, loadgen_cfg("http://unused", tokenizer="builtin"), w),
+    ]
+    for args in changed:
+        assert not simulated.run_simulated(*args, loose, cache_dir=cache).backend["from_cache"], args
+    assert len(list(cache.glob("*.json"))) == 1 + len(changed)
