@@ -12,6 +12,9 @@ from typing import Optional
 
 import numpy as np
 
+# Seeds of the generators of shared parts (a group's prefix, a trace's block), apart from the requests' own.
+GROUP_STREAM, BLOCK_STREAM = 15485863, 32452843
+
 
 class PromptBuilder:
     def __init__(self, tokenizer=None, seed: int = 0, vocab_hint: int = 1000):
@@ -36,24 +39,23 @@ class PromptBuilder:
 
     def prefix_ids(self, group: int, n: int) -> list[int]:
         """Group `group`'s shared prefix as token ids: the same for every request of the group, in any run."""
-        rng = np.random.default_rng((self.seed, 15485863, group))
-        return rng.choice(self.id_pool, size=n).tolist()
+        return np.random.default_rng((self.seed, GROUP_STREAM, group)).choice(self.id_pool, size=n).tolist()
 
     def block_ids(self, h: int, n: int) -> list[int]:
         """The `n` tokens a trace's content block `h` stands for: the same wherever `h` appears."""
-        rng = np.random.default_rng((self.seed, 32452843, h))
-        return rng.choice(self.id_pool, size=n).tolist()
+        return np.random.default_rng((self.seed, BLOCK_STREAM, h)).choice(self.id_pool, size=n).tolist()
 
     def prefix_text(self, group: int, n: int) -> str:
         """Group `group`'s shared prefix as text of about `n` tokens (its requests share its whole-block prefix)."""
-        return self._own_text(("group", group), (self.seed, 15485863, group), n) + "\n\n"
+        return self._own_text((self.seed, GROUP_STREAM, group), n) + "\n\n"
 
     def block_text(self, h: int, n: int) -> str:
         """A trace's content block `h` as text of about `n` tokens (as text, sharing is approximate at the joins:
         token ids share exactly)."""
-        return self._own_text(("block", h), (self.seed, 32452843, h), n) + " "
+        return self._own_text((self.seed, BLOCK_STREAM, h), n) + " "
 
-    def _own_text(self, key, seed, n: int) -> str:
+    def _own_text(self, seed: tuple, n: int) -> str:
+        key = (*seed, n)
         if key not in self._prefix_text:
             own, self.rng = self.rng, np.random.default_rng(seed)
             try:  # its own generator: the requests' draws stay what they would be without shared parts

@@ -30,9 +30,11 @@ from experiments.loadgen.result import RunResult, SLOs, measured, workload_run
 from experiments.loadgen.workloads import load_workload
 
 
-def _tokenizer(lcfg, wcfg):
-    if wcfg.name != "sharegpt" or not lcfg.tokenizer or lcfg.tokenizer == "none":
-        return None  # only real text needs counting
+def _tokenizer(lcfg, wcfg, for_ids: bool = False):
+    """The load generator's tokenizer where the simulation needs it: real text to count (sharegpt), or prompts
+    built as token ids (`for_ids`: drawn from its vocabulary, as a real run's are)."""
+    if not lcfg.tokenizer or lcfg.tokenizer == "none" or not (for_ids or wcfg.name == "sharegpt"):
+        return None
     from semipd_engine.serving.tokenizer import load_tokenizer
 
     return load_tokenizer(None if lcfg.tokenizer == "builtin" else lcfg.tokenizer)
@@ -123,7 +125,8 @@ def simulation(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg,
                cache_dir: Optional[Path] = None) -> tuple[Simulation, Any, dict]:
     """Simulate the workload (or read the same simulation from `cache_dir`); returns it, the workload and its
     lengths report."""
-    workload = load_workload(wcfg, _tokenizer(lcfg, wcfg))
+    tokenizer = _tokenizer(lcfg, wcfg)
+    workload = load_workload(wcfg, tokenizer)
     lengths = report_lengths(workload, wcfg, lcfg.tokenizer)
     key = simulation_key(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg) if cache_dir else ""
     if cache_dir is not None and (Path(cache_dir) / f"{key}.json").is_file():
@@ -139,7 +142,8 @@ def simulation(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg,
     outputs = [it.output_len for it in items]
     ids = None
     if any(it.prefix_group is not None or it.hash_blocks for it in items):  # what a token-ids run sends
-        builder = PromptBuilder(_tokenizer(lcfg, wcfg), seed=wcfg.seed)
+        builder = PromptBuilder(tokenizer if tokenizer is not None else _tokenizer(lcfg, wcfg, for_ids=True),
+                                seed=wcfg.seed)
         ids = [prompt_token_ids(builder, it) for it in items]
     done, sim, plat, wall = simulate(model_cfg, engine_cfg, hardware_cfg, backend_cfg, offsets, prompts, outputs,
                                      ids)

@@ -176,7 +176,7 @@ class Scheduler:
             req.num_computed_tokens += n
         out.num_decode_tokens, out.num_prefill_tokens = decode, prefill
         if self.pool.prefix_caching:
-            self._register(batch)
+            self.register(batch)
         for req, token in result.sampled:
             req.append_token(token, now)
             reason = req.check_finished(self.max_model_len)
@@ -196,17 +196,14 @@ class Scheduler:
     def _after_token(self, req: Request, out: StepOutcome) -> None:
         """Where an unfinished request goes after a token; by default it keeps decoding here."""
 
-    def _register(self, batch: ScheduledBatch) -> None:
-        """Blocks this iteration filled with computed tokens join the prefix cache."""
-        bs = self.pool.block_size
-        for req, _ in batch.items:
-            if req.num_computed_tokens >= (req.num_registered_blocks + 1) * bs:  # a block boundary was crossed
-                self.register_blocks(req)
-
-    def register_blocks(self, req: Request) -> None:
+    def register(self, batch: ScheduledBatch) -> None:
+        """Blocks the batch's requests filled with computed tokens join the prefix cache (after an iteration, or
+        after the simulator's fast-forward applied several)."""
         pool, bs = self.pool, self.pool.block_size
-        full = min(req.num_computed_tokens // bs, len(req.block_table))
-        if full > req.num_registered_blocks:
+        for req, _ in batch.items:
+            if req.num_computed_tokens < (req.num_registered_blocks + 1) * bs:
+                continue  # no block boundary crossed: the common case, inline
+            full = min(req.num_computed_tokens // bs, len(req.block_table))
             hs = prefix_hashes(req, bs, full)
             for i in range(req.num_registered_blocks, full):
                 pool.cache(req.block_table[i], hs[i])
@@ -281,8 +278,8 @@ class Scheduler:
                 self.prefix_queries += req.num_tokens
                 self.prefix_hits += cached
                 req.block_table = [b for b, _ in hit]
-                req.num_computed_tokens = req.num_registered_blocks = len(hit)
-                req.num_computed_tokens *= pool.block_size
+                req.num_registered_blocks = len(hit)
+                req.num_computed_tokens = cached
                 if req.num_cached_tokens is None:
                     req.num_cached_tokens = cached
             req.block_table += got
@@ -293,8 +290,8 @@ class Scheduler:
             budget -= n
 
     def _cached_prefix(self, req: Request) -> list[tuple[int, int]]:
-        """The (block, hash) pairs of the cached blocks of `req`'s prompt (and outputs, after a preemption), leaving at least its last token
-        to compute: the iteration that computes it samples the next token."""
+        """The (block, hash) pairs of the cached blocks of `req`'s prompt (and outputs, after a preemption),
+        leaving at least its last token to compute: the iteration that computes it samples the next token."""
         pool, bs = self.pool, self.pool.block_size
         hs, out = req.block_hashes, []
         for i in range((req.num_tokens - 1) // bs):  # hashed as far as the cache matches, no further

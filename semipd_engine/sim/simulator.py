@@ -401,8 +401,7 @@ class Simulator:
             r.times.tokens.extend(ends)
             r.num_computed_tokens += applied
         if sched.pool.prefix_caching:
-            for r, _ in batch.items:
-                sched.register_blocks(r)
+            sched.register(batch)
         w.iterations += applied - 1  # iteration 0 is counted by the caller
         w.fast_forwarded += applied
         self._iter_time["decode"] = self._iter_time.get("decode", 0.0) + (ends[-1] - t)
@@ -499,11 +498,9 @@ class Simulator:
 def make_requests(arrivals, prompt_lens, output_lens, prompt_ids=None) -> list[Request]:
     """Simulated requests: token ids are placeholders (only lengths matter to a cost model), unless `prompt_ids`
     gives them (workloads whose prompts share prefixes: the prefix cache sees what a real engine would)."""
-    if prompt_ids is not None:
-        return [Request(f"sim-{i}", list(ids), SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0),
-                        times=Timestamps(arrival=float(a)))
-                for i, (a, ids, o) in enumerate(zip(arrivals, prompt_ids, output_lens))]
+    given = prompt_ids is not None
     # Placeholder tokens are all alike: a salt per request keeps their blocks from matching each other's.
-    return [Request(f"sim-{i}", [SIM_TOKEN] * p, SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0),
-                    times=Timestamps(arrival=float(a)), cache_salt=f"sim-{i}", placeholder_tokens=True)
+    return [Request(f"sim-{i}", list(prompt_ids[i]) if given else [SIM_TOKEN] * p,
+                    SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0), times=Timestamps(arrival=float(a)),
+                    cache_salt=None if given else f"sim-{i}", placeholder_tokens=not given)
             for i, (a, p, o) in enumerate(zip(arrivals, prompt_lens, output_lens))]
