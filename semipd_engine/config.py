@@ -103,6 +103,10 @@ class EngineConfig:
     num_prefill_instances: int = 1
     num_decode_instances: int = 1
     prefill_kv_fraction: float = 0.5
+    # GPUs per prefill / decode instance (DistServe searches them apart, e.g. prefill TP2 with decode TP1);
+    # 0 = model.tensor_parallel_size. Simulated only: this project's real engine runs one device per worker.
+    prefill_tp: int = 0
+    decode_tp: int = 0
     # name=external: a server launched from a command template, or attached to by URL (experiments/sweep/launch.py)
     external: ExternalConfig = field(default_factory=ExternalConfig)
 

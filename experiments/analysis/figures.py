@@ -12,6 +12,8 @@ What every figure does so that a reader can trust it:
 - points pool the valid runs of each configuration over seeds, with 95% intervals (bands) over requests and
   seeds (experiments/analysis/uncertainty.py); runs that failed validity (client self-check, host
   interference, incomplete) are left out of the lines and drawn as grey crosses, with a count in the caption;
+  a point whose run did not reach steady state (its backlog still grew: request_metrics.steady_state) is drawn
+  hollow, with a legend entry: its value depends on how long the run lasted;
 - each engine has its own colour, marker and line style, and engines are nudged apart on the x axis so that
   overlapping curves (three engines at 100%) stay visible; legends sit outside the data;
 - latency panels draw the SLO, use milliseconds for sub-second values and a log scale where values span
@@ -39,6 +41,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from experiments.analysis import points as P  # noqa: E402
+from experiments.analysis import request_metrics as M  # noqa: E402
 from experiments.analysis import uncertainty as U  # noqa: E402
 from experiments.analysis.server_metrics import job_timeseries, server_metrics_figure, server_timeseries  # noqa: E402
 from experiments.analysis.sweep_dir import job_dirs  # noqa: E402
@@ -139,7 +142,9 @@ def context(sweep_dir: Path, summary: pd.DataFrame, pts: Optional[pd.DataFrame] 
         slos = summary[["slo_ttft_s", "slo_tpot_s"]].dropna().drop_duplicates()
         if len(slos) == 1:
             t, p = slos.iloc[0]
-            parts.append(f"SLO TTFT <= {_fmt_s(t)}, TPOT <= {_fmt_s(p)}")
+            defs = set(summary["slo_tpot_definition"].dropna()) if "slo_tpot_definition" in summary else set()
+            tpot = f"TPOT ({defs.pop()})" if len(defs) == 1 and defs != {"mean"} else "TPOT"
+            parts.append(f"SLO TTFT <= {_fmt_s(t)}, {tpot} <= {_fmt_s(p)}")
         elif len(slos) > 1:
             parts.append("SLOs per panel")
     line2 = []
@@ -192,14 +197,26 @@ def _panels(pts: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return out
 
 
-def _line(ax, g: pd.DataFrame, col: str, style: dict, scale: float, label: Optional[str]) -> None:
+def _unsteady(g: pd.DataFrame) -> np.ndarray:
+    """Points whose run did not reach steady state (False only where the column says so)."""
+    if "steady_state" not in g:
+        return np.zeros(len(g), dtype=bool)
+    return g["steady_state"].map(lambda v: v is False or str(v) == "False").to_numpy(dtype=bool)
+
+
+def _line(ax, g: pd.DataFrame, col: str, style: dict, scale: float, label: Optional[str]) -> int:
     """The engine's valid points joined by its line, broken where a point is invalid (NaN rows), with its 95%
-    intervals as bars (and as a band when few engines share the panel)."""
+    intervals as bars (and as a band when few engines share the panel); a point without steady state hollow.
+    Returns how many are hollow."""
     g = g.sort_values("rate")
     x = _dodge(g["rate"].to_numpy(dtype=float), style)
     y = np.where(g["valid"].to_numpy(dtype=bool), g[col].to_numpy(dtype=float), np.nan) * scale
+    hollow = _unsteady(g) & np.isfinite(y)
     ax.plot(x, y, marker=style["marker"], ls=style["ls"], color=style["color"], label=label, ms=5, lw=1.4,
-            markeredgecolor="white", markeredgewidth=0.5, zorder=3)
+            markeredgecolor="white", markeredgewidth=0.5, zorder=3, markevery=list(np.flatnonzero(~hollow)))
+    if hollow.any():
+        ax.scatter(x[hollow], y[hollow], marker=style["marker"], facecolors="white", edgecolors=style["color"],
+                   s=30, linewidths=1.2, zorder=4, gid="unsteady")
     lo, hi = f"{col}_ci_low", f"{col}_ci_high"
     if lo in g and hi in g:
         ylo = g[lo].to_numpy(dtype=float) * scale
@@ -213,6 +230,7 @@ def _line(ax, g: pd.DataFrame, col: str, style: dict, scale: float, label: Optio
         unbounded = np.isinf(yhi)
         if unbounded.any():  # an interval the sample cannot close (P99 of few requests): an arrow up
             ax.scatter(x[unbounded], y[unbounded], marker=r"$\uparrow$", color=style["color"], s=40, zorder=4)
+    return int(hollow.sum())
 
 
 def _invalid(ax, g: pd.DataFrame, col: str, style: dict, scale: float) -> int:
@@ -257,6 +275,11 @@ def _invalid_handle():
     return plt.Line2D([], [], marker="x", color="0.45", ls="none", label="invalid (not in lines)")
 
 
+def _unsteady_handle():
+    return plt.Line2D([], [], marker="o", color="0.3", markerfacecolor="white", ls="none",
+                      label="no steady state (backlog still growing)")
+
+
 # -- rate-sweep figures ----------------------------------------------------------------------------------------
 
 
@@ -266,7 +289,7 @@ def _vs_rate(pts: pd.DataFrame, specs: list[dict], caption: str, target: Optiona
     styles = engine_styles(pts["engine"].unique())
     _set_dx(styles, pts["rate"])
     fig, axes = plt.subplots(len(facets), len(specs), figsize=(3.6 * len(specs), 2.9 * len(facets)), squeeze=False)
-    n_invalid = 0
+    n_invalid = n_unsteady = 0
     for row, (title, g) in zip(axes, facets):
         for ax, spec in zip(row, specs):
             col = spec["col"]
@@ -278,7 +301,7 @@ def _vs_rate(pts: pd.DataFrame, specs: list[dict], caption: str, target: Optiona
             for engine, ge in g.groupby("engine"):
                 st = styles[engine]
                 if ge["valid"].any():
-                    _line(ax, ge, col, st, scale, engine)
+                    n_unsteady += _line(ax, ge, col, st, scale, engine)
                 if spec is specs[0]:
                     n_invalid += _invalid(ax, ge, col, st, scale)
                 else:
@@ -301,7 +324,7 @@ def _vs_rate(pts: pd.DataFrame, specs: list[dict], caption: str, target: Optiona
             ax.set_xticks(sorted(pts["rate"].unique()))
             if title:
                 ax.set_title(title, fontsize=8)
-    _legend(fig, styles, [_invalid_handle()] if n_invalid else [])
+    _legend(fig, styles, ([_invalid_handle()] if n_invalid else []) + ([_unsteady_handle()] if n_unsteady else []))
     fig.tight_layout()
     _caption(fig, caption, n_invalid, len(pts))
     return fig
@@ -390,27 +413,34 @@ def slo_scale_curves(requests: pd.DataFrame, scales: list[float]) -> pd.DataFram
     if "measured" in ok:
         ok = ok[ok["measured"].fillna(True).astype(bool)]
     rows = []
-    # Runs of one engine and rate under different base SLOs (slo=tight,loose) are different curves.
-    for (engine, rate, base_ttft, base_tpot), g in ok.groupby(["engine", "rate", "slo_ttft_s", "slo_tpot_s"]):
+    # Runs of one engine and rate under different base SLOs (slo=tight,loose), or TPOT read differently, are
+    # different curves.
+    ok = ok.assign(slo_tpot_definition=ok["slo_tpot_definition"].fillna("mean")
+                   if "slo_tpot_definition" in ok else "mean")
+    for (engine, rate, base_ttft, base_tpot, d), g in ok.groupby(["engine", "rate", "slo_ttft_s", "slo_tpot_s",
+                                                                  "slo_tpot_definition"]):
         for s in scales:
-            met = g["error"].isna() & (g["ttft_s"] <= s * base_ttft) & (g["tpot_s"].isna() | (g["tpot_s"] <= s * base_tpot))
+            met = M.slo_met(g, s * base_ttft, s * base_tpot, d)
             lo, hi = U.wilson(int(met.sum()), len(g))
             rows.append({"engine": engine, "rate": rate, "slo_scale": s, "slo_attainment": float(met.mean()),
                          "slo_attainment_ci_low": lo, "slo_attainment_ci_high": hi, "n_requests": len(g),
-                         "slo_ttft_s": base_ttft, "slo_tpot_s": base_tpot})
+                         "slo_ttft_s": base_ttft, "slo_tpot_s": base_tpot, "tpot_definition": d})
     return pd.DataFrame(rows)
 
 
 def slo_scale_figure(curves: pd.DataFrame, caption: str, target: float):
-    facets = list(curves.groupby(["slo_ttft_s", "slo_tpot_s", "rate"], sort=True))
+    if "tpot_definition" not in curves:
+        curves = curves.assign(tpot_definition="mean")
+    facets = list(curves.groupby(["slo_ttft_s", "slo_tpot_s", "rate", "tpot_definition"], sort=True))
     several_slos = curves[["slo_ttft_s", "slo_tpot_s"]].drop_duplicates().shape[0] > 1
+    several_defs = curves["tpot_definition"].nunique() > 1
     styles = engine_styles(curves["engine"].unique())
     cols = min(4, len(facets))
     rows = math.ceil(len(facets) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.8 * rows), squeeze=False)
     for ax in axes.flat[len(facets):]:
         ax.set_visible(False)
-    for ax, ((base_ttft, base_tpot, rate), g) in zip(axes.flat, facets):
+    for ax, ((base_ttft, base_tpot, rate, d), g) in zip(axes.flat, facets):
         for engine, ge in g.groupby("engine"):
             st = styles[engine]
             ge = ge.sort_values("slo_scale")
@@ -421,7 +451,7 @@ def slo_scale_figure(curves: pd.DataFrame, caption: str, target: float):
         ax.axhline(100 * target, color="0.3", ls=":", lw=1.0)
         ax.set(xlabel="SLO scale (x both SLOs)", ylabel="SLO attainment (%)", ylim=(-3, 103))
         ax.set_title(f"{rate:g} req/s" + (f", base SLO {_fmt_s(base_ttft)} / {_fmt_s(base_tpot)}" if several_slos
-                                          else ""), fontsize=8)
+                                          else "") + (f", TPOT {d}" if several_defs else ""), fontsize=8)
     _legend(fig, styles)
     fig.tight_layout()
     fig.suptitle(_wrap(caption), fontsize=7.5, y=1.0, va="bottom")

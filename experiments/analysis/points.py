@@ -45,8 +45,27 @@ def _run_requests(requests: pd.DataFrame, job: str) -> pd.DataFrame:
         df = df[df["measured"].fillna(True).astype(bool)]
     if df.empty:
         return df
-    met = M.slo_met(df, float(df["slo_ttft_s"].iloc[0]), float(df["slo_tpot_s"].iloc[0]))
+    definition = df["slo_tpot_definition"].iloc[0] if "slo_tpot_definition" in df else None
+    met = M.slo_met(df, float(df["slo_ttft_s"].iloc[0]), float(df["slo_tpot_s"].iloc[0]),
+                    definition if isinstance(definition, str) else "mean")
     return df.assign(met=met.astype(float))
+
+
+def _flag(v) -> Optional[bool]:
+    """A boolean cell as summary.csv gives it back (True, "True", 1.0, NaN, None)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    return str(v) in ("True", "true", "1", "1.0")
+
+
+def steady_state(runs: pd.DataFrame) -> dict[str, Any]:
+    """A point reached steady state when every run behind it did (None: no run says: older files)."""
+    if "steady_state" not in runs:
+        return {}
+    flags = [f for f in map(_flag, runs["steady_state"]) if f is not None]
+    growth = pd.to_numeric(runs["backlog_growth"], errors="coerce") if "backlog_growth" in runs else pd.Series()
+    return {"steady_state": all(flags) if flags else None,
+            "backlog_growth": float(growth.max()) if growth.notna().any() else None}
 
 
 def _duration(row: pd.Series) -> float:
@@ -82,7 +101,8 @@ def points(summary: pd.DataFrame, requests: pd.DataFrame, swept: Sequence[str] =
             if "invalid_reasons" in g else []
         rows.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))),
                      "valid": bool(g["_valid"].any()), "n_runs": len(g), "n_invalid": int((~g["_valid"]).sum()),
-                     **stats, "slo_ttft_s": first.get("slo_ttft_s"), "slo_tpot_s": first.get("slo_tpot_s"),
+                     **stats, **steady_state(use), "slo_ttft_s": first.get("slo_ttft_s"),
+                     "slo_tpot_s": first.get("slo_tpot_s"),
                      "invalid_reasons": "; ".join(reasons)})
     out = pd.DataFrame(rows)
     out.attrs["keys"] = keys

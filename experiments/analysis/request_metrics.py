@@ -5,6 +5,19 @@ Names are explicit: `ttft_s` (first token), `tpot_s` = (E2E - TTFT)/(output_toke
 `dispatch_lateness_s` = send - scheduled. Open-loop latencies start at the
 scheduled time (a late client does not hide queueing); `*_from_send_s` columns
 keep the send-time view.
+
+The TPOT SLO has more than one reading (`slo.tpot_definition`, TPOT_DEFINITIONS): the paper's per-request mean,
+or a statistic of the request's own gaps between tokens after its first. A mean forgives a stall: a request may
+wait n_out x (SLO - TPOT) after its first token and still meet it, which is how a phase-split engine (first token
+fast, then parked behind its decode cap) can look good. Every run is judged under every definition so a ranking
+that depends on the reading shows. Gaps come from `token_times_s`: one time per token in the simulator, one per
+streamed chunk from the client (a chunk may carry several tokens; the gap is then between deliveries, which is
+what a reader waits). A request with more than one token but fewer than two times (a non-streamed answer) has no
+gaps: its value is NaN and it cannot meet a gap definition.
+
+Steady state (`steady_state`): the measured arrivals split in two halves by time; the run's backlog still grew
+when the second half holds clearly more requests in the system, or meets the SLOs clearly less often, than the
+first (thresholds below).
 """
 
 from __future__ import annotations
@@ -19,6 +32,61 @@ from scipy import stats
 from experiments.analysis import uncertainty as U
 
 PERCENTILES = (50, 90, 99)
+# slo.tpot_definition -> the per-request column (seconds) compared with slo.tpot_s.
+TPOT_DEFINITIONS = {"mean": "tpot_s",  # (E2E - TTFT) / (output_tokens - 1): the paper's show_result.py
+                    "p90_itl": "tpot_p90_itl_s", "p99_itl": "tpot_p99_itl_s",  # the request's own gaps
+                    "max_itl": "tpot_max_itl_s",  # its longest stall after the first token
+                    "first_to_second": "tpot_first_to_second_s"}  # first token to second
+# The backlog still grows (no steady state) when the second half's mean number of requests in the system exceeds
+# the first's by more than this fraction AND by more than this many requests (a handful in flight jitters) ...
+BACKLOG_GROWTH_RATIO = 0.25
+BACKLOG_GROWTH_MIN_REQUESTS = 2.0
+# ... or when the second half's attainment is this much (absolute) below the first's.
+ATTAINMENT_DROP = 0.10
+# Fewer measured requests than this in a half: no verdict (None).
+STEADY_MIN_REQUESTS_PER_HALF = 5
+
+
+def check_tpot_definition(name: str) -> str:
+    if name not in TPOT_DEFINITIONS:
+        raise ValueError(f"slo.tpot_definition={name!r}: expected one of {', '.join(TPOT_DEFINITIONS)}")
+    return name
+
+
+def _n_times(df: pd.DataFrame) -> np.ndarray:
+    if "token_times_s" not in df:
+        return np.zeros(len(df), dtype=int)
+    return np.array([len(t) if isinstance(t, (list, np.ndarray)) else 0 for t in df["token_times_s"]], dtype=int)
+
+
+def gap_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """The gap-based TPOT of each request (TPOT_DEFINITIONS but `mean`) from its token times; NaN for a failed
+    request, a one-token answer (no TPOT) and one without two times to take a gap between."""
+    cols = [c for d, c in TPOT_DEFINITIONS.items() if d != "mean"]
+    vals = np.full((len(df), len(cols)), np.nan)
+    if "token_times_s" in df:
+        for i, t in enumerate(df["token_times_s"]):
+            if isinstance(t, (list, np.ndarray)) and len(t) > 1:
+                g = np.diff(np.asarray(t, dtype=float))
+                p90, p99 = np.percentile(g, [90, 99])
+                vals[i] = (p90, p99, g.max(), g[0])
+    out = pd.DataFrame(vals, columns=cols, index=df.index)
+    no_tpot = df["output_tokens"].astype(float) <= 1
+    if "error" in df:
+        no_tpot |= df["error"].notna()
+    out.loc[no_tpot.to_numpy()] = np.nan
+    return out
+
+
+def tpot_values(df: pd.DataFrame, definition: str = "mean") -> pd.Series:
+    """Each request's TPOT under `definition` (rows saved before a definition's column existed: from their token
+    times)."""
+    col = TPOT_DEFINITIONS[check_tpot_definition(definition)]
+    if col in df:
+        return df[col]
+    if definition == "mean":
+        raise KeyError("tpot_s")
+    return gap_columns(df)[col]
 
 
 def derive(df: pd.DataFrame, measure_from: str = "scheduled") -> pd.DataFrame:
@@ -35,18 +103,104 @@ def derive(df: pd.DataFrame, measure_from: str = "scheduled") -> pd.DataFrame:
     df["ntpot_s"] = np.where(out > 0, df["e2e_s"] / out.where(out > 0, 1), np.nan)
     df["itl_s"] = [list(np.diff(t)) if isinstance(t, (list, np.ndarray)) and len(t) > 1 else []
                    for t in df["token_times_s"]]
+    gaps = gap_columns(df)
+    df[list(gaps.columns)] = gaps
     bad = df["error"].notna()
     for c in ("ttft_s", "e2e_s", "tpot_s", "ntpot_s", "ttft_from_send_s", "e2e_from_send_s"):
         df.loc[bad, c] = np.nan
     return df
 
 
-def slo_met(df: pd.DataFrame, ttft_s: float, tpot_s: float) -> pd.Series:
-    """Both SLOs met; a failed request meets none, a one-token answer has no TPOT to miss."""
+def slo_met(df: pd.DataFrame, ttft_s: float, tpot_s: float, definition: str = "mean") -> pd.Series:
+    """Both SLOs met, TPOT read as `definition`; a failed request meets none, a one-token answer has no TPOT to
+    miss, and one whose gaps are unknown (no per-token times) cannot meet a gap definition."""
     ok = df["error"].isna()
     ttft_ok = df["ttft_s"] <= ttft_s
-    tpot_ok = df["tpot_s"].isna() | (df["tpot_s"] <= tpot_s)
+    v = tpot_values(df, definition)
+    if definition == "mean":
+        tpot_ok = v.isna() | (v <= tpot_s)
+    else:
+        tpot_ok = (df["output_tokens"].astype(float) <= 1) | (v <= tpot_s)
     return ok & ttft_ok & tpot_ok
+
+
+def tpot_definitions(df: pd.DataFrame, ttft_s: float, tpot_s: float, chosen: str = "mean") -> dict[str, Any]:
+    """The run judged under every TPOT definition, and its stalls: requests with a gap after their first token
+    longer than the TPOT SLO. What no per-token time can tell (a run without any) is None, not a guess."""
+    ok = df["error"].isna() & (df["output_tokens"].astype(float) > 1)
+    timed = ok & pd.Series(_n_times(df) > 1, index=df.index)
+    untimed = bool(ok.any() and not timed.any())
+    att: dict[str, Optional[float]] = {}
+    for d in TPOT_DEFINITIONS:
+        if d != "mean" and untimed:
+            att[d] = None
+        else:
+            att[d] = float(slo_met(df, ttft_s, tpot_s, d).mean()) if len(df) else 0.0
+    stalled = None if untimed else int((timed & (tpot_values(df, "max_itl") > tpot_s)).sum())
+    out_tokens = df.loc[ok, "output_tokens"].astype(float)
+    coverage = (float(np.minimum(_n_times(df)[ok.to_numpy()], out_tokens).sum() / out_tokens.sum())
+                if ok.any() else None)
+    return {"chosen": chosen, "slo_attainment": att, "stalled_requests": stalled,
+            "stalled_fraction": None if stalled is None else (stalled / len(df) if len(df) else 0.0),
+            # measured multi-token answers without two token times (not streamed): no gap to judge
+            "requests_without_token_times": int((ok & ~timed).sum()),
+            # timed tokens / output tokens: 1 with a time per token; below when a stream coalesced tokens
+            "token_time_coverage": coverage}
+
+
+def _in_system(arrivals: np.ndarray, finishes: np.ndarray, start: float, end: float) -> Optional[float]:
+    """Time-averaged number of requests arrived and not finished over [start, end]."""
+    if not end > start:
+        return None
+    a, f = np.clip(arrivals, start, end), np.clip(finishes, start, end)
+    return float(np.clip(f - a, 0, None).sum() / (end - start))
+
+
+def steady_state(df: pd.DataFrame, met: pd.Series) -> dict[str, Any]:
+    """Did the run reach steady state? `df`: every request (warm-up ones are in the system too) with `measured`;
+    `met`: the SLO verdict of the measured ones. The measured arrivals split at the middle of their span; each
+    half gets its requests, their attainment and the mean number in the system (queued or running) over it."""
+    arrival = df["scheduled_s"].fillna(df["send_s"]) if "send_s" in df else df["scheduled_s"]
+    known = arrival.notna()
+    arr = arrival[known].to_numpy(dtype=float)
+    fin = df.loc[known, "finish_s"].to_numpy(dtype=float)
+    failed = df.loc[known, "error"].notna().to_numpy() if "error" in df else np.zeros(len(arr), dtype=bool)
+    # No finish time: a failure the client saw no end of leaves no trace; anything else is still in the system.
+    fin = np.where(np.isnan(fin), np.where(failed, arr, np.inf), fin)
+    window = arrival[df["measured"].astype(bool) & known]
+    out: dict[str, Any] = {"steady_state": None, "backlog_growth": None,
+                           "thresholds": {"backlog_growth_ratio": BACKLOG_GROWTH_RATIO,
+                                          "backlog_growth_min_requests": BACKLOG_GROWTH_MIN_REQUESTS,
+                                          "attainment_drop": ATTAINMENT_DROP,
+                                          "min_requests_per_half": STEADY_MIN_REQUESTS_PER_HALF},
+                           "reasons": []}
+    if window.empty:
+        return out
+    t0, t1 = float(window.min()), float(window.max())
+    mid = (t0 + t1) / 2
+    out["split_s"] = mid
+    halves = {}
+    for name, sel, (a, b) in (("first_half", window < mid, (t0, mid)), ("second_half", window >= mid, (mid, t1))):
+        m = met.reindex(window.index[sel])
+        halves[name] = {"requests": int(sel.sum()), "slo_attainment": float(m.mean()) if len(m) else None,
+                        "mean_in_system": _in_system(arr, fin, a, b)}
+    out.update(halves)
+    first, second = halves["first_half"], halves["second_half"]
+    if min(first["requests"], second["requests"]) < STEADY_MIN_REQUESTS_PER_HALF \
+            or first["mean_in_system"] is None or second["mean_in_system"] is None:
+        out["reasons"].append("too few measured requests to tell")
+        return out
+    growth = second["mean_in_system"] - first["mean_in_system"]
+    out["backlog_growth"] = growth
+    if growth > BACKLOG_GROWTH_RATIO * first["mean_in_system"] and growth > BACKLOG_GROWTH_MIN_REQUESTS:
+        out["reasons"].append(f"requests in the system grew from {first['mean_in_system']:.1f} to "
+                              f"{second['mean_in_system']:.1f} (mean, first vs second half)")
+    drop = first["slo_attainment"] - second["slo_attainment"]
+    if drop > ATTAINMENT_DROP:
+        out["reasons"].append(f"attainment fell from {100 * first['slo_attainment']:.0f}% to "
+                              f"{100 * second['slo_attainment']:.0f}% (first vs second half)")
+    out["steady_state"] = not out["reasons"]
+    return out
 
 
 def measured_mask(df: pd.DataFrame, warmup_s: float = 0.0, cooldown_s: float = 0.0,
@@ -88,7 +242,8 @@ def prefix_cache_hit_rate(ok: pd.DataFrame) -> Optional[float]:
     return float(known["cached_tokens"].sum()) / prompt if len(known) and prompt > 0 else None
 
 
-def aggregate(df: pd.DataFrame, ttft_slo: float, tpot_slo: float, duration_s: float) -> dict[str, Any]:
+def aggregate(df: pd.DataFrame, ttft_slo: float, tpot_slo: float, duration_s: float,
+              tpot_definition: str = "mean") -> dict[str, Any]:
     ok = df[df["error"].isna()]
     out: dict[str, Any] = {
         "num_requests": int(len(df)), "num_ok": int(len(ok)), "num_errors": int(df["error"].notna().sum()),
@@ -103,8 +258,9 @@ def aggregate(df: pd.DataFrame, ttft_slo: float, tpot_slo: float, duration_s: fl
     out["output_token_throughput"] = float(ok["output_tokens"].sum()) / dur
     out["total_token_throughput"] = float(ok["output_tokens"].sum() + ok["prompt_tokens"].sum()) / dur
     out["prefix_cache_hit_rate"] = prefix_cache_hit_rate(ok)
-    met = slo_met(df, ttft_slo, tpot_slo)
+    met = slo_met(df, ttft_slo, tpot_slo, tpot_definition)
     out["slo_attainment"] = float(met.mean()) if len(df) else 0.0
+    out["tpot_definitions"] = tpot_definitions(df, ttft_slo, tpot_slo, tpot_definition)
     out["goodput"] = float(met.sum()) / dur
     out["ci"] = U.request_cis(df, met, duration_s)  # 95% intervals: experiments/analysis/uncertainty.py
     return out

@@ -109,15 +109,45 @@ def _pct_interval(reps, conf: float) -> tuple[float, float]:
 
 def cluster_quantile_ci(groups: Sequence[Sequence[float]], q: float, n_boot: int = BOOTSTRAP,
                         conf: float = CONFIDENCE, seed: int = 0) -> tuple[float, float]:
-    """Bootstrap of a pooled quantile resampling whole groups (a request's inter-token gaps)."""
+    """Bootstrap of a pooled quantile resampling whole groups (a request's inter-token gaps).
+
+    A replicate is `np.percentile` of the picked groups' gaps pooled, computed without pooling them: every gap is
+    sorted once, a replicate weighs each by how often its group was picked, and only the two order statistics the
+    linear interpolation reads are looked up, inside a window of the sorted gaps around the quantile (the whole
+    array where a replicate's ranks fall outside it). Same draws and numbers as pooling (to the last bit of the
+    interpolation); a 4000-request run's ~1M gaps cost milliseconds per replicate, not a sort."""
     groups = [np.asarray(g, dtype=float) for g in groups if len(g)]
     if not groups:
         return math.nan, math.nan
     rng = _rng(seed)
+    n_groups = len(groups)
+    sizes = np.array([len(g) for g in groups])
+    values = np.concatenate(groups)
+    owner = np.repeat(np.arange(n_groups), sizes)
+    order = np.argsort(values, kind="stable")
+    v, o = values[order], owner[order]
+    n = v.size
+    margin = max(256, int(0.05 * n))
+    mid = int(q * (n - 1))
+    lo_i, hi_i = max(0, mid - margin), min(n, mid + margin + 1)
+    below = np.bincount(o[:lo_i], minlength=n_groups)  # each group's gaps under the window
+    ow = o[lo_i:hi_i]
     reps = np.empty(n_boot)
     for b in range(n_boot):
-        pick = rng.integers(0, len(groups), len(groups))
-        reps[b] = np.percentile(np.concatenate([groups[i] for i in pick]), q * 100)
+        counts = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
+        total = int(counts @ sizes)
+        h = (total - 1) * q  # np.percentile's linear interpolation between ranks k and k + 1
+        k = int(math.floor(h))
+        k1 = min(k + 1, total - 1)
+        start = int(counts @ below)
+        cum = start + np.cumsum(counts[ow])
+        if start <= k and k1 < cum[-1]:
+            base, cw = lo_i, cum
+        else:  # outside the window: the whole sorted array
+            base, cw = 0, np.cumsum(counts[o])
+        i, i1 = np.searchsorted(cw, [k, k1], side="right")
+        x, x1 = v[base + i], v[base + i1]
+        reps[b] = x + (h - k) * (x1 - x)
     return _pct_interval(reps, conf)
 
 

@@ -42,8 +42,16 @@ class LoadgenError(RuntimeError):
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
-def check_config(lcfg, tokenizer) -> None:
+def check_config(lcfg, tokenizer, slo=None) -> None:
     """Settings that cannot work together fail before anything is sent, naming the key."""
+    definition = getattr(slo, "tpot_definition", "mean")
+    try:
+        M.check_tpot_definition(definition)
+    except ValueError as e:
+        raise LoadgenError(str(e)) from None
+    if definition != "mean" and not lcfg.stream:
+        raise LoadgenError(f"slo.tpot_definition={definition} judges the gaps between tokens, which an answer sent "
+                           f"whole does not show: loadgen.stream=true, or slo.tpot_definition=mean")
     if lcfg.endpoint not in ENDPOINTS:
         raise LoadgenError(f"loadgen.endpoint={lcfg.endpoint!r}: expected one of {', '.join(ENDPOINTS)}")
     if lcfg.over_context not in CONTEXT_POLICIES:
@@ -401,7 +409,7 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
     tok = None
     if lcfg.tokenizer and lcfg.tokenizer != "none":
         tok = load_tokenizer(None if lcfg.tokenizer == "builtin" else lcfg.tokenizer)
-    check_config(lcfg, tok)
+    check_config(lcfg, tok, slo)
     workload = load_workload(wcfg, tok)  # fails on a bad file before anything is sent
     lengths = report_lengths(workload, wcfg, lcfg.tokenizer)
     planned = plan(workload, wcfg, lcfg, tok)
@@ -431,7 +439,7 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
     df = M.derive(to_frame(records, planned, gen.t0), lcfg.measure_from if wcfg.arrival != "closed" else "send")
     df, aggregates = measured(df, lcfg, slo)
     result = RunResult(
-        aggregates=aggregates, slo=SLOs(slo.ttft_s, slo.tpot_s),
+        aggregates=aggregates, slo=SLOs(slo.ttft_s, slo.tpot_s, getattr(slo, "tpot_definition", "mean")),
         self_check=M.self_check(df, wcfg, gen.loop_lag, interarrival_distribution(wcfg)),
         workload=workload_run(workload, wcfg, len(planned), lengths),
         endpoint=lcfg.endpoint, model=model, base_url=lcfg.base_url,
@@ -492,9 +500,19 @@ def format_summary(r: RunResult) -> str:
         lat = a.latency(k)
         lines.append(f"{k:<22}" + "".join(f"{ms(getattr(lat, q)):>10}" for q in ("mean", "p50", "p90", "p99")))
     att, p90 = a.ci.get("slo_attainment"), a.ci.get("ttft_s.p90")
-    lines.append(f"SLO (TTFT<={r.slo.ttft_s}s, TPOT<={r.slo.tpot_s}s): attainment "
+    tpot = "TPOT" if a.tpot_definition == "mean" else f"TPOT ({a.tpot_definition})"
+    lines.append(f"SLO (TTFT<={r.slo.ttft_s}s, {tpot}<={r.slo.tpot_s}s): attainment "
                  f"{100 * a.slo_attainment:.1f}%" + (f" (95% CI {100 * att[0]:.1f}-{100 * att[1]:.1f}%)" if att else "")
                  + f", goodput {a.goodput:.2f} req/s")
+    by_def = a.tpot_definitions.get("slo_attainment") or {}
+    if by_def:
+        lines.append("attainment by TPOT definition: " + ", ".join(
+            f"{d} {'-' if v is None else f'{100 * v:.1f}%'}" for d, v in by_def.items())
+            + (f"; {a.tpot_definitions['stalled_requests']} request(s) stalled longer than the TPOT SLO"
+               if a.tpot_definitions.get("stalled_requests") is not None else ""))
+    ss = a.steady_state or {}
+    if ss.get("steady_state") is False:
+        lines.append("NO STEADY STATE: " + "; ".join(ss.get("reasons", [])))
     if p90 and a.ttft_s.p90 is not None:
         lines.append(f"P90 TTFT {ms(a.ttft_s.p90)} ms (95% CI {1e3 * p90[0]:.1f}-{1e3 * p90[1]:.1f} ms) over "
                      f"{a.num_requests} measured requests")

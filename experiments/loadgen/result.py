@@ -25,6 +25,8 @@ QUANTILES = ("mean", "p50", "p90", "p99")
 # Headline statistics of a row, each with its 95% interval (`<name>_ci_low`, `<name>_ci_high`) -> key in `ci`.
 _CI_KEYS = {"slo_attainment": "slo_attainment", "goodput_rps": "goodput", "request_throughput": "request_throughput",
             "output_token_throughput": "output_token_throughput"}
+# Blocks of the aggregates that summary.json keeps at its top level, where a reader looks for them.
+_BLOCKS = ("tpot_definitions", "steady_state")
 # Optional parts written to summary.json only when present (a simulated run has no host check, a real one no
 # simulator counters), as the files always were.
 _OPTIONAL = ("signal", "completeness", "context", "backend", "host", "step_probe", "validity", "endpoint")
@@ -62,9 +64,22 @@ class Aggregates:
     itl_s: Latency = Latency()
     dispatch_lateness_s: Latency = Latency()
     ci: dict[str, list[float]] = field(default_factory=dict)
+    # The run under every TPOT definition and its stalls (request_metrics.tpot_definitions); {}: an older file.
+    tpot_definitions: dict[str, Any] = field(default_factory=dict)
+    # First vs second half of the measured window (request_metrics.steady_state); None: an older file.
+    steady_state: Optional[dict[str, Any]] = None
 
     def latency(self, name: str) -> Latency:
         return getattr(self, name)
+
+    @property
+    def tpot_definition(self) -> str:
+        """The TPOT definition `slo_attainment` and `goodput` were judged under."""
+        return self.tpot_definitions.get("chosen", "mean")
+
+    @property
+    def reached_steady_state(self) -> Optional[bool]:
+        return (self.steady_state or {}).get("steady_state")
 
     def interval(self, key: str) -> tuple[Optional[float], Optional[float]]:
         lo_hi = self.ci.get(key)
@@ -83,6 +98,7 @@ class Aggregates:
 class SLOs:
     ttft_s: float
     tpot_s: float
+    tpot_definition: str = "mean"  # how tpot_s is read (experiments/analysis/request_metrics.py)
 
 
 @dataclass(frozen=True)
@@ -140,6 +156,13 @@ class RunResult:
     config: Any = None
     t0_monotonic: float = 0.0  # the origin of every *_s column (monotonic; 0 on a virtual clock)
 
+    def __post_init__(self) -> None:
+        # The aggregates know the definition they were judged under; SLOs built from the two thresholds alone
+        # would report `mean` beside an attainment that is not.
+        if self.aggregates.tpot_definitions and self.slo.tpot_definition != self.aggregates.tpot_definition:
+            object.__setattr__(self, "slo", dataclasses.replace(self.slo,
+                                                                tpot_definition=self.aggregates.tpot_definition))
+
     # --- what the sweep decides from it -------------------------------------------------------------------------
 
     def checked(self) -> Validity:
@@ -179,6 +202,12 @@ class RunResult:
             "endpoint": self.endpoint,  # what was measured: None when simulated
             # requests that did not fit the server's context (clamped, dropped or sent: loadgen.over_context)
             "over_context": (self.context or {}).get("over_context")}
+        td, ss = a.tpot_definitions, a.steady_state or {}
+        out["tpot_definition"] = a.tpot_definition
+        for d in M.TPOT_DEFINITIONS:
+            out[f"slo_attainment_tpot_{d}"] = (td.get("slo_attainment") or {}).get(d)
+        out["stalled_requests"], out["stalled_fraction"] = td.get("stalled_requests"), td.get("stalled_fraction")
+        out["steady_state"], out["backlog_growth"] = ss.get("steady_state"), ss.get("backlog_growth")
         if self.workload.lengths:
             out["mean_prompt_tokens"] = self.workload.lengths["prompt_tokens"]["mean"]
             out["mean_output_tokens"] = self.workload.lengths["output_tokens"]["mean"]
@@ -210,11 +239,16 @@ class RunResult:
     # --- summary.json -------------------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
+        agg = self.aggregates.to_dict()
         d: dict[str, Any] = {
-            "aggregates": self.aggregates.to_dict(), "self_check": self.self_check,
+            "aggregates": agg, "self_check": self.self_check,
             "slo": dataclasses.asdict(self.slo), "workload": dataclasses.asdict(self.workload),
             "model": self.model, "base_url": self.base_url, "interrupted": self.interrupted,
             "length_mismatch": self.length_mismatch, "config": self.config, "t0_monotonic": self.t0_monotonic}
+        for k in _BLOCKS:
+            v = agg.pop(k)
+            if v:
+                d[k] = v
         for k in _OPTIONAL:
             v = getattr(self, k)
             if v is not None:
@@ -237,7 +271,8 @@ class RunResult:
         if "goodput_rate" in d:
             search = GoodputSearch(**{f.name: d[f.name] for f in dataclasses.fields(GoodputSearch)
                                       if f.name in d and f.name != "probes"}, probes=tuple(d.get("probes", ())))
-        return cls(aggregates=Aggregates.from_dict(d["aggregates"]), slo=SLOs(**d["slo"]),
+        agg = {**d["aggregates"], **{k: d[k] for k in _BLOCKS if k in d}}
+        return cls(aggregates=Aggregates.from_dict(agg), slo=SLOs(**d["slo"]),
                    workload=WorkloadRun(**{k: x for k, x in w.items() if k in names}),
                    self_check=d.get("self_check") or {"valid": True, "reasons": []},
                    **{k: d[k] for k in ("model", "endpoint", "base_url", "interrupted", "signal", "completeness",
@@ -261,12 +296,16 @@ class RunResult:
 
 def measured(df: pd.DataFrame, lcfg, slo) -> tuple[pd.DataFrame, Aggregates]:
     """The requests with the measurement window marked (warm-up and cool-down out: `loadgen.*`), and the
-    statistics over that window against the SLOs: the one computation both backends share."""
+    statistics over that window against the SLOs (TPOT read as `slo.tpot_definition`), with whether the run
+    reached steady state: the one computation both backends share."""
+    definition = M.check_tpot_definition(getattr(slo, "tpot_definition", "mean"))
     df = M.mark_measured(df, lcfg)
     window = df[df["measured"]]
     sent = window["send_s"].dropna()
     duration = float(window["finish_s"].max() - sent.min()) if len(sent) else 0.0
-    return df, Aggregates.from_dict(M.aggregate(window, slo.ttft_s, slo.tpot_s, duration))
+    agg = M.aggregate(window, slo.ttft_s, slo.tpot_s, duration, definition)
+    agg["steady_state"] = M.steady_state(df, M.slo_met(window, slo.ttft_s, slo.tpot_s, definition))
+    return df, Aggregates.from_dict(agg)
 
 
 def workload_run(workload, wcfg, num_requests: int, lengths: dict[str, Any]) -> WorkloadRun:

@@ -64,7 +64,8 @@ def aggregate_sweep(sweep_dir: str | Path, with_points: bool = False):
             df = pd.read_parquet(req)
             extra = {"job": row["job"], "engine": job["engine"], "rate": job["rate"], "status": job["status"],
                      "run_valid": job.get("valid", True) is not False and job.get("client_valid", True) is not False,
-                     "slo_ttft_s": slo.get("ttft_s"), "slo_tpot_s": slo.get("tpot_s"), **swept}
+                     "slo_ttft_s": slo.get("ttft_s"), "slo_tpot_s": slo.get("tpot_s"),
+                     "slo_tpot_definition": slo.get("tpot_definition", "mean"), **swept}
             # A list-valued override (experiment.goodput_seeds=[0,1]) is one value per row, not a column.
             frames.append(df.assign(**{k: json.dumps(v) if isinstance(v, (list, dict)) else v
                                        for k, v in extra.items() if k not in df.columns}))

@@ -64,6 +64,10 @@ class SLOConfig:
     # Per-SLO multiples of that latency; each, when set, replaces `scale` for its own SLO.
     ttft_scale: Optional[float] = None
     tpot_scale: Optional[float] = None
+    # How a request's TPOT is read against tpot_s: mean ((E2E - TTFT) / (output_tokens - 1), the paper's) |
+    # p90_itl | p99_itl | max_itl (its own gaps between tokens) | first_to_second. Every run records attainment
+    # under each (experiments/analysis/request_metrics.py); this one sets slo_attainment and goodput.
+    tpot_definition: str = "mean"
     percentile: float = 90.0
     target_attainment: float = 0.9
 
@@ -115,9 +119,31 @@ class LoadgenJob:
 
 
 @dataclass
+class FactorConfig:
+    """One factor of an attribution: the overrides of the like-for-like setting and of the paper's."""
+
+    name: str = ""
+    label: str = ""
+    like: list[str] = field(default_factory=list)  # Hydra overrides (`stack=vllm-0.6`, `workload.num_requests=4000`)
+    paper: list[str] = field(default_factory=list)
+    engines: list[str] = field(default_factory=list)  # engine presets it applies to; empty: all
+
+
+@dataclass
+class AttributionConfig:
+    """`experiment.mode=attribution` (experiments/sweep/attribution.py): the target engine preset's goodput ratio
+    to each baseline preset, in every subset of the factors."""
+
+    target: str = "semipd_uncapped"
+    baselines: list[str] = field(default_factory=lambda: ["unified"])
+    factors: list[FactorConfig] = field(default_factory=list)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "demo"
-    # single: one load run per job | goodput: bisection on the rate between goodput_low and goodput_high
+    # single: one load run per job | goodput: bisection on the rate between goodput_low and goodput_high |
+    # attribution: a goodput ratio attributed to factors (backend=sim; `attribution` below)
     mode: str = "single"
     goodput_low: float = 0.25
     goodput_high: float = 16.0
@@ -151,6 +177,7 @@ class ExperimentConfig:
     time_budget_s: Optional[float] = None
     min_requests: int = 40
     min_length_scale: float = 0.25
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from typing import Any, Optional
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.analysis.request_metrics import check_tpot_definition
 from experiments.loadgen import run_loadgen
 from experiments.loadgen.client import LoadgenError, check_config
 from experiments.loadgen.result import GoodputSearch, RunResult, Validity
@@ -41,7 +42,7 @@ from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig, freeze
 from semipd_engine.model import dtype as dtypes
 from semipd_engine.model.presets import PRESETS as MODEL_PRESETS
 from semipd_engine.sim.config import BackendConfig, HardwareConfig
-from semipd_engine.topology.engines import check_engine_config, engine_kind, retarget
+from semipd_engine.topology.engines import build_topology, check_engine_config, engine_kind, retarget
 from semipd_engine.topology.graph import CONTROLLER_KEYS
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,14 @@ class Job:
                   freeze(HardwareConfig, cfg.hardware))
         if job.backend.name not in ("real", "sim"):
             raise ValueError(f"backend.name must be 'real' or 'sim', got {job.backend.name!r}")
+        if job.experiment.mode not in ("single", "goodput", "attribution"):
+            raise ValueError(f"experiment.mode must be single, goodput or attribution, got {job.experiment.mode!r}")
+        if job.experiment.mode == "attribution" and not job.simulated:
+            raise ValueError("experiment.mode=attribution searches thousands of rates: it runs on backend=sim")
         check_engine_config(job.engine)  # a key this engine would ignore fails here, naming it
-        try:  # the load generator's settings too, before any server starts
-            check_config(job.loadgen, None)
+        check_tpot_definition(job.slo.tpot_definition)
+        try:  # the load generator's settings too, before any server starts (the simulator times every token)
+            check_config(job.loadgen, None, None if job.simulated else job.slo)
         except LoadgenError as e:
             raise ValueError(str(e)) from None
         if job.external:
@@ -99,6 +105,9 @@ class Job:
         elif job.model.tensor_parallel_size != 1:
             raise ValueError("model.tensor_parallel_size > 1 runs on backend=sim (or an external engine); "
                              "this project's real engine runs one device per worker")
+        elif job.engine.prefill_tp > 1 or job.engine.decode_tp > 1:
+            raise ValueError("engine.prefill_tp / engine.decode_tp > 1 run on backend=sim; this project's real "
+                             "engine runs one device per worker")
         if job.workload.load is not None:
             if job.simulated or job.external:
                 raise ValueError("workload.load is a fraction of this machine's measured capacity for this project's "
@@ -126,9 +135,8 @@ class Job:
     @property
     def num_gpus(self) -> int:
         """GPUs the engine occupies: a TP group per instance, and DistServe's instances each on their own."""
-        e = self.engine
-        if self.simulated and self.backend.cost_model == "roofline" and e.name == "disagg":
-            return (e.num_prefill_instances + e.num_decode_instances) * self.model.tensor_parallel_size
+        if self.simulated and self.backend.cost_model == "roofline":
+            return sum(build_topology(self.engine).unit_tp(self.engine, self.model.tensor_parallel_size))
         return self.model.tensor_parallel_size
 
 
@@ -240,10 +248,13 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
         record.update(load=job.workload.load, capacity_rps=decided["capacity"]["capacity_rps"])
     if job.simulated:
         record["hardware"] = job.hardware.name if job.backend.cost_model == "roofline" else "cpu"
+        record["stack"] = simulated.stack_name(job.engine, job.backend)
     (jd / "job.json").write_text(json.dumps(record, indent=2))
+    if job.experiment.mode == "attribution":
+        return _attribute(job, jd, record, overrides or {})
     result: Optional[RunResult] = None
     per_job = cores.cores_needed(job.backend.name, job.experiment.cores_per_job)
-    try:
+    with _recording(record, jd):
         with _signals_interrupt(), cores.core_slot(per_job) as my_cores:
             record["cores"] = my_cores
             # A sweep's simulated jobs that differ only in their SLOs share one simulation (tight and loose halves).
@@ -253,16 +264,6 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
         record.update(status=result.status, **result.row(), **result.validity_columns())
         if record["status"] == "interrupted":
             raise JobInterrupted(result.signal or "requests cancelled")
-    except JobInterrupted as e:
-        record.update(status="interrupted", valid=False, error=f"interrupted: {e}")
-        log.error("job %s interrupted (%s): recorded as `interrupted`; running the sweep again runs it again", jd, e)
-        raise
-    except BaseException as e:
-        record.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
-        raise
-    finally:
-        record["finished"] = time.time()
-        (jd / "job.json").write_text(json.dumps(record, indent=2, default=str))
     requests = pd.read_parquet(jd / "requests.parquet") if (jd / "requests.parquet").is_file() else None
     # Every run of a sweep under <sweep dir>/wandb/, so that one `wandb sync` glob finds them all.
     home = Path(sweep_dir) if sweep_dir else jd
@@ -275,11 +276,37 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
     return record
 
 
+@contextlib.contextmanager
+def _recording(record: dict[str, Any], jd: Path):
+    """The job's record is written however the job ends: finished, failed (with its traceback) or interrupted."""
+    try:
+        yield
+    except JobInterrupted as e:
+        record.update(status="interrupted", valid=False, error=f"interrupted: {e}")
+        log.error("job %s interrupted (%s): recorded as `interrupted`; running the sweep again runs it again", jd, e)
+        raise
+    except BaseException as e:
+        record.update(status="failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        raise
+    finally:
+        record["finished"] = time.time()
+        (jd / "job.json").write_text(json.dumps(record, indent=2, default=str))
+
+
+def _attribute(job: Job, jd: Path, record: dict[str, Any], overrides: dict[str, str]) -> dict[str, Any]:
+    """`experiment.mode=attribution`: one job searches every setting's goodputs (experiments/sweep/attribution.py)."""
+    from experiments.sweep import attribution
+
+    with _recording(record, jd):
+        record.update(status="ok", attribution=attribution.run(job, jd, overrides, Job.from_cfg))
+    return record
+
+
 def _run_measurement(job: Job, jd: Path, record: dict[str, Any], prov: dict, resolved: Any,
                      my_cores: list[int], baseline_model=None, sim_cache: Optional[Path] = None) -> RunResult:
     slo = _resolve_slo(job, prov["machine"], baseline_model)
     slo_cfg = dataclasses.replace(job.slo, ttft_s=slo["ttft_s"], tpot_s=slo["tpot_s"])
-    record["slo"] = slo
+    record["slo"] = {**slo, "tpot_definition": job.slo.tpot_definition}
     load = job.num_gpus if job.experiment.rates_per_gpu else 1
     (jd / "partition_log.jsonl").unlink(missing_ok=True)  # the engine appends: a re-run starts a fresh log
     # An engine steered by the SLOs (a topology with a controller) sees the job's, and logs its decisions here.

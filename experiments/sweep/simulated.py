@@ -48,6 +48,18 @@ def check(model_cfg, engine_cfg, hardware_cfg, backend_cfg) -> None:
     validate(model_cfg, engine_cfg, hardware_cfg, backend_cfg)
 
 
+def stack_name(engine_cfg, backend_cfg) -> str:
+    """The serving stack a simulated job charges (`profile`: a CPU profile measured this project's own)."""
+    if backend_cfg.cost_model != "roofline":
+        return "profile"
+    from semipd_engine.sim.stack import resolve
+    from semipd_engine.topology.engines import engine_kind
+
+    s = resolve(backend_cfg.stack, engine_kind(engine_cfg.name).stack, backend_cfg.overhead_s)
+    default = resolve(None, s.name)
+    return s.name if s == default else f"{s.name}*"  # a field overridden
+
+
 SAMPLES = 200
 ROOT = Path(__file__).resolve().parents[2]  # the repository root
 
@@ -99,12 +111,14 @@ class Simulation:
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """A hash of this project's Python sources: a simulation cached by other code is never reused."""
+    """A hash of this project's Python sources and calibration tables: a simulation cached by other code or
+    other tables is never reused."""
     h = hashlib.sha256()
-    for pkg in ("semipd_engine", "experiments"):
-        for f in sorted((ROOT / pkg).rglob("*.py")):
-            h.update(str(f.relative_to(ROOT)).encode())
-            h.update(f.read_bytes())
+    files = [f for pkg in ("semipd_engine", "experiments") for f in sorted((ROOT / pkg).rglob("*.py"))]
+    files += sorted((ROOT / "semipd_engine" / "sim" / "calibration").glob("*.json"))  # GPU and stack tables
+    for f in files:
+        h.update(str(f.relative_to(ROOT)).encode())
+        h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -150,6 +164,7 @@ def simulation(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg,
     expected = {f"sim-{i}": (p, o) for i, (p, o) in enumerate(zip(prompts, outputs))}
     st = sim.stats
     backend = {"name": "sim", "cost_model": backend_cfg.cost_model, "platform": plat.describe,
+               "stack": dataclasses.asdict(plat.stack),
                "wall_s": wall, "simulated_requests_per_s": len(done) / wall if wall > 0 else None,
                "iterations": st.iterations, "fast_forwarded_iterations": st.fast_forwarded,
                "events": st.events, "kv_transfers": st.transfers, "kv_transfer_bytes": st.transfer_bytes,

@@ -17,6 +17,16 @@ that finished in it. Exactly one fails -> raise that phase's share in steps of
 taken; a raise past `max_share` lowers the other share instead. Both pass or
 both fail -> keep. Steps that the backend cannot distinguish (on 2 CPU cores
 only a handful of partitions differ) are skipped, not counted.
+
+Two rules the paper's text leaves implicit, without which the loop oscillates
+(found replaying the paper preset's decision log: from (100, 100) with TPOT
+failing it cut prefill to 70, 40, 10, then TTFT failed and it swung back):
+- the models' features are the *effective* shares: caps that add past 100 % (the
+  paper's MPS percentages may) split the device in proportion while both phases
+  run, so lowering prefill from (100, 100) does give decode more, and the TPOT
+  model can predict when that is enough;
+- a step is never taken into a partition where the other phase's model predicts
+  its SLO fails: the phase that passes now keeps passing.
 """
 
 from __future__ import annotations
@@ -126,6 +136,17 @@ class SLOPartitioner:
         self.l_100: Optional[float] = None  # prefill seconds per request at full share
 
     @staticmethod
+    def effective(p: Partition) -> tuple[float, float]:
+        """The shares each phase gets while both run: caps past 100 % in total split the device pro rata."""
+        x, y = p.prefill_share, p.decode_share
+        return (x * 100.0 / (x + y), y * 100.0 / (x + y)) if x + y > 100 else (float(x), float(y))
+
+    def predict(self, p: Partition, lam: float) -> tuple[float, float]:
+        """The models' (TTFT, TPOT) at partition `p` (nan: not fitted yet)."""
+        x, y = self.effective(p)
+        return self.ttft_model.predict(self.ttft_feature(x, lam)), self.tpot_model.predict(1.0 / y)
+
+    @staticmethod
     def lam(rate: float, l_100: Optional[float]) -> float:
         return 100.0 * rate * (l_100 or 0.0)
 
@@ -135,17 +156,18 @@ class SLOPartitioner:
     def observe(self, w: Window, p: Partition) -> tuple[float, float, float, float]:
         """Update the models with one window; returns (observed ttft, observed tpot, rate, lambda)."""
         rate = w.arrivals / w.duration_s if w.duration_s > 0 else 0.0
+        x, y = self.effective(p)
         if w.prefilled_requests:
             l_x = w.prefill_busy_s / w.prefilled_requests
-            self.l_100 = l_x * p.prefill_share / 100.0  # l_x = (100 / x) * l_100
+            self.l_100 = l_x * x / 100.0  # l_x = (100 / x) * l_100
         lam = self.lam(rate, self.l_100)
         q = self.cfg.percentile
         ttft = float(np.percentile(w.ttfts, q)) if w.ttfts else math.nan
         tpot = float(np.percentile(w.tpots, q)) if w.tpots else math.nan
         if w.ttfts:
-            self.ttft_model.add(self.ttft_feature(p.prefill_share, lam), ttft)
+            self.ttft_model.add(self.ttft_feature(x, lam), ttft)
         if w.tpots:
-            self.tpot_model.add(1.0 / p.decode_share, tpot)
+            self.tpot_model.add(1.0 / y, tpot)
         return ttft, tpot, rate, lam
 
     def coefficients(self) -> dict[str, Optional[float]]:
@@ -165,19 +187,17 @@ class SLOPartitioner:
                 reason = "both fail: keep"
             elif not ttft_fail and not tpot_fail:
                 reason = "both pass: keep"
-            elif ttft_fail:
-                new = self._raise(p, "prefill", lam)
-                reason = "ttft fails: more prefill" if new != p else "ttft fails: no distinct step left"
             else:
-                new = self._raise(p, "decode", lam)
-                reason = "tpot fails: more decode" if new != p else "tpot fails: no distinct step left"
-        pred_ttft = self.ttft_model.predict(self.ttft_feature(new.prefill_share, lam))
-        pred_tpot = self.tpot_model.predict(1.0 / new.decode_share)
+                phase = "prefill" if ttft_fail else "decode"
+                new, why = self._raise(p, phase, lam)
+                reason = f"{'ttft' if ttft_fail else 'tpot'} fails: " + (f"more {phase}" if new != p else why)
+        pred_ttft, pred_tpot = self.predict(new, lam)
         return Decision(now, p, new, reason, ttft, tpot, pred_ttft, pred_tpot, rate, lam, self.coefficients())
 
-    def _raise(self, p: Partition, phase: str, lam: float) -> Partition:
+    def _raise(self, p: Partition, phase: str, lam: float) -> tuple[Partition, str]:
+        """The partition to move to, and why it is `p` when it is."""
         c = self.cfg
-        best = p
+        best, why = p, "no distinct step left"
         taken = 0
         k = 0
         while taken < c.max_step:
@@ -187,11 +207,14 @@ class SLOPartitioner:
                 break
             if not self.distinct(cand, best):
                 continue  # the backend runs it exactly like the last one: not a step
+            if not self._other_holds(cand, phase, lam):
+                why = "the other phase's SLO would fail"
+                break
             best = cand
             taken += 1
             if self._meets(cand, phase, lam):
                 break
-        return best
+        return best, why
 
     def _candidate(self, p: Partition, phase: str, delta: int) -> Optional[Partition]:
         """`phase`'s share raised by `delta`; what would pass max_share lowers the other share instead."""
@@ -204,7 +227,11 @@ class SLOPartitioner:
         return Partition(mine, other) if phase == "prefill" else Partition(other, mine)
 
     def _meets(self, p: Partition, phase: str, lam: float) -> bool:
-        if phase == "prefill":
-            pred = self.ttft_model.predict(self.ttft_feature(p.prefill_share, lam))
-            return pred <= self.cfg.ttft_slo_s
-        return self.tpot_model.predict(1.0 / p.decode_share) <= self.cfg.tpot_slo_s
+        ttft, tpot = self.predict(p, lam)
+        return ttft <= self.cfg.ttft_slo_s if phase == "prefill" else tpot <= self.cfg.tpot_slo_s
+
+    def _other_holds(self, p: Partition, phase: str, lam: float) -> bool:
+        """Does the phase not being raised still meet its SLO at `p`, by its model? (No model yet: yes.)"""
+        ttft, tpot = self.predict(p, lam)
+        pred, slo = (tpot, self.cfg.tpot_slo_s) if phase == "prefill" else (ttft, self.cfg.ttft_slo_s)
+        return math.isnan(pred) or pred <= slo

@@ -60,6 +60,11 @@ class CostModel(Protocol):
 
     def decode_times(self, batch: int, ctx_tokens: int, steps: int) -> list[float]: ...
 
+    def memory_bound_time(self, shape: BatchShape) -> float: ...
+
+    def decode_times_memory_bound(self, batch: int, ctx_tokens: int, steps: int
+                                  ) -> tuple[list[float], list[float]]: ...
+
 
 class BaseCostModel:
     """Gives every cost model the generic decode fast-forward, defined by ``iteration_time`` itself."""
@@ -75,3 +80,14 @@ class BaseCostModel:
             self.iteration_time(BatchShape(decode_seqs=batch, decode_ctx_tokens=ctx_tokens + batch * i, sampled=batch))
             for i in range(steps)
         ]
+
+    def memory_bound_time(self, shape: BatchShape) -> float:
+        """Seconds of the iteration bound by memory bandwidth; a model that cannot tell says none."""
+        return 0.0
+
+    def decode_times_memory_bound(self, batch: int, ctx_tokens: int, steps: int
+                                  ) -> tuple[list[float], list[float]]:
+        """`decode_times` and, per iteration, its `memory_bound_time`."""
+        shapes = [BatchShape(decode_seqs=batch, decode_ctx_tokens=ctx_tokens + batch * i, sampled=batch)
+                  for i in range(steps)]
+        return [self.iteration_time(s) for s in shapes], [self.memory_bound_time(s) for s in shapes]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from semipd_engine.control.loop import ControlLoop
 from semipd_engine.core.block_pool import BlockPool
@@ -21,6 +21,7 @@ from semipd_engine.sim.batch import CostModel
 from semipd_engine.sim.executor import CostModelExecutor
 from semipd_engine.sim.share import ShareModel, ShareModels
 from semipd_engine.sim.simulator import LinkConfig, Simulator, SimWorker
+from semipd_engine.sim.stack import FIELDS, IDEAL, ServingStack, resolve
 from semipd_engine.topology.engines import build_topology, engine_kind, engine_names
 from semipd_engine.topology.graph import Topology
 
@@ -32,7 +33,7 @@ CPU_LINK_GBS = 1.4  # this project's shared-memory block copy, measured (docs/be
 class Platform:
     """What runs the model: cost model(s), memory, how compute shares and KV links behave."""
 
-    cost_for: Callable[[Any], CostModel]  # threads/GPU share key -> cost model at full share of that unit
+    cost_for: Callable[[Any], CostModel]  # a unit's threads (CPU) or GPUs (0: the model's TP) -> its cost model
     devices: int  # cores (CPU) or GPUs per replica
     kv_tokens: int  # KV tokens one replica holds
     share_models: ShareModels
@@ -41,6 +42,8 @@ class Platform:
     max_position_embeddings: int
     describe: str
     request_delay_s: float = 0.0  # from a request's arrival to the engine seeing it (server, tokenizer, IPC)
+    kv_tokens_for: Optional[Callable[[int], int]] = None  # GPUs of a unit -> KV tokens it holds (None: kv_tokens)
+    stack: ServingStack = IDEAL  # the serving software's host costs (a CPU profile measured its own: none added)
 
 
 def _shape(model_cfg):
@@ -78,21 +81,43 @@ def gpu_platform(model_cfg, engine_cfg, hardware_cfg, backend) -> Platform:
 
     shape = _shape(model_cfg)
     hw = Hardware.preset(hardware_cfg.name)
-    kw = {} if backend.overhead_s is None else {"overhead_s": backend.overhead_s}
-    cost = RooflineCostModel(shape, hw, model_cfg.tensor_parallel_size, _dtype_bytes(model_cfg), **kw)
-    link_bw = (backend.link_bandwidth_gbs * 1e9) if backend.link_bandwidth_gbs else hw.link_bw
+    stack = resolve(backend.stack, engine_kind(engine_cfg.name).stack, backend.overhead_s)
     tp = model_cfg.tensor_parallel_size
-    kv_tokens = cost.max_kv_tokens(backend.kv_mem_fraction)
-    if engine_cfg.num_kv_blocks:  # an explicit pool size wins over what the memory would hold
-        kv_tokens = engine_cfg.num_kv_blocks * engine_cfg.block_size
+    dtype_bytes = _dtype_bytes(model_cfg)
+    costs: dict[int, RooflineCostModel] = {}
+
+    def cost_for(unit_tp: int) -> RooflineCostModel:
+        # Host time is the stack's: the roofline prices the device alone.
+        unit_tp = unit_tp or tp
+        if unit_tp not in costs:
+            costs[unit_tp] = RooflineCostModel(shape, hw, unit_tp, dtype_bytes, overhead_s=0.0)
+        return costs[unit_tp]
+
+    def kv_tokens_for(unit_tp: int) -> int:
+        if engine_cfg.num_kv_blocks:  # an explicit pool size wins over what the memory would hold
+            return engine_cfg.num_kv_blocks * engine_cfg.block_size
+        return cost_for(unit_tp).max_kv_tokens(backend.kv_mem_fraction)
+
+    for key in ("prefill_tp", "decode_tp"):  # a layout that cannot run fails here, naming its key
+        unit_tp = getattr(engine_cfg, key, 0)
+        if unit_tp:
+            try:
+                cost_for(unit_tp)
+            except ValueError as e:
+                raise ValueError(f"engine.{key}={unit_tp}: " + str(e).replace(
+                    f"model.tensor_parallel_size={unit_tp}", "this tensor parallelism")) from None
+    cost = cost_for(tp)
+    link_bw = (backend.link_bandwidth_gbs * 1e9) if backend.link_bandwidth_gbs else hw.link_bw
+    # with TP, each rank sends its own shard over its own link: the fewer ranks of the two sides set the pace
+    link_tp = min(getattr(engine_cfg, "prefill_tp", 0) or tp, getattr(engine_cfg, "decode_tp", 0) or tp)
     return Platform(
-        cost_for=lambda unit: cost, devices=tp, kv_tokens=kv_tokens,
+        cost_for=cost_for, devices=tp, kv_tokens=kv_tokens_for(tp), kv_tokens_for=kv_tokens_for,
         share_models=_share_models(backend, ShareModels()),
-        # with TP, each rank sends its own shard over its own link: the replica's bytes move tp links at once
-        link=LinkConfig(link_bw * tp, backend.link_fixed_s, backend.layerwise_overlap, shape.num_layers),
+        link=LinkConfig(link_bw * link_tp, backend.link_fixed_s, backend.layerwise_overlap, shape.num_layers),
         kv_bytes_per_token=cost.kv_bytes_per_token_per_gpu() * tp,
         max_position_embeddings=shape.max_position_embeddings,
-        describe=f"roofline {shape.name} on {tp}x {hw.name} (calibrated on {hw.calibrated_on})")
+        describe=f"roofline {shape.name} on {tp}x {hw.name} (calibrated on {hw.calibrated_on}), stack {stack.name}",
+        request_delay_s=stack.request_s, stack=stack)
 
 
 class CoreShares:
@@ -112,6 +137,13 @@ def cpu_platform(model_cfg, engine_cfg, backend) -> Platform:
     if not backend.profile_path:
         raise ValueError("backend.profile_path is required with backend.cost_model=profile "
                          "(make one with `python -m semipd_engine.sim.profile --model NAME --out FILE`)")
+    stack = getattr(backend, "stack", None)
+    if stack is not None and (stack.name != "auto" or any(getattr(stack, f) is not None for f in FIELDS)):
+        raise ValueError(f"stack={stack.name} applies to the roofline (GPU) cost model only: a CPU profile measured "
+                         "this project's own host costs; remove the stack override or use backend.cost_model=roofline")
+    if backend.overhead_s is not None:
+        raise ValueError("backend.overhead_s applies to the roofline (GPU) cost model only: a CPU profile measured "
+                         "its host costs")
     profile = Profile.load(backend.profile_path)
     shape = _shape(model_cfg)
     cores = profile.cores
@@ -167,12 +199,17 @@ def simulate(topo: Topology, model_cfg, engine_cfg, plat: Platform, backend) -> 
     e, bs = engine_cfg, engine_cfg.block_size
     cpu = backend.cost_model == "profile"
     n = topo.num_units
-    threads = [len(c) for c in unit_cores(n, range(plat.devices))] if cpu and n > 1 else [0] * n
+    # a unit's cost model key: its cores on a CPU profile, its GPUs (TP degree) on the roofline
+    units = ([len(c) for c in unit_cores(n, range(plat.devices))] if n > 1 else [0] * n) if cpu \
+        else topo.unit_tp(e, model_cfg.tensor_parallel_size)
 
     def kv_fraction(p) -> float:
         return p.kv_fraction if cpu else p.kv_fraction / sum(q.kv_fraction for q in topo.pools if q.unit == p.unit)
 
-    pools = {p.name: BlockPool(max(1, int(plat.kv_tokens * kv_fraction(p)) // bs), bs, e.watermark,
+    def kv_tokens(p) -> int:
+        return plat.kv_tokens if cpu or plat.kv_tokens_for is None else plat.kv_tokens_for(units[p.unit])
+
+    pools = {p.name: BlockPool(max(1, int(kv_tokens(p) * kv_fraction(p)) // bs), bs, e.watermark,
                                  e.enable_prefix_caching)
              for p in topo.pools}
 
@@ -185,7 +222,8 @@ def simulate(topo: Topology, model_cfg, engine_cfg, plat: Platform, backend) -> 
         pool = pools[w.pool]
         sched = make_scheduler(w.policy, pool, e, max_len(pool))
         sched.emit_outputs = False  # nothing streams: results are read off the requests' timestamps
-        workers[w.name] = SimWorker(w.name, w.role, sched, CostModelExecutor(plat.cost_for(threads[w.unit])),
+        workers[w.name] = SimWorker(w.name, w.role, sched, CostModelExecutor(plat.cost_for(units[w.unit]),
+                                                                             plat.stack),
                                     share=100 if w.share is None else w.share, handoff_kind=w.handoff,
                                     peers=w.decode_peers if w.role == "prefill" else w.prefill_peers)
     pair = topo.partitioned()

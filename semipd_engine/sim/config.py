@@ -2,8 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
+
+
+@dataclass
+class StackConfig:
+    """The `stack` group (package `backend.stack`): a serving-stack preset and any field overridden.
+
+    `auto` is each engine's own stack (vLLM 0.6 for unified, DistServe for disagg, the semi-PD fork for
+    semipd); a preset name charges that stack to every engine (a like-for-like comparison). Unset fields keep
+    the preset's values. Only the roofline (GPU) cost model charges a stack: a CPU profile measured its own.
+    """
+
+    name: str = "auto"
+    request_s: Optional[float] = None  # per request, arrival to engine (API server, tokenizer, IPC)
+    step_s: Optional[float] = None  # per iteration, host time
+    per_seq_s: Optional[float] = None  # per iteration and sequence
+    per_token_s: Optional[float] = None  # per iteration and new token
+    overlap: Optional[bool] = None  # host work beside the GPU's (max) instead of before it (sum)
+    multistep: Optional[int] = None  # decode steps per host pass
 
 
 @dataclass
@@ -15,7 +33,8 @@ class BackendConfig:
     profile_path: Optional[str] = None  # the `profile` cost model's file (python -m semipd_engine.sim.profile)
     fast_forward: bool = True  # advance unchanged decode batches many iterations at a time (exact)
     kv_mem_fraction: float = 0.9  # GPU memory for weights + KV cache (vLLM's gpu_memory_utilization)
-    overhead_s: Optional[float] = None  # per-iteration scheduling overhead; None = the cost model's default
+    # per-iteration host time; when set it replaces the serving stack's `step_s` (the key older runs used)
+    overhead_s: Optional[float] = None
     # semi-PD compute share: time(f) = time(100%) * (a/f + b); None = the published MPS fits (A100)
     prefill_share_a: Optional[float] = None
     prefill_share_b: Optional[float] = None
@@ -27,6 +46,8 @@ class BackendConfig:
     link_bandwidth_gbs: Optional[float] = None
     link_fixed_s: float = 0.0
     layerwise_overlap: bool = False
+    # the serving software's host costs (the `stack` group, conf/stack/; semipd_engine/sim/stack.py)
+    stack: StackConfig = field(default_factory=StackConfig)
 
 
 @dataclass

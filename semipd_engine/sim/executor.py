@@ -1,20 +1,34 @@
-"""The simulator's executor: a cost model in place of the forward pass.
+"""The simulator's executor: a cost model and a serving stack in place of the forward pass.
 
 It returns the same `ExecuteResult` as the model runner: every request that
 reached the end of its known tokens gets a token (id 0: simulated requests run
 to their output length, as the load generator's `ignore_eos` requests do), and
-the duration is the cost model's time for the batch's shape, scaled by the
-worker's compute share at the moment the iteration starts.
+the duration is the iteration's `Work` priced by `price`: alone on its device,
+the stack's host time and the cost model's device time combined; a partitioned
+worker's price (set by the simulator) also scales the device part by its
+compute share and the other phase's contention, and the simulator re-prices an
+iteration in flight when that changes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from semipd_engine.core.scheduler import ExecuteResult, ScheduledBatch
 from semipd_engine.sim.batch import BatchShape
+from semipd_engine.sim.stack import IDEAL, ServingStack
 
 SIM_TOKEN = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """What one iteration costs before any compute share or contention applies."""
+
+    host_s: float  # the serving stack's CPU time (never slowed by a share)
+    device_s: float  # the cost model's time on the whole device, alone
+    memory_bound_s: float = 0.0  # the HBM-bound part of device_s (what a co-running phase's traffic stretches)
 
 
 def batch_shape(batch: ScheduledBatch) -> BatchShape:
@@ -23,11 +37,30 @@ def batch_shape(batch: ScheduledBatch) -> BatchShape:
 
 
 class CostModelExecutor:
-    def __init__(self, cost, factor: Callable[[], float] = lambda: 1.0):
-        self.cost, self.factor = cost, factor  # factor: slowdown of this worker's share right now
+    def __init__(self, cost, stack: ServingStack = IDEAL):
+        self.cost, self.stack = cost, stack
+        self.price: Callable[[Work], float] = self.alone
+        self.needs_memory_bound = False  # set by the simulator where contention can stretch it
+        self.work = Work(0.0, 0.0)  # of the last iteration executed
+
+    def alone(self, work: Work) -> float:
+        return self.stack.wall(work.host_s, work.device_s)
+
+    def work_of(self, shape: BatchShape) -> Work:
+        mem = self.cost.memory_bound_time(shape) if self.needs_memory_bound else 0.0
+        return Work(self.stack.host_time(shape), self.cost.iteration_time(shape), mem)
 
     def execute(self, batch: ScheduledBatch) -> ExecuteResult:
         items = [(r.num_computed_tokens, n, r.num_computed_tokens + n == r.num_tokens, r) for r, n in batch.items]
         shape = BatchShape.of(it[:3] for it in items)
         sampled = [(it[3], SIM_TOKEN) for it in items if it[2]]
-        return ExecuteResult(sampled, self.cost.iteration_time(shape) * self.factor())
+        self.work = self.work_of(shape)
+        return ExecuteResult(sampled, self.price(self.work))
+
+    def decode_works(self, batch: int, ctx_tokens: int, steps: int) -> list[Work]:
+        """`Work` of `steps` decode-only iterations whose summed context grows by `batch` each step."""
+        host = self.stack.decode_host_time(batch)
+        if self.needs_memory_bound:
+            times, mems = self.cost.decode_times_memory_bound(batch, ctx_tokens, steps)
+            return [Work(host, t, m) for t, m in zip(times, mems)]
+        return [Work(host, t) for t in self.cost.decode_times(batch, ctx_tokens, steps)]

@@ -219,6 +219,22 @@ class RooflineCostModel(BaseCostModel):
         layer, once = self._fixed(BatchShape(decode_seqs=batch, decode_ctx_tokens=ctx_tokens, sampled=batch))
         return [self._combine(layer, self._decode_attn(batch, ctx_tokens + batch * i)[0], once) for i in range(steps)]
 
+    def decode_times_memory_bound(self, batch: int, ctx_tokens: int, steps: int
+                                  ) -> tuple[list[float], list[float]]:
+        if batch <= 0:
+            return [0.0] * max(steps, 0), [0.0] * max(steps, 0)
+        s = BatchShape(decode_seqs=batch, decode_ctx_tokens=ctx_tokens, sampled=batch)
+        layer, once = self._fixed(s)
+        n = self.model.num_layers
+        fixed_mem = (n * sum(t for _, t, mem in self._layer_ops(s) if mem)
+                     + sum(t for _, t, mem in self._once_ops(s) if mem))
+        times, mems = [], []
+        for i in range(steps):
+            dt, dmem = self._decode_attn(batch, ctx_tokens + batch * i)
+            times.append(self._combine(layer, dt, once))
+            mems.append(fixed_mem + (n * dt if dmem else 0.0))
+        return times, mems
+
     def breakdown(self, shape: BatchShape) -> dict[str, float]:
         """Seconds per operator for the whole iteration (all layers), plus the fixed overhead."""
         if shape.num_tokens == 0:

@@ -61,7 +61,8 @@ def model_names() -> list[str]:
     return sorted([*_PUBLIC, *_CPU_PRESETS])
 
 
-# Published config.json values (meta-llama/Meta-Llama-3-8B, Meta-Llama-3-70B, Llama-2-7b-hf, Qwen/Qwen2.5-7B): the
+# Published config.json values (meta-llama/Meta-Llama-3-8B, Meta-Llama-3-70B, Llama-2-7b-hf, Llama-2-70b-hf,
+# Qwen/Qwen2.5-7B): the
 # numbers a cost model reads (norm epsilon and RoPE base are not priced).
 _PUBLIC: dict[str, ModelShape] = {
     s.name: s
@@ -69,6 +70,7 @@ _PUBLIC: dict[str, ModelShape] = {
         _public("llama3-8b", "llama", 32, 4096, 14336, 32, 8, 128256, 8192),
         _public("llama3-70b", "llama", 80, 8192, 28672, 64, 8, 128256, 8192),
         _public("llama-2-7b", "llama", 32, 4096, 11008, 32, 32, 32000, 4096),
+        _public("llama-2-70b", "llama", 80, 8192, 28672, 64, 8, 32000, 4096),
         _public("qwen2.5-7b", "qwen2", 28, 3584, 18944, 28, 4, 152064, 131072, qkv_bias=True),
     )
 }

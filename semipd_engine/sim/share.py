@@ -71,7 +71,7 @@ class ShareModels:
         ``memory_bound_s`` is the HBM-bound part of it (RooflineCostModel.memory_bound_time); it is stretched
         by ``contention`` only while the other phase's worker is running at the same time.
         """
-        model = {"prefill": self.prefill, "decode": self.decode}.get(phase)
+        model = self.prefill if phase == "prefill" else self.decode if phase == "decode" else None
         if model is None:
             raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
         t = full_share_s + (self.contention - 1.0) * memory_bound_s if other_running else full_share_s

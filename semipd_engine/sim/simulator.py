@@ -17,8 +17,10 @@ nothing here names an engine:
   back-pressure). The messages they send are delivered in process, and this
   driver supplies the mechanism: a transfer charges bytes over the link instead
   of copying, and its release and adoption land when the link is done;
-- a partitioned pair (semi-PD) has each worker's iteration time scaled by its
-  compute share (`ShareModels`), with a contention term while both phases run;
+- a partitioned pair (semi-PD) has each worker's device time scaled by its
+  compute share (`ShareModels`), its HBM-bound part stretched while both phases
+  run, and an iteration in flight re-priced when the other phase starts or stops;
+  host time (the serving stack's, `semipd_engine/sim/stack.py`) is not scaled;
 - a controller is the real `ControlLoop`, closed every `control_window_s` of
   virtual time.
 
@@ -46,7 +48,7 @@ from semipd_engine.core.messages import AdoptRequest, KVTransferred, OfferKV, Re
 from semipd_engine.core.request import Request, RequestStatus, SamplingParams, Timestamps
 from semipd_engine.core.scheduler import EMPTY_RESULT, ExecuteResult, ScheduledBatch, Scheduler
 from semipd_engine.shares.partition import Partition
-from semipd_engine.sim.executor import SIM_TOKEN, CostModelExecutor
+from semipd_engine.sim.executor import SIM_TOKEN, CostModelExecutor, Work
 
 
 @dataclass
@@ -64,7 +66,13 @@ class SimWorker:
     busy: bool = False
     batch: Optional[ScheduledBatch] = None
     result: Optional[ExecuteResult] = None
-    iter_s: float = 0.0  # its duration, switch stall included
+    iter_s: float = 0.0  # its duration, switch stall included (final once it ends: re-pricing moves it)
+    work: Optional[Work] = None  # its cost before shares (a switch stall counts as host time)
+    started_s: float = 0.0
+    price_s: float = 0.0  # its whole duration at the current price
+    left: float = 1.0  # the fraction of it still to run at `seg_t`
+    seg_t: float = 0.0
+    gen: int = 0  # its ITER_END events carry this; a re-price makes the earlier one stale
     pending_share: Optional[int] = None
     iterations: int = 0
     fast_forwarded: int = 0
@@ -126,32 +134,56 @@ class Simulator:
         self._sent_by_poll: Optional[list[tuple[str, Any]]] = None
         self._done: list[Request] = []
         self._kicks: dict[str, SimWorker] = {}  # workers to decide at the end of this instant, in kick order
+        self._dirty: dict[str, SimWorker] = {}  # iterations in flight to re-price then (the other phase changed)
         self._pools = {id(w.scheduler.pool): (w.name, w.scheduler.pool) for w in workers}
         for w in workers:
-            w.executor.factor = self._factor_fn(w)
+            w.executor.price = self._price_fn(w)
             if w.handoff_kind is not None:  # the receiving side of a transfer copies over the link
                 kw = {"copy": self.link_copy} if w.handoff_kind == "transfer" and w.role == "decode" else {}
                 w.handoff = HANDOFFS.get(w.handoff_kind)(w.name, w.scheduler.pool, self._send, **kw)
 
     # -- compute shares ------------------------------------------------------------------------
-    def _factor_fn(self, w: SimWorker) -> Callable[[], float]:
+    def _price_fn(self, w: SimWorker) -> Callable[[Work], float]:
+        """How long `w`'s iteration takes under the conditions right now (re-evaluated by `_reprice`)."""
         if self.share_models is None or w.colocated is None:
-            return lambda: 1.0
-        model = self.share_models.prefill if w.role == "prefill" else self.share_models.decode
+            return w.executor.alone
+        sm, stack, phase = self.share_models, w.executor.stack, w.role
+        w.executor.needs_memory_bound = sm.contention != 1.0
 
-        def factor() -> float:
-            share = w.share
-            other = w.colocated
-            co_running = other is not None and other.busy
+        def price(work: Work) -> float:
+            share, other = w.share, w.colocated
+            co_running = other.busy
             if co_running and share + other.share > 100:
                 # Caps that add up past the device: both phases compete for the same SMs.
                 share = share * 100.0 / (share + other.share)
-            f = model.factor(share)
-            # Decode is bound by HBM bandwidth, which a co-running prefill takes a part of; prefill's
-            # compute-bound time is covered by its share alone.
-            return f * self.share_models.contention if co_running and w.role == "decode" else f
+            # Only the device part slows on a share (host time is CPU time), and only its HBM-bound part
+            # stretches while the other phase draws on the same HBM.
+            return stack.wall(work.host_s, sm.time(phase, work.device_s, share, work.memory_bound_s, co_running))
 
-        return factor
+        return price
+
+    def _reprice(self, w: SimWorker, t: float) -> None:
+        """The other phase started or stopped: `w`'s iteration in flight will finish its remaining fraction at the
+        new price, set once the instant is over (`_settle`: a phase that stops and starts again at one instant
+        changes nothing)."""
+        if w.busy and w.batch is not None:
+            self._dirty[w.name] = w
+
+    def _settle(self, t: float) -> None:
+        # A fast-forward stretch never needs it: it stops before the other phase's next event.
+        dirty, self._dirty = self._dirty, {}
+        for w in dirty.values():
+            if w.busy and w.batch is not None:
+                self._reprice_now(w, t)
+
+    def _reprice_now(self, w: SimWorker, t: float) -> None:
+        d = w.executor.price(w.work)
+        if d == w.price_s:
+            return
+        left = max(0.0, w.left - (t - w.seg_t) / w.price_s) if w.price_s > 0 else 0.0
+        w.left, w.seg_t, w.price_s = left, t, d
+        w.gen += 1
+        self._push(t + left * d, ITER_END, (w, w.gen))
 
     # -- the event loop --------------------------------------------------------------------------
     def _push(self, t: float, kind: int, payload: Any) -> None:
@@ -181,7 +213,9 @@ class Simulator:
             self.clock.advance_to(t)
             self.stats.events += 1
             if kind == ITER_END:
-                self._end_iteration(payload, t)
+                w, gen = payload
+                if gen == w.gen:  # else re-priced: a later event ends it
+                    self._end_iteration(w, t)
             elif kind == ARRIVAL:
                 self._arrive(payload, t)
             elif kind == RESUME:
@@ -190,10 +224,11 @@ class Simulator:
                 self._transfer_done(payload, t)
             else:
                 self._control(t)
-            if self._kicks:
+            if self._kicks or self._dirty:
                 nxt = arrivals[self._ai].times.arrival if self._ai < n else math.inf
                 if (heap[0][0] if heap and heap[0][0] < nxt else nxt) > t:
                     self._flush_kicks(t)
+                    self._settle(t)
         for w in self.workers.values():
             self.stats.iterations += w.iterations
             self.stats.fast_forwarded += w.fast_forwarded
@@ -290,25 +325,40 @@ class Simulator:
                 self._track_pool(sched.pool)
                 w.busy, w.batch, w.result = True, None, None
                 self._push(resume, RESUME, w)
+                if w.colocated is not None:
+                    self._reprice(w.colocated, t)
                 return
         self._track_pool(sched.pool)
         w.busy, w.batch, w.result = True, batch, result
-        w.iter_s = result.duration_s + stall
-        self._push(t + w.iter_s, ITER_END, w)
+        work = w.executor.work
+        if stall:
+            work = Work(work.host_s + stall, work.device_s, work.memory_bound_s)
+            w.iter_s = w.executor.price(work)
+        else:
+            w.iter_s = result.duration_s
+        w.work, w.started_s, w.price_s, w.left, w.seg_t = work, t, w.iter_s, 1.0, t
+        w.gen += 1
+        self._push(t + w.iter_s, ITER_END, (w, w.gen))
+        if w.colocated is not None:
+            self._reprice(w.colocated, t)
 
     def _resume(self, w: SimWorker, t: float) -> None:
         w.busy = False
         self._kick(w, t)
         if w.colocated is not None:
+            self._reprice(w.colocated, t)
             self._kick(w.colocated, t)
 
     def _end_iteration(self, w: SimWorker, t: float) -> None:
         batch, result = w.batch, w.result
         w.busy, w.batch, w.result = False, None, None
+        w.iter_s = t - w.started_s
+        if w.colocated is not None:
+            self._reprice(w.colocated, t)
         outcome = w.scheduler.update(batch, result, t)
         if outcome.ran:
             ph = outcome.phase
-            self._iter_time[ph] = self._iter_time.get(ph, 0.0) + result.duration_s
+            self._iter_time[ph] = self._iter_time.get(ph, 0.0) + w.iter_s
             self._iter_n[ph] = self._iter_n.get(ph, 0) + 1
             if self.control is not None and w.role == "prefill":
                 self.control.prefill_iteration(w.iter_s, len(outcome.handoffs) + len(outcome.finished))
@@ -376,10 +426,10 @@ class Simulator:
                 k = room
         if k < 2:
             return None
-        factor = w.executor.factor()
+        price = w.executor.price  # the other phase's state holds through the stretch (see above)
         nb = len(batch.items)
         ctx = sum(r.num_computed_tokens + 1 for r, _ in batch.items)  # context of iteration 0
-        later = w.executor.cost.decode_times(nb, ctx + nb, int(min(k - 1, 4096)))  # iterations 1, 2, ...
+        later = w.executor.decode_works(nb, ctx + nb, int(min(k - 1, 4096)))  # iterations 1, 2, ...
         ends: list[float] = []
         end, d = t, result.duration_s
         while True:
@@ -390,7 +440,7 @@ class Simulator:
             end = e
             if len(ends) >= k or len(ends) > len(later):
                 break
-            d = later[len(ends) - 1] * factor
+            d = price(later[len(ends) - 1])
         applied = self._grow_blocks(sched, batch, len(ends))
         if applied == 0:
             return None

@@ -31,8 +31,10 @@ from semipd_engine.topology.graph import (
 SHARE_KEYS = frozenset({"prefill_share", "decode_share", "partition_backend"})
 
 
-@register("unified", keys={"policy"})
-@register("unified_chunked", keys={"policy"})
+# Simulated, each engine is charged the host costs of the program it stands for in the paper's comparison
+# (vLLM 0.6.0, DistServe, the semi-PD fork); `stack=NAME` charges one stack to all.
+@register("unified", keys={"policy"}, stack="vllm-0.6")
+@register("unified_chunked", keys={"policy"}, stack="vllm-0.6")
 def unified(e) -> Topology:
     return Topology(e.name, (WorkerNode("unified", "both", e.policy, "unified"),), (PoolNode("unified"),),
                     entry=("unified",))
@@ -47,21 +49,25 @@ def semi_pd(e, controller=None) -> Topology:
                     controller=controller)
 
 
-register("semipd", keys=SHARE_KEYS)(semi_pd)
+register("semipd", keys=SHARE_KEYS, stack="semipd")(semi_pd)
 
 
-@register("semipd_dynamic", keys=SHARE_KEYS | CONTROLLER_KEYS)
+@register("semipd_dynamic", keys=SHARE_KEYS | CONTROLLER_KEYS, stack="semipd")
 def semi_pd_dynamic(e) -> Topology:
     return semi_pd(e, controller="slo")
 
 
-@register("disagg", keys={"num_prefill_instances", "num_decode_instances", "prefill_kv_fraction"})
+@register("disagg", keys={"num_prefill_instances", "num_decode_instances", "prefill_kv_fraction", "prefill_tp",
+                          "decode_tp"}, stack="distserve")
 def disagg(e) -> Topology:
     n_p, n_d = e.num_prefill_instances, e.num_decode_instances
     if n_p < 1 or n_d < 1:
         raise ValueError("engine.num_prefill_instances and engine.num_decode_instances must be >= 1")
     if not 0.0 < e.prefill_kv_fraction < 1.0:
         raise ValueError("engine.prefill_kv_fraction must be in (0, 1)")
+    for key in ("prefill_tp", "decode_tp"):
+        if getattr(e, key) < 0:
+            raise ValueError(f"engine.{key} must be >= 1 (or 0: model.tensor_parallel_size), got {getattr(e, key)}")
     prefills = tuple(f"prefill{i}" for i in range(n_p))
     decodes = tuple(f"decode{i}" for i in range(n_d))
     workers = ([WorkerNode(n, "prefill", "prefill_only", n, unit=i, handoff="transfer", decode_peers=decodes)

@@ -106,6 +106,16 @@ class Topology:
     def num_units(self) -> int:
         return 1 + max(n.unit for n in self.workers + self.pools)
 
+    def unit_tp(self, engine_cfg, default_tp: int) -> list[int]:
+        """GPUs per unit: a unit of prefill (decode) workers only takes `engine.prefill_tp` (`decode_tp`) where set,
+        any other `default_tp` (model.tensor_parallel_size)."""
+        out = []
+        for u in range(self.num_units):
+            roles = {w.role for w in self.workers if w.unit == u}
+            key = {frozenset({"prefill"}): "prefill_tp", frozenset({"decode"}): "decode_tp"}.get(frozenset(roles))
+            out.append((getattr(engine_cfg, key, 0) if key else 0) or default_tp)
+        return out
+
     def users(self, pool: str) -> tuple[WorkerNode, ...]:
         return tuple(w for w in self.workers if w.pool == pool)
 
@@ -138,21 +148,24 @@ CONTROLLER_KEYS = frozenset({"slo_ttft_s", "slo_tpot_s", "slo_percentile", "cont
 
 @dataclass(frozen=True)
 class EngineKind:
-    """A registered engine: the function that composes it (None: launched by command, not composed here) and the
-    engine-specific config keys it reads, beyond `COMMON_KEYS`."""
+    """A registered engine: the function that composes it (None: launched by command, not composed here), the
+    engine-specific config keys it reads, beyond `COMMON_KEYS`, and the serving software it stands for when
+    simulated (`stack=auto`; semipd_engine/sim/stack.py)."""
 
     build: Optional[Callable[[Any], Topology]]
     keys: frozenset[str] = frozenset()
+    stack: str = "generic"
 
 
 TOPOLOGIES: Registry[EngineKind] = Registry("engine", "engine.name")
 
 
-def register(name: str, keys: frozenset[str] | set[str] = frozenset()):
-    """`@register("my_engine", keys={"prefill_share"})` over `def my_engine(engine_cfg) -> Topology`."""
+def register(name: str, keys: frozenset[str] | set[str] = frozenset(), stack: str = "generic"):
+    """`@register("my_engine", keys={"prefill_share"}, stack="vllm-v1")` over `def my_engine(engine_cfg) ->
+    Topology`."""
 
     def deco(fn: Callable[[Any], Topology]) -> Callable[[Any], Topology]:
-        TOPOLOGIES.register(name, EngineKind(fn, frozenset(keys)))
+        TOPOLOGIES.register(name, EngineKind(fn, frozenset(keys), stack))
         return fn
 
     return deco

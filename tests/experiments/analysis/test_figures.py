@@ -113,3 +113,25 @@ def test_figures_from_a_saved_sweep_mark_invalid_points(tmp_path):
     lines = {line.get_label(): line for line in ax.get_lines() if line.get_label() in ("unified", "semipd")}
     assert np.isfinite(lines["unified"].get_ydata()).sum() == 2 and np.isfinite(lines["semipd"].get_ydata()).sum() == 1
     figures.plt.close(fig)
+
+
+def test_a_point_whose_run_did_not_reach_steady_state_is_drawn_hollow(tmp_path):
+    for rate, steady in ((2.0, True), (4.0, False)):
+        write_job(tmp_path, f"engine=unified,workload.rate={rate:g}", "unified", rate, ttft_s=[0.1, 0.2, 0.3, 2.0],
+                  slo_attainment=0.75, p90_ttft_s=1.5, p90_tpot_s=0.01, mean_e2e_s=1.0, request_throughput=rate,
+                  num_requests=4, num_errors=0, valid=True, steady_state=steady, backlog_growth=0.1 if steady else 9.0)
+    aggregate_sweep(tmp_path)
+    _, _, pts, _ = figures.load_sweep(tmp_path)  # through summary.csv, where the flag is text
+    assert list(pts.sort_values("rate")["steady_state"]) == [True, False]
+    assert list(pts.sort_values("rate")["backlog_growth"]) == [0.1, 9.0]
+    fig = figures.latency_figure(pts, "caption")
+    for ax in fig.axes:
+        hollow = [c for c in ax.collections if c.get_gid() == "unsteady"]
+        assert len(hollow) == 1 and hollow[0].get_offsets()[0][0] == pytest.approx(4.0, abs=0.5)
+    assert "no steady state (backlog still growing)" in [t.get_text() for t in fig.legends[0].get_texts()]
+    figures.plt.close(fig)
+    # Older sweeps say nothing: no hollow point, no legend entry.
+    fig = figures.attainment_figure(pts.drop(columns=["steady_state"]), "caption")
+    assert not [c for c in fig.axes[0].collections if c.get_gid() == "unsteady"]
+    assert "no steady state (backlog still growing)" not in [t.get_text() for t in fig.legends[0].get_texts()]
+    figures.plt.close(fig)

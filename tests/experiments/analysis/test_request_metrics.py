@@ -9,11 +9,15 @@ import pandas as pd
 import pytest
 
 from experiments.analysis.request_metrics import (
+    BACKLOG_GROWTH_MIN_REQUESTS,
+    TPOT_DEFINITIONS,
     aggregate,
     derive,
     measured_mask,
     self_check,
     slo_met,
+    steady_state,
+    tpot_definitions,
 )
 from experiments.loadgen.arrivals import interarrival_distribution
 from tests.helpers.experiment_configs import workload_cfg
@@ -91,3 +95,107 @@ def test_warmup_requests_are_saved_but_not_counted():
     assert list(measured_mask(df, warmup_requests=2)) == [True, False, True, True, False]
     assert measured_mask(df).all()
     assert list(measured_mask(df, warmup_s=1.5, warmup_requests=1)) == [True, False, True, False, False]
+
+
+# -- TPOT definitions ------------------------------------------------------------------------------------------
+
+
+def _stall_rows():
+    """TPOT SLO 0.1 s. 0: ten tokens 50 ms apart. 1: its first token, a 0.5 s stall, then eight tokens 10 ms apart
+    (mean TPOT 64 ms: meets the mean, not its longest gap). 2: a one-token answer. 3: five tokens sent whole (no
+    per-token times). 4: failed."""
+    steady = [0.1 + 0.05 * i for i in range(10)]
+    stall = [0.1, 0.6] + [0.6 + 0.01 * i for i in range(1, 9)]
+    return derive(pd.DataFrame({
+        "scheduled_s": [0.0, 0.0, 0.0, 0.0, 0.0], "send_s": [0.0] * 5,
+        "first_token_s": [0.1, 0.1, 0.1, 0.2, NAN], "finish_s": [steady[-1], stall[-1], 0.1, 0.2, 0.3],
+        "token_times_s": [steady, stall, [0.1], [0.2], []], "output_tokens": [10, 10, 1, 5, 0],
+        "prompt_tokens": [10] * 5, "error": [None, None, None, None, "HTTP 500: boom"]}))
+
+
+def test_each_tpot_definition_on_hand_made_token_times():
+    df = _stall_rows()
+    assert df.loc[0, ["tpot_s", "tpot_p90_itl_s", "tpot_p99_itl_s", "tpot_max_itl_s", "tpot_first_to_second_s"]] \
+        .tolist() == pytest.approx([0.05] * 5)
+    gaps = np.array([0.5] + [0.01] * 8)
+    assert df.loc[1, "tpot_s"] == pytest.approx(gaps.sum() / 9)
+    assert df.loc[1, "tpot_p90_itl_s"] == pytest.approx(np.percentile(gaps, 90))  # 0.108: one stall in nine gaps
+    assert df.loc[1, "tpot_p99_itl_s"] == pytest.approx(np.percentile(gaps, 99))
+    assert df.loc[1, "tpot_max_itl_s"] == pytest.approx(0.5) and df.loc[1, "tpot_first_to_second_s"] == pytest.approx(0.5)
+    assert df.loc[2:4, list(TPOT_DEFINITIONS.values())[1:]].isna().all(axis=None)  # no gap: none, unknown, failed
+
+    met = {d: list(slo_met(df, ttft_s=1.0, tpot_s=0.1, definition=d)) for d in TPOT_DEFINITIONS}
+    assert met["mean"] == [True, True, True, True, False]  # the stalled request counts as good
+    for d in ("p90_itl", "p99_itl", "max_itl", "first_to_second"):
+        # it does not; the one sent whole has no gaps to judge, the one-token answer no TPOT to miss
+        assert met[d] == [True, False, True, False, False], d
+
+    t = tpot_definitions(df, 1.0, 0.1, "max_itl")
+    assert t["chosen"] == "max_itl" and t["slo_attainment"]["mean"] == pytest.approx(4 / 5)
+    assert t["slo_attainment"]["max_itl"] == pytest.approx(2 / 5)
+    assert (t["stalled_requests"], t["stalled_fraction"], t["requests_without_token_times"]) == (1, 0.2, 1)
+    assert t["token_time_coverage"] == pytest.approx(21 / 25)
+
+
+def test_the_chosen_definition_sets_attainment_and_goodput():
+    df = _stall_rows()
+    mean, strict = (aggregate(df, 1.0, 0.1, duration_s=2.0, tpot_definition=d) for d in ("mean", "max_itl"))
+    assert (mean["slo_attainment"], mean["goodput"]) == (pytest.approx(4 / 5), pytest.approx(2.0))
+    assert (strict["slo_attainment"], strict["goodput"]) == (pytest.approx(2 / 5), pytest.approx(1.0))
+    assert mean["tpot_definitions"]["slo_attainment"] == strict["tpot_definitions"]["slo_attainment"]
+
+
+def test_a_run_without_per_token_times_says_none_instead_of_guessing():
+    df = _stall_rows().iloc[[2, 3]]  # a one-token answer and one sent whole
+    t = tpot_definitions(df, 1.0, 0.1)
+    assert t["slo_attainment"]["mean"] == 1.0
+    assert all(t["slo_attainment"][d] is None for d in TPOT_DEFINITIONS if d != "mean")
+    assert t["stalled_requests"] is None and t["stalled_fraction"] is None
+
+
+def test_rows_saved_before_the_gap_columns_are_judged_from_their_token_times():
+    old = _stall_rows().drop(columns=list(TPOT_DEFINITIONS.values())[1:])
+    assert list(slo_met(old, 1.0, 0.1, "max_itl")) == [True, False, True, False, False]
+
+
+def test_an_unknown_definition_names_the_key_and_the_valid_values():
+    with pytest.raises(ValueError, match=r"slo.tpot_definition='p95_itl': expected one of mean, p90_itl, p99_itl, "
+                                         r"max_itl, first_to_second"):
+        slo_met(_stall_rows(), 1.0, 0.1, "p95_itl")
+
+
+# -- steady state ----------------------------------------------------------------------------------------------
+
+
+def _load(service_s, n=100, gap_s=0.1):
+    """`n` requests `gap_s` apart, request i served in service_s(i) seconds; the first five are the warm-up."""
+    arrival = np.arange(n) * gap_s
+    finish = arrival + np.array([service_s(i) for i in range(n)])
+    return pd.DataFrame({"scheduled_s": arrival, "send_s": arrival, "finish_s": finish,
+                         "measured": np.arange(n) >= 5})
+
+
+def test_a_flat_run_reached_steady_state():
+    df = _load(lambda i: 0.3)
+    s = steady_state(df, pd.Series(True, index=df.index[5:]))
+    assert s["steady_state"] is True and s["reasons"] == []
+    assert s["first_half"]["mean_in_system"] == pytest.approx(3.0, abs=0.1)
+    assert s["second_half"]["mean_in_system"] == pytest.approx(3.0, abs=0.1)
+    assert abs(s["backlog_growth"]) < 0.1 and s["first_half"]["slo_attainment"] == 1.0
+    assert s["first_half"]["requests"] + s["second_half"]["requests"] == 95
+
+
+def test_a_growing_backlog_is_no_steady_state():
+    df = _load(lambda i: 0.3 + 0.05 * i)  # each request waits longer than the one before: a queue that grows
+    s = steady_state(df, pd.Series(True, index=df.index[5:]))
+    assert s["steady_state"] is False and s["backlog_growth"] > BACKLOG_GROWTH_MIN_REQUESTS
+    assert "requests in the system grew" in s["reasons"][0]
+
+
+def test_falling_attainment_alone_is_no_steady_state_and_too_few_requests_no_verdict():
+    df = _load(lambda i: 0.3)
+    met = pd.Series(df.index[5:] < 60, index=df.index[5:])  # most of the second half (52-99) misses
+    s = steady_state(df, met)
+    assert s["steady_state"] is False and s["reasons"] == ["attainment fell from 100% to 17% (first vs second half)"]
+    few = _load(lambda i: 0.3, n=12)
+    assert steady_state(few, pd.Series(True, index=few.index[5:]))["steady_state"] is None

@@ -72,3 +72,23 @@ def test_seeds_that_disagree_widen_the_interval():
     a, b = U.point_stats(calm, [50.0] * 3), U.point_stats(apart, [50.0] * 3)
     assert b["slo_attainment_ci_high"] - b["slo_attainment_ci_low"] > \
         2 * (a["slo_attainment_ci_high"] - a["slo_attainment_ci_low"])
+
+
+def test_the_cluster_quantile_interval_is_the_pooled_bootstrap():
+    """Weighing sorted gaps by how often their group was drawn gives what pooling the drawn groups gives."""
+    from experiments.analysis import uncertainty as U
+
+    def pooled(groups, q, n_boot, conf=0.95, seed=0):
+        groups = [np.asarray(g, dtype=float) for g in groups if len(g)]
+        rng = U._rng(seed)
+        reps = np.empty(n_boot)
+        for b in range(n_boot):
+            pick = rng.integers(0, len(groups), len(groups))
+            reps[b] = np.percentile(np.concatenate([groups[i] for i in pick]), q * 100)
+        return U._pct_interval(reps, conf)
+
+    rng = np.random.default_rng(3)
+    for n_groups, longest in ((3, 2), (40, 30), (400, 200)):
+        groups = [rng.exponential(1.0, rng.integers(1, longest + 1)).round(3) for _ in range(n_groups)]
+        for q in (0.5, 0.9, 0.99):
+            assert U.cluster_quantile_ci(groups, q, n_boot=100) == pytest.approx(pooled(groups, q, 100), rel=1e-12)

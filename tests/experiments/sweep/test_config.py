@@ -35,7 +35,7 @@ def _get(cfg, dotted: str):
 def test_every_experiment_preset_composes(preset):
     cfg = compose_run([f"experiment={preset}"])
     assert cfg.experiment.name == preset
-    assert cfg.experiment.mode in ("single", "goodput")
+    assert cfg.experiment.mode in ("single", "goodput", "attribution")
     # What the preset sets outside hydra: lands in the composed config.
     spec = yaml.safe_load((CONF / "experiment" / f"{preset}.yaml").read_text())
     for key, value in _leaves({k: v for k, v in spec.items() if k not in ("defaults", "hydra")}):

@@ -263,3 +263,40 @@ def test_a_signal_while_the_server_starts_still_stops_it(tmp_path, monkeypatch):
     with pytest.raises(JobInterrupted):
         run(compose_run(_MOCK_JOB), str(tmp_path))
     assert stopped == ["stop"] and read_job(tmp_path)["status"] == "interrupted"
+
+
+@pytest.mark.parametrize("backend", [[], ["backend=sim", "model=llama3-8b"]])
+def test_an_unknown_tpot_definition_fails_the_job_before_it_starts(backend):
+    from experiments.sweep.job import Job
+
+    with pytest.raises(ValueError, match=r"slo.tpot_definition='p95_itl': expected one of mean, p90_itl, p99_itl, "
+                                         r"max_itl, first_to_second"):
+        Job.from_cfg(compose_run(["experiment=single", *backend, "slo.tpot_definition=p95_itl"]))
+
+
+def test_a_gap_definition_needs_a_stream_only_from_a_real_server():
+    from experiments.sweep.job import Job
+
+    with pytest.raises(ValueError, match="loadgen.stream=true"):
+        Job.from_cfg(compose_run(["experiment=single", "slo.tpot_definition=max_itl", "loadgen.stream=false"]))
+    sim = Job.from_cfg(compose_run(["experiment=single", "backend=sim", "model=llama3-8b",
+                                    "slo.tpot_definition=max_itl", "loadgen.stream=false"]))
+    assert sim.slo.tpot_definition == "max_itl"  # the simulator times every token either way
+
+
+def test_a_simulated_job_is_judged_under_its_tpot_definition_and_records_the_others(tmp_path):
+    from experiments.analysis.points import points
+    from experiments.sweep.aggregate import aggregate_sweep
+
+    record = run(compose_run(["experiment=single", "backend=sim", "model=llama3-8b", "wandb.mode=disabled",
+                              "workload.num_requests=60", "workload.rate=4", "slo.tpot_definition=max_itl"]),
+                 str(tmp_path / "job"))
+    assert record["slo"]["tpot_definition"] == record["tpot_definition"] == "max_itl"
+    assert record["slo_attainment"] == record["slo_attainment_tpot_max_itl"]
+    assert record["slo_attainment_tpot_max_itl"] <= record["slo_attainment_tpot_mean"]
+    assert isinstance(record["stalled_requests"], int) and isinstance(record["steady_state"], bool)
+    summary, requests = aggregate_sweep(tmp_path)
+    assert summary.loc[0, "slo_tpot_definition"] == "max_itl" and (requests["slo_tpot_definition"] == "max_itl").all()
+    pts = points(summary, requests)  # pooled from the requests under the same definition
+    assert pts.loc[0, "slo_attainment"] == pytest.approx(record["slo_attainment"])
+    assert pts.loc[0, "steady_state"] == record["steady_state"]

@@ -178,3 +178,14 @@ def test_runs_judged_differently_share_one_simulation_and_a_changed_simulation_n
     for args in changed:
         assert not simulated.run_simulated(*args, loose, cache_dir=cache).backend["from_cache"], args
     assert len(list(cache.glob("*.json"))) == 1 + len(changed)
+
+
+def test_a_simulated_job_names_the_serving_stack_it_charges():
+    from experiments.sweep.simulated import stack_name
+
+    unified, semipd = freeze(EngineConfig, {"name": "unified"}), freeze(EngineConfig, {"name": "semipd"})
+    assert stack_name(unified, freeze(BackendConfig, {"name": "sim"})) == "vllm-0.6"
+    assert stack_name(semipd, freeze(BackendConfig, {"name": "sim"})) == "semipd"
+    assert stack_name(unified, freeze(BackendConfig, {"name": "sim", "stack": {"name": "ideal"}})) == "ideal"
+    assert stack_name(unified, freeze(BackendConfig, {"name": "sim", "overhead_s": 0.002})) == "vllm-0.6*"
+    assert stack_name(unified, freeze(BackendConfig, {"name": "sim", "cost_model": "profile"})) == "profile"

@@ -93,3 +93,36 @@ def test_bad_presets_fail_before_anything_runs(override, key):
     m, e, h = _cfgs("unified", **override)
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         build_simulator(m, e, h, freeze(BackendConfig, {"name": "sim"}))
+
+
+def test_disaggregated_instances_take_their_own_tensor_parallelism():
+    m, e, h = _cfgs("disagg", prefill_tp=2, decode_tp=1)
+    backend = freeze(BackendConfig, {"name": "sim"})
+    sim, plat = build_simulator(m, e, h, backend)
+    pre, dec = sim.workers["prefill0"], sim.workers["decode0"]
+    assert pre.executor.cost.tp == 2 and dec.executor.cost.tp == 1
+    assert pre.scheduler.pool.num_blocks > dec.scheduler.pool.num_blocks  # two GPUs of memory, half the weights each
+    done = sim.run(make_requests(*_workload(100, 8.0)))
+    assert len(done) == 100
+    _, same, _ = _cfgs("disagg")
+    assert build_simulator(m, same, h, backend)[0].workers["prefill0"].executor.cost.tp == 1
+    with pytest.raises(ValueError, match="engine.prefill_tp=3"):
+        build_simulator(m, _cfgs("disagg", prefill_tp=3)[1], h, backend)
+    with pytest.raises(ValueError, match="engine.prefill_tp"):
+        build_simulator(m, _cfgs("unified", prefill_tp=2)[1], h, backend)
+
+
+def test_a_job_counts_the_gpus_of_each_instance():
+    from hydra import compose, initialize_config_dir
+
+    from experiments.sweep import conf_store
+    from experiments.sweep.job import Job
+
+    conf_store.register()
+    with initialize_config_dir(config_dir=conf_store.CONF_DIR, version_base=None):
+        sim = compose("config", overrides=["backend=sim", "model=llama3-8b", "engine=disagg", "engine.prefill_tp=2",
+                                           "engine.num_decode_instances=2"])
+        real = compose("config", overrides=["engine=disagg", "engine.prefill_tp=2"])
+    assert Job.from_cfg(sim).num_gpus == 2 + 2 * 1
+    with pytest.raises(ValueError, match="engine.prefill_tp"):
+        Job.from_cfg(real)
