@@ -193,7 +193,7 @@ def run(job, jd: Path, overrides: dict[str, str], make_job: Callable[[Any], Any]
         raise ValueError("experiment.attribution.factors is empty: nothing to attribute")
     if len(set(names)) != len(names):
         raise ValueError(f"experiment.attribution.factors: names must be unique, got {names}")
-    base = {k: v for k, v in overrides.items() if not k.startswith("engine")}
+    base = {k: v for k, v in overrides.items() if k != "engine"}  # the engine preset is the setting's; its keys stay
     searcher = Searcher(base, make_job)
     engines = [att.target, *att.baselines]
     t0 = time.perf_counter()
@@ -212,6 +212,8 @@ def run(job, jd: Path, overrides: dict[str, str], make_job: Callable[[Any], Any]
                 g, probes = searcher.goodput(engine, extra)
                 row[f"goodput_{engine}"] = g
                 row[f"probes_{engine}"] = len(probes)
+                # passed even at goodput_high: the goodput is at least that, and a ratio with it a bound
+                row[f"at_range_top_{engine}"] = g >= job.experiment.goodput_high
             rows.append(row)
             log.info("attribution: %s -> %s (%.0f s)", sorted(on) or "like for like",
                      {e: row[f"goodput_{e}"] for e in engines}, time.perf_counter() - t0)
@@ -239,7 +241,8 @@ def run(job, jd: Path, overrides: dict[str, str], make_job: Callable[[Any], Any]
     contrib = pd.DataFrame(table)
     settings.to_csv(jd / "attribution_settings.csv", index=False)
     contrib.to_csv(jd / "attribution.csv", index=False)
-    summary.update(wall_s=time.perf_counter() - t0, simulations=searcher.n_sims, sim_wall_s=searcher.sim_wall_s)
+    summary.update(wall_s=time.perf_counter() - t0, simulations=searcher.n_sims, sim_wall_s=searcher.sim_wall_s,
+                   settings_at_range_top=int(settings[[f"at_range_top_{e}" for e in engines]].any(axis=1).sum()))
     (jd / "attribution.json").write_text(json.dumps(summary, indent=2, default=float))
     figure(contrib, summary, jd / "attribution.png")
     print(report(contrib, summary, settings, names))
@@ -257,6 +260,9 @@ def report(contrib: pd.DataFrame, summary: dict, settings: pd.DataFrame, names: 
         for r in contrib[contrib["baseline"] == b].itertuples():
             lines.append(f"  {r.factor:<18} {r.shapley_x:>8.3f}x {r.in_order_x:>8.3f}x  {r.label}")
     lines.append(f"\n{len(settings)} settings, {summary['simulations']} simulations, {summary['wall_s']:.0f} s")
+    if summary.get("settings_at_range_top"):
+        lines.append(f"{summary['settings_at_range_top']} setting(s) passed even at experiment.goodput_high: their "
+                     "goodput is a lower bound (raise it)")
     return "\n".join(lines)
 
 

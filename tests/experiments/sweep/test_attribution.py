@@ -49,6 +49,7 @@ def test_a_small_attribution_job_writes_its_tables_and_the_contributions_add_up(
     settings = pd.read_csv(tmp_path / "attribution_settings.csv")
     contrib = pd.read_csv(tmp_path / "attribution.csv")
     assert len(settings) == 4 and set(contrib["factor"]) == {"stack", "max_batch"}
+    assert {"at_range_top_unified", "at_range_top_semipd_uncapped"} <= set(settings.columns)
     s = summary["unified"]
     assert math.prod(s["contributions_x"].values()) == pytest.approx(s["ratio_paper_setting"] / s["ratio_like_for_like"])
     # the cap does not apply to semi-PD: its goodput is searched once for both values of that factor
