@@ -192,7 +192,7 @@ def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, 
     run, workload, lengths = simulation(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, cache_dir)
     df, aggregates = measured(M.derive(run.frame, lcfg.measure_from), lcfg, slo)
     result = RunResult(
-        aggregates=aggregates, slo=SLOs(slo.ttft_s, slo.tpot_s),
+        aggregates=aggregates, slo=SLOs(slo.ttft_s, slo.tpot_s, slo.tpot_definition),
         # No client, no host: nothing can be late or disturbed. The model's own validity is in docs/benchmarks.md.
         self_check={"valid": True, "reasons": [], "simulated": True},
         workload=workload_run(workload, wcfg, len(workload.items), lengths), model=model_cfg.path or model_cfg.name,

@@ -225,14 +225,12 @@ class RooflineCostModel(BaseCostModel):
             return [0.0] * max(steps, 0), [0.0] * max(steps, 0)
         s = BatchShape(decode_seqs=batch, decode_ctx_tokens=ctx_tokens, sampled=batch)
         layer, once = self._fixed(s)
-        n = self.model.num_layers
-        fixed_mem = (n * sum(t for _, t, mem in self._layer_ops(s) if mem)
-                     + sum(t for _, t, mem in self._once_ops(s) if mem))
+        layer_mem, once_mem = self._fixed_memory_bound(s)
         times, mems = [], []
         for i in range(steps):
             dt, dmem = self._decode_attn(batch, ctx_tokens + batch * i)
             times.append(self._combine(layer, dt, once))
-            mems.append(fixed_mem + (n * dt if dmem else 0.0))
+            mems.append(self._combine_memory_bound(layer_mem, dt if dmem else 0.0, once_mem))
         return times, mems
 
     def breakdown(self, shape: BatchShape) -> dict[str, float]:
@@ -246,14 +244,21 @@ class RooflineCostModel(BaseCostModel):
         out["overhead"] = self.overhead_s
         return out
 
+    def _fixed_memory_bound(self, s: BatchShape) -> tuple[float, float]:
+        """The HBM-bound seconds of `_fixed`'s operators: (per layer, once)."""
+        return (sum(t for _, t, mem in self._layer_ops(s) if mem), sum(t for _, t, mem in self._once_ops(s) if mem))
+
+    def _combine_memory_bound(self, layer_mem: float, decode_attn_mem: float, once_mem: float) -> float:
+        # One formula for a single iteration and the fast-forward: their times agree to the bit.
+        return self.model.num_layers * (layer_mem + decode_attn_mem) + once_mem
+
     def memory_bound_time(self, shape: BatchShape) -> float:
         """Seconds of operators bound by HBM bandwidth: what a concurrent phase's traffic slows down."""
         if shape.num_tokens == 0:
             return 0.0
-        n = self.model.num_layers
         dt, dmem = self._decode_attn(shape.decode_seqs, shape.decode_ctx_tokens)
-        layer = sum(t for _, t, mem in self._layer_ops(shape) if mem) + (dt if dmem else 0.0)
-        return n * layer + sum(t for _, t, mem in self._once_ops(shape) if mem)
+        layer_mem, once_mem = self._fixed_memory_bound(shape)
+        return self._combine_memory_bound(layer_mem, dt if dmem else 0.0, once_mem)
 
     def describe(self) -> str:
         return (f"{self.name}: {self.model.name} on {self.tp} x {self.hw.name} (efficiencies of "
