@@ -468,7 +468,14 @@ def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
                                 f"end: python -m experiments.sweep.aggregate {sweep_dir})")
     summary = pd.read_csv(sweep_dir / "summary.csv")
     req_path = sweep_dir / "requests.parquet"
-    requests = pd.read_parquet(req_path) if req_path.is_file() else pd.DataFrame()
+    requests = pd.DataFrame()
+    if req_path.is_file():  # without the per-token lists, which no sweep figure reads
+        import pyarrow.parquet as pq
+
+        from experiments.sweep.aggregate import PER_TOKEN
+
+        names = pq.read_schema(req_path).names
+        requests = pd.read_parquet(req_path, columns=[c for c in names if c not in PER_TOKEN])
     swept = _swept(sweep_dir, summary)
     pts = P.points(summary, requests, swept) if not summary.empty else pd.DataFrame()
     target = P.target_attainment(_configs(sweep_dir))
@@ -476,10 +483,12 @@ def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
     return summary, requests, pts, gp
 
 
-def make_figures(sweep_dir: str | Path) -> list[str]:
+def make_figures(sweep_dir: str | Path, tables: Optional[tuple] = None) -> list[str]:
+    """The sweep's figures under <sweep>/figures/; `tables`: (summary, requests, points, goodput) as the sweep's
+    aggregation just made them (read from its files otherwise)."""
     sweep_dir = Path(sweep_dir)
     out = sweep_dir / "figures"
-    summary, requests, pts, gp = load_sweep(sweep_dir)
+    summary, requests, pts, gp = tables if tables is not None else load_sweep(sweep_dir)
     sns.set_theme(style="whitegrid", context="paper")
     paths: list[str] = []
     if summary.empty or not (summary["status"] == "ok").any():

@@ -22,7 +22,6 @@ first (thresholds below).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import numpy as np
@@ -59,17 +58,64 @@ def _n_times(df: pd.DataFrame) -> np.ndarray:
     return np.array([len(t) if isinstance(t, (list, np.ndarray)) else 0 for t in df["token_times_s"]], dtype=int)
 
 
-def gap_columns(df: pd.DataFrame) -> pd.DataFrame:
+_NO_TIMES = np.empty(0)
+
+
+def token_gaps(df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Every request's gaps between consecutive token times, concatenated in row order, and each row's number
+    of gaps (0 without two times). One `np.diff` over all rows: a per-request loop cost seconds per run."""
+    if "token_times_s" not in df or df.empty:
+        return _NO_TIMES, np.zeros(len(df), dtype=np.intp)
+    times = [np.asarray(t, dtype=float) if isinstance(t, (list, np.ndarray)) else _NO_TIMES
+             for t in df["token_times_s"]]
+    n = np.fromiter(map(len, times), dtype=np.intp, count=len(times))
+    flat = np.concatenate(times) if len(times) else _NO_TIMES
+    if flat.size < 2:
+        return _NO_TIMES, np.zeros(len(df), dtype=np.intp)
+    within = np.ones(flat.size - 1, dtype=bool)
+    ends = np.cumsum(n)
+    within[ends[(n > 0) & (ends < flat.size)] - 1] = False  # the gap from one row's last time to the next's first
+    return np.diff(flat)[within], np.maximum(n - 1, 0)
+
+
+def segment_percentiles(values: np.ndarray, counts: np.ndarray, qs) -> np.ndarray:
+    """np.percentile(segment, qs) of each non-empty segment of `values` (consecutive runs of `counts`), all at
+    once: rows x len(qs), NaN for an empty segment. The same arithmetic as numpy's linear method (its virtual
+    index, floor and two-sided interpolation), so each value equals np.percentile's to the last bit."""
+    out = np.full((len(counts), len(qs)), np.nan)
+    has = counts > 0
+    if not has.any():
+        return out
+    seg = np.repeat(np.arange(len(counts)), counts)
+    v = values[np.lexsort((values, seg))]
+    starts = (np.cumsum(counts) - counts)[has]
+    m = counts[has]
+    for j, q in enumerate(np.true_divide(np.asarray(qs, dtype=float), 100)):
+        virtual = (m - 1) * q
+        prev = np.floor(virtual)
+        top = virtual >= m - 1
+        lo = np.where(top, m - 1, prev).astype(np.intp)
+        hi = np.where(top, m - 1, prev + 1).astype(np.intp)
+        a, b = v[starts + lo], v[starts + hi]
+        t = np.where(top, 0.0, virtual - prev)
+        d = b - a
+        out[has, j] = np.where(t >= 0.5, b - d * (1 - t), a + d * t)
+    return out
+
+
+def gap_columns(df: pd.DataFrame, gaps: Optional[tuple[np.ndarray, np.ndarray]] = None) -> pd.DataFrame:
     """The gap-based TPOT of each request (TPOT_DEFINITIONS but `mean`) from its token times; NaN for a failed
-    request, a one-token answer (no TPOT) and one without two times to take a gap between."""
+    request, a one-token answer (no TPOT) and one without two times to take a gap between. `gaps`: token_gaps(df)
+    where the caller has it."""
     cols = [c for d, c in TPOT_DEFINITIONS.items() if d != "mean"]
+    g, counts = gaps if gaps is not None else token_gaps(df)
     vals = np.full((len(df), len(cols)), np.nan)
-    if "token_times_s" in df:
-        for i, t in enumerate(df["token_times_s"]):
-            if isinstance(t, (list, np.ndarray)) and len(t) > 1:
-                g = np.diff(np.asarray(t, dtype=float))
-                p90, p99 = np.percentile(g, [90, 99])
-                vals[i] = (p90, p99, g.max(), g[0])
+    has = counts > 0
+    if has.any():
+        vals[:, :2] = segment_percentiles(g, counts, [90, 99])
+        starts = (np.cumsum(counts) - counts)[has]
+        vals[has, 2] = np.maximum.reduceat(g, starts)
+        vals[has, 3] = g[starts]
     out = pd.DataFrame(vals, columns=cols, index=df.index)
     no_tpot = df["output_tokens"].astype(float) <= 1
     if "error" in df:
@@ -101,9 +147,12 @@ def derive(df: pd.DataFrame, measure_from: str = "scheduled") -> pd.DataFrame:
     out = df["output_tokens"].astype(float)
     df["tpot_s"] = np.where(out > 1, (df["e2e_s"] - df["ttft_s"]) / (out - 1), np.nan)
     df["ntpot_s"] = np.where(out > 0, df["e2e_s"] / out.where(out > 0, 1), np.nan)
-    df["itl_s"] = [list(np.diff(t)) if isinstance(t, (list, np.ndarray)) and len(t) > 1 else []
-                   for t in df["token_times_s"]]
-    gaps = gap_columns(df)
+    g, counts = token_gaps(df)
+    itl = np.empty(len(df), dtype=object)  # one array per row (a list of equal-length arrays would go 2-D)
+    for i, a in enumerate(np.split(g, np.cumsum(counts)[:-1]) if len(df) else []):
+        itl[i] = a
+    df["itl_s"] = itl
+    gaps = gap_columns(df, (g, counts))
     df[list(gaps.columns)] = gaps
     bad = df["error"].notna()
     for c in ("ttft_s", "e2e_s", "tpot_s", "ntpot_s", "ttft_from_send_s", "e2e_from_send_s"):
@@ -226,7 +275,8 @@ def mark_measured(df: pd.DataFrame, lcfg) -> pd.DataFrame:
 
 
 def _pct(values) -> dict[str, Optional[float]]:
-    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
+    v = np.asarray(values, dtype=float)  # None -> NaN
+    v = v[~np.isnan(v)]
     if v.size == 0:
         return {"mean": None, **{f"p{p}": None for p in PERCENTILES}}
     return {"mean": float(v.mean()), **{f"p{p}": float(np.percentile(v, p)) for p in PERCENTILES}}
@@ -251,7 +301,7 @@ def aggregate(df: pd.DataFrame, ttft_slo: float, tpot_slo: float, duration_s: fl
     }
     for c in ("ttft_s", "tpot_s", "e2e_s", "ntpot_s", "ttft_from_send_s", "e2e_from_send_s"):
         out[c] = _pct(ok[c])
-    out["itl_s"] = _pct([x for lst in ok["itl_s"] for x in lst])
+    out["itl_s"] = _pct(np.concatenate([np.asarray(x, dtype=float) for x in ok["itl_s"]]) if len(ok) else [])
     out["dispatch_lateness_s"] = _pct(df["dispatch_lateness_s"].dropna())
     dur = max(duration_s, 1e-9)
     out["request_throughput"] = len(ok) / dur

@@ -145,7 +145,10 @@ def server_metrics_figure(ts: pd.DataFrame):
     labels = {"requests_running": "running requests", "requests_waiting": "waiting requests",
               "kv_usage": "KV cache in use (fraction)"}
     for ax, col in zip(axes[:, 0], panels):
-        sns.lineplot(data=top, x="time_s", y=col, hue="engine", style="engine", ax=ax, legend=ax is axes[0, 0])
+        # The mean of the runs at that rate (seeds, or twins that differ only in their SLOs), no bootstrap band:
+        # over a sweep's thousands of samples seaborn's default interval took minutes.
+        sns.lineplot(data=top, x="time_s", y=col, hue="engine", style="engine", ax=ax, legend=ax is axes[0, 0],
+                     errorbar=None)
         ax.set(ylabel=labels[col], xlabel="time from the start of the load (s)")
     if axes[0, 0].get_legend() is not None:
         sns.move_legend(axes[0, 0], "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)

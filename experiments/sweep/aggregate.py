@@ -15,12 +15,16 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -40,12 +44,45 @@ def _override_value(v: str) -> Any:
         return v
 
 
-def aggregate_sweep(sweep_dir: str | Path, with_points: bool = False):
-    """(summary, requests), and with `with_points` also (points, goodput); every table is written too."""
+# One list per request: written to the sweep's requests.parquet, left out of the frames a sweep's statistics read.
+PER_TOKEN = ("token_times_s", "itl_s")
+_WRITING: list[threading.Thread] = []
+
+
+def _tagged(table: pa.Table, extra: dict[str, Any]) -> pa.Table:
+    """A job's rows with its job-level columns (those the rows do not have already)."""
+    for k, v in extra.items():
+        if k not in table.column_names:
+            table = table.append_column(k, pa.array([v] * table.num_rows))
+    return table
+
+
+def write_requests(jobs: list[tuple[Path, dict[str, Any]]], out: Path) -> None:
+    """The sweep's requests.parquet: every job's rows, per-token lists included, with its job-level columns.
+    Joined as Arrow tables (for the paper presets, hundreds of millions of token times never become Python
+    objects) and written whole or not at all."""
+    table = pa.concat_tables([_tagged(pq.read_table(f), extra) for f, extra in jobs], promote_options="permissive")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, out)
+
+
+def wait_for_requests() -> None:
+    """Until every sweep requests.parquet being written in the background is on disk."""
+    while _WRITING:
+        _WRITING.pop().join()
+
+
+def aggregate_sweep(sweep_dir: str | Path, with_points: bool = False, wait: bool = True):
+    """(summary, requests), and with `with_points` also (points, goodput); every table is written too.
+
+    `requests` is every job's rows without their per-token lists (no statistic of a sweep reads them; each job's
+    ITL statistics came from its own file); the sweep's requests.parquet has them, written by a thread that
+    `wait=False` leaves running (`wait_for_requests`), so that the figures are drawn meanwhile."""
     from experiments.analysis import points as P
 
     sweep_dir = Path(sweep_dir)
-    rows, frames, swept_keys, configs = [], [], set(), []
+    rows, frames, swept_keys, configs, tagged = [], [], set(), [], []
     for jd in job_dirs(sweep_dir):
         job = json.loads((jd / "job.json").read_text())
         job.pop("traceback", None)
@@ -61,20 +98,28 @@ def aggregate_sweep(sweep_dir: str | Path, with_points: bool = False):
         configs.append(json.loads(prov.read_text()).get("config") if prov.is_file() else None)
         req = jd / "requests.parquet"
         if req.is_file():
-            df = pd.read_parquet(req)
             extra = {"job": row["job"], "engine": job["engine"], "rate": job["rate"], "status": job["status"],
                      "run_valid": job.get("valid", True) is not False and job.get("client_valid", True) is not False,
                      "slo_ttft_s": slo.get("ttft_s"), "slo_tpot_s": slo.get("tpot_s"),
                      "slo_tpot_definition": slo.get("tpot_definition", "mean"), **swept}
             # A list-valued override (experiment.goodput_seeds=[0,1]) is one value per row, not a column.
-            frames.append(df.assign(**{k: json.dumps(v) if isinstance(v, (list, dict)) else v
-                                       for k, v in extra.items() if k not in df.columns}))
+            extra = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in extra.items()}
+            tagged.append((req, extra))
+            names = pq.read_schema(req).names
+            frames.append(_tagged(pq.read_table(req, columns=[c for c in names if c not in PER_TOKEN]), extra))
     summary = pd.DataFrame(rows)
     summary.attrs["swept"] = sorted(swept_keys)
-    requests = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     summary.to_csv(sweep_dir / "summary.csv", index=False)
-    if not requests.empty:
-        requests.to_parquet(sweep_dir / "requests.parquet", index=False)
+    requests = pd.DataFrame()
+    if frames:
+        requests = pa.concat_tables(frames, promote_options="permissive").to_pandas()
+        _WRITING[:] = [w for w in _WRITING if w.is_alive()]
+        writer = threading.Thread(target=write_requests, args=(tagged, sweep_dir / "requests.parquet"),
+                                  name="sweep-requests")
+        writer.start()
+        _WRITING.append(writer)
+        if wait:
+            writer.join()
     pts = P.points(summary, requests, summary.attrs["swept"])
     gp = P.goodput_table(pts, summary, P.target_attainment(configs), summary.attrs["swept"])
     for name, df in (("points.csv", pts), ("goodput.csv", gp)):
@@ -163,8 +208,9 @@ def finish_sweep(sweep_dir: Path, wandb_cfg=None, experiment: Optional[str] = No
     from experiments.analysis import figures
     from experiments.sweep import tracking
 
-    summary, requests, pts, gp = aggregate_sweep(sweep_dir, with_points=True)
-    paths = figures.make_figures(sweep_dir)
+    summary, requests, pts, gp = aggregate_sweep(sweep_dir, with_points=True, wait=False)
+    # The summary as its file reads (the figures' captions read it so), the rest as just made.
+    paths = figures.make_figures(sweep_dir, (pd.read_csv(sweep_dir / "summary.csv"), requests, pts, gp))
     n_ok = int((summary["status"] == "ok").sum()) if len(summary) else 0
     n_invalid = int((summary["valid"].map(lambda v: v is False or str(v) == "False")).sum()) \
         if "valid" in summary else 0
@@ -178,13 +224,14 @@ def finish_sweep(sweep_dir: Path, wandb_cfg=None, experiment: Optional[str] = No
         print("\ninvalid runs (left out of the figures' lines):")
         for _, r in summary[summary["valid"].map(lambda v: v is False or str(v) == "False")].iterrows():
             print(f"  {r['job']}: {r['invalid_reasons']}")
-    print(f"aggregate: {sweep_dir / 'requests.parquet'}, {sweep_dir / 'summary.csv'}; figures: {sweep_dir / 'figures'}")
     if wandb_cfg is not None:
         try:
             tracking.log_sweep(wandb_cfg, str(sweep_dir), summary, paths, group=experiment or sweep_dir.name,
                                points=pts, goodput=gp)
         except Exception as e:
             log.warning("W&B sweep logging failed: %s", e)
+    wait_for_requests()  # the sweep's requests.parquet, written while the figures were drawn
+    print(f"aggregate: {sweep_dir / 'requests.parquet'}, {sweep_dir / 'summary.csv'}; figures: {sweep_dir / 'figures'}")
 
 
 def check_launch(config: DictConfig) -> None:

@@ -186,6 +186,10 @@ class WandbConfig:
     project: str = "semipd-harness"
     entity: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    # One W&B run per job (its requests table, server series and job figures) beside the sweep's summary run.
+    # null: per job for real engines, not for simulated jobs (a simulated point costs a fraction of a second; its
+    # own run would cost seconds), whose rows reach W&B in the summary run's tables; true / false: always / never.
+    per_job_runs: Optional[bool] = None
 
 
 @dataclass

@@ -264,6 +264,8 @@ def run(cfg: DictConfig, job_dir: str, overrides: Optional[dict[str, str]] = Non
         record.update(status=result.status, **result.row(), **result.validity_columns())
         if record["status"] == "interrupted":
             raise JobInterrupted(result.signal or "requests cancelled")
+    if not tracking.logs_job(job.wandb, job.simulated):
+        return record
     requests = pd.read_parquet(jd / "requests.parquet") if (jd / "requests.parquet").is_file() else None
     # Every run of a sweep under <sweep dir>/wandb/, so that one `wandb sync` glob finds them all.
     home = Path(sweep_dir) if sweep_dir else jd

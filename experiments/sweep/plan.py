@@ -24,9 +24,11 @@ def check_jobs(config) -> None:
 
     if not GlobalHydra.instance().is_initialized():
         return
+    from experiments.sweep.launchers import composed
+
     loader = GlobalHydra.instance().config_loader()
     for overrides in capacity.sweep_overrides(config):
-        cfg = loader.load_sweep_config(master_config=config, sweep_overrides=overrides)
+        cfg = composed(loader, config, overrides)
         try:
             check_engine_config(freeze(EngineConfig, cfg.engine))
         except ValueError as e:

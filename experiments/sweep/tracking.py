@@ -136,6 +136,13 @@ def partition_series(job_dir: str | Path) -> Optional[pd.DataFrame]:
                           "observed_tpot_s") if c in t]]
 
 
+def logs_job(wcfg, simulated: bool) -> bool:
+    """Does a job get a W&B run of its own (`wandb.per_job_runs`; null: real engines yes, simulated jobs no)?"""
+    if wcfg.mode == "disabled":
+        return False
+    return (not simulated) if wcfg.per_job_runs is None else bool(wcfg.per_job_runs)
+
+
 def log_job(wcfg, job_dir: str, wandb_dir: str, name: str, group: str, sweep_id: str, job_type: str, config: dict,
             summary: dict[str, Any], requests: Optional[pd.DataFrame]) -> Optional[str]:
     """Log one job into `<wandb_dir>/wandb/`; returns the run's local directory (None when disabled)."""

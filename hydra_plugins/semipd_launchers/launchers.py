@@ -24,11 +24,9 @@ class LocalLauncher(JoblibLauncher):
         from experiments.sweep import launchers
 
         try:
-            n = launchers.size_local(self, job_overrides, initial_job_idx, self.requested_n_jobs)
+            return launchers.launch_local(self, job_overrides, initial_job_idx)
         except launchers.LaunchRefused as e:
             launchers.refuse(e)
-        self.joblib = {**self.joblib, "n_jobs": n}
-        return super().launch(job_overrides, initial_job_idx)
 
 
 class RayClusterLauncher(Launcher):

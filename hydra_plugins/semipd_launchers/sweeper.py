@@ -29,3 +29,10 @@ class AxisSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> Any:
         self.params, arguments = one_rate_axis(self.params, arguments)
         return super().sweep(arguments)
+
+    def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
+        # Each job composed once for the whole sweep: the launcher reuses these (experiments.sweep.launchers).
+        from experiments.sweep.launchers import composed
+
+        for overrides in batch:
+            composed(self.hydra_context.config_loader, self.config, overrides)

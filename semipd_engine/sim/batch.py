@@ -50,6 +50,30 @@ class BatchShape:
         return cls(ps, pt, pairs, pkv, ds, dctx, smp)
 
 
+def shape_and_sampled(items, token: int) -> tuple[BatchShape, list]:
+    """`BatchShape.of` a scheduled batch's (request, new tokens) items, and (request, `token`) for each request
+    that samples: one pass over the requests (the simulator prices every iteration; building a tuple per request
+    first cost as much as the cost model)."""
+    ps = pt = pkv = ds = dctx = 0
+    pairs = 0.0
+    sampled = []
+    for r, n in items:
+        c = r.num_computed_tokens
+        if n == 1 and c > 0:
+            ds += 1
+            dctx += c + 1
+        else:
+            if n < 1 or c < 0:
+                raise ValueError(f"a sequence needs n >= 1 new tokens and c >= 0 cached ones, got c={c}, n={n}")
+            ps += 1
+            pt += n
+            pairs += n * (c + (n + 1) / 2)
+            pkv += c + n
+        if c + n == len(r.prompt_token_ids) + len(r.output_token_ids):
+            sampled.append((r, token))
+    return BatchShape(ps, pt, pairs, pkv, ds, dctx, len(sampled)), sampled
+
+
 @runtime_checkable
 class CostModel(Protocol):
     """Seconds of one iteration on one model replica at full compute share."""

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from semipd_engine.core.scheduler import ExecuteResult, ScheduledBatch
-from semipd_engine.sim.batch import BatchShape
+from semipd_engine.sim.batch import BatchShape, shape_and_sampled
 from semipd_engine.sim.stack import IDEAL, ServingStack
 
 SIM_TOKEN = 0
@@ -32,8 +32,7 @@ class Work:
 
 
 def batch_shape(batch: ScheduledBatch) -> BatchShape:
-    return BatchShape.of((r.num_computed_tokens, n, r.num_computed_tokens + n == r.num_tokens)
-                         for r, n in batch.items)
+    return shape_and_sampled(batch.items, SIM_TOKEN)[0]
 
 
 class CostModelExecutor:
@@ -51,9 +50,7 @@ class CostModelExecutor:
         return Work(self.stack.host_time(shape), self.cost.iteration_time(shape), mem)
 
     def execute(self, batch: ScheduledBatch) -> ExecuteResult:
-        items = [(r.num_computed_tokens, n, r.num_computed_tokens + n == r.num_tokens, r) for r, n in batch.items]
-        shape = BatchShape.of(it[:3] for it in items)
-        sampled = [(it[3], SIM_TOKEN) for it in items if it[2]]
+        shape, sampled = shape_and_sampled(batch.items, SIM_TOKEN)
         self.work = self.work_of(shape)
         return ExecuteResult(sampled, self.price(self.work))
 

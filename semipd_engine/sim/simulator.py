@@ -418,14 +418,15 @@ class Simulator:
         max_len = sched.max_model_len
         for r, n in batch.items:
             out = r.output_token_ids
-            if n != 1 or not out or r.num_computed_tokens + 1 != len(r.prompt_token_ids) + len(out):
+            n_prompt, n_out = len(r.prompt_token_ids), len(out)
+            if n != 1 or not n_out or r.num_computed_tokens + 1 != n_prompt + n_out:
                 return None  # not a decode: a prompt, or a one-token chunk of a recompute
             # after iteration i, the request has len(out) + i + 1 outputs and num_tokens + i + 1 tokens
-            room = min(r.params.max_tokens - len(out), max_len - len(r.prompt_token_ids) - len(out)) - 1
+            room = min(r.params.max_tokens - n_out, max_len - n_prompt - n_out) - 1
+            if room < 2:
+                return None  # a request finishes at the next iteration (at saturation: most iterations)
             if room < k:
                 k = room
-        if k < 2:
-            return None
         price = w.executor.price  # the other phase's state holds through the stretch (see above)
         nb = len(batch.items)
         ctx = sum(r.num_computed_tokens + 1 for r, _ in batch.items)  # context of iteration 0

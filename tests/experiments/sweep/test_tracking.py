@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from experiments.sweep.config import WandbConfig
 from experiments.sweep.tracking import flatten, log_job, log_sweep, table_data
@@ -158,8 +159,8 @@ def test_a_sweep_puts_every_run_in_one_wandb_directory(tmp_path):
     """A simulated sweep through run.py: `wandb sync <sweep>/wandb/offline-run-*` finds each job and the summary."""
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "run.py", "experiment=paper_llama3_8b_sharegpt", "engine=unified,semipd_dynamic",
-           "workload.rate=8", "slo=llama3_8b_sharegpt_tight", "workload.num_requests=60", "wandb.mode=offline", f"results_dir={tmp_path}",
-           f"hydra.sweep.dir={sweep}"]
+           "workload.rate=8", "slo=llama3_8b_sharegpt_tight", "workload.num_requests=60", "wandb.mode=offline",
+           "wandb.per_job_runs=true", f"results_dir={tmp_path}", f"hydra.sweep.dir={sweep}"]
     out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -176,3 +177,13 @@ def test_a_sweep_puts_every_run_in_one_wandb_directory(tmp_path):
     table = next(r for r in runs if r.run.job_type == "sweep-summary").table("summary")
     col = dict(zip(table["columns"], zip(*table["data"])))
     assert all(isinstance(v, float) for v in col["slo_attainment"]) and all(type(v) is bool for v in col["valid"])
+
+
+@pytest.mark.parametrize("mode,per_job,simulated,expected", [
+    ("offline", None, True, False),  # a simulated point: its rows reach W&B in the sweep's summary run
+    ("offline", None, False, True),  # a real engine's job: a run of its own
+    ("offline", True, True, True), ("offline", False, False, False), ("disabled", True, False, False)])
+def test_which_jobs_get_a_wandb_run_of_their_own(mode, per_job, simulated, expected):
+    from experiments.sweep.tracking import logs_job
+
+    assert logs_job(freeze(WandbConfig, {"mode": mode, "per_job_runs": per_job}), simulated) is expected
