@@ -486,6 +486,11 @@ def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
 def make_figures(sweep_dir: str | Path, tables: Optional[tuple] = None) -> list[str]:
     """The sweep's figures under <sweep>/figures/; `tables`: (summary, requests, points, goodput) as the sweep's
     aggregation just made them (read from its files otherwise)."""
+    return sweep_figures(sweep_dir, tables) + job_file_figures(sweep_dir)
+
+
+def sweep_figures(sweep_dir: str | Path, tables: Optional[tuple] = None) -> list[str]:
+    """The figures drawn from the sweep's tables: attainment, latency and E2E against rate, goodput, SLO scale."""
     sweep_dir = Path(sweep_dir)
     out = sweep_dir / "figures"
     summary, requests, pts, gp = tables if tables is not None else load_sweep(sweep_dir)
@@ -508,7 +513,18 @@ def make_figures(sweep_dir: str | Path, tables: Optional[tuple] = None) -> list[
         if not curves.empty:
             paths += _save(slo_scale_figure(curves, context(sweep_dir, summary), target), out,
                            "slo_attainment_vs_slo_scale")
+    return paths
 
+
+def job_file_figures(sweep_dir: str | Path) -> list[str]:
+    """The figures drawn from the jobs' own files: the semi-PD partition and the server's queues over time
+    (needing no aggregation, a sweep draws them in a second process while it aggregates)."""
+    sweep_dir = Path(sweep_dir)
+    out = sweep_dir / "figures"
+    sns.set_theme(style="whitegrid", context="paper")
+    paths: list[str] = []
+    if not any(_job_meta(jd)["job"].get("status") == "ok" for jd in job_dirs(sweep_dir)):
+        return paths
     timeline = partition_timeline(sweep_dir)
     if not timeline.empty:
         paths += _save(partition_figure(timeline, partition_requests(sweep_dir, timeline)), out,
@@ -732,10 +748,14 @@ def job_figures(job_dir: str | Path) -> list[str]:
 
 
 def main() -> None:
-    if len(sys.argv) != 2 or not Path(sys.argv[1]).is_dir():
-        print("usage: python -m experiments.figures <sweep dir>", file=sys.stderr)
+    args = sys.argv[1:]
+    draw = make_figures
+    if args[:1] == ["--job-files"]:  # only the figures drawn from the jobs' own files (a sweep's second process)
+        draw, args = job_file_figures, args[1:]
+    if len(args) != 1 or not Path(args[0]).is_dir():
+        print("usage: python -m experiments.figures [--job-files] <sweep dir>", file=sys.stderr)
         sys.exit(2)
-    for p in make_figures(sys.argv[1]):
+    for p in draw(args[0]):
         print(p)
 
 

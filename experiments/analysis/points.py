@@ -51,6 +51,20 @@ def _run_requests(requests: pd.DataFrame, job: str) -> pd.DataFrame:
     return df.assign(met=met.astype(float))
 
 
+def _job_mean_cis(row: pd.Series) -> dict[str, tuple[float, float]]:
+    """The intervals of a finished job's mean latencies, as the job computed them over the same measured requests
+    (`uncertainty.request_cis`, the same bootstrap and seed): a one-run point's are these, and a sweep of 80 jobs
+    spent seconds drawing them again."""
+    if row.get("status") != "ok":
+        return {}
+    out = {}
+    for col in U.LATENCIES:
+        lo, hi = row.get(f"mean_{col}_ci_low"), row.get(f"mean_{col}_ci_high")
+        if lo is not None and hi is not None:
+            out[f"mean_{col}"] = (float(lo), float(hi))
+    return out
+
+
 def _flag(v) -> Optional[bool]:
     """A boolean cell as summary.csv gives it back (True, "True", 1.0, NaN, None)."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -95,7 +109,8 @@ def points(summary: pd.DataFrame, requests: pd.DataFrame, swept: Sequence[str] =
             if len(f):
                 frames.append(f)
                 durations.append(_duration(r))
-        stats = U.point_stats(frames, durations) if frames else {"n_requests": 0, "n_seeds": 0}
+        stats = U.point_stats(frames, durations, known=_job_mean_cis(use.iloc[0]) if len(frames) == 1 else None) \
+            if frames else {"n_requests": 0, "n_seeds": 0}
         first = g.iloc[0]
         reasons = sorted({x for x in g.loc[~g["_valid"], "invalid_reasons"].dropna() if x}) \
             if "invalid_reasons" in g else []

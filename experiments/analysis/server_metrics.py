@@ -141,14 +141,15 @@ def server_metrics_figure(ts: pd.DataFrame):
     """Queue lengths and KV use against time, per engine, at the highest rate each engine ran."""
     top = ts[ts["rate"] == ts.groupby("engine")["rate"].transform("max")]
     panels = [c for c in ("requests_running", "requests_waiting", "kv_usage") if c in top]
+    # The mean of the runs at that rate (seeds, or twins that differ only in their SLOs) at each sample time, taken
+    # here: seaborn's own estimator (and its default bootstrap band) took seconds to minutes over a sweep's samples.
+    top = top.groupby(["engine", "rate", "time_s"], as_index=False)[panels].mean()
     fig, axes = plt.subplots(len(panels), 1, figsize=(6.5, 2.0 * len(panels)), sharex=True, squeeze=False)
     labels = {"requests_running": "running requests", "requests_waiting": "waiting requests",
               "kv_usage": "KV cache in use (fraction)"}
     for ax, col in zip(axes[:, 0], panels):
-        # The mean of the runs at that rate (seeds, or twins that differ only in their SLOs), no bootstrap band:
-        # over a sweep's thousands of samples seaborn's default interval took minutes.
         sns.lineplot(data=top, x="time_s", y=col, hue="engine", style="engine", ax=ax, legend=ax is axes[0, 0],
-                     errorbar=None)
+                     estimator=None)
         ax.set(ylabel=labels[col], xlabel="time from the start of the load (s)")
     if axes[0, 0].get_legend() is not None:
         sns.move_legend(axes[0, 0], "upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)

@@ -23,7 +23,7 @@ import hashlib
 import math
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
@@ -234,7 +234,8 @@ def _padded(frames: list[pd.DataFrame], col: str) -> np.ndarray:
 
 
 def point_stats(frames: list[pd.DataFrame], durations: list[float], conf: float = CONFIDENCE,
-                n_boot: int = BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
+                n_boot: int = BOOTSTRAP, seed: int = 0,
+                known: Optional[dict[str, tuple[float, float]]] = None) -> dict[str, Any]:
     """Estimates and intervals of one point from its runs' measured requests (one frame per seed).
 
     Each frame needs `ttft_s`, `tpot_s`, `e2e_s` (NaN for failed requests), `output_tokens` and a boolean `met`
@@ -242,6 +243,7 @@ def point_stats(frames: list[pd.DataFrame], durations: list[float], conf: float 
     one-level ones with one run, and a two-level bootstrap (runs, then requests) widened to the pooled
     one-level interval with several. Returns flat keys: `<stat>`, `<stat>_ci_low`, `<stat>_ci_high` for
     slo_attainment, request_throughput, mean_<lat>, p<q>_<lat>; plus n_requests and n_seeds.
+    `known`: one run's one-level intervals already computed over these requests with this seed (its job's own).
     """
     frames = [f.assign(**{c: np.nan for c in LATENCIES if c not in f}) for f in frames if len(f)]
     if not frames:
@@ -259,7 +261,7 @@ def point_stats(frames: list[pd.DataFrame], durations: list[float], conf: float 
     for col in LATENCIES:
         v = _finite(ok[col])
         estimates[f"mean_{col}"] = float(v.mean()) if v.size else math.nan
-        one_level[f"mean_{col}"] = bootstrap_ci(v, conf=conf, seed=seed)
+        one_level[f"mean_{col}"] = (known or {}).get(f"mean_{col}") or bootstrap_ci(v, conf=conf, seed=seed)
         for p in PERCENTILES:
             estimates[f"p{p}_{col}"] = float(np.percentile(v, p)) if v.size else math.nan
             one_level[f"p{p}_{col}"] = quantile_ci(v, p / 100, conf)

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -31,6 +32,7 @@ from omegaconf import DictConfig
 from experiments.analysis.sweep_dir import job_dirs
 
 log = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parents[2]  # the repository root
 TABLE_COLUMNS = ["engine", "rate", "load", "status", "slo_attainment", "p90_ttft_s", "p90_tpot_s", "mean_e2e_s",
                  "request_throughput", "goodput_rate", "num_errors"]
 # Shown with their 95% interval next to them in the terminal table.
@@ -47,6 +49,7 @@ def _override_value(v: str) -> Any:
 # One list per request: written to the sweep's requests.parquet, left out of the frames a sweep's statistics read.
 PER_TOKEN = ("token_times_s", "itl_s")
 _WRITING: list[threading.Thread] = []
+SIDE_FIGURES_MIN_JOBS = 16  # below, a second process costs more to start than the figures it would draw
 
 
 def _tagged(table: pa.Table, extra: dict[str, Any]) -> pa.Table:
@@ -203,14 +206,46 @@ def format_goodput(gp: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+class _JobFigures:
+    """`python -m experiments.analysis.figures --job-files SWEEP` running beside the aggregation."""
+
+    def __init__(self, sweep_dir: Path):
+        self.proc = subprocess.Popen([sys.executable, "-m", "experiments.analysis.figures", "--job-files",
+                                      str(sweep_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+
+    def paths(self) -> list[str]:
+        out, err = self.proc.communicate()
+        if self.proc.returncode:
+            log.warning("the partition and server figures failed: %s", err.strip()[-2000:])
+            return []
+        return [p for p in out.splitlines() if p.strip()]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 def finish_sweep(sweep_dir: Path, wandb_cfg=None, experiment: Optional[str] = None) -> None:
     """Aggregate, print, draw; with `wandb_cfg`, log the sweep's summary run into the group `experiment`."""
     from experiments.analysis import figures
     from experiments.sweep import tracking
 
-    summary, requests, pts, gp = aggregate_sweep(sweep_dir, with_points=True, wait=False)
-    # The summary as its file reads (the figures' captions read it so), the rest as just made.
-    paths = figures.make_figures(sweep_dir, (pd.read_csv(sweep_dir / "summary.csv"), requests, pts, gp))
+    # The figures drawn from the jobs' own files need no aggregation: a large sweep draws them in a second process
+    # meanwhile (a new interpreter: this one runs a writer thread, which a fork would copy mid-flight).
+    side = _JobFigures(sweep_dir) if len(job_dirs(sweep_dir)) >= SIDE_FIGURES_MIN_JOBS else None
+    try:
+        summary, requests, pts, gp = aggregate_sweep(sweep_dir, with_points=True, wait=False)
+        # The summary as its file reads (the figures' captions read it so), the rest as just made.
+        tables = (pd.read_csv(sweep_dir / "summary.csv"), requests, pts, gp)
+        if side is None:
+            paths = figures.make_figures(sweep_dir, tables)
+        else:
+            paths = figures.sweep_figures(sweep_dir, tables) + side.paths()
+    finally:
+        if side is not None:
+            side.stop()
     n_ok = int((summary["status"] == "ok").sum()) if len(summary) else 0
     n_invalid = int((summary["valid"].map(lambda v: v is False or str(v) == "False")).sum()) \
         if "valid" in summary else 0

@@ -196,9 +196,7 @@ class Scheduler:
             else:
                 reason = None
             if reason is not None:
-                self._drop(req)
-                req.status, req.finish_reason = RequestStatus.FINISHED, reason
-                times.finished = now
+                self.finish(req, reason, now)
                 out.finished.append(req)
             elif after is not None:
                 after(req, out)
@@ -207,6 +205,12 @@ class Scheduler:
         if not self.runs_prefill:
             self._evict_waiting(out)
         return out
+
+    def finish(self, req: Request, reason: FinishReason, now: float) -> None:
+        """`req` is done: forget it and free its blocks (the simulator's fast-forward finishes requests too)."""
+        self._drop(req)
+        req.status, req.finish_reason = RequestStatus.FINISHED, reason
+        req.times.finished = now
 
     def _after_token(self, req: Request, out: StepOutcome) -> None:
         """Where an unfinished request goes after a token; by default it keeps decoding here."""

@@ -138,6 +138,9 @@ class RooflineCostModel(BaseCostModel):
         self.kv_heads = max(m.num_kv_heads // tp, 1)
         self.inter = m.intermediate_size // tp
         self.vocab = m.vocab_size // tp
+        # _sums by shape (decode context aside): a simulation prices tens of thousands of iterations whose
+        # shapes repeat (decode batches of the same size), each over ~15 operators.
+        self._memo: dict[tuple, tuple[float, float, float, float]] = {}
         self.ops = Ops(hw, dtype_bytes)
         kv = self.max_kv_tokens()
         if kv < MIN_KV_TOKENS:
@@ -194,14 +197,27 @@ class RooflineCostModel(BaseCostModel):
     def _decode_attn(self, seqs: int, ctx_tokens: int) -> tuple[float, bool]:
         return self.ops.decode_attn(seqs, ctx_tokens, self.heads, self.kv_heads, self.model.head_dim)
 
+    def _sums(self, s: BatchShape) -> tuple[float, float, float, float]:
+        """(per layer, once) seconds of the operators but decode attention, then their HBM-bound part."""
+        key = (s.prefill_seqs, s.prefill_tokens, s.prefill_attn_pairs, s.prefill_kv_tokens, s.decode_seqs,
+               s.sampled)
+        hit = self._memo.get(key)
+        if hit is None:
+            layer_ops, once_ops = self._layer_ops(s), self._once_ops(s)
+            layer = 0.0
+            for _, t, _ in layer_ops:
+                layer += t
+            once = 0.0
+            for _, t, _ in once_ops:
+                once += t
+            hit = (layer, once, sum(t for _, t, mem in layer_ops if mem), sum(t for _, t, mem in once_ops if mem))
+            if len(self._memo) >= 1 << 16:
+                self._memo.clear()
+            self._memo[key] = hit
+        return hit
+
     def _fixed(self, s: BatchShape) -> tuple[float, float]:
-        layer = 0.0
-        for _, t, _ in self._layer_ops(s):
-            layer += t
-        once = 0.0
-        for _, t, _ in self._once_ops(s):
-            once += t
-        return layer, once
+        return self._sums(s)[:2]
 
     def _combine(self, layer_fixed: float, decode_attn: float, once: float) -> float:
         return self.overhead_s + self.model.num_layers * (layer_fixed + decode_attn) + once
@@ -246,7 +262,7 @@ class RooflineCostModel(BaseCostModel):
 
     def _fixed_memory_bound(self, s: BatchShape) -> tuple[float, float]:
         """The HBM-bound seconds of `_fixed`'s operators: (per layer, once)."""
-        return (sum(t for _, t, mem in self._layer_ops(s) if mem), sum(t for _, t, mem in self._once_ops(s) if mem))
+        return self._sums(s)[2:]
 
     def _combine_memory_bound(self, layer_mem: float, decode_attn_mem: float, once_mem: float) -> float:
         # One formula for a single iteration and the fast-forward: their times agree to the bit.

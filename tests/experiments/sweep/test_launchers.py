@@ -233,3 +233,43 @@ def test_two_job_sweep_on_submitit_local(tmp_path):
     out = _sweep(tmp_path, "hydra/launcher=submitit_local")
     _two_ok_jobs(tmp_path, out)
     assert len(list((tmp_path / "sweep" / ".submitit").glob("*/*_result.pkl"))) == 2  # each ran as its own process
+
+
+def test_a_simulated_sweep_gives_the_same_rows_in_worker_processes_and_in_one_process(tmp_path):
+    """The default path (jobs side by side in worker processes that live for the sweep, twins that differ in their
+    SLOs reading one simulation, no W&B run per job) against the per-job path it replaced (one job after another in
+    this process, each with its own W&B run): the same rows and points."""
+    sweep = ["-m", "experiment=paper_llama3_8b_sharegpt", "engine=unified,semipd_dynamic_paper", "workload.rate=8,24",
+             "slo=llama3_8b_sharegpt_tight,llama3_8b_sharegpt_loose", "workload.num_requests=150",
+             "loadgen.progress=false"]
+
+    def run(name, *extra):
+        out = subprocess.run([sys.executable, "run.py", *sweep, f"hydra.sweep.dir={tmp_path / name}", *extra],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "WANDB_MODE": "offline"})
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out.stdout + out.stderr
+
+    pooled = run("pooled")
+    single = run("single", "hydra.launcher.n_jobs=1", "wandb.per_job_runs=true")
+    assert "8 jobs locally, 2 at a time" in pooled or len(cores.machine_cores()) < 2
+    assert "8 jobs locally, 1 at a time" in single
+    # W&B: the summary run only, against one run per job beside it
+    assert len(list((tmp_path / "pooled" / "wandb").glob("offline-run-*"))) == 1
+    assert len(list((tmp_path / "single" / "wandb").glob("offline-run-*"))) == 9
+    # Timing and placement differ; every measured value must not.
+    volatile = {"started", "finished", "cores", "server_ready_monotonic"}
+    a, b = (pd.read_csv(tmp_path / name / "summary.csv").sort_values("job").reset_index(drop=True)
+            for name in ("pooled", "single"))
+    cols = [c for c in a.columns if c not in volatile]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    for f in ("points.csv", "goodput.csv"):
+        assert (tmp_path / "pooled" / f).read_text() == (tmp_path / "single" / f).read_text()
+    ra, rb = (pd.read_parquet(tmp_path / name / "requests.parquet").sort_values(["job", "request_id"])
+              .reset_index(drop=True) for name in ("pooled", "single"))
+    assert set(rb.columns) - set(ra.columns) == {"wandb.per_job_runs"}  # a command-line key tags the rows
+    pd.testing.assert_frame_equal(ra, rb[ra.columns])
+    # twins that differ only in their SLOs shared a simulation (the dynamic partitioner, steered by them, did not)
+    cached = [json.loads((p.parent / "summary.json").read_text())["backend"].get("from_cache")
+              for p in (tmp_path / "pooled").glob("*/job.json")]
+    assert cached.count(True) == 2
