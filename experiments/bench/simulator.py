@@ -2,6 +2,11 @@
 
     python -m experiments.bench.simulator [--requests 10000] [--rate 24] [--engine unified|disagg|semipd]
         [--simdistserve DISTSERVE_CHECKOUT] [--cpu 0] [--repeats 3] [--out FILE.json]
+    python -m experiments.bench.simulator --preset paper_llama3_8b_sharegpt [--baseline OTHER_CHECKOUT]
+        [--repeats 1] [--out FILE.json]
+
+The second form times a whole simulated sweep as a user runs it (`python run.py experiment=...`: every job, the
+aggregation, the figures, the W&B summary run), beside another checkout of this project if given.
 
 What is measured: the wall-clock time of one simulation of N requests, and from
 it the simulated requests per second (N / wall time). Both simulators replay the
@@ -301,6 +306,10 @@ def parse_args(argv=None):
                    help="root of a DistServe checkout; without it, ours runs alone")
     p.add_argument("--cpu", type=int, default=None, help="pin to this core (os.sched_setaffinity)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--preset", default=None, metavar="EXPERIMENT",
+                   help="time `python run.py experiment=EXPERIMENT` as a whole instead (e.g. paper_llama3_8b_sharegpt)")
+    p.add_argument("--baseline", default=None, metavar="DIR",
+                   help="with --preset: another checkout of this project timed beside this one, alternated")
     p.add_argument("--out", default=None, help="write the results as JSON")
     args = p.parse_args(argv)
     if args.requests < 1 or args.repeats < 1:
@@ -310,8 +319,49 @@ def parse_args(argv=None):
     return args
 
 
+def time_preset(args) -> dict[str, Any]:
+    """`--preset NAME`: the wall time of `python run.py experiment=NAME` as a user runs it (every job, the sweep's
+    aggregation, figures and W&B summary run), here and, with `--baseline DIR`, in another checkout of this
+    project (say the previous commit), alternated `--repeats` times; their points.csv compared."""
+    here = Path(__file__).resolve().parents[2]
+    trees = {"this": here, **({"baseline": Path(args.baseline).resolve()} if args.baseline else {})}
+    runs: dict[str, list[float]] = {k: [] for k in trees}
+    points: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as d:
+        for rep in range(args.repeats):
+            for name, tree in trees.items():
+                sweep = Path(d) / f"{name}-{rep}"
+                cmd = [sys.executable, "run.py", f"experiment={args.preset}", f"hydra.sweep.dir={sweep}"]
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
+                wall = time.perf_counter() - t0
+                if proc.returncode:
+                    raise SystemExit(f"{name} ({tree}): run.py failed:\n{proc.stderr[-3000:]}")
+                runs[name].append(wall)
+                if (sweep / "points.csv").is_file():
+                    points[name] = (sweep / "points.csv").read_text()
+                print(f"{name}: {wall:.1f} s", flush=True)
+    out = {"preset": args.preset, "repeats": args.repeats, "environment": environment(None),
+           "trees": {k: str(v) for k, v in trees.items()},
+           "wall_s": {k: {"min": min(v), "median": statistics.median(v), "max": max(v), "runs": v}
+                      for k, v in runs.items()}}
+    if "baseline" in runs:
+        out["points_identical"] = points.get("this") == points.get("baseline")
+        out["baseline_commit"] = _git_commit(str(trees["baseline"]))
+    for k, v in out["wall_s"].items():
+        print(f"{args.preset} [{k}]: wall min / median / max {v['min']:.1f} / {v['median']:.1f} / {v['max']:.1f} s")
+    if "points_identical" in out:
+        print(f"points.csv identical to the baseline's: {out['points_identical']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.preset:
+        return time_preset(args)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
     arrivals, prompt_lens, output_lens = make_workload(args.requests, args.rate, args.seed)

@@ -48,7 +48,7 @@ def _override_value(v: str) -> Any:
 
 # One list per request: written to the sweep's requests.parquet, left out of the frames a sweep's statistics read.
 PER_TOKEN = ("token_times_s", "itl_s")
-_WRITING: list[threading.Thread] = []
+_WRITING: list[_Writer] = []
 SIDE_FIGURES_MIN_JOBS = 16  # below, a second process costs more to start than the figures it would draw
 
 
@@ -70,10 +70,25 @@ def write_requests(jobs: list[tuple[Path, dict[str, Any]]], out: Path) -> None:
     os.replace(tmp, out)
 
 
+class _Writer(threading.Thread):
+    def __init__(self, jobs: list[tuple[Path, dict[str, Any]]], out: Path):
+        super().__init__(name="sweep-requests")
+        self.jobs, self.out, self.error = jobs, out, None
+
+    def run(self) -> None:
+        try:
+            write_requests(self.jobs, self.out)
+        except BaseException as e:  # raised where the sweep waits for the file, not lost in this thread
+            self.error = e
+
+
 def wait_for_requests() -> None:
-    """Until every sweep requests.parquet being written in the background is on disk."""
+    """Until every sweep requests.parquet being written in the background is on disk (its error raised here)."""
     while _WRITING:
-        _WRITING.pop().join()
+        w = _WRITING.pop()
+        w.join()
+        if w.error is not None:
+            raise w.error
 
 
 def aggregate_sweep(sweep_dir: str | Path, with_points: bool = False, wait: bool = True):
@@ -116,13 +131,11 @@ def aggregate_sweep(sweep_dir: str | Path, with_points: bool = False, wait: bool
     requests = pd.DataFrame()
     if frames:
         requests = pa.concat_tables(frames, promote_options="permissive").to_pandas()
-        _WRITING[:] = [w for w in _WRITING if w.is_alive()]
-        writer = threading.Thread(target=write_requests, args=(tagged, sweep_dir / "requests.parquet"),
-                                  name="sweep-requests")
+        writer = _Writer(tagged, sweep_dir / "requests.parquet")
         writer.start()
         _WRITING.append(writer)
         if wait:
-            writer.join()
+            wait_for_requests()
     pts = P.points(summary, requests, summary.attrs["swept"])
     gp = P.goodput_table(pts, summary, P.target_attainment(configs), summary.attrs["swept"])
     for name, df in (("points.csv", pts), ("goodput.csv", gp)):

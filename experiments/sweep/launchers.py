@@ -5,8 +5,10 @@ its backend (a simulated job needs one core and no GPU), `experiment.cores_per_j
 presets (conf/hydra/launcher/) run this project's thin launchers (hydra_plugins/semipd_launchers), which load
 every job's config first, validate it, size it, and only then start anything:
 
-- `local` (joblib): `n_jobs: -1` (joblib's "all CPUs") runs as many jobs at once as this machine's cores hold
-  with each job on cores of its own (cores.py); an explicit `hydra.launcher.n_jobs=N` is checked instead.
+- `local` (joblib; the default): `n_jobs: -1` (joblib's "all CPUs") runs as many jobs at once as this machine's
+  cores hold with each job on cores of its own (cores.py); an explicit `hydra.launcher.n_jobs=N` is checked
+  instead. The jobs run in worker processes that live for the whole sweep, each from the config composed when
+  the sweep was validated (`composed`); one at a time, in the sweep's own process.
 - `ray_cluster` (hydra-ray-launcher's `ray.init` / `ray.remote` keys and its job runner): each job asks Ray for
   the CPUs its engine needs and the GPUs it occupies. A job that no node of the cluster can hold fails after
   `hydra.launcher.start_timeout_s`, naming what it asked for and what the nodes have, instead of waiting forever

@@ -199,3 +199,30 @@ def test_falling_attainment_alone_is_no_steady_state_and_too_few_requests_no_ver
     assert s["steady_state"] is False and s["reasons"] == ["attainment fell from 100% to 17% (first vs second half)"]
     few = _load(lambda i: 0.3, n=12)
     assert steady_state(few, pd.Series(True, index=few.index[5:]))["steady_state"] is None
+
+
+def test_gap_columns_are_each_requests_own_numpy_statistics():
+    """The vectorised gaps (one np.diff over every request, percentiles by segment) give what a loop of
+    np.percentile per request gives, to the last bit; rows without two times get NaN."""
+    from experiments.analysis.request_metrics import TPOT_DEFINITIONS, derive, gap_columns
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(1, 25))
+        times = [np.cumsum(rng.exponential(0.05, rng.integers(0, 40))).round(int(rng.integers(2, 6))).tolist()
+                 if rng.random() > 0.15 else None for _ in range(n)]
+        df = pd.DataFrame({"token_times_s": pd.Series(times, dtype=object), "output_tokens": [5] * n})
+        got = gap_columns(df)
+        for i, t in enumerate(times):
+            if t is None or len(t) < 2:
+                assert got.iloc[i].isna().all()
+                continue
+            g = np.diff(np.asarray(t, dtype=float))
+            want = [*np.percentile(g, [90, 99]), g.max(), g[0]]
+            assert got.iloc[i].tolist() == want, (t, got.iloc[i].tolist(), want)
+    assert list(got.columns) == [c for d, c in TPOT_DEFINITIONS.items() if d != "mean"]
+    rows = pd.DataFrame({"scheduled_s": [0.0, 0.1, 0.2], "send_s": [0.0, 0.1, 0.2], "first_token_s": [0.5, 0.6, 0.7],
+                         "finish_s": [0.9, 0.6, 1.0], "output_tokens": [3, 1, 2], "error": [None, None, None],
+                         "token_times_s": [[0.5, 0.7, 0.9], [0.6], [0.7, 1.0]]})
+    itl = derive(rows)["itl_s"]
+    assert [list(x) for x in itl] == [list(np.diff([0.5, 0.7, 0.9])), [], list(np.diff([0.7, 1.0]))]

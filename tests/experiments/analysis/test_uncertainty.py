@@ -92,3 +92,19 @@ def test_the_cluster_quantile_interval_is_the_pooled_bootstrap():
         groups = [rng.exponential(1.0, rng.integers(1, longest + 1)).round(3) for _ in range(n_groups)]
         for q in (0.5, 0.9, 0.99):
             assert U.cluster_quantile_ci(groups, q, n_boot=100) == pytest.approx(pooled(groups, q, 100), rel=1e-12)
+
+
+def test_several_quantiles_at_once_are_each_quantile_alone():
+    rng = np.random.default_rng(5)
+    groups = [rng.exponential(1.0, rng.integers(1, 60)).round(2) for _ in range(300)]  # ties on purpose
+    qs = (0.5, 0.9, 0.99)
+    assert U.cluster_quantile_cis(groups, qs, n_boot=80) == [U.cluster_quantile_ci(groups, q, n_boot=80) for q in qs]
+
+
+def test_a_remembered_mean_interval_is_the_one_computed_afresh():
+    v = np.random.default_rng(1).lognormal(0, 1, 500)
+    U._MEAN_CIS.clear()
+    fresh = U.bootstrap_ci(v)
+    assert U.bootstrap_ci(v.copy()) == fresh and len(U._MEAN_CIS) == 1  # same values: read back
+    assert U.bootstrap_ci(v, seed=1) != fresh  # another seed (or other values) is another interval
+    assert U.bootstrap_ci(v[:-1]) != fresh and len(U._MEAN_CIS) == 3
