@@ -44,7 +44,7 @@ from experiments.analysis import points as P  # noqa: E402
 from experiments.analysis import request_metrics as M  # noqa: E402
 from experiments.analysis import uncertainty as U  # noqa: E402
 from experiments.analysis.server_metrics import job_timeseries, server_metrics_figure, server_timeseries  # noqa: E402
-from experiments.analysis.sweep_dir import job_dirs  # noqa: E402
+from experiments.analysis.sweep_dir import PER_TOKEN, job_dirs  # noqa: E402
 
 ENGINE_ORDER = ["unified", "unified_chunked", "unified_splitfuse", "disagg", "semipd", "semipd_uncapped",
                 "semipd_dynamic"]
@@ -471,8 +471,6 @@ def load_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFram
     requests = pd.DataFrame()
     if req_path.is_file():  # without the per-token lists, which no sweep figure reads
         import pyarrow.parquet as pq
-
-        from experiments.sweep.aggregate import PER_TOKEN
 
         names = pq.read_schema(req_path).names
         requests = pd.read_parquet(req_path, columns=[c for c in names if c not in PER_TOKEN])

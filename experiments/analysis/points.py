@@ -60,7 +60,7 @@ def _job_mean_cis(row: pd.Series) -> dict[str, tuple[float, float]]:
     out = {}
     for col in U.LATENCIES:
         lo, hi = row.get(f"mean_{col}_ci_low"), row.get(f"mean_{col}_ci_high")
-        if lo is not None and hi is not None:
+        if lo is not None and hi is not None and not (math.isnan(lo) or math.isnan(hi)):  # NaN: a job that had none
             out[f"mean_{col}"] = (float(lo), float(hi))
     return out
 

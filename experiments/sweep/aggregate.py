@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from experiments.analysis.sweep_dir import job_dirs
+from experiments.analysis.sweep_dir import PER_TOKEN, job_dirs
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]  # the repository root
@@ -46,8 +46,6 @@ def _override_value(v: str) -> Any:
         return v
 
 
-# One list per request: written to the sweep's requests.parquet, left out of the frames a sweep's statistics read.
-PER_TOKEN = ("token_times_s", "itl_s")
 _WRITING: list[_Writer] = []
 SIDE_FIGURES_MIN_JOBS = 16  # below, a second process costs more to start than the figures it would draw
 

@@ -28,6 +28,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from experiments.sweep import cores
+from experiments.sweep.compose import composed
 
 log = logging.getLogger(__name__)
 
@@ -68,23 +69,6 @@ def refuse(e: Exception) -> None:
 
 
 # --- every job's config, before anything starts ------------------------------------------------------------------
-
-_COMPOSED: dict[tuple[str, ...], DictConfig] = {}
-_MASTER: list[DictConfig] = []  # the sweep whose jobs _COMPOSED holds (a process runs one sweep at a time)
-
-
-def composed(loader, config: DictConfig, overrides: Sequence[str]) -> DictConfig:
-    """One job's config, composed once per sweep. Hydra's sweeper (to validate the batch), the sweep's checks
-    (plan.check_jobs) and the launcher (to size and start the jobs) each compose every job; at ~0.1 s a
-    composition, an 80-job sweep spent half a minute composing before its first job started."""
-    if not _MASTER or _MASTER[0] is not config:
-        _COMPOSED.clear()
-        _MASTER[:] = [config]
-    key = tuple(overrides)
-    if key not in _COMPOSED:
-        _COMPOSED[key] = loader.load_sweep_config(config, list(overrides))
-    return _COMPOSED[key]
-
 
 def job_configs(hydra_context, config: DictConfig, job_overrides: Sequence[Sequence[str]],
                 initial_job_idx: int) -> list[DictConfig]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from experiments.sweep import capacity
+from experiments.sweep.compose import composed
 from experiments.sweep.job import Job, check_overrides
 from experiments.sweep.slo import relative
 from semipd_engine import cache
@@ -24,8 +25,6 @@ def check_jobs(config) -> None:
 
     if not GlobalHydra.instance().is_initialized():
         return
-    from experiments.sweep.launchers import composed
-
     loader = GlobalHydra.instance().config_loader()
     for overrides in capacity.sweep_overrides(config):
         cfg = composed(loader, config, overrides)

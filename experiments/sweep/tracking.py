@@ -26,10 +26,10 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from experiments.analysis.sweep_dir import PER_TOKEN  # a job's would dwarf the rest of its requests table
+
 log = logging.getLogger(__name__)
 
-# Per-token arrays: one request's are hundreds of numbers, a job's would dwarf the rest of its table.
-_PER_TOKEN = ("token_times_s", "itl_s")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -158,7 +158,7 @@ def log_job(wcfg, job_dir: str, wandb_dir: str, name: str, group: str, sweep_id:
                     tags=_tags(wcfg, sweep_id), settings=_settings(), reinit="create_new") as run:
         run.summary.update(flatten(summary))
         if requests is not None and len(requests):
-            run.log({"requests": to_table(requests.drop(columns=[c for c in _PER_TOKEN if c in requests]))})
+            run.log({"requests": to_table(requests.drop(columns=[c for c in PER_TOKEN if c in requests]))})
         for prefix, frame in (("server", server_series(job_dir)), ("partition", partition_series(job_dir))):
             if frame is not None:
                 _log_series(run, frame, prefix)

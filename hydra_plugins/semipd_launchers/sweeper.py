@@ -32,7 +32,7 @@ class AxisSweeper(BasicSweeper):
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         # Each job composed once for the whole sweep: the launcher reuses these (experiments.sweep.launchers).
-        from experiments.sweep.launchers import composed
+        from experiments.sweep.compose import composed
 
         for overrides in batch:
             composed(self.hydra_context.config_loader, self.config, overrides)

@@ -207,7 +207,7 @@ class Scheduler:
         return out
 
     def finish(self, req: Request, reason: FinishReason, now: float) -> None:
-        """`req` is done: forget it and free its blocks (the simulator's fast-forward finishes requests too)."""
+        """`req` is done (its end of sequence, its length, or an abort by the policy): forget it, free its blocks."""
         self._drop(req)
         req.status, req.finish_reason = RequestStatus.FINISHED, reason
         req.times.finished = now

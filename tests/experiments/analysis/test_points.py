@@ -69,3 +69,24 @@ def test_goodput_table_of_searches_keeps_their_flags():
     gp = goodput_table(pd.DataFrame(), summary, swept=["engine"]).set_index("engine")
     assert gp.loc["a", "goodput_rate"] == 4.5 and gp.loc["a", "n_seeds"] == 2 and not gp.loc["a", "goodput_at_range_top"]
     assert gp.loc["b", "goodput_at_range_top"]
+
+
+def test_a_one_run_point_takes_its_jobs_own_mean_intervals():
+    """A job's mean-latency intervals (request_cis over its measured requests) are what the point would bootstrap
+    again from the same rows: reading them is the same number, and a job without them is bootstrapped."""
+    import numpy as np
+
+    from experiments.analysis import uncertainty as U
+    from experiments.analysis.points import _job_mean_cis
+
+    rng = np.random.default_rng(2)
+    df = pd.DataFrame({"ttft_s": rng.lognormal(-2, 1, 400), "tpot_s": rng.lognormal(-4, 0.5, 400),
+                       "e2e_s": rng.lognormal(1, 0.5, 400), "output_tokens": rng.integers(2, 300, 400),
+                       "error": [None] * 400, "met": rng.random(400) < 0.9})
+    job = U.request_cis(df, df["met"], 100.0)
+    row = pd.Series({"status": "ok", **{f"mean_{c}_ci_{e}": job[f"{c}.mean"][i] for c in U.LATENCIES
+                                         for i, e in enumerate(("low", "high"))}})
+    U._MEAN_CIS.clear()
+    assert U.point_stats([df], [100.0], known=_job_mean_cis(row)) == U.point_stats([df], [100.0])
+    assert _job_mean_cis(pd.Series({**row, "status": "failed"})) == {}
+    assert _job_mean_cis(row.drop("mean_ttft_s_ci_low")).keys() == {"mean_tpot_s", "mean_e2e_s"}

@@ -177,7 +177,7 @@ def test_two_job_sweep_on_the_local_launcher_runs_jobs_side_by_side(tmp_path):
 
 
 def test_each_job_is_composed_once_per_sweep():
-    from experiments.sweep.launchers import composed
+    from experiments.sweep.compose import composed
 
     calls = []
 
