@@ -108,22 +108,6 @@ class Request:
             return self.output_token_ids[start - n : end - n]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
 
-    def append_token(self, token_id: int, now: float) -> None:
-        self.output_token_ids.append(token_id)
-        if self.times.first_token is None:
-            self.times.first_token = now
-        self.times.tokens.append(now)
-
-    def check_finished(self, max_model_len: int) -> Optional[FinishReason]:
-        if not self.output_token_ids:
-            return None
-        last = self.output_token_ids[-1]
-        if not self.params.ignore_eos and last in self.eos_token_ids:
-            return FinishReason.STOP
-        if len(self.output_token_ids) >= self.params.max_tokens or self.num_tokens >= max_model_len:
-            return FinishReason.LENGTH
-        return None
-
 
 @dataclass(frozen=True)
 class RequestOutput:

@@ -182,8 +182,8 @@ class Scheduler:
         max_len, emit = self.max_model_len, self.emit_outputs
         after = None if type(self)._after_token is Scheduler._after_token else self._after_token
         for req, token in result.sampled:
-            # req.append_token and req.check_finished, inline (this loop runs for every request of every
-            # iteration; the simulator spends a third of its time here)
+            # Append the sampled token, then the finish rule (end of sequence unless ignored, max_tokens, the
+            # context limit); inline, as this loop runs for every request of every iteration.
             outs, times, params = req.output_token_ids, req.times, req.params
             outs.append(token)
             if times.first_token is None:
