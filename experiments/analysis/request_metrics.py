@@ -44,6 +44,10 @@ BACKLOG_GROWTH_MIN_REQUESTS = 2.0
 ATTAINMENT_DROP = 0.10
 # Fewer measured requests than this in a half: no verdict (None).
 STEADY_MIN_REQUESTS_PER_HALF = 5
+# Multi-turn: over the plateau (conversation_plateau), turns must go out at this fraction of the offered rate.
+OFFERED_RATE_MIN = 0.8
+# ... the plateau starts once this percentile of conversations could have reached their last turn.
+PLATEAU_SPAN_PERCENTILE = 90
 
 
 def check_tpot_definition(name: str) -> str:
@@ -205,10 +209,12 @@ def _in_system(arrivals: np.ndarray, finishes: np.ndarray, start: float, end: fl
     return float(np.clip(f - a, 0, None).sum() / (end - start))
 
 
-def steady_state(df: pd.DataFrame, met: pd.Series) -> dict[str, Any]:
+def steady_state(df: pd.DataFrame, met: pd.Series, offered_rate: Optional[float] = None) -> dict[str, Any]:
     """Did the run reach steady state? `df`: every request (warm-up ones are in the system too) with `measured`;
     `met`: the SLO verdict of the measured ones. The measured arrivals split at the middle of their span; each
-    half gets its requests, their attainment and the mean number in the system (queued or running) over it."""
+    half gets its requests, their attainment and the mean number in the system (queued or running) over it.
+    `offered_rate`: of a multi-turn run, the requests/s it was to offer, checked against what was sent
+    (`offered_rate_reached`)."""
     arrival = df["scheduled_s"].fillna(df["send_s"]) if "send_s" in df else df["scheduled_s"]
     known = arrival.notna()
     arr = arrival[known].to_numpy(dtype=float)
@@ -223,6 +229,8 @@ def steady_state(df: pd.DataFrame, met: pd.Series) -> dict[str, Any]:
                                           "attainment_drop": ATTAINMENT_DROP,
                                           "min_requests_per_half": STEADY_MIN_REQUESTS_PER_HALF},
                            "reasons": []}
+    if offered_rate and "turn" in df:
+        _offered(out, df, arrival, offered_rate)
     if window.empty:
         return out
     t0, t1 = float(window.min()), float(window.max())
@@ -252,6 +260,42 @@ def steady_state(df: pd.DataFrame, met: pd.Series) -> dict[str, Any]:
     return out
 
 
+def conversation_plateau(df: pd.DataFrame) -> Optional[tuple[float, float]]:
+    """The scheduled times over which a multi-turn run offered its full rate, or None (no conversations).
+
+    A conversation's later turns follow its answers, so the request rate builds up while the first
+    conversations reach their later turns, and decays once no new conversation starts. The plateau runs from
+    the first start plus the span (first turn to last) of 90% of conversations, to the last start; it is empty
+    (from >= to) when the conversations outlast the time over which they start."""
+    if "turn" not in df or "conversation_id" not in df or not (df["turn"] > 0).any():
+        return None
+    sched = df["scheduled_s"]
+    starts = sched[df["turn"] == 0].dropna()
+    by = sched.groupby(df["conversation_id"])
+    spans = (by.max() - by.min()).dropna().to_numpy(dtype=float)
+    if starts.empty or not spans.size:
+        return None
+    return float(starts.min() + np.percentile(spans, PLATEAU_SPAN_PERCENTILE)), float(starts.max())
+
+
+def _offered(out: dict[str, Any], df: pd.DataFrame, arrival: pd.Series, rate: float) -> None:
+    """Turns sent per second over the plateau, against the rate offered."""
+    plateau = conversation_plateau(df)
+    if plateau is None:
+        return
+    a, b = plateau
+    sent = int(((arrival >= a) & (arrival <= b)).sum())
+    achieved = (sent - 1) / (b - a) if b > a and sent > 1 else 0.0
+    out["plateau_s"], out["offered_rate"], out["sent_rate_on_plateau"] = [a, b], rate, achieved
+    out["offered_rate_reached"] = achieved >= OFFERED_RATE_MIN * rate
+    out["thresholds"]["offered_rate_min"] = OFFERED_RATE_MIN
+    if not out["offered_rate_reached"]:
+        why = (f"turns went out at {achieved:.2f} req/s of the {rate:g} offered" if b > a else
+               "conversations outlast the time over which they start")
+        out["reasons"].append(f"{why}: the run never offered its rate (more workload.num_requests, a lower rate, "
+                              f"or shorter think times)")
+
+
 def measured_mask(df: pd.DataFrame, warmup_s: float = 0.0, cooldown_s: float = 0.0,
                   warmup_requests: int = 0) -> pd.Series:
     if df.empty:
@@ -268,10 +312,15 @@ def measured_mask(df: pd.DataFrame, warmup_s: float = 0.0, cooldown_s: float = 0
     return keep.astype(bool)
 
 
-def mark_measured(df: pd.DataFrame, lcfg) -> pd.DataFrame:
-    """Add the boolean `measured` column (saved with the rows, so every later statistic counts the same ones)."""
-    return df.assign(measured=measured_mask(df, lcfg.warmup_s, lcfg.cooldown_s,
-                                            getattr(lcfg, "warmup_requests", 0)))
+def mark_measured(df: pd.DataFrame, lcfg, conversations: bool = False) -> pd.DataFrame:
+    """Add the boolean `measured` column (saved with the rows, so every later statistic counts the same ones).
+    With `conversations` (an open-loop multi-turn run), only the turns scheduled on the plateau, where the run
+    offered its full rate (`conversation_plateau`), where it has one."""
+    keep = measured_mask(df, lcfg.warmup_s, lcfg.cooldown_s, getattr(lcfg, "warmup_requests", 0))
+    plateau = conversation_plateau(df) if conversations else None
+    if plateau is not None and plateau[0] < plateau[1]:
+        keep &= df["scheduled_s"].between(*plateau)
+    return df.assign(measured=keep)
 
 
 def _pct(values) -> dict[str, Optional[float]]:

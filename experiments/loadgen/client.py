@@ -21,15 +21,17 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import aiohttp
+import numpy as np
 import orjson
 import pandas as pd
 
 from experiments.analysis import request_metrics as M
-from experiments.loadgen.arrivals import interarrival_distribution, schedule
+from experiments.loadgen import conversations as conv
+from experiments.loadgen.arrivals import interarrival_distribution
 from experiments.loadgen.lengths import format_lengths
 from experiments.loadgen.lengths import report as report_lengths
-from experiments.loadgen.prompts import PromptBuilder, prompt_token_ids
-from experiments.loadgen.result import RunResult, SLOs, measured, workload_run
+from experiments.loadgen.prompts import PromptBuilder, prompt_token_ids, turn_parts
+from experiments.loadgen.result import RunResult, SLOs, measured, offered_rate, workload_run
 from experiments.loadgen.workloads import Workload, load_workload
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ class LoadgenError(RuntimeError):
 ENDPOINTS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
-def check_config(lcfg, tokenizer, slo=None) -> None:
+def check_config(lcfg, tokenizer, slo=None, wcfg=None) -> None:
     """Settings that cannot work together fail before anything is sent, naming the key."""
     definition = getattr(slo, "tpot_definition", "mean")
     try:
@@ -59,6 +61,10 @@ def check_config(lcfg, tokenizer, slo=None) -> None:
     if lcfg.endpoint == "chat" and lcfg.prompt_format == "token_ids":
         raise LoadgenError("loadgen.endpoint=chat sends text messages: loadgen.prompt_format=token_ids needs "
                            "loadgen.endpoint=completions")
+    if (getattr(wcfg, "multi_turn", False) and wcfg.history == "generated" and lcfg.prompt_format == "token_ids"
+            and (not lcfg.tokenizer or lcfg.tokenizer == "none")):
+        raise LoadgenError("workload.history=generated with loadgen.prompt_format=token_ids re-encodes each answer "
+                           "into the next turn's ids: it needs loadgen.tokenizer (or workload.history=recorded)")
     if lcfg.endpoint == "chat" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
         raise LoadgenError(f"loadgen.endpoint=chat sizes prompts under the chat template, and tokenizer "
                            f"{lcfg.tokenizer!r} has none: name one that has (loadgen.tokenizer=DIR), or "
@@ -68,10 +74,18 @@ def check_config(lcfg, tokenizer, slo=None) -> None:
 @dataclass
 class Planned:
     idx: int
-    prompt: Any  # str or list[int]
+    prompt: Any  # str, list[int], or chat messages (a conversation's turn)
     prompt_tokens: int  # expected, -1 if unknown
     output_tokens: int
-    offset: Optional[float]  # seconds from start; None in a closed loop
+    offset: Optional[float]  # seconds from start; None in a closed loop; NaN: a turn due after the one before
+    # A conversation's turn: `prompt` is its recorded history; with the generated history the prompt sent is the
+    # previous prompt sent, the answer received and `user` (conversations.extend), its length known only then.
+    conversation: Optional[int] = None
+    turn: int = 0
+    think_s: float = 0.0
+    user: Any = None  # this turn's message
+    answer: Any = None  # its recorded answer (the next turn's recorded history)
+    exact: bool = True  # prompt_tokens is the length sent (else an estimate: the recorded history's)
 
 
 @dataclass
@@ -91,10 +105,11 @@ class Record:
 
 
 def plan(workload: Workload, wcfg, lcfg, tokenizer) -> list[Planned]:
-    offsets = schedule(wcfg, len(workload.items),
-                       [it.timestamp for it in workload.items] if workload.has_timestamps else None)
+    offsets = conv.offsets(wcfg, workload)
     builder = PromptBuilder(tokenizer, seed=wcfg.seed)
     chat = lcfg.endpoint == "chat"
+    if workload.num_conversations:
+        return _plan_turns(workload, wcfg, lcfg, builder, offsets)
     out = []
     for i, it in enumerate(workload.items):
         if lcfg.prompt_format == "token_ids":
@@ -117,9 +132,27 @@ def plan(workload: Workload, wcfg, lcfg, tokenizer) -> list[Planned]:
     return out
 
 
+def _plan_turns(workload: Workload, wcfg, lcfg, builder: PromptBuilder, offsets) -> list[Planned]:
+    """Every turn with its recorded-history prompt (conversations.extend over the recorded answers)."""
+    chat, ids = lcfg.endpoint == "chat", lcfg.prompt_format == "token_ids"
+    parts = [turn_parts(builder, it, ids) for it in workload.items]
+    out: list[Planned] = []
+    for i, (it, prompt) in enumerate(zip(workload.items, conv.recorded(workload.items, parts, chat))):
+        user, answer = parts[i]
+        n = len(prompt) if ids else builder.count(prompt, chat)
+        out.append(Planned(i, prompt, n, it.output_len, None if offsets is None else float(offsets[i]),
+                           conversation=it.conversation, turn=it.turn, think_s=it.think_s, user=user, answer=answer,
+                           exact=it.turn == 0 or wcfg.history == "recorded"))
+    return out
+
+
 class LoadGenerator:
-    def __init__(self, lcfg, wcfg, model: str):
+    def __init__(self, lcfg, wcfg, model: str, tokenizer=None):
         self.lcfg, self.wcfg, self.model = lcfg, wcfg, model
+        # A conversation's next prompt takes the answer the server gave (workload.history=generated): as text, or
+        # re-encoded into ids as a client holding only text must.
+        self.generated = getattr(wcfg, "multi_turn", False) and wcfg.history == "generated"
+        self.tokenizer = tokenizer
         base = lcfg.base_url.rstrip("/")
         self.url = base + ENDPOINTS[lcfg.endpoint]
         self.stop = asyncio.Event()
@@ -127,12 +160,13 @@ class LoadGenerator:
         self.loop_lag: list[float] = []
         self.t0 = 0.0
 
-    def payload(self, p: Planned) -> dict[str, Any]:
+    def payload(self, p: Planned, prompt: Any = None) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model}
+        prompt = p.prompt if prompt is None else prompt
         if self.lcfg.endpoint == "chat":
-            body["messages"] = [{"role": "user", "content": p.prompt}]
+            body["messages"] = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         else:
-            body["prompt"] = p.prompt
+            body["prompt"] = prompt
         body.update({"max_tokens": p.output_tokens, "temperature": 0.0, "stream": self.lcfg.stream})
         if self.lcfg.ignore_eos:
             body["ignore_eos"] = True
@@ -140,8 +174,11 @@ class LoadGenerator:
             body["stream_options"] = {"include_usage": True}
         return body
 
-    async def one(self, session: aiohttp.ClientSession, p: Planned, rec: Record) -> None:
-        body = orjson.dumps(self.payload(p))
+    async def one(self, session: aiohttp.ClientSession, p: Planned, rec: Record, prompt: Any = None,
+                  text: Optional[list[str]] = None) -> None:
+        """Send `p` (or `prompt` in its place) and record what came back; the answer's text is appended to
+        `text` where given."""
+        body = orjson.dumps(self.payload(p, prompt))
         rec.send = time.monotonic()
         try:
             async with session.post(self.url, data=body, headers={"Content-Type": "application/json"}) as resp:
@@ -154,6 +191,9 @@ class LoadGenerator:
                     rec.first_token = rec.finish = time.monotonic()
                     rec.token_times = [rec.finish]
                     self._usage(obj, rec)
+                    if text is not None and obj.get("choices"):
+                        c = obj["choices"][0]
+                        text.append(c.get("text") if "text" in c else (c.get("message") or {}).get("content") or "")
                     return
                 async for line in resp.content:
                     if not line.startswith(b"data:"):
@@ -169,12 +209,14 @@ class LoadGenerator:
                     ch = obj.get("choices")
                     if ch:
                         c = ch[0]
-                        text = c.get("text") if "text" in c else (c.get("delta") or {}).get("content")
-                        if text:
+                        piece = c.get("text") if "text" in c else (c.get("delta") or {}).get("content")
+                        if piece:
                             rec.chunks += 1
                             rec.token_times.append(now)
                             if math.isnan(rec.first_token):
                                 rec.first_token = now
+                            if text is not None:
+                                text.append(piece)
                     self._usage(obj, rec)
             rec.finish = time.monotonic()
             if rec.error is None and math.isnan(rec.first_token) and (rec.output_tokens or 0) > 0:
@@ -273,43 +315,92 @@ class LoadGenerator:
 
         await asyncio.gather(*(ping() for _ in range(n)), return_exceptions=True)
 
+    async def _wait_until(self, target: float) -> bool:
+        """Sleep until the monotonic time `target`; False when the run was stopped meanwhile."""
+        delay = target - time.monotonic() - self.lcfg.dispatch_spin_s
+        if delay > 0:
+            try:
+                await asyncio.wait_for(self.stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+        # The loop's timers are ~1 ms coarse: cover the last stretch by yielding until the
+        # target (the loop keeps serving streams meanwhile).
+        while time.monotonic() < target and not self.stop.is_set():
+            await asyncio.sleep(0)
+        return not self.stop.is_set()
+
+    async def _conversation(self, session, turns: list[tuple[Planned, Record]], tick) -> None:
+        """One conversation's turns, each sent `think_s` after the answer before it (turn 0 is due now)."""
+        sent: Any = None
+        answer: list[str] = []
+        for k, (p, rec) in enumerate(turns):
+            if k:
+                prev = turns[k - 1][1]
+                if prev.error is not None:  # a client would not go on without the answer
+                    for _, later in turns[k:]:
+                        later.error = f"not sent: turn {turns[k - 1][0].turn} of its conversation failed"
+                        tick()
+                    return
+                rec.scheduled = prev.finish + p.think_s
+                if not await self._wait_until(rec.scheduled):
+                    return
+            prompt = p.prompt
+            if self.generated and k:
+                said = "".join(answer)
+                if self.lcfg.prompt_format == "token_ids":
+                    said = self.tokenizer.encode(said, add_special_tokens=False)  # ids: what the text encodes to
+                prompt = conv.extend(sent, said, p.user)
+            answer = []
+            await self.one(session, p, rec, prompt, answer if self.generated else None)
+            sent = prompt
+            tick()
+
+    def _chains(self, planned, records) -> list[list[tuple[Planned, Record]]]:
+        """Requests in dispatch order: each alone, or a conversation's turns together (at its first turn)."""
+        chains: list[list[tuple[Planned, Record]]] = []
+        open_: dict[int, list] = {}
+        for p, rec in zip(planned, records):
+            if p.conversation is None:
+                chains.append([(p, rec)])
+            elif p.conversation in open_:
+                open_[p.conversation].append((p, rec))
+            else:
+                open_[p.conversation] = [(p, rec)]
+                chains.append(open_[p.conversation])
+        return chains
+
+    def _send(self, session, chain, progress_done):
+        if len(chain) == 1 and chain[0][0].conversation is None:
+            t = asyncio.create_task(self.one(session, *chain[0]))
+            t.add_done_callback(progress_done)
+            return t
+        return asyncio.create_task(self._conversation(session, chain, lambda: progress_done(None)))
+
     async def _open_loop(self, session, planned, records, tasks, done) -> None:
         self.t0 = time.monotonic() + 0.05
-        spin = self.lcfg.dispatch_spin_s
-        for p, rec in zip(planned, records):
+        for chain in self._chains(planned, records):
+            p, rec = chain[0]
             target = self.t0 + p.offset
-            delay = target - time.monotonic() - spin
-            if delay > 0:
-                try:
-                    await asyncio.wait_for(self.stop.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
-            # The loop's timers are ~1 ms coarse: cover the last stretch by yielding until the
-            # target (the loop keeps serving streams meanwhile).
-            while time.monotonic() < target and not self.stop.is_set():
-                await asyncio.sleep(0)
-            if self.stop.is_set():
+            if not await self._wait_until(target):
                 break
             rec.scheduled = target
-            t = asyncio.create_task(self.one(session, p, rec))
-            t.add_done_callback(done)
-            tasks.append(t)
+            tasks.append(self._send(session, chain, done))
 
     async def _closed_loop(self, session, planned, records, tasks, done) -> None:
+        """`max_concurrency` requests in flight (conversations: each holds its slot through its turns, as a
+        user does)."""
         self.t0 = time.monotonic()
         sem = asyncio.Semaphore(self.wcfg.max_concurrency)
 
-        async def guarded(p, rec):
+        async def guarded(chain):
             async with sem:
                 if self.stop.is_set():
                     return
-                rec.scheduled = time.monotonic()
-                await self.one(session, p, rec)
+                chain[0][1].scheduled = time.monotonic()
+                await self._send(session, chain, done)
 
-        for p, rec in zip(planned, records):
-            t = asyncio.create_task(guarded(p, rec))
-            t.add_done_callback(done)
-            tasks.append(t)
+        for chain in self._chains(planned, records):
+            tasks.append(asyncio.create_task(guarded(chain)))
 
 
 def to_frame(records: list[Record], planned: list[Planned], t0: float) -> pd.DataFrame:
@@ -321,9 +412,9 @@ def to_frame(records: list[Record], planned: list[Planned], t0: float) -> pd.Dat
             "first_token_s": r.first_token - t0, "finish_s": r.finish - t0,
             "token_times_s": [t - t0 for t in r.token_times],
             "prompt_tokens": r.prompt_tokens if r.prompt_tokens is not None else p.prompt_tokens,
-            "output_tokens": out_tokens, "expected_prompt_tokens": p.prompt_tokens,
+            "output_tokens": out_tokens, "expected_prompt_tokens": p.prompt_tokens if p.exact else -1,
             "expected_output_tokens": p.output_tokens, "num_chunks": r.chunks, "http_status": r.status,
-            "error": r.error, "cached_tokens": r.cached_tokens,
+            "error": r.error, "cached_tokens": r.cached_tokens, "conversation_id": p.conversation, "turn": p.turn,
         })
     return pd.DataFrame(rows)
 
@@ -409,7 +500,7 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
     tok = None
     if lcfg.tokenizer and lcfg.tokenizer != "none":
         tok = load_tokenizer(None if lcfg.tokenizer == "builtin" else lcfg.tokenizer)
-    check_config(lcfg, tok, slo)
+    check_config(lcfg, tok, slo, wcfg)
     workload = load_workload(wcfg, tok)  # fails on a bad file before anything is sent
     lengths = report_lengths(workload, wcfg, lcfg.tokenizer)
     planned = plan(workload, wcfg, lcfg, tok)
@@ -421,7 +512,7 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
         model, max_len = lcfg.model, None  # a named model on a server without /v1/models: no context known
     model = lcfg.model or model
     planned, context = fit_context(planned, max_len, lcfg.over_context)
-    gen = LoadGenerator(lcfg, wcfg, model)
+    gen = LoadGenerator(lcfg, wcfg, model, tok)
     progress = None
     if lcfg.progress:
         from tqdm import tqdm
@@ -437,10 +528,10 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
         if progress is not None:
             progress.close()
     df = M.derive(to_frame(records, planned, gen.t0), lcfg.measure_from if wcfg.arrival != "closed" else "send")
-    df, aggregates = measured(df, lcfg, slo)
+    df, aggregates = measured(df, lcfg, slo, offered_rate(workload, wcfg))
     result = RunResult(
         aggregates=aggregates, slo=SLOs(slo.ttft_s, slo.tpot_s, getattr(slo, "tpot_definition", "mean")),
-        self_check=M.self_check(df, wcfg, gen.loop_lag, interarrival_distribution(wcfg)),
+        self_check=self_check(df, wcfg, workload, gen.loop_lag),
         workload=workload_run(workload, wcfg, len(planned), lengths),
         endpoint=lcfg.endpoint, model=model, base_url=lcfg.base_url,
         interrupted=gen.signalled is not None or any(r.error and "interrupted" in r.error for r in records),
@@ -452,6 +543,22 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
         df.to_parquet(os.path.join(output_dir, "requests.parquet"), index=False)
         result.write(output_dir)
     return result
+
+
+def self_check(df: pd.DataFrame, wcfg, workload: Workload, loop_lag: list[float]) -> dict[str, Any]:
+    """The client against its own schedule: of conversations, their starts (later turns follow answers, not the
+    arrival process); every request's dispatch lateness all the same."""
+    if not workload.num_conversations:
+        return M.self_check(df, wcfg, loop_lag, interarrival_distribution(wcfg))
+    starts = conv.starts(wcfg, workload)
+    res = M.self_check(df[df["turn"] == 0], starts, loop_lag, interarrival_distribution(starts))
+    late = df["dispatch_lateness_s"].dropna().to_numpy()
+    if late.size:
+        res["dispatch_lateness_p99_s"] = float(np.percentile(late, 99))
+        if res["dispatch_lateness_p99_s"] > 0.01 and not any("lateness" in r for r in res["reasons"]):
+            res["reasons"].append(f"p99 dispatch lateness {1e3 * res['dispatch_lateness_p99_s']:.1f} ms > 10 ms")
+            res["valid"] = False
+    return res
 
 
 def _signal_handlers() -> dict:

@@ -48,6 +48,9 @@ def describe(workload) -> dict[str, Any]:
     p = np.array([it.prompt_len for it in items], dtype=float)
     o = np.array([it.output_len for it in items], dtype=float)
     out: dict[str, Any] = {"n": len(items), "prompt_tokens": _dist(p), "output_tokens": _dist(o)}
+    if workload.num_conversations:  # prompts are histories: their lengths grow turn by turn
+        out["conversations"] = workload.num_conversations
+        out["turns_per_conversation"] = round(len(items) / workload.num_conversations, 2)
     text = [it for it in items if it.prompt_chars is not None]  # items with their real text's length
     if text:
         out["chars_per_token"] = {
@@ -92,6 +95,8 @@ def format_lengths(name: str, stats: dict[str, Any]) -> str:
     cpt = stats.get("chars_per_token")
     if cpt:
         line += f"; {cpt['prompt']:.2f} / {cpt['output']:.2f} characters per prompt / output token"
+    if stats.get("conversations"):
+        line += f"; {stats['conversations']} conversations, {stats['turns_per_conversation']:g} turns each on average"
     return line
 
 
@@ -101,7 +106,8 @@ def report(workload, wcfg, tokenizer_name: Optional[str]) -> dict[str, Any]:
     log.info("%s", format_lengths(workload.name, stats))
     warnings: list[str] = []
     if wcfg.name == "sharegpt":
-        paper = wcfg.max_prompt_len == 1024 and wcfg.max_total_len == 2048 and wcfg.length_scale == 1.0
+        paper = (wcfg.max_prompt_len == 1024 and wcfg.max_total_len == 2048 and wcfg.length_scale == 1.0
+                 and not workload.num_conversations)  # the reference is of first turns
         warnings = sharegpt_warnings(stats, tokenizer_name or "none: 4 characters per token assumed", paper)
     for w in warnings:
         log.warning("workload %s: %s", workload.name, w)

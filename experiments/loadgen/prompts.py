@@ -13,7 +13,8 @@ from typing import Optional
 import numpy as np
 
 # Seeds of the generators of shared parts (a group's prefix, a trace's block), apart from the requests' own.
-GROUP_STREAM, BLOCK_STREAM = 15485863, 32452843
+GROUP_STREAM, BLOCK_STREAM, TURN_STREAM = 15485863, 32452843, 49979687
+MESSAGE, ANSWER = 0, 1  # the parts of a conversation's turn
 
 
 class PromptBuilder:
@@ -45,6 +46,20 @@ class PromptBuilder:
         """The `n` tokens a trace's content block `h` stands for: the same wherever `h` appears."""
         return np.random.default_rng((self.seed, BLOCK_STREAM, h)).choice(self.id_pool, size=n).tolist()
 
+    def turn_ids(self, conversation: int, turn: int, part: int, n: int) -> list[int]:
+        """A conversation turn's message or recorded answer as token ids: the same in any run, on either backend."""
+        return np.random.default_rng((self.seed, TURN_STREAM, conversation, turn, part)).choice(
+            self.id_pool, size=n).tolist()
+
+    def turn_text(self, conversation: int, turn: int, part: int, n: int) -> str:
+        """A conversation turn's message or recorded answer as text of about `n` tokens (not kept: each is sent
+        in one conversation only)."""
+        own, self.rng = self.rng, np.random.default_rng((self.seed, TURN_STREAM, conversation, turn, part))
+        try:
+            return self.text(n)[0]
+        finally:
+            self.rng = own
+
     def prefix_text(self, group: int, n: int) -> str:
         """Group `group`'s shared prefix as text of about `n` tokens (its requests share its whole-block prefix)."""
         return self._own_text((self.seed, GROUP_STREAM, group), n) + "\n\n"
@@ -64,14 +79,16 @@ class PromptBuilder:
                 self.rng = own
         return self._prefix_text[key]
 
-    def count(self, text: str, chat: bool = False) -> int:
-        """Tokens the server will see: the text itself, or one user message under the chat template."""
+    def count(self, text, chat: bool = False) -> int:
+        """Tokens the server will see: the text itself, or one user message under the chat template (or the
+        messages given, a conversation's)."""
         if self.tok is None:
             return -1
-        if chat:
+        if chat or isinstance(text, list):
             from semipd_engine.serving.protocol import chat_token_ids
 
-            return len(chat_token_ids(self.tok, [{"role": "user", "content": text}]))
+            messages = text if isinstance(text, list) else [{"role": "user", "content": text}]
+            return len(chat_token_ids(self.tok, messages))
         return len(self.tok.encode(text))
 
     def text(self, n: int, chat: bool = False) -> tuple[str, int]:
@@ -105,6 +122,15 @@ class PromptBuilder:
             if self.count(text, chat) == n:
                 return text, n
         return best
+
+
+def turn_parts(builder: PromptBuilder, it, as_ids: bool) -> tuple:
+    """(message, recorded answer) of a conversation turn, as token ids or as text (the dataset's where it has it)."""
+    c, k = it.conversation, it.turn
+    if as_ids:
+        return builder.turn_ids(c, k, MESSAGE, it.user_len), builder.turn_ids(c, k, ANSWER, it.output_len)
+    return (it.user_text if it.user_text is not None else builder.turn_text(c, k, MESSAGE, it.user_len),
+            it.answer_text if it.answer_text is not None else builder.turn_text(c, k, ANSWER, it.output_len))
 
 
 def prompt_token_ids(builder: PromptBuilder, it) -> list[int]:

@@ -110,6 +110,7 @@ class WorkloadRun:
     rate: Optional[float]
     num_clipped: int = 0
     lengths: dict[str, Any] = field(default_factory=dict)
+    num_conversations: int = 0  # multi-turn: the conversations the requests are turns of (0: independent requests)
 
     @property
     def length_warnings(self) -> list[str]:
@@ -294,20 +295,28 @@ class RunResult:
         return self.to_dict().get(key, default)
 
 
-def measured(df: pd.DataFrame, lcfg, slo) -> tuple[pd.DataFrame, Aggregates]:
+def measured(df: pd.DataFrame, lcfg, slo, offered_rate: Optional[float] = None) -> tuple[pd.DataFrame, Aggregates]:
     """The requests with the measurement window marked (warm-up and cool-down out: `loadgen.*`), and the
     statistics over that window against the SLOs (TPOT read as `slo.tpot_definition`), with whether the run
-    reached steady state: the one computation both backends share."""
+    reached steady state (and, for conversations, the `offered_rate` in requests/s): the one computation both
+    backends share."""
     definition = M.check_tpot_definition(getattr(slo, "tpot_definition", "mean"))
-    df = M.mark_measured(df, lcfg)
+    df = M.mark_measured(df, lcfg, conversations=offered_rate is not None)
     window = df[df["measured"]]
     sent = window["send_s"].dropna()
     duration = float(window["finish_s"].max() - sent.min()) if len(sent) else 0.0
     agg = M.aggregate(window, slo.ttft_s, slo.tpot_s, duration, definition)
-    agg["steady_state"] = M.steady_state(df, M.slo_met(window, slo.ttft_s, slo.tpot_s, definition))
+    agg["steady_state"] = M.steady_state(df, M.slo_met(window, slo.ttft_s, slo.tpot_s, definition), offered_rate)
     return df, Aggregates.from_dict(agg)
+
+
+def offered_rate(workload, wcfg) -> Optional[float]:
+    """The requests/s a multi-turn run was to offer (its turns are sent after answers, so it may fall short);
+    None where the arrivals alone decide it."""
+    return wcfg.rate if workload.num_conversations and wcfg.arrival in ("poisson", "gamma", "constant") else None
 
 
 def workload_run(workload, wcfg, num_requests: int, lengths: dict[str, Any]) -> WorkloadRun:
     return WorkloadRun(name=workload.name, num_requests=num_requests, arrival=wcfg.arrival, rate=wcfg.rate,
-                       num_clipped=workload.num_clipped, lengths=lengths or {})
+                       num_clipped=workload.num_clipped, lengths=lengths or {},
+                       num_conversations=workload.num_conversations)

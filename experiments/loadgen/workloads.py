@@ -14,6 +14,10 @@
   following model turn's length the output length, roles checked.
 - `mooncake` (JSONL), `azure` (CSV), `burstgpt` (CSV): real traces with their
   own timestamps; a window, a time scale and a length scale apply.
+- `multi_turn` (sharegpt: the dataset's turns; synthetic, longbench_synthetic,
+  prompt_heavy: drawn ones): conversations, each turn an item whose prompt is
+  its history plus a new message, sent a think time after the previous answer
+  (experiments/loadgen/conversations.py builds the prompts).
 
 Datasets without timestamps drop requests outside the length filters (the
 semi-PD/DistServe protocol); traces clip lengths instead, so their arrival
@@ -23,6 +27,7 @@ process stays intact, and say how many they clipped.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import logging
 import math
@@ -60,6 +65,14 @@ class WorkItem:
     # A trace's content blocks (Mooncake's `hash_ids`): equal ids at the same place = the same `block_len` tokens
     hash_blocks: Optional[tuple[int, ...]] = None
     block_len: int = 0
+    # Turn `turn` of conversation `conversation`: its prompt is the history (every earlier message and answer)
+    # then a new message of `user_len` tokens; it is sent `think_s` after the previous turn's answer.
+    conversation: Optional[int] = None
+    turn: int = 0
+    user_len: int = 0
+    think_s: float = 0.0
+    user_text: Optional[str] = None  # the dataset's message and answer (ShareGPT); otherwise built to length
+    answer_text: Optional[str] = None
 
 
 @dataclass
@@ -71,6 +84,11 @@ class Workload:
     @property
     def has_timestamps(self) -> bool:
         return bool(self.items) and self.items[0].timestamp is not None
+
+    @property
+    def num_conversations(self) -> int:
+        """Conversations (0 when its requests are independent)."""
+        return sum(1 for it in self.items if it.conversation is not None and it.turn == 0)
 
 
 def _lognormal(rng, mean: float, sigma: float, n: int) -> np.ndarray:
@@ -97,6 +115,90 @@ def synthetic(cfg, prompt_mean=None, prompt_sigma=None, output_mean=None, output
         if len(items) >= cfg.num_requests:
             return Workload(items[: cfg.num_requests], cfg.name)
     raise WorkloadError("the length filters reject almost every synthetic request; loosen them")
+
+
+THINK_TIME_DISTS = ("exponential", "constant", "lognormal")
+MULTI_TURN = ("synthetic", "longbench_synthetic", "prompt_heavy", "sharegpt")
+
+
+def think_times(cfg, n: int) -> np.ndarray:
+    """`n` pauses between an answer and the next turn, mean `think_time_s` (their own stream: the lengths drawn
+    are the same whatever the think times)."""
+    rng = np.random.default_rng((cfg.seed, 2718))
+    if cfg.think_time_s == 0 or cfg.think_time_dist == "constant":
+        return np.full(n, float(cfg.think_time_s))
+    if cfg.think_time_dist == "exponential":
+        return rng.exponential(cfg.think_time_s, n)
+    return _lognormal(rng, cfg.think_time_s, cfg.think_time_sigma, n)
+
+
+def check_multi_turn(cfg) -> None:
+    if cfg.name not in MULTI_TURN:
+        raise WorkloadError(f"workload.multi_turn=true: workload {cfg.name!r} has no conversations to replay (it "
+                            f"can for {', '.join(MULTI_TURN)}; the Mooncake trace's turns are already requests "
+                            f"sharing their history through hash_ids)")
+    if cfg.history not in ("generated", "recorded"):
+        raise WorkloadError(f"workload.history={cfg.history!r}: expected generated or recorded")
+    if cfg.think_time_dist not in THINK_TIME_DISTS:
+        raise WorkloadError(f"workload.think_time_dist={cfg.think_time_dist!r}: expected one of "
+                            f"{', '.join(THINK_TIME_DISTS)}")
+    if not cfg.think_time_s >= 0:
+        raise WorkloadError(f"workload.think_time_s must be >= 0, got {cfg.think_time_s}")
+    if cfg.name != "sharegpt" and not cfg.turns_mean >= 1:
+        raise WorkloadError(f"workload.turns_mean must be >= 1, got {cfg.turns_mean}")
+    if cfg.max_turns < 0:
+        raise WorkloadError(f"workload.max_turns must be >= 0 (0: no limit), got {cfg.max_turns}")
+
+
+def conversations(cfg, convs) -> list[WorkItem]:
+    """Turn items from conversations, each a list of (message tokens, answer tokens, message text, answer text).
+
+    A turn's prompt is its history plus its message, so the length filters apply to the whole prompt: a
+    conversation ends at its first turn that does not pass them (every later turn would contain it), and one
+    whose first turn does not pass is left out, as single-turn datasets drop a request. Stops at
+    `num_requests` turns."""
+    items: list[WorkItem] = []
+    for turns in convs:
+        history, conv = 0, []
+        for k, (u, a, ut, at) in enumerate(turns[: cfg.max_turns or None]):
+            p = history + u
+            if not (_ok(cfg, p, a) if k == 0 else (p <= cfg.max_prompt_len and p + a <= cfg.max_total_len)):
+                break
+            conv.append(WorkItem(p, a, conversation=0, turn=k, user_len=u, user_text=ut, answer_text=at))
+            history = p + a
+        if not conv:
+            continue
+        conv = conv[: cfg.num_requests - len(items)]
+        cid = items[-1].conversation + 1 if items else 0
+        for it in conv:
+            it.conversation = cid
+        items.extend(conv)
+        if len(items) >= cfg.num_requests:
+            break
+    if items:
+        pauses = think_times(cfg, len(items))
+        for it, pause in zip(items, pauses):
+            it.think_s = float(pause) if it.turn else 0.0
+    return items
+
+
+def synthetic_conversations(cfg) -> Workload:
+    """Conversations of `turns_mean` turns on average (geometric), each message and answer drawn as `synthetic`
+    draws a prompt and an output."""
+    rng = np.random.default_rng(cfg.seed)
+
+    def draw():
+        while True:
+            n = int(rng.geometric(1.0 / cfg.turns_mean))
+            us = _lognormal(rng, cfg.prompt_mean, cfg.prompt_sigma, n)
+            os_ = _lognormal(rng, cfg.output_mean, cfg.output_sigma, n)
+            yield [(_scale(u, cfg), _scale(o, cfg), None, None) for u, o in zip(us, os_)]
+
+    # conversations() stops at num_requests turns; the bound only ends filters that reject (almost) everything
+    items = conversations(cfg, itertools.islice(draw(), 20 * cfg.num_requests + 1000))
+    if len(items) < cfg.num_requests:
+        raise WorkloadError("the length filters reject almost every drawn conversation; loosen them")
+    return Workload(items, cfg.name)
 
 
 def shared_prefix(cfg) -> Workload:
@@ -161,8 +263,8 @@ def sharegpt(cfg, tokenizer=None) -> Workload:
         raise WorkloadError(f"{path}: expected a JSON list of conversations")
     order = np.random.default_rng(cfg.seed).permutation(len(data))
     count = (lambda s: len(tokenizer.encode(s))) if tokenizer is not None else (lambda s: max(1, len(s) // 4))
-    items = []
-    for idx in order:
+
+    def checked(idx) -> list:
         rec = data[idx]
         conv = rec.get("conversations") if isinstance(rec, dict) else None
         if not isinstance(conv, list):
@@ -171,6 +273,26 @@ def sharegpt(cfg, tokenizer=None) -> Workload:
             if not (isinstance(turn, dict) and isinstance(turn.get("from"), str)
                     and isinstance(turn.get("value"), str)):
                 raise WorkloadError(f"{path}: record {idx} turn {j} needs string 'from' and 'value'")
+        return conv
+
+    if cfg.multi_turn:
+        def turns(conv):  # (message, answer) pairs from the start, up to the first that breaks the role order
+            out = []
+            for j in range(0, len(conv) - 1, 2):
+                if conv[j]["from"].lower() not in PROMPT_ROLES or conv[j + 1]["from"].lower() not in REPLY_ROLES:
+                    break
+                u, a = conv[j]["value"], conv[j + 1]["value"]
+                keep = cfg.length_scale == 1.0  # scaled lengths: text of those lengths is built instead
+                out.append((_scale(count(u), cfg), _scale(count(a), cfg), u if keep else None, a if keep else None))
+            return out
+
+        items = conversations(cfg, (turns(checked(i)) for i in order))
+        if not items:
+            raise WorkloadError(f"{path}: no conversation passed the role and length filters")
+        return Workload(items, cfg.name)
+    items = []
+    for idx in order:
+        conv = checked(idx)
         # The first turn must be the user's; the next one the model's answer.
         if len(conv) < 2 or conv[0]["from"].lower() not in PROMPT_ROLES or conv[1]["from"].lower() not in REPLY_ROLES:
             continue
@@ -277,6 +399,10 @@ def _path(cfg) -> str:
 
 
 def load_workload(cfg, tokenizer=None) -> Workload:
+    if getattr(cfg, "multi_turn", False):
+        check_multi_turn(cfg)
+        if cfg.name != "sharegpt":
+            return synthetic_conversations(cfg)  # their confs set the message / answer means
     if cfg.name == "synthetic":
         return synthetic(cfg)
     if cfg.name in ("longbench_synthetic", "prompt_heavy"):

@@ -45,6 +45,16 @@ class WorkloadConfig:
     # system prompt of `prefix_len` tokens plus a question (lengths from prompt_mean / prompt_sigma)
     num_prefix_groups: int = 8
     prefix_len: int = 512
+    # Multi-turn conversations (sharegpt: the dataset's own turns; synthetic and its kin: drawn turns). Each turn
+    # is sent after the previous answer plus a think time, its prompt the whole history plus the new message.
+    # `rate` stays requests/s: conversations start at rate / (turns per conversation), by the arrival process.
+    multi_turn: bool = False
+    history: str = "generated"  # generated (the answers the server gave) | recorded (the dataset's answers)
+    think_time_s: float = 1.0  # mean pause between an answer and the next turn
+    think_time_dist: str = "exponential"  # exponential | constant | lognormal (sigma: think_time_sigma)
+    think_time_sigma: float = 1.0
+    turns_mean: float = 3.0  # drawn conversations: turns per conversation (geometric, at least one)
+    max_turns: int = 0  # 0 = every turn the dataset has (or draws)
     # fixed-length workload
     prompt_len: int = 128
     output_len: int = 128

@@ -32,6 +32,7 @@ from experiments.analysis.request_metrics import check_tpot_definition
 from experiments.loadgen import run_loadgen
 from experiments.loadgen.client import LoadgenError, check_config
 from experiments.loadgen.result import GoodputSearch, RunResult, Validity
+from experiments.loadgen.workloads import check_multi_turn
 from experiments.sweep import capacity, cores, probe, provenance, simulated, tracking
 from experiments.sweep.config import ExperimentConfig, LoadgenConfig, SLOConfig, WandbConfig, WorkloadConfig
 from experiments.sweep.host import HostMonitor
@@ -77,9 +78,11 @@ class Job:
         check_engine_config(job.engine)  # a key this engine would ignore fails here, naming it
         check_tpot_definition(job.slo.tpot_definition)
         try:  # the load generator's settings too, before any server starts (the simulator times every token)
-            check_config(job.loadgen, None, None if job.simulated else job.slo)
+            check_config(job.loadgen, None, None if job.simulated else job.slo, None if job.simulated else job.workload)
         except LoadgenError as e:
             raise ValueError(str(e)) from None
+        if job.workload.multi_turn:
+            check_multi_turn(job.workload)
         if job.external:
             x = job.engine.external
             if job.simulated:
@@ -451,30 +454,33 @@ def goodput_search(measure, wcfg, slo_cfg, exp, jd: Path) -> RunResult:
     frames = []
     reasons: list[str] = []
 
-    def attainment(rate: float) -> float:
-        vals = []
+    def passes(rate: float) -> bool:
+        """Mean attainment over the seeds meets the target. A rate some seed did not manage to offer (a
+        multi-turn run too short for its conversations: request_metrics.steady_state) is not certified."""
+        vals, offered = [], True
         for seed in exp.goodput_seeds:
             d = jd / "probes" / f"rate{rate:.4f}_seed{seed}"
             r = measure(dataclasses.replace(wcfg, rate=rate, seed=seed), str(d))
             vals.append(r.aggregates.slo_attainment)
+            offered &= (r.aggregates.steady_state or {}).get("offered_rate_reached") is not False
             first.setdefault(rate, r)
             v = r.validity or r.checked()
             probes.append({"rate": rate, "seed": seed, **r.row(), "valid": v.valid})
             reasons.extend(f"probe {rate:g} req/s seed {seed}: {x}" for x in v.reasons)
             df = pd.read_parquet(d / "requests.parquet")
             frames.append(df.assign(probe_rate=rate, probe_seed=seed))
-        return sum(vals) / len(vals)
+        return offered and sum(vals) / len(vals) >= target
 
     lo, hi = exp.goodput_low, exp.goodput_high
     at_top = at_bottom = False
-    if attainment(lo) < target:
+    if not passes(lo):
         goodput, at_bottom = 0.0, True
-    elif attainment(hi) >= target:
+    elif passes(hi):
         goodput, at_top = hi, True
     else:
         while hi - lo > exp.goodput_tolerance:
             mid = (lo + hi) / 2
-            if attainment(mid) >= target:
+            if passes(mid):
                 lo = mid
             else:
                 hi = mid

@@ -57,7 +57,7 @@ def measure(url: str, lcfg, wcfg, n: int) -> Optional[dict[str, float]]:
     from experiments.sweep.config import SLOConfig
     from semipd_engine.config import freeze
 
-    probe = dataclasses.replace(wcfg, name="fixed", arrival="closed", max_concurrency=1, num_requests=n,
+    probe = dataclasses.replace(wcfg, name="fixed", arrival="closed", max_concurrency=1, num_requests=n, multi_turn=False,
                                 prompt_len=PROMPT_LEN, output_len=OUTPUT_LEN, length_scale=1.0)
     lc = dataclasses.replace(lcfg, base_url=url, progress=False, warmup_requests=0, tokenizer="none",
                              prompt_format="text", warmup_s=0.0, cooldown_s=0.0)

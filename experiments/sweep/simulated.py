@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -23,10 +24,10 @@ from typing import Any, Optional
 import pandas as pd
 
 from experiments.analysis import request_metrics as M
-from experiments.loadgen.arrivals import schedule
+from experiments.loadgen import conversations as conv
 from experiments.loadgen.lengths import report as report_lengths
-from experiments.loadgen.prompts import PromptBuilder, prompt_token_ids
-from experiments.loadgen.result import RunResult, SLOs, measured, workload_run
+from experiments.loadgen.prompts import PromptBuilder, prompt_token_ids, turn_parts
+from experiments.loadgen.result import RunResult, SLOs, measured, offered_rate, workload_run
 from experiments.loadgen.workloads import load_workload
 
 
@@ -65,34 +66,53 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository root
 
 
 def simulate(model_cfg, engine_cfg, hardware_cfg, backend_cfg, arrivals, prompt_lens, output_lens,
-             prompt_ids=None):
-    """Run the simulated engine; returns (finished requests, simulator, platform, wall seconds)."""
+             prompt_ids=None, next_turn=None):
+    """Run the simulated engine; returns (finished requests, simulator, platform, wall seconds).
+
+    An arrival of NaN is a conversation's later turn: `next_turn(req)` gives, once `req` has finished, the
+    (index, think time, prompt ids) of the turn after it, or None; it is sent the think time after the answer."""
     from semipd_engine.sim.build import build_simulator
-    from semipd_engine.sim.simulator import make_requests
+    from semipd_engine.sim.simulator import make_request
 
     sim, plat = build_simulator(model_cfg, engine_cfg, hardware_cfg, backend_cfg)
-    requests = make_requests([a + plat.request_delay_s for a in arrivals], prompt_lens, output_lens, prompt_ids)
-    if len(arrivals) and max(arrivals) > 0:  # ~200 samples of the queues over the arrivals, as a server's gauges
-        sim.sample_every(max(arrivals) / SAMPLES)
+    delay = plat.request_delay_s
+    sent = {f"sim-{i}": float(a) for i, a in enumerate(arrivals) if not math.isnan(a)}
+    requests = [make_request(i, a + delay, prompt_lens[i], output_lens[i], None if prompt_ids is None else
+                             prompt_ids[i]) for i, a in enumerate(arrivals) if not math.isnan(a)]
+    follow = None
+    if next_turn is not None:
+        def follow(req, t):
+            turn = next_turn(req)
+            if turn is None:
+                return None
+            j, think, ids = turn
+            sent[f"sim-{j}"] = t + think  # the client reads the answer's end, thinks, sends
+            return make_request(j, t + think + delay, len(ids), output_lens[j], ids)
+    if sent and max(sent.values()) > 0:  # ~200 samples of the queues over the arrivals, as a server's gauges
+        sim.sample_every(max(sent.values()) / SAMPLES)
     t0 = time.perf_counter()
-    done = sim.run(requests)
-    for r, a in zip(requests, arrivals):  # latencies count from the client's send, as a real run's do
-        r.times.arrival = float(a)
+    done = sim.run(requests, follow, total=len(arrivals))
+    for r in done:  # latencies count from the client's send, as a real run's do
+        r.times.arrival = sent[r.request_id]
     return done, sim, plat, time.perf_counter() - t0
 
 
-def to_frame(done, expected: dict[str, tuple[int, int]]) -> pd.DataFrame:
+def to_frame(done, expected: dict[str, tuple[int, int]], turns: Optional[dict[str, tuple]] = None) -> pd.DataFrame:
+    """The load generator's rows; `expected`: (prompt, output) lengths by request id; `turns`: (conversation,
+    turn) by request id, for a multi-turn workload."""
     rows = []
     for r in sorted(done, key=lambda r: int(r.request_id.rsplit("-", 1)[1])):
         t = r.times
         n_out = len(r.output_token_ids)
         p, o = expected[r.request_id]
+        conversation, turn = (turns or {}).get(r.request_id, (None, 0))
         rows.append({
             "request_id": int(r.request_id.rsplit("-", 1)[1]), "scheduled_s": t.arrival, "send_s": t.arrival,
             "first_token_s": t.first_token, "finish_s": t.finished, "token_times_s": list(t.tokens),
             "prompt_tokens": r.num_prompt_tokens, "output_tokens": n_out, "expected_prompt_tokens": p,
             "expected_output_tokens": o, "num_chunks": n_out, "http_status": 200, "error": None,
             "cached_tokens": r.num_cached_tokens or 0,
+            "conversation_id": conversation, "turn": turn,
         })
     return pd.DataFrame(rows)
 
@@ -148,19 +168,23 @@ def simulation(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg,
         frame = pd.read_parquet(Path(cache_dir) / f"{key}.parquet")
         return Simulation(frame, meta["backend"], meta["samples"], meta["decisions"], key, True), workload, lengths
     items = workload.items
-    offsets = schedule(wcfg, len(items), [it.timestamp for it in items] if workload.has_timestamps else None)
+    offsets = conv.offsets(wcfg, workload)
     if offsets is None:
         raise ValueError("backend=sim replays open-loop arrivals (workload.arrival=poisson|gamma|constant|trace); "
                          "a closed loop needs a client")
     prompts = [it.prompt_len for it in items]
     outputs = [it.output_len for it in items]
-    ids = None
-    if any(it.prefix_group is not None or it.hash_blocks for it in items):  # what a token-ids run sends
+    ids, next_turn = None, None
+    shared = workload.num_conversations or any(it.prefix_group is not None or it.hash_blocks for it in items)
+    if shared:  # what a token-ids run sends
         builder = PromptBuilder(tokenizer if tokenizer is not None else _tokenizer(lcfg, wcfg, for_ids=True),
                                 seed=wcfg.seed)
-        ids = [prompt_token_ids(builder, it) for it in items]
+        if workload.num_conversations:
+            ids, next_turn = _turns(items, builder, wcfg.history)
+        else:
+            ids = [prompt_token_ids(builder, it) for it in items]
     done, sim, plat, wall = simulate(model_cfg, engine_cfg, hardware_cfg, backend_cfg, offsets, prompts, outputs,
-                                     ids)
+                                     ids, next_turn)
     expected = {f"sim-{i}": (p, o) for i, (p, o) in enumerate(zip(prompts, outputs))}
     st = sim.stats
     backend = {"name": "sim", "cost_model": backend_cfg.cost_model, "platform": plat.describe,
@@ -168,8 +192,10 @@ def simulation(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg,
                "wall_s": wall, "simulated_requests_per_s": len(done) / wall if wall > 0 else None,
                "iterations": st.iterations, "fast_forwarded_iterations": st.fast_forwarded,
                "events": st.events, "kv_transfers": st.transfers, "kv_transfer_bytes": st.transfer_bytes,
+               "kv_transfer_cached_blocks": st.transfer_cached_blocks,
                "partition_switches": st.switches, "kv_blocks_used_peak": st.kv_peak_blocks}
-    run = Simulation(to_frame(done, expected), backend, st.samples, st.decisions, key)
+    turns = {f"sim-{i}": (it.conversation, it.turn) for i, it in enumerate(items)}
+    run = Simulation(to_frame(done, expected, turns), backend, st.samples, st.decisions, key)
     if cache_dir is not None:  # written whole or not at all: a concurrent job reads a complete entry or none
         d = Path(cache_dir)
         d.mkdir(parents=True, exist_ok=True)
@@ -182,6 +208,28 @@ def simulation(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg,
     return run, workload, lengths
 
 
+def _turns(items, builder: PromptBuilder, history: str):
+    """A conversation's prompts as token ids, every turn's under the recorded history (first turns only under the
+    generated one), and the rule for the next turn's (`simulate`'s `next_turn`): the recorded one, or the prompt
+    just served with the answer the simulator generated for it, then the next message (conversations.extend, as
+    the load generator does)."""
+    parts = [turn_parts(builder, it, as_ids=True) for it in items]
+    # the generated history needs only first turns up front (every later prompt is built when it is due)
+    recorded = conv.recorded(items, parts) if history == "recorded" else [
+        user if it.turn == 0 else None for it, (user, _) in zip(items, parts)]
+
+    def next_turn(req):
+        i = int(req.request_id.rsplit("-", 1)[1])
+        j = i + 1
+        if j >= len(items) or items[j].conversation != items[i].conversation:
+            return None
+        ids = recorded[j] if history == "recorded" else conv.extend(req.prompt_token_ids, req.output_token_ids,
+                                                                    parts[j][0])
+        return j, items[j].think_s, ids
+
+    return recorded, next_turn
+
+
 def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, slo,
                   output_dir: Optional[str] = None, resolved_config: Any = None,
                   cache_dir: Optional[Path] = None) -> RunResult:
@@ -190,7 +238,7 @@ def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, 
     With `cache_dir` (a sweep's), runs that differ only in how they are judged (SLOs, the measurement window)
     share one simulation: the first simulates and stores it under `simulation_key`, the others read it."""
     run, workload, lengths = simulation(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, cache_dir)
-    df, aggregates = measured(M.derive(run.frame, lcfg.measure_from), lcfg, slo)
+    df, aggregates = measured(M.derive(run.frame, lcfg.measure_from), lcfg, slo, offered_rate(workload, wcfg))
     result = RunResult(
         aggregates=aggregates, slo=SLOs(slo.ttft_s, slo.tpot_s, slo.tpot_definition),
         # No client, no host: nothing can be late or disturbed. The model's own validity is in docs/benchmarks.md.

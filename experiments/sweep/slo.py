@@ -33,7 +33,7 @@ def baseline_key(model_cfg, wcfg, machine: dict) -> str:
 def baseline_probe(wcfg, n: int = 8):
     """`n` requests one at a time at the workload's mean lengths: the single-request baseline's workload."""
     return dataclasses.replace(
-        wcfg, name="fixed", arrival="closed", max_concurrency=1, num_requests=n, length_scale=1.0,
+        wcfg, name="fixed", arrival="closed", max_concurrency=1, num_requests=n, length_scale=1.0, multi_turn=False,
         prompt_len=max(1, round(wcfg.prompt_mean * wcfg.length_scale)),
         output_len=max(2, round(wcfg.output_mean * wcfg.length_scale)))
 

@@ -53,6 +53,20 @@ def prefix_hashes(req, block_size: int, num_blocks: int) -> list[int]:
     return hs
 
 
+def cached_prefix(pool, req, num_blocks: int) -> list[tuple[int, int]]:
+    """The (block, hash) pairs of `pool`'s cached copies of `req`'s first `num_blocks` full blocks, as far as the
+    cache matches (no reference taken: `try_allocate(..., hit=)` takes them)."""
+    bs, hs, out = pool.block_size, req.block_hashes, []
+    for i in range(num_blocks):  # hashed as far as the cache matches, no further
+        if i == len(hs):
+            prefix_hashes(req, bs, i + 1)
+        b = pool.cached_block(hs[i])
+        if b is None:
+            break
+        out.append((b, hs[i]))
+    return out
+
+
 class BlockPool:
     """Block-id allocator with an admission watermark (new prompts may not eat the last `watermark` of the pool,
     which running decodes need to grow) and, with `prefix_caching`, a cache of full blocks by prefix hash."""

@@ -97,9 +97,9 @@ class TransferHandoff(Handoff):
         if self.queue is None:
             return []
         done = []
-        for t, nbytes, seconds in self.queue.pull():
+        for t, nbytes, seconds, cached in self.queue.pull():
             self.send(t.source, ReleaseKV(t.request.request_id))
-            report(KVTransferred(self.name, nbytes, seconds))
+            report(KVTransferred(self.name, nbytes, seconds, cached))
             done.append(t.request)
         return done
 

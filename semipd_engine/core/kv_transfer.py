@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from semipd_engine.core.block_pool import BlockPool
+from semipd_engine.core.block_pool import BlockPool, cached_prefix, prefix_hashes
 from semipd_engine.core.request import Request
 
 
@@ -51,18 +51,30 @@ class TransferQueue:
                 return t
         return None
 
-    def pull(self) -> list[tuple[Transfer, int, float]]:
-        """Move every pending transfer that fits, in order; returns (transfer, bytes, seconds) for each."""
+    def pull(self) -> list[tuple[Transfer, int, float, int]]:
+        """Move every pending transfer that fits, in order; returns (transfer, bytes, seconds, blocks not copied)
+        for each. With a prefix cache here, a request's leading full blocks that this pool holds cached (a
+        conversation's earlier turn, its answer included) are shared, not copied; the full blocks it receives
+        join the cache, where a later transfer can find them."""
         done = []
+        pool = self.pool
         while self.pending:
             t = self.pending[0]
-            dst = self.pool.try_allocate(len(t.src_blocks))
+            req = t.request
+            full = min(len(t.src_blocks), req.num_computed_tokens // pool.block_size) if pool.prefix_caching else 0
+            hit = cached_prefix(pool, req, full) if full else []
+            dst = pool.try_allocate(len(t.src_blocks) - len(hit), hit=hit)
             if dst is None:
                 break  # back-pressure: the head of the queue waits for room, and so does everything behind it
-            nbytes, seconds = self.copy(t, dst)
-            t.request.block_table = dst
+            nbytes, seconds = self.copy(Transfer(req, t.source, t.src_blocks[len(hit):]) if hit else t, dst)
+            req.block_table = [b for b, _ in hit] + dst
+            if full:
+                hs = prefix_hashes(req, pool.block_size, full)
+                for i in range(len(hit), full):
+                    pool.cache(req.block_table[i], hs[i])
+                req.num_registered_blocks = full  # this pool's count from here on (the sender's was its own)
             self.pending.popleft()
-            done.append((t, nbytes, seconds))
+            done.append((t, nbytes, seconds, len(hit)))
         return done
 
 
@@ -76,6 +88,8 @@ class TensorBlockCopy:
     def __call__(self, t: Transfer, dst: list[int]) -> tuple[int, float]:
         import torch
 
+        if not dst:  # every block was cached here
+            return 0, 0.0
         t0 = time.perf_counter()
         dev = self.kv.data.device
         src = self.sources[t.source].data

@@ -59,6 +59,11 @@ class ReleaseKV:
 
 
 @dataclass(frozen=True)
+class ResetPrefixCache:
+    """Forget every cached prefix of the worker's pool (blocks in use stay)."""
+
+
+@dataclass(frozen=True)
 class Shutdown:
     pass
 
@@ -94,6 +99,7 @@ class KVTransferred:
     worker: str
     nbytes: int
     seconds: float
+    cached_blocks: int = 0  # not copied: the receiver held them in its prefix cache
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
-from semipd_engine.core.block_pool import BlockPool, prefix_hashes
+from semipd_engine.core.block_pool import BlockPool, cached_prefix, prefix_hashes
 from semipd_engine.core.request import FinishReason, Request, RequestOutput, RequestStatus
 
 
@@ -326,18 +326,9 @@ class Scheduler:
             budget -= n
 
     def _cached_prefix(self, req: Request) -> list[tuple[int, int]]:
-        """The (block, hash) pairs of the cached blocks of `req`'s prompt (and outputs, after a preemption),
-        leaving at least its last token to compute: the iteration that computes it samples the next token."""
-        pool, bs = self.pool, self.pool.block_size
-        hs, out = req.block_hashes, []
-        for i in range((req.num_tokens - 1) // bs):  # hashed as far as the cache matches, no further
-            if i == len(hs):
-                prefix_hashes(req, bs, i + 1)
-            b = pool.cached_block(hs[i])
-            if b is None:
-                break
-            out.append((b, hs[i]))
-        return out
+        """The cached blocks of `req`'s prompt (and outputs, after a preemption), leaving at least its last token
+        to compute: the iteration that computes it samples the next token."""
+        return cached_prefix(self.pool, req, (req.num_tokens - 1) // self.pool.block_size)
 
     def _reserve(self, req: Request, num_tokens: int) -> bool:
         got = self.pool.try_allocate(self.pool.blocks_needed(num_tokens, len(req.block_table)))

@@ -31,6 +31,7 @@ from semipd_engine.core.messages import (
     AbortRequest,
     AddRequest,
     KVTransferred,
+    ResetPrefixCache,
     SetShare,
     ShareSwitched,
     Shutdown,
@@ -582,6 +583,11 @@ class EngineClient:
         self._held.pop(request_id, None)
         for q in self._in_qs.values():  # the request may have moved between workers
             self._put(q, AbortRequest(request_id))
+
+    def reset_prefix_cache(self) -> None:
+        """Every worker forgets its cached prefixes (vLLM's /reset_prefix_cache); running requests keep theirs."""
+        for q in self._in_qs.values():
+            self._put(q, ResetPrefixCache())
 
     def _send(self, worker: str, msg) -> None:
         q = self._in_qs.get(worker)

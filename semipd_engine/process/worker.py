@@ -28,6 +28,7 @@ from semipd_engine.core.messages import (
     AdoptRequest,
     OfferKV,
     ReleaseKV,
+    ResetPrefixCache,
     SetShare,
     ShareSwitched,
     Shutdown,
@@ -117,7 +118,8 @@ class Worker:
         self.aborted: OrderedDict[str, None] = OrderedDict()
         self.cuda = getattr(core.executor, "device", None) is not None and core.executor.device.type == "cuda"
         self.handlers = {AddRequest: self.on_add, AdoptRequest: self.on_adopt, AbortRequest: self.on_abort,
-                         SetShare: self.on_share, OfferKV: self.on_offer, ReleaseKV: self.on_release}
+                         SetShare: self.on_share, OfferKV: self.on_offer, ReleaseKV: self.on_release,
+                         ResetPrefixCache: self.on_reset_prefix_cache}
 
     def busy(self) -> bool:
         return self.core.has_work() or bool(self.handoff and self.handoff.busy)
@@ -181,6 +183,10 @@ class Worker:
             self.aborted.popitem(last=False)
         held = self.handoff.abort(rid) if self.handoff is not None else False
         return self.core.abort(rid) or held
+
+    def on_reset_prefix_cache(self, msg: ResetPrefixCache) -> bool:
+        self.core.scheduler.pool.reset_cache()  # semi-PD's two workers both reset their one pool: idempotent
+        return True
 
     def on_share(self, msg: SetShare) -> bool:
         t0 = time.monotonic()

@@ -38,6 +38,9 @@ class EngineMetrics:
                               registry=r)
         self.kv_transfer_bytes = Counter("kv_transfer_bytes", "KV cache bytes copied between instances",
                                          registry=r)
+        self.kv_transfer_cached_blocks = Counter(
+            "kv_transfer_cached_blocks", "KV blocks a transfer did not copy: the receiving instance had them cached",
+            registry=r)
         self.kv_transfer_time = Histogram("kv_transfer_seconds", "Time to copy one request's KV blocks",
                                           buckets=(1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0),
                                           registry=r)
@@ -98,6 +101,7 @@ class EngineMetrics:
             self.partition_switch_delay.labels(event.worker).observe(event.delay_s)
         elif isinstance(event, KVTransferred):
             self.kv_transfer_bytes.inc(event.nbytes)
+            self.kv_transfer_cached_blocks.inc(event.cached_blocks)
             self.kv_transfer_time.observe(event.seconds)
         elif isinstance(event, WorkersRestarted):
             self.worker_restarts.inc()

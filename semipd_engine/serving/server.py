@@ -116,6 +116,7 @@ class ApiServer:
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),
             web.get("/metrics", self.prometheus),
+            web.post("/reset_prefix_cache", self.reset_prefix_cache),
         ])
         if self.engine.partition_control is not None:
             app.add_routes([web.get("/partition", self.get_partition), web.post("/partition", self.post_partition)])
@@ -163,6 +164,11 @@ class ApiServer:
     async def _json(self, request: web.Request) -> Any:
         raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge -> 413 JSON
         return parse_json_body(raw, request.charset)
+
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        """vLLM's endpoint: cached prefixes are forgotten (a benchmark's cold start without a restart)."""
+        self.engine.reset_prefix_cache()
+        return web.json_response({"reset": True})
 
     # -- semi-PD partition control ---------------------------------------------------------
     async def get_partition(self, request: web.Request) -> web.Response:

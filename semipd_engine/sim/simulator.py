@@ -96,6 +96,7 @@ class SimStats:
     events: int = 0
     transfers: int = 0
     transfer_bytes: int = 0
+    transfer_cached_blocks: int = 0  # not sent: the decode instance had them cached
     switches: int = 0
     decisions: list[dict[str, Any]] = field(default_factory=list)
     kv_peak_blocks: dict[str, int] = field(default_factory=dict)
@@ -128,6 +129,7 @@ class Simulator:
         self._heap: list[tuple[float, int, int, Any]] = []
         self._arrivals: list[Request] = []
         self._ai = 0
+        self._follow: Optional[Callable[[Request, float], Optional[Request]]] = None
         self._seq = itertools.count()
         self._entry_rr = 0
         self._link_free_at = 0.0
@@ -189,16 +191,21 @@ class Simulator:
     def _push(self, t: float, kind: int, payload: Any) -> None:
         heapq.heappush(self._heap, (t, next(self._seq), kind, payload))
 
-    def run(self, requests: list[Request]) -> list[Request]:
-        # Arrivals are known up front: a sorted list beside the heap (they win ties, as if pushed first).
+    def run(self, requests: list[Request], follow: Optional[Callable[[Request, float], Optional[Request]]] = None,
+            total: Optional[int] = None) -> list[Request]:
+        """Serve `requests` (each arriving at its `times.arrival`) and return them finished. `follow(req, t)`:
+        the request due once `req` finishes at `t` (a conversation's next turn, its arrival set), or None; then
+        `total` counts every request, those followed up included."""
+        # Arrivals known up front: a sorted list beside the heap (they win ties, as if pushed first). Follow-ups
+        # are known only when the request before finishes: they are events on the heap.
         self._arrivals = sorted(requests, key=lambda r: r.times.arrival)
-        self._ai = 0
+        self._ai, self._follow = 0, follow
         if self.control is not None:
             self.control.reset(0.0)
             self._push(self.control.window_s, CONTROL, None)
-        n = len(requests)
+        n, total = len(requests), total or len(requests)
         heap, arrivals = self._heap, self._arrivals
-        while len(self._done) < n:
+        while len(self._done) < total:
             if self._ai < n and (not heap or arrivals[self._ai].times.arrival <= heap[0][0]):
                 req = arrivals[self._ai]
                 self._ai += 1
@@ -387,6 +394,10 @@ class Simulator:
         self._done.append(req)
         if self.control is not None:
             self.control.finished(req.times.arrival, req.times.first_token, t, len(req.output_token_ids))
+        if self._follow is not None:
+            nxt = self._follow(req, t)
+            if nxt is not None:
+                self._push(nxt.times.arrival, ARRIVAL, nxt)
 
     # -- fast-forward ------------------------------------------------------------------------------
     def _fast_forward(self, w: SimWorker, batch: ScheduledBatch, result: ExecuteResult, t: float) -> Optional[float]:
@@ -516,6 +527,7 @@ class Simulator:
             self._link_free_at = start + report.seconds
             self.stats.transfers += 1
             self.stats.transfer_bytes += report.nbytes
+            self.stats.transfer_cached_blocks += report.cached_blocks
             self._push(self._link_free_at, TRANSFER_DONE, (w, req, source, release))
         self._track_pool(w.scheduler.pool)
 
@@ -549,9 +561,15 @@ class Simulator:
 def make_requests(arrivals, prompt_lens, output_lens, prompt_ids=None) -> list[Request]:
     """Simulated requests: token ids are placeholders (only lengths matter to a cost model), unless `prompt_ids`
     gives them (workloads whose prompts share prefixes: the prefix cache sees what a real engine would)."""
+    return [make_request(i, a, p, o, None if prompt_ids is None else prompt_ids[i])
+            for i, (a, p, o) in enumerate(zip(arrivals, prompt_lens, output_lens))]
+
+
+def make_request(i: int, arrival: float, prompt_len: int, output_len: int,
+                 prompt_ids: Optional[list[int]] = None) -> Request:
     given = prompt_ids is not None
     # Placeholder tokens are all alike: a salt per request keeps their blocks from matching each other's.
-    return [Request(f"sim-{i}", list(prompt_ids[i]) if given else [SIM_TOKEN] * p,
-                    SamplingParams(max_tokens=o, ignore_eos=True, temperature=0.0), times=Timestamps(arrival=float(a)),
-                    cache_salt=None if given else f"sim-{i}", placeholder_tokens=not given)
-            for i, (a, p, o) in enumerate(zip(arrivals, prompt_lens, output_lens))]
+    return Request(f"sim-{i}", list(prompt_ids) if given else [SIM_TOKEN] * prompt_len,
+                   SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0),
+                   times=Timestamps(arrival=float(arrival)), cache_salt=None if given else f"sim-{i}",
+                   placeholder_tokens=not given)

@@ -27,6 +27,7 @@ class MockOpenAIServer:
         self.received: list[float] = []  # arrival times (monotonic) of completion requests
         self.writes: list[list[float]] = []  # per request, when each token chunk was written
         self.paths: list[str] = []  # the endpoint of each generation request
+        self.bodies: list[dict] = []  # each generation request's JSON body
         self.port = port
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -80,6 +81,7 @@ class MockOpenAIServer:
         t_arrival = time.monotonic()
         self.received.append(t_arrival)
         body = await request.json()
+        self.bodies.append(body)
         chat = "messages" in body
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
         self.paths.append(request.path)

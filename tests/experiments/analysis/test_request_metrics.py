@@ -201,6 +201,37 @@ def test_falling_attainment_alone_is_no_steady_state_and_too_few_requests_no_ver
     assert steady_state(few, pd.Series(True, index=few.index[5:]))["steady_state"] is None
 
 
+def _conversations(n_conv: int, conv_gap_s: float, turns: int, turn_s: float):
+    """`n_conv` conversations started `conv_gap_s` apart, each `turns` turns `turn_s` apart (answer + think)."""
+    rows = [{"scheduled_s": c * conv_gap_s + k * turn_s, "turn": k, "conversation_id": c}
+            for c in range(n_conv) for k in range(turns)]
+    df = pd.DataFrame(rows)
+    return df.assign(send_s=df["scheduled_s"], finish_s=df["scheduled_s"] + 0.1, measured=True)
+
+
+def test_a_multi_turn_run_is_measured_where_it_offered_its_rate_and_flagged_where_it_never_did():
+    from types import SimpleNamespace
+
+    from experiments.analysis.request_metrics import conversation_plateau, mark_measured
+
+    # 3 turns per conversation, one every 0.3 s: 10 req/s offered. Conversations span 13.4 s (turns 6.7 s apart):
+    # started over 60 s, the rate is full from 13.4 s to the last start; started over 3 s, it never is.
+    long_run = _conversations(200, 0.3, 3, 6.7)
+    assert conversation_plateau(long_run) == pytest.approx((13.4, 59.7))
+    s = steady_state(long_run, pd.Series(True, index=long_run.index), offered_rate=10.0)
+    assert s["offered_rate_reached"] is True and s["sent_rate_on_plateau"] == pytest.approx(10.0, rel=0.03)
+    lcfg = SimpleNamespace(warmup_s=0.0, cooldown_s=0.0, warmup_requests=0)
+    kept = mark_measured(long_run, lcfg, conversations=True)
+    assert kept["measured"].sum() < len(kept) and kept.loc[kept["measured"], "scheduled_s"].between(13.4, 59.7).all()
+    assert mark_measured(long_run, lcfg)["measured"].all()  # single-turn rules otherwise
+    short = _conversations(10, 0.3, 3, 6.7)
+    s = steady_state(short, pd.Series(True, index=short.index), offered_rate=10.0)
+    assert s["offered_rate_reached"] is False and s["steady_state"] is False
+    assert s["reasons"][0].startswith("conversations outlast the time over which they start")
+    assert mark_measured(short, lcfg, conversations=True)["measured"].all()  # no plateau: the whole run, flagged
+    assert "offered_rate_reached" not in steady_state(short, pd.Series(True, index=short.index))
+
+
 def test_gap_columns_are_each_requests_own_numpy_statistics():
     """The vectorised gaps (one np.diff over every request, percentiles by segment) give what a loop of
     np.percentile per request gives, to the last bit; rows without two times get NaN."""

@@ -163,3 +163,55 @@ def test_requests_that_do_not_fit_the_servers_context_are_clamped_dropped_or_sen
         s = run_loadgen(loadgen_cfg(srv.url, tokenizer="builtin"), w, SLO, str(tmp_path))
     assert srv.max_tokens == [6] * 6 and s.context["clamped"] == 6 and s.context["max_model_len"] == 14
     assert s.length_mismatch["output_mismatched"] == 0 and s.row()["over_context"] == 6
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_a_conversations_next_turn_carries_the_answer_it_got_and_waits_its_think_time(tmp_path, endpoint):
+    from experiments.loadgen import conversations as conv
+
+    w = workload_cfg(name="synthetic", multi_turn=True, num_requests=12, rate=20.0, think_time_s=0.15,
+                     think_time_dist="constant", output_mean=3, output_sigma=0.01, prompt_mean=5, prompt_sigma=0.01)
+    with MockOpenAIServer(ttft_s=0.01, itl_s=0.002) as srv:
+        run_loadgen(loadgen_cfg(srv.url, endpoint=endpoint), w, SLO, str(tmp_path))
+        bodies = list(srv.bodies)
+    df = pd.read_parquet(tmp_path / "requests.parquet")
+    assert df["error"].isna().all() and len(df) == len(bodies) == 12 and df["turn"].max() >= 1
+    key = "messages" if endpoint == "chat" else "prompt"
+    # the mock saw them in the order they were sent
+    df = df.sort_values("send_s").assign(prompt=[b[key] for b in bodies]).set_index("request_id").sort_index()
+    for i, row in df.iterrows():
+        if not row["turn"]:
+            continue
+        prev = df.loc[i - 1]
+        assert prev["conversation_id"] == row["conversation_id"] and prev["turn"] == row["turn"] - 1
+        answer = "".join(f"t{k} " for k in range(int(prev["output_tokens"])))  # what the mock answered
+        message = row["prompt"][-1]["content"] if endpoint == "chat" else row["prompt"].rsplit(conv.SEP, 1)[-1]
+        got, before = row["prompt"], prev["prompt"]
+        if endpoint == "chat":
+            got, before = list(got), list(before)
+        assert got == conv.extend(before, answer, message)
+        # sent the think time after the previous answer ended, not on the arrival process's clock
+        assert abs(row["scheduled_s"] - (prev["finish_s"] + 0.15)) < 1e-9 and row["send_s"] >= row["scheduled_s"]
+
+
+def test_a_failed_turn_ends_its_conversation_and_every_request_is_accounted_for(tmp_path, monkeypatch):
+    from experiments.loadgen import client as lg
+
+    orig = lg.plan
+
+    def failing_first_turn(*a, **k):
+        planned = orig(*a, **k)
+        planned[0].prompt = "FAIL500 " + planned[0].prompt
+        return planned
+
+    monkeypatch.setattr(lg, "plan", failing_first_turn)
+    w = workload_cfg(name="synthetic", multi_turn=True, num_requests=10, rate=50.0, think_time_s=0.0,
+                     output_mean=3, output_sigma=0.01, prompt_mean=5, prompt_sigma=0.01, turns_mean=3.0)
+    with MockOpenAIServer(ttft_s=0.005, itl_s=0.001) as srv:
+        r = run_loadgen(loadgen_cfg(srv.url), w, SLO, str(tmp_path))
+    df = pd.read_parquet(tmp_path / "requests.parquet")
+    first = df[df["conversation_id"] == 0]
+    assert first["error"].iloc[0].startswith("HTTP 500")
+    assert first["error"].iloc[1:].str.startswith("not sent: turn 0").all()
+    assert df[df["conversation_id"] != 0]["error"].isna().all() and len(df) == 10
+    assert r.completeness["rows"] == 10

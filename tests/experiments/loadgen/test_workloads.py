@@ -118,3 +118,54 @@ def test_shared_prefix_groups_and_mooncake_blocks_become_prompts_that_share_exac
     assert all(x[:8] == ids[0][:8] for x in ids) and ids[0][8:16] != ids[1][8:16]  # block 0 shared, then not
     with pytest.raises(WorkloadError, match="prefix_len"):
         load_workload(workload_cfg(name="shared_prefix", prefix_len=5000))
+
+
+def test_drawn_conversations_grow_their_prompts_by_each_answer_and_message():
+    wl = load_workload(workload_cfg(name="synthetic", multi_turn=True, num_requests=300, turns_mean=4.0,
+                                    think_time_s=2.0, max_prompt_len=8192, max_total_len=10240))
+    items = wl.items
+    assert len(items) == 300 and 0 < wl.num_conversations < 300
+    turns = [it.turn for it in items]
+    assert 3.0 < len(items) / wl.num_conversations < 5.0  # turns_mean, less what the filters cut
+    for prev, it in zip(items, items[1:]):
+        if it.conversation == prev.conversation:
+            assert it.turn == prev.turn + 1 and it.prompt_len == prev.prompt_len + prev.output_len + it.user_len
+        else:
+            assert it.turn == 0 and it.conversation == prev.conversation + 1 and it.prompt_len == it.user_len
+    assert all(it.think_s == 0 for it in items if it.turn == 0)
+    later = np.array([it.think_s for it in items if it.turn])
+    assert 1.5 < later.mean() < 2.5 and later.std() > 1.0  # exponential, mean 2 s
+    assert max(turns) >= 4
+    # every turn passes the filters: a conversation ends before its first turn that would not
+    tight = load_workload(workload_cfg(name="synthetic", multi_turn=True, num_requests=200, max_prompt_len=600,
+                                       max_total_len=900, think_time_dist="constant", think_time_s=0.5))
+    assert all(it.prompt_len <= 600 and it.prompt_len + it.output_len <= 900 for it in tight.items)
+    assert {it.think_s for it in tight.items if it.turn} == {0.5}
+
+
+def test_sharegpt_conversations_replay_their_turns_in_order(tmp_path):
+    data = [{"id": "a", "conversations": [{"from": "human", "value": "hello " * 10}, {"from": "gpt", "value": "hi " * 20},
+                                          {"from": "human", "value": "more " * 5}, {"from": "gpt", "value": "ok " * 8},
+                                          {"from": "human", "value": "unanswered"}]},
+            {"id": "b", "conversations": [{"from": "gpt", "value": "no user first"}, {"from": "human", "value": "x"}]},
+            {"id": "c", "conversations": [{"from": "human", "value": "one " * 12}, {"from": "gpt", "value": "two " * 6}]}]
+    path = tmp_path / "sg.json"
+    path.write_text(json.dumps(data))
+    wl = load_workload(workload_cfg(name="sharegpt", path=str(path), multi_turn=True, num_requests=10))
+    by_conv = {}
+    for it in wl.items:
+        by_conv.setdefault(it.conversation, []).append(it)
+    assert sorted(len(v) for v in by_conv.values()) == [1, 2]  # b has no user turn first; a's last has no answer
+    two = next(v for v in by_conv.values() if len(v) == 2)
+    assert two[0].user_text == "hello " * 10 and two[0].answer_text == "hi " * 20 and two[1].user_text == "more " * 5
+    assert two[1].prompt_len == two[0].prompt_len + two[0].output_len + two[1].user_len
+    assert len(load_workload(workload_cfg(name="sharegpt", path=str(path), multi_turn=True, num_requests=10,
+                                          max_turns=1)).items) == 2
+
+
+@pytest.mark.parametrize("kw, says", [({"name": "mooncake"}, "hash_ids"), ({"history": "mine"}, "workload.history"),
+                                      ({"think_time_dist": "pareto"}, "think_time_dist"),
+                                      ({"think_time_s": -1.0}, "think_time_s"), ({"turns_mean": 0.5}, "turns_mean")])
+def test_bad_multi_turn_settings_are_named(kw, says):
+    with pytest.raises(WorkloadError, match=says):
+        load_workload(workload_cfg(**{"name": "synthetic", "multi_turn": True, **kw}))

@@ -184,15 +184,17 @@ def test_goodput_search_flags_the_top_of_the_range_and_probe_validity(tmp_path):
                                     "goodput_tolerance": 1.0, "goodput_seeds": [0]})
     slo = freeze(SLOConfig, {"ttft_s": 1.0, "tpot_s": 1.0})
 
-    def measure(attain, invalid_at=None):
+    def measure(attain, invalid_at=None, offered_up_to=None):
         def f(wcfg, out):
             Path(out).mkdir(parents=True, exist_ok=True)
             pd.DataFrame({"request_id": [0]}).to_parquet(Path(out) / "requests.parquet")
             stats = Latency(0.1, 0.1, 0.1, 0.1)
             bad = wcfg.rate == invalid_at
+            reached = {} if offered_up_to is None else {"offered_rate_reached": wcfg.rate <= offered_up_to}
             a = Aggregates(num_requests=10, num_ok=10, num_errors=0, duration_s=10.0, request_throughput=1.0,
                            output_token_throughput=1.0, total_token_throughput=2.0,
-                           slo_attainment=attain(wcfg.rate), goodput=1.0, ttft_s=stats, tpot_s=stats, e2e_s=stats)
+                           slo_attainment=attain(wcfg.rate), goodput=1.0, ttft_s=stats, tpot_s=stats, e2e_s=stats,
+                           steady_state=reached)
             return RunResult(a, SLOs(1.0, 1.0), WorkloadRun("fixed", 10, "poisson", wcfg.rate),
                              self_check={"valid": not bad, "reasons": ["late"] if bad else []})
         return f
@@ -207,6 +209,9 @@ def test_goodput_search_flags_the_top_of_the_range_and_probe_validity(tmp_path):
     assert 2.0 <= mid.goodput.goodput_rate <= 3.0 and mid.goodput.goodput_monotone  # within the tolerance below 3
     assert not mid.goodput.goodput_at_range_top and not mid.checked().valid
     assert mid.validity.reasons == ("probe 8 req/s seed 0: client: late",)
+    # conversations that never offered the rate asked for: attainment at it certifies nothing
+    unreached = goodput_search(measure(lambda r: 1.0, offered_up_to=5.0), workload_cfg(), slo, exp, tmp_path / "d")
+    assert 4.0 <= unreached.goodput.goodput_rate <= 5.0 and not unreached.goodput.goodput_at_range_top
 
 
 def test_step_probe_verdict():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -144,9 +145,61 @@ def test_a_shared_prefix_workload_hits_the_cache_alike_on_both_backends(tmp_path
     assert on.aggregates.ttft_s.p50 < 0.3 * off.aggregates.ttft_s.p50
 
 
-def test_runs_judged_differently_share_one_simulation_and_a_changed_simulation_never_does(tmp_path):
-    import dataclasses
+def test_a_conversation_hits_its_history_alike_on_both_backends(tmp_path):
+    """Multi-turn with the recorded history, as token ids: every later turn resends its conversation so far, and
+    the real engine and the simulator find the same cached tokens (think times leave each turn's KV cached)."""
+    from experiments.loadgen.client import run_loadgen
+    from tests.helpers.server import ServerProcess
 
+    wcfg = workload_cfg(name="synthetic", multi_turn=True, history="recorded", turns_mean=3.0, num_requests=18,
+                        prompt_mean=40, prompt_sigma=0.3, output_mean=6, output_sigma=0.3, rate=3.0,
+                        think_time_s=0.3, think_time_dist="constant", max_prompt_len=512, max_total_len=600)
+    srv = ServerProcess("engine=unified", "model=tiny", "engine.kv_cache_mb=32")
+    try:
+        lcfg = loadgen_cfg(srv.url, tokenizer="builtin", prompt_format="token_ids")
+        real = run_loadgen(lcfg, wcfg, SLO, str(tmp_path / "real"))
+    finally:
+        srv.stop()
+    simulated.run_simulated(freeze(ModelConfig, {"name": "tiny"}), freeze(EngineConfig, {"name": "unified"}),
+                            A100, SIM, lcfg, wcfg, SLO, str(tmp_path / "sim"))
+    # every turn (each backend measures its own plateau, whose ends depend on its timing)
+    rows = {k: pd.read_parquet(tmp_path / k / "requests.parquet") for k in ("real", "sim")}
+    assert all(len(r) == 18 and r["error"].isna().all() for r in rows.values()) and real.workload.num_conversations > 3
+    assert M.prefix_cache_hit_rate(rows["real"]) == M.prefix_cache_hit_rate(rows["sim"]) > 0.3
+
+
+def test_generated_answers_are_cached_where_the_next_turn_is_prefilled_unless_the_kv_was_shipped_away():
+    """The history as generated: a next turn resends its answer, whose KV the decode phase wrote. Unified and
+    semi-PD (one pool) find it; a disaggregated prefill instance never had it (the decode instance did, so the
+    transfer sends only what the decode instance lacks). Each turn is sent the think time after the answer
+    before it ended."""
+    wcfg = workload_cfg(name="synthetic", multi_turn=True, turns_mean=4.0, num_requests=240, rate=4.0,
+                        prompt_mean=200, output_mean=200, think_time_s=1.0, max_prompt_len=8192,
+                        max_total_len=10240)
+    def simulate(engine, w=wcfg, **kw):  # every turn's row (the plateau of each run is its own)
+        e = freeze(EngineConfig, {"name": engine, "max_num_seqs": 256, **kw})
+        run, workload, _ = simulated.simulation(LLAMA8B, e, A100, SIM, loadgen_cfg("unused"), w)
+        return run, workload, M.prefix_cache_hit_rate(run.frame)
+
+    rate = {engine: simulate(engine)[2] for engine in ("unified", "semipd")}
+    disagg, _, rate["disagg"] = simulate("disagg")
+    # ... but the decode instance kept the history's KV: only what it lacks is sent
+    assert disagg.backend["kv_transfer_cached_blocks"] > 0
+    off = simulate("disagg", enable_prefix_caching=False)[0].backend
+    assert (disagg.backend["kv_transfer_bytes"] / disagg.backend["kv_transfers"]
+            < 0.5 * off["kv_transfer_bytes"] / off["kv_transfers"])
+    assert rate["unified"] == rate["semipd"] > rate["disagg"] > 0.2
+    recorded = simulate("unified", dataclasses.replace(wcfg, history="recorded"))[2]
+    assert recorded < rate["unified"] - 0.1  # the recorded answers were never computed, hence never cached
+    run, workload, _ = simulate("unified")
+    df = run.frame.set_index("request_id").sort_index()
+    for i, it in enumerate(workload.items):
+        if it.turn:
+            assert abs(df.loc[i, "scheduled_s"] - (df.loc[i - 1, "finish_s"] + it.think_s)) < 1e-9
+            assert df.loc[i, "prompt_tokens"] == it.prompt_len  # the answer had the recorded length (ignore_eos)
+
+
+def test_runs_judged_differently_share_one_simulation_and_a_changed_simulation_never_does(tmp_path):
     from experiments.sweep.config import SLOConfig
 
     e = freeze(EngineConfig, {"name": "unified", "max_num_seqs": 64})

@@ -36,14 +36,14 @@ def test_transferred_blocks_are_bit_identical_and_backpressure_waits():
         reqs.append(r)
         rx.offer(r, "prefill0")
     done = rx.pull()
-    assert [t.request.request_id for t, _, _ in done] == ["r0", "r1"]  # r2 needs 3 blocks, 1 is free
+    assert [t.request.request_id for t, *_ in done] == ["r0", "r1"]  # r2 needs 3 blocks, 1 is free
     assert len(rx.pending) == 1 and pool.num_free == 1
-    for t, nbytes, _ in done:
+    for t, nbytes, *_ in done:
         assert nbytes == len(t.src_blocks) * src.data[:, :, 0].numel() * 4
         for s, d in zip(t.src_blocks, t.request.block_table):
             assert torch.equal(src.data[:, :, s], dst.data[:, :, d])
     pool.free(reqs[0].block_table)  # r0 finished decoding
-    (t, _, _), = rx.pull()
+    (t, *_), = rx.pull()
     assert t.request.request_id == "r2"
     assert all(torch.equal(src.data[:, :, s], dst.data[:, :, d]) for s, d in zip(t.src_blocks, t.request.block_table))
 
