@@ -78,6 +78,7 @@ class Searcher:
         return self.make_job(_compose(_overrides(self.base, [f"engine={engine}", *extra])))
 
     def frame(self, job, rate_per_gpu: float) -> pd.DataFrame:
+        from experiments.loadgen.result import offered_rate
         from experiments.sweep import simulated
 
         wcfg = dataclasses.replace(job.workload, rate=rate_per_gpu * job.num_gpus)
@@ -86,8 +87,10 @@ class Searcher:
             from experiments.analysis import request_metrics as M
 
             t0 = time.perf_counter()
-            run, _, _ = simulated.simulation(job.model, job.engine, job.hardware, job.backend, job.loadgen, wcfg)
-            df = M.mark_measured(M.derive(run.frame, job.loadgen.measure_from), job.loadgen)
+            run, workload, _ = simulated.simulation(job.model, job.engine, job.hardware, job.backend, job.loadgen,
+                                                    wcfg)
+            df = M.mark_measured(M.derive(run.frame, job.loadgen.measure_from), job.loadgen,
+                                 conversations=offered_rate(workload, wcfg) is not None)
             self._runs[key] = df[df["measured"]]  # the window `result.measured` judges
             self.n_sims += 1
             self.sim_wall_s += time.perf_counter() - t0
