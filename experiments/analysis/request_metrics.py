@@ -365,13 +365,17 @@ def aggregate(df: pd.DataFrame, ttft_slo: float, tpot_slo: float, duration_s: fl
     return out
 
 
-def self_check(df: pd.DataFrame, workload_cfg, loop_lag: list[float], interarrival=None) -> dict[str, Any]:
+def self_check(df: pd.DataFrame, workload_cfg, loop_lag: list[float], interarrival=None,
+               arrivals: Optional[pd.Series] = None) -> dict[str, Any]:
     """Did the client keep up with its own schedule? Marks the run invalid (with reasons) if not.
 
-    `interarrival`: the scipy distribution the schedule drew its gaps from (None: no KS test).
+    `interarrival`: the scipy distribution the schedule drew its gaps from (None: no KS test). `arrivals`: a mask
+    of the rows the arrival process sent (a conversation's first turns; its later ones follow answers): the rate
+    and the KS test read those only, dispatch lateness every row.
     """
     schedule_kind = workload_cfg.arrival
-    sends = np.sort(df["send_s"].dropna().to_numpy())
+    timed = df if arrivals is None else df[arrivals]
+    sends = np.sort(timed["send_s"].dropna().to_numpy())
     res: dict[str, Any] = {"reasons": []}
     late = df["dispatch_lateness_s"].dropna().to_numpy()
     res["dispatch_lateness_p99_s"] = float(np.percentile(late, 99)) if late.size else None
@@ -381,7 +385,7 @@ def self_check(df: pd.DataFrame, workload_cfg, loop_lag: list[float], interarriv
         achieved = (sends.size - 1) / max(sends[-1] - sends[0], 1e-9)
         res["target_rate"], res["achieved_rate"] = workload_cfg.rate, achieved
         # The schedule is a random draw: compare with the rate it actually drew too.
-        sched = np.sort(df["scheduled_s"].to_numpy())
+        sched = np.sort(timed["scheduled_s"].to_numpy())
         res["scheduled_rate"] = (sched.size - 1) / max(sched[-1] - sched[0], 1e-9)
         if abs(achieved / res["scheduled_rate"] - 1) > 0.05:
             res["reasons"].append(f"achieved rate {achieved:.2f}/s is off the schedule's "

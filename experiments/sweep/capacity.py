@@ -92,7 +92,8 @@ def measure(model_cfg, engine_cfg, server_cfg, wcfg, lcfg, machine: dict, worth=
     unified = reference_engine(engine_cfg)
     conc = max(1, min(CONCURRENCY, unified.max_num_seqs))
     # Conversations hold a slot through their turns: sent back to back (no think time), the slots stay busy
-    sat = dataclasses.replace(wcfg, arrival="closed", max_concurrency=conc, num_requests=conc + MEASURED, think_time_s=0.0)
+    sat = dataclasses.replace(wcfg, arrival="closed", max_concurrency=conc, num_requests=conc + MEASURED,
+                              think_time_s=0.0)
     slo = freeze(SLOConfig, {})
     with tempfile.TemporaryDirectory(prefix="capacity-") as d, HostMonitor(
             max_interference=0.1, max_steal=0.05) as mon:

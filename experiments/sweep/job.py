@@ -78,7 +78,8 @@ class Job:
         check_engine_config(job.engine)  # a key this engine would ignore fails here, naming it
         check_tpot_definition(job.slo.tpot_definition)
         try:  # the load generator's settings too, before any server starts (the simulator times every token)
-            check_config(job.loadgen, None, None if job.simulated else job.slo, None if job.simulated else job.workload)
+            real = not job.simulated
+            check_config(job.loadgen, None, job.slo if real else None, job.workload if real else None)
         except LoadgenError as e:
             raise ValueError(str(e)) from None
         if job.workload.multi_turn:
