@@ -124,33 +124,35 @@ class BlockPool:
             if ref[b] == 0:
                 del self._evictable[b]
             ref[b] += 1
-        ids = []
-        for _ in range(n):
-            if self._free:
-                b = self._free.pop()
-            else:
-                b, _ = self._evictable.popitem(last=False)
-                del self._cached[self._hash[b]]
-                self._hash[b] = None
+        take = min(n, len(free))  # the uncached ones first, then evictions, least recently freed first
+        ids = [free.pop() for _ in range(take)]
+        if take < n:
+            evictable, cached, hashes = self._evictable, self._cached, self._hash
+            for _ in range(n - take):
+                b = evictable.popitem(last=False)[0]
+                del cached[hashes[b]]
+                hashes[b] = None
+                ids.append(b)
+        for b in ids:
             if ref[b]:
                 raise RuntimeError(f"allocator corrupted: free block {b} is referenced")
             ref[b] = 1
-            ids.append(b)
         return ids
 
     def free(self, blocks: list[int]) -> None:
         """Drop one reference on each block. Its tail first, so a sequence's own tail is evicted before the head
         it may share."""
-        ref = self._ref
-        if len(set(blocks)) != len(blocks) or not all(ref[b] > 0 for b in blocks):
+        ref, hashes = self._ref, self._hash
+        if len(set(blocks)) != len(blocks) or (blocks and min(map(ref.__getitem__, blocks)) <= 0):
             raise RuntimeError(f"KV block freed twice among {blocks}")
+        free, evictable = self._free, self._evictable
         for b in reversed(blocks):
-            ref[b] -= 1
-            if ref[b] == 0:
-                if self._hash[b] is None:
-                    self._free.append(b)
+            r = ref[b] = ref[b] - 1
+            if r == 0:
+                if hashes[b] is None:
+                    free.append(b)
                 else:
-                    self._evictable[b] = None
+                    evictable[b] = None
 
     def cache(self, block: int, h: int) -> None:
         """Register a block whose tokens are all computed under its prefix hash (a first copy wins: a block
@@ -158,6 +160,14 @@ class BlockPool:
         if self._hash[block] is None and h not in self._cached:
             self._cached[h] = block
             self._hash[block] = h
+
+    def cache_many(self, blocks: Sequence[int], hashes: Sequence[int]) -> None:
+        """`cache` each (block, hash) in turn."""
+        cached, owner = self._cached, self._hash
+        for b, h in zip(blocks, hashes):
+            if owner[b] is None and h not in cached:
+                cached[h] = b
+                owner[b] = h
 
     def reset_cache(self) -> None:
         """Forget every cached prefix (what vLLM's /reset_prefix_cache does); referenced blocks stay."""

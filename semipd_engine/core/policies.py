@@ -62,8 +62,8 @@ class DecodeOnly(Scheduler):
     runs_prefill = False
 
     def _fill(self, batch: ScheduledBatch, now: float) -> None:
-        while self.parked and len(self.running) < self.max_num_seqs:  # a slot freed: the oldest adopted joins
-            self.running.append(self.parked.popleft())
+        while self.parked and len(self.running) < self.max_num_seqs:
+            self._unpark()
         self._decodes(batch, now)
 
 

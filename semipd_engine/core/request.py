@@ -82,6 +82,7 @@ class Request:
     num_registered_blocks: int = 0  # of its block table, how many are registered in the pool's prefix cache
     num_cached_tokens: Optional[int] = None  # prompt tokens found cached at its first admission (usage)
     placeholder_tokens: bool = False  # stand-in token ids (the simulator's): blocks hash by salt and position
+    run_seq: int = 0  # when it joined its scheduler's running list (the list's order, for the decode group)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -20,11 +20,13 @@ so the same objects run in worker processes and in the simulator.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
 from semipd_engine.core.block_pool import BlockPool, cached_prefix, prefix_hashes
+from semipd_engine.core.decode_group import DecodeGroup
 from semipd_engine.core.request import FinishReason, Request, RequestOutput, RequestStatus
 
 
@@ -32,17 +34,21 @@ from semipd_engine.core.request import FinishReason, Request, RequestOutput, Req
 class ScheduledBatch:
     items: list[tuple[Request, int]] = field(default_factory=list)  # (request, new tokens)
     preempted: list[Request] = field(default_factory=list)
+    # The decode group's members (the simulator's: semipd_engine.core.decode_group), one new token each, and
+    # the context tokens they attend; not in `items`.
+    group: int = 0
+    group_ctx: int = 0
 
     @property
     def num_tokens(self) -> int:
-        return sum(n for _, n in self.items)
+        return sum(n for _, n in self.items) + self.group
 
     @property
     def num_prefill_tokens(self) -> int:
         return sum(n for r, n in self.items if not r.in_decode)
 
     def __bool__(self) -> bool:
-        return bool(self.items)
+        return bool(self.items) or self.group > 0
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,26 @@ class Scheduler:
         self.num_preemptions = 0
         # Prefix cache lookups at admission, in tokens (vLLM's prefix_cache_queries / prefix_cache_hits).
         self.prefix_queries = self.prefix_hits = 0
+        self.group: Optional[DecodeGroup] = None
+        self._run_seq = itertools.count(1)
+
+    def enable_decode_group(self, token: int) -> None:
+        """Keep decoding requests as one group (semipd_engine.core.decode_group), every sampled token `token`: for
+        a driver that reads results off the requests when they finish (the simulator), not per iteration."""
+        if self.emit_outputs or type(self)._after_token is not Scheduler._after_token:
+            raise ValueError(f"{self.name}: a decode group needs emit_outputs off and requests that keep decoding")
+        self.group = DecodeGroup(token, self.pool.block_size, self.pool.prefix_caching)
+
+    def _run(self, req: Request) -> None:
+        req.run_seq = next(self._run_seq)
+        self.running.append(req)
+
+    def _unpark(self) -> None:
+        """A slot freed: the oldest adopted request joins the running ones."""
+        req = self.parked.popleft()
+        self._run(req)
+        if self.group is not None:
+            self.group.pending.append(req)
 
     # -- requests in and out ------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -114,7 +140,9 @@ class Scheduler:
         req.status = RequestStatus.RUNNING
         self.requests[req.request_id] = req
         if len(self.running) < self.max_num_seqs:
-            self.running.append(req)
+            self._run(req)
+            if self.group is not None:
+                self.group.pending.append(req)
         else:
             self.parked.append(req)
 
@@ -139,12 +167,20 @@ class Scheduler:
 
     def _drop(self, req: Request, free: bool = True) -> None:
         """Forget a request (finished, aborted, handed off or evicted); free its blocks unless they travel."""
+        g = self.group
+        if g is not None:
+            if g.leave(req):
+                if self.pool.prefix_caching:
+                    self._register(req)
+            elif req in g.pending:
+                g.pending.remove(req)
         if req.status is not RequestStatus.RUNNING:
             self.waiting.remove(req)
-        elif req in self.parked:
-            self.parked.remove(req)
         else:
-            self.running.remove(req)
+            try:  # running first: the parked queue of a saturated decode worker is long, and nothing finishes there
+                self.running.remove(req)
+            except ValueError:
+                self.parked.remove(req)
         self.requests.pop(req.request_id, None)
         if free and req.block_table:
             self.pool.free(req.block_table)
@@ -165,6 +201,13 @@ class Scheduler:
     def update(self, batch: ScheduledBatch, result: ExecuteResult, now: float) -> StepOutcome:
         """Postprocess one iteration: count computed tokens, append sampled ones, route finished requests."""
         out = StepOutcome(duration_s=result.duration_s)
+        g = self.group if batch.group else None
+        if g is not None:  # the members' tokens: one group iteration more, and what falls due at it
+            it = g.gen
+            g.advance(now)
+            for req in g.registrations(it):
+                self._register(req)
+                g.registered(req)
         decode = prefill = 0
         # Blocks filled with computed tokens join the prefix cache as the request's count passes their end.
         full = self.pool.block_size if self.pool.prefix_caching else 0
@@ -178,6 +221,13 @@ class Scheduler:
             req.num_computed_tokens = c = c + n
             if full and c >= (req.num_registered_blocks + 1) * full:
                 self._register(req)
+        if g is not None:  # they come first in the batch: their last tokens before the other requests' tokens
+            decode += batch.group
+            for req in g.finishing(it):
+                if full:
+                    self._register(req)
+                self.finish(req, FinishReason.LENGTH, now)
+                out.finished.append(req)
         out.num_decode_tokens, out.num_prefill_tokens = decode, prefill
         max_len, emit = self.max_model_len, self.emit_outputs
         after = None if type(self)._after_token is Scheduler._after_token else self._after_token
@@ -204,6 +254,11 @@ class Scheduler:
                 out.outputs.append(make_output(req, (token,), (now,)))
         if not self.runs_prefill:
             self._evict_waiting(out)
+        if self.group is not None:  # requests that decode from the next iteration on: the group takes them in then
+            pending, requests = self.group.pending, self.requests
+            for req, _ in batch.items:
+                if req.status is RequestStatus.RUNNING and req.in_decode and requests.get(req.request_id) is req:
+                    pending.append(req)
         return out
 
     def finish(self, req: Request, reason: FinishReason, now: float) -> None:
@@ -226,10 +281,10 @@ class Scheduler:
     def _register(self, req: Request) -> None:
         pool, bs = self.pool, self.pool.block_size
         full = min(req.num_computed_tokens // bs, len(req.block_table))
-        hs = prefix_hashes(req, bs, full)
-        for i in range(req.num_registered_blocks, full):
-            pool.cache(req.block_table[i], hs[i])
-        req.num_registered_blocks = full
+        done = req.num_registered_blocks
+        if full > done:
+            pool.cache_many(req.block_table[done:full], prefix_hashes(req, bs, full)[done:full])
+            req.num_registered_blocks = full
 
     def _evict_waiting(self, out: StepOutcome) -> None:
         # A worker that cannot prefill sends preempted requests back for recompute.
@@ -240,6 +295,8 @@ class Scheduler:
     # -- building blocks of the policies -------------------------------------------------------
     def _decodes(self, batch: ScheduledBatch, now: float) -> int:
         """Schedule every running decode (oldest first), preempting the newest on OOM."""
+        if self.group is not None and self._group_decodes(batch):
+            return batch.group
         scheduled = 0
         bs = self.pool.block_size
         running = self.running
@@ -281,6 +338,63 @@ class Scheduler:
             i += 1
         return scheduled
 
+    def _group_decodes(self, batch: ScheduledBatch) -> bool:
+        """Every running decode as the group: the blocks due now reserved, the new decodes taken in. False (the
+        group dissolved, the per-request loop to run) when a reservation could fail, which would preempt, or a new
+        decode cannot join."""
+        g, pool = self.group, self.pool
+        due, new = g.reservations(g.gen), g.pending
+        needs = []
+        for req in new:
+            if not g.eligible(req):
+                self._dissolve_group()
+                return False
+            needs.append(pool.blocks_needed(req.num_tokens, len(req.block_table)))
+        need = len(due) + sum(needs)
+        if need > pool.num_free:
+            self._dissolve_group()
+            return False
+        if need:  # one allocation for all: which member gets which free block changes no count and no time
+            ids = iter(pool.try_allocate(need))
+            for req in due:
+                req.block_table.append(next(ids))
+            for req, k in zip(new, needs):
+                if k:
+                    req.block_table.extend(itertools.islice(ids, k))
+        if new:
+            g.pending = []
+            for req in new:
+                g.join(req, self.max_model_len)
+        batch.group, batch.group_ctx = g.n, g.ctx
+        return True
+
+    def _dissolve_group(self) -> None:
+        for req in self.group.dissolve():  # they join again after the per-request iteration
+            if self.pool.prefix_caching:
+                self._register(req)
+
+    def group_run(self, ends: list[float]) -> int:
+        """The decode group runs the iterations that end at `ends`, the first already scheduled and none a member's
+        last (the simulator's fast-forward): the blocks the later ones need are reserved, up to the first the pool
+        cannot give, the members advance, the blocks they filled are registered. Returns the iterations run."""
+        g, pool = self.group, self.pool
+        first, run, free, need = g.gen, len(ends), pool.num_free, 0
+        for j in range(1, run):
+            need += len(g.buckets[(first + j) % g.bs])
+            if need > free:
+                run = j
+                break
+        for j in range(1, run):
+            due = g.reservations(first + j)
+            if due:
+                for req, b in zip(due, pool.try_allocate(len(due))):
+                    req.block_table.append(b)
+        g.advance(ends[run - 1], run, ends[:run])
+        for req in g.registrations(g.gen - 1):
+            self._register(req)
+            g.registered(req)
+        return run
+
     def _continue_prefills(self, batch: ScheduledBatch, budget: int, skip_decodes: bool = True) -> int:
         """Chunks of partly computed prompts. A recompute whose last chunk is one token looks like a decode:
         policies that schedule decodes themselves skip those (`skip_decodes`), a prefill-only one must not."""
@@ -321,7 +435,7 @@ class Scheduler:
             req.block_table += got
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            self._run(req)
             batch.items.append((req, n))
             budget -= n
 

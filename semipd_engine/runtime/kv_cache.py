@@ -194,6 +194,10 @@ class SharedBlockPool(BlockPool):
             v["keys"][i], v["vals"][i] = h, block
             v["hash"][block], v["hashed"][block] = h, True
 
+    def cache_many(self, blocks, hashes) -> None:
+        for b, h in zip(blocks, hashes):
+            self.cache(b, h)
+
     def reset_cache(self) -> None:
         v = self.v
         with self._lock:

@@ -50,11 +50,13 @@ class BatchShape:
         return cls(ps, pt, pairs, pkv, ds, dctx, smp)
 
 
-def shape_and_sampled(items, token: int) -> tuple[BatchShape, list]:
+def shape_and_sampled(items, token: int, group: int = 0, group_ctx: int = 0) -> tuple[BatchShape, list]:
     """`BatchShape.of` a scheduled batch's (request, new tokens) items, and (request, `token`) for each request
     that samples: one pass over the requests (the simulator prices every iteration; building a tuple per request
-    first cost as much as the cost model)."""
-    ps = pt = pkv = ds = dctx = 0
+    first cost as much as the cost model). A decode group's `group` members attending `group_ctx` tokens add to
+    the shape; they sample without a row here (semipd_engine.core.decode_group)."""
+    ps = pt = pkv = 0
+    ds, dctx = group, group_ctx
     pairs = 0.0
     sampled = []
     for r, n in items:
@@ -71,7 +73,7 @@ def shape_and_sampled(items, token: int) -> tuple[BatchShape, list]:
             pkv += c + n
         if c + n == len(r.prompt_token_ids) + len(r.output_token_ids):
             sampled.append((r, token))
-    return BatchShape(ps, pt, pairs, pkv, ds, dctx, len(sampled)), sampled
+    return BatchShape(ps, pt, pairs, pkv, ds, dctx, len(sampled) + group), sampled
 
 
 @runtime_checkable

@@ -18,7 +18,7 @@ from semipd_engine.core.clock import VirtualClock
 from semipd_engine.core.policies import make_scheduler
 from semipd_engine.shares.partition import unit_cores
 from semipd_engine.sim.batch import CostModel
-from semipd_engine.sim.executor import CostModelExecutor
+from semipd_engine.sim.executor import SIM_TOKEN, CostModelExecutor
 from semipd_engine.sim.share import ShareModel, ShareModels
 from semipd_engine.sim.simulator import LinkConfig, Simulator, SimWorker
 from semipd_engine.sim.stack import FIELDS, IDEAL, ServingStack, resolve
@@ -222,6 +222,8 @@ def simulate(topo: Topology, model_cfg, engine_cfg, plat: Platform, backend) -> 
         pool = pools[w.pool]
         sched = make_scheduler(w.policy, pool, e, max_len(pool))
         sched.emit_outputs = False  # nothing streams: results are read off the requests' timestamps
+        if backend.decode_group and not sched.hands_off:
+            sched.enable_decode_group(SIM_TOKEN)
         workers[w.name] = SimWorker(w.name, w.role, sched, CostModelExecutor(plat.cost_for(units[w.unit]),
                                                                              plat.stack),
                                     share=100 if w.share is None else w.share, handoff_kind=w.handoff,

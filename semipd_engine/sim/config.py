@@ -32,6 +32,8 @@ class BackendConfig:
     cost_model: str = "roofline"
     profile_path: Optional[str] = None  # the `profile` cost model's file (python -m semipd_engine.sim.profile)
     fast_forward: bool = True  # advance unchanged decode batches many iterations at a time (exact)
+    # decoding requests kept as one group, their tokens materialised when they finish (exact; core/decode_group.py)
+    decode_group: bool = True
     kv_mem_fraction: float = 0.9  # GPU memory for weights + KV cache (vLLM's gpu_memory_utilization)
     # per-iteration host time; when set it replaces the serving stack's `step_s` (the key older runs used)
     overhead_s: Optional[float] = None

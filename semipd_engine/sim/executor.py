@@ -32,7 +32,7 @@ class Work:
 
 
 def batch_shape(batch: ScheduledBatch) -> BatchShape:
-    return shape_and_sampled(batch.items, SIM_TOKEN)[0]
+    return shape_and_sampled(batch.items, SIM_TOKEN, batch.group, batch.group_ctx)[0]
 
 
 class CostModelExecutor:
@@ -50,7 +50,7 @@ class CostModelExecutor:
         return Work(self.stack.host_time(shape), self.cost.iteration_time(shape), mem)
 
     def execute(self, batch: ScheduledBatch) -> ExecuteResult:
-        shape, sampled = shape_and_sampled(batch.items, SIM_TOKEN)
+        shape, sampled = shape_and_sampled(batch.items, SIM_TOKEN, batch.group, batch.group_ctx)
         self.work = self.work_of(shape)
         return ExecuteResult(sampled, self.price(self.work))
 

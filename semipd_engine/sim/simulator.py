@@ -413,7 +413,7 @@ class Simulator:
         RESUME event), or None when nothing was applied.
         """
         sched = w.scheduler
-        if sched.hands_off or len(batch.items) != len(sched.running):
+        if sched.hands_off or len(batch.items) + batch.group != len(sched.running):
             return None
         if sched.waiting and not (sched.runs_prefill and self._admission_blocked(sched)):
             return None  # it would admit one, or (a decode-only worker) evict its preempted requests now
@@ -425,6 +425,8 @@ class Simulator:
         other = w.colocated
         if other is not None and not other.busy and other.scheduler.has_work():
             return None  # it is retried at each of our iteration ends, against the pool as it is then
+        if sched.group is not None:  # an iteration of single decodes has a group dissolved: its next one is not
+            return self._fast_forward_group(w, batch, result, t, horizon) if batch.group and not batch.items else None
         k = math.inf
         max_len = sched.max_model_len
         for r, n in batch.items:
@@ -464,6 +466,39 @@ class Simulator:
             r.num_computed_tokens += applied
         if sched.pool.prefix_caching:
             sched.register(batch)
+        w.iterations += applied - 1  # iteration 0 is counted by the caller
+        w.fast_forwarded += applied
+        self._iter_time["decode"] = self._iter_time.get("decode", 0.0) + (ends[-1] - t)
+        self._iter_n["decode"] = self._iter_n.get("decode", 0) + applied
+        return ends[-1]
+
+    def _fast_forward_group(self, w: SimWorker, batch: ScheduledBatch, result: ExecuteResult, t: float,
+                            horizon: float) -> Optional[float]:
+        """`_fast_forward` for a decode group: the same stretch, up to the first member's last token, its blocks
+        reserved iteration by iteration (`Scheduler.group_run`), one end time per iteration for all members."""
+        sched = w.scheduler
+        g = sched.group
+        it = g.gen  # the stretch's iteration 0, scheduled at t
+        k = g.next_finish() - it  # iterations it .. it + k - 1 end without a last token
+        if k < 2:
+            return None
+        nb, price = batch.group, w.executor.price
+        later = w.executor.decode_works(nb, batch.group_ctx + nb, int(min(k - 1, 4096)))  # iterations 1, 2, ...
+        ends: list[float] = []
+        end, d = t, result.duration_s
+        while True:
+            e = end + d
+            if e >= horizon:
+                break
+            ends.append(e)
+            end = e
+            if len(ends) >= k or len(ends) > len(later):
+                break
+            d = price(later[len(ends) - 1])
+        applied = sched.group_run(ends) if ends else 0
+        if applied == 0:
+            return None
+        ends = ends[:applied]
         w.iterations += applied - 1  # iteration 0 is counted by the caller
         w.fast_forwarded += applied
         self._iter_time["decode"] = self._iter_time.get("decode", 0.0) + (ends[-1] - t)

@@ -10,7 +10,7 @@ from semipd_engine.control.slo_partitioner import SLOPartitioner
 from semipd_engine.core import policies
 from semipd_engine.sim.build import build_simulator, sim_engines
 from semipd_engine.sim.config import BackendConfig, HardwareConfig
-from semipd_engine.sim.simulator import make_requests
+from semipd_engine.sim.simulator import make_request, make_requests
 
 PER_ENGINE = {"unified": {"policy": "prefill_priority"}, "unified_chunked": {"policy": "chunked"},
               "semipd": {"prefill_share": 60, "decode_share": 80},
@@ -32,9 +32,9 @@ def _workload(n, rate, seed=0):
     return arrivals, prompts, outputs
 
 
-def _simulate(engine, n=300, rate=12.0, fast_forward=True, seed=0, **kw):
+def _simulate(engine, n=300, rate=12.0, fast_forward=True, seed=0, decode_group=True, **kw):
     m, e, h = _cfgs(engine, **kw)
-    backend = freeze(BackendConfig, {"name": "sim", "fast_forward": fast_forward})
+    backend = freeze(BackendConfig, {"name": "sim", "fast_forward": fast_forward, "decode_group": decode_group})
     sim, _ = build_simulator(m, e, h, backend)
     done = sim.run(make_requests(*_workload(n, rate, seed)))
     return sim, {r.request_id: (r.times.arrival, r.times.first_token, tuple(r.times.tokens), r.times.finished,
@@ -44,14 +44,53 @@ def _simulate(engine, n=300, rate=12.0, fast_forward=True, seed=0, **kw):
 @pytest.mark.parametrize("engine", sim_engines())
 @pytest.mark.parametrize("load", ["moderate", "preempting"])
 def test_fast_forward_equals_the_step_by_step_loop(engine, load):
+    """Both shortcuts (fast-forward, the decode group), alone and together, against the per-request loop."""
     kw = {"rate": 10.0} if load == "moderate" else {"rate": 40.0, "num_kv_blocks": 400}
-    fast_sim, fast = _simulate(engine, fast_forward=True, **kw)
-    slow_sim, slow = _simulate(engine, fast_forward=False, **kw)
-    assert len(fast) == 300 and fast == slow  # every token time, bit for bit
-    assert fast_sim.stats.fast_forwarded > 0 and slow_sim.stats.fast_forwarded == 0
-    assert fast_sim.stats.iterations == slow_sim.stats.iterations
+    slow_sim, slow = _simulate(engine, fast_forward=False, decode_group=False, **kw)
+    assert len(slow) == 300 and slow_sim.stats.fast_forwarded == 0
+    for ff, group in ((True, True), (False, True), (True, False)):
+        sim, got = _simulate(engine, fast_forward=ff, decode_group=group, **kw)
+        assert got == slow, (ff, group)  # every token time, bit for bit
+        assert (sim.stats.fast_forwarded > 0) == ff
+        assert sim.stats.iterations == slow_sim.stats.iterations
+        assert sim.stats.kv_peak_blocks == slow_sim.stats.kv_peak_blocks
     if load == "preempting" and engine != "disagg":
-        assert any(v[5] for v in fast.values()), "the small pool should force preemptions"
+        assert any(v[5] for v in slow.values()), "the small pool should force preemptions"
+
+
+@pytest.mark.parametrize("engine", sim_engines())
+def test_the_shortcuts_keep_the_prefix_cache_exact(engine):
+    """Shared prefixes and conversations whose next turn resends the answer, in a pool small enough to evict:
+    the decode group registers the blocks its members fill when the per-request loop would, so every hit, every
+    eviction and every token time is the same."""
+    rng = np.random.default_rng(5)
+    n, system = 120, list(range(1000, 1000 + 96))
+    arrivals = np.cumsum(rng.exponential(1 / 14.0, n))
+    prompts = [system[: int(rng.integers(0, 97))] + [int(x) for x in rng.integers(0, 500, rng.integers(8, 200))]
+               for _ in range(n)]
+    outputs = [int(x) for x in rng.integers(2, 120, n)]
+
+    def follow(req, t):  # a second turn for every third request: its whole history and a new message
+        i = int(req.request_id.split("-")[1])
+        if i % 3 or i >= n:
+            return None
+        ids = req.prompt_token_ids + req.output_token_ids + [7, 8, 9, 10] * 5
+        return make_request(n + i, t + 0.5, len(ids), 30, ids)
+
+    def run(ff, group):
+        m, e, h = _cfgs(engine, num_kv_blocks=900)
+        backend = freeze(BackendConfig, {"name": "sim", "fast_forward": ff, "decode_group": group})
+        sim, _ = build_simulator(m, e, h, backend)
+        reqs = [make_request(i, a, len(p), o, p) for i, (a, p, o) in enumerate(zip(arrivals, prompts, outputs))]
+        done = sim.run(reqs, follow, n + len(range(0, n, 3)))
+        hits = sum(w.scheduler.prefix_hits for w in sim.workers.values())
+        return hits, {r.request_id: (tuple(r.times.tokens), r.num_cached_tokens, tuple(r.times.preemptions))
+                      for r in done}
+
+    hits, ref = run(False, False)
+    assert hits > 0 and len(ref) == n + 40
+    assert run(True, True) == (hits, ref)
+    assert run(False, True) == (hits, ref)
 
 
 def test_a_seeded_run_is_deterministic_and_seeds_differ():
