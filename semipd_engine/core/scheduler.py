@@ -295,7 +295,7 @@ class Scheduler:
     # -- building blocks of the policies -------------------------------------------------------
     def _decodes(self, batch: ScheduledBatch, now: float) -> int:
         """Schedule every running decode (oldest first), preempting the newest on OOM."""
-        if self.group is not None and self._group_decodes(batch):
+        if self.group is not None and self._group_decodes(batch, now):
             return batch.group
         scheduled = 0
         bs = self.pool.block_size
@@ -338,32 +338,42 @@ class Scheduler:
             i += 1
         return scheduled
 
-    def _group_decodes(self, batch: ScheduledBatch) -> bool:
-        """Every running decode as the group: the blocks due now reserved, the new decodes taken in. False (the
-        group dissolved, the per-request loop to run) when a reservation could fail, which would preempt, or a new
-        decode cannot join."""
+    def _group_decodes(self, batch: ScheduledBatch, now: float) -> bool:
+        """Every running decode as the group: the blocks due now reserved, the new decodes taken in, the newest
+        running requests preempted where the pool is short (as the per-request loop does). False (the group
+        dissolved, the per-request loop to run) when a new decode cannot join."""
         g, pool = self.group, self.pool
-        due, new = g.reservations(g.gen), g.pending
-        needs = []
-        for req in new:
-            if not g.eligible(req):
-                self._dissolve_group()
-                return False
-            needs.append(pool.blocks_needed(req.num_tokens, len(req.block_table)))
-        need = len(due) + sum(needs)
-        if need > pool.num_free:
+        it = g.gen
+        due, new = g.reservations(it), g.pending
+        if not all(g.eligible(req) for req in new):
             self._dissolve_group()
             return False
-        if need:  # one allocation for all: which member gets which free block changes no count and no time
-            ids = iter(pool.try_allocate(need))
-            for req in due:
-                req.block_table.append(next(ids))
-            for req, k in zip(new, needs):
-                if k:
-                    req.block_table.extend(itertools.islice(ids, k))
-        if new:
-            g.pending = []
-            for req in new:
+        g.pending = []
+        needs = [pool.blocks_needed(req.num_tokens, len(req.block_table)) for req in new]
+        need = len(due) + sum(needs)
+        if need <= pool.num_free:  # one allocation: which request gets which free block changes no count, no time
+            if need:
+                ids = iter(pool.try_allocate(need))
+                for req in due:
+                    req.block_table.append(next(ids))
+                for req, k in zip(new, needs):
+                    if k:
+                        req.block_table.extend(itertools.islice(ids, k))
+        else:  # the per-request loop's order: oldest first, each preempting the newest until it has its block
+            todo = sorted([(req.run_seq, req, 1) for req in due] + [(r.run_seq, r, k) for r, k in zip(new, needs)],
+                          key=lambda e: e[0])
+            for _, req, k in todo:
+                while req.status is RequestStatus.RUNNING:
+                    got = pool.try_allocate(k)
+                    if got is not None:
+                        req.block_table += got
+                        break
+                    victim = self.running[-1]
+                    if g.leave(victim) and pool.prefix_caching:
+                        self._register(victim)  # its filled blocks, as the per-request loop has them
+                    self._preempt(victim, batch, now)
+        for req in new:
+            if req.status is RequestStatus.RUNNING:
                 g.join(req, self.max_model_len)
         batch.group, batch.group_ctx = g.n, g.ctx
         return True

@@ -141,6 +141,11 @@ class RooflineCostModel(BaseCostModel):
         # _sums by shape (decode context aside): a simulation prices tens of thousands of iterations whose
         # shapes repeat (decode batches of the same size), each over ~15 operators.
         self._memo: dict[tuple, tuple[float, float, float, float]] = {}
+        # The operators that depend on the token count alone, by it: a prefill's shape rarely repeats, its
+        # token count does. And decode attention's last (sequences, context): priced twice per iteration where
+        # the HBM-bound part is wanted too.
+        self._by_tokens: dict[int, tuple[list, list]] = {}
+        self._last_attn: tuple[int, int, tuple[float, bool]] = (-1, -1, (0.0, False))
         self.ops = Ops(hw, dtype_bytes)
         kv = self.max_kv_tokens()
         if kv < MIN_KV_TOKENS:
@@ -167,23 +172,32 @@ class RooflineCostModel(BaseCostModel):
     # -- time -----------------------------------------------------------------------------------------------
     def _layer_ops(self, s: BatchShape) -> list[tuple[str, float, bool]]:
         """Per-layer operators except decode attention (the only one that depends on context length)."""
-        m, ops, b = self.model, self.ops, self.b
-        t, h, d = s.num_tokens, m.hidden_size, m.head_dim
-        hq, hkv = self.heads, self.kv_heads
-        norm = ops.elementwise(4 * t * h * b)  # fused residual add + RMSNorm: x and residual in, both out
-        return [
-            ("qkv_proj", *ops.gemm(t, (hq + 2 * hkv) * d, h)),
-            ("attn_out_proj", *ops.gemm(t, h, hq * d)),
-            ("gate_up_proj", *ops.gemm(t, 2 * self.inter, h)),
-            ("down_proj", *ops.gemm(t, h, self.inter)),
-            ("prefill_attn", *ops.prefill_attn(s.prefill_seqs, s.prefill_tokens, s.prefill_attn_pairs,
-                                               s.prefill_kv_tokens, hq, hkv, d)),
-            ("rmsnorm", 2 * norm[0], norm[1]),
-            ("rope", *ops.elementwise(2 * t * (hq + hkv) * d * b)),
-            ("kv_store", *ops.elementwise(2 * t * 2 * hkv * d * b)),
-            ("act", *ops.elementwise(3 * t * self.inter * b)),
-            ("all_reduce", 2 * ops.allreduce(t * h * b, self.tp), False),
-        ]
+        m, ops = self.model, self.ops
+        hq, hkv, d = self.heads, self.kv_heads, m.head_dim
+        before, after = self._token_ops(s.num_tokens)
+        return [*before, ("prefill_attn", *ops.prefill_attn(s.prefill_seqs, s.prefill_tokens, s.prefill_attn_pairs,
+                                                            s.prefill_kv_tokens, hq, hkv, d)), *after]
+
+    def _token_ops(self, t: int) -> tuple[list, list]:
+        """The per-layer operators before and after prefill attention, which depend on the token count alone."""
+        hit = self._by_tokens.get(t)
+        if hit is None:
+            m, ops, b = self.model, self.ops, self.b
+            h, d, hq, hkv = m.hidden_size, m.head_dim, self.heads, self.kv_heads
+            norm = ops.elementwise(4 * t * h * b)  # fused residual add + RMSNorm: x and residual in, both out
+            hit = ([("qkv_proj", *ops.gemm(t, (hq + 2 * hkv) * d, h)),
+                    ("attn_out_proj", *ops.gemm(t, h, hq * d)),
+                    ("gate_up_proj", *ops.gemm(t, 2 * self.inter, h)),
+                    ("down_proj", *ops.gemm(t, h, self.inter))],
+                   [("rmsnorm", 2 * norm[0], norm[1]),
+                    ("rope", *ops.elementwise(2 * t * (hq + hkv) * d * b)),
+                    ("kv_store", *ops.elementwise(2 * t * 2 * hkv * d * b)),
+                    ("act", *ops.elementwise(3 * t * self.inter * b)),
+                    ("all_reduce", 2 * ops.allreduce(t * h * b, self.tp), False)])
+            if len(self._by_tokens) >= 1 << 16:
+                self._by_tokens.clear()
+            self._by_tokens[t] = hit
+        return hit
 
     def _once_ops(self, s: BatchShape) -> list[tuple[str, float, bool]]:
         m, ops, b, t = self.model, self.ops, self.b, s.num_tokens
@@ -195,7 +209,12 @@ class RooflineCostModel(BaseCostModel):
         ]
 
     def _decode_attn(self, seqs: int, ctx_tokens: int) -> tuple[float, bool]:
-        return self.ops.decode_attn(seqs, ctx_tokens, self.heads, self.kv_heads, self.model.head_dim)
+        last = self._last_attn
+        if last[0] == seqs and last[1] == ctx_tokens:
+            return last[2]
+        out = self.ops.decode_attn(seqs, ctx_tokens, self.heads, self.kv_heads, self.model.head_dim)
+        self._last_attn = (seqs, ctx_tokens, out)
+        return out
 
     def _sums(self, s: BatchShape) -> tuple[float, float, float, float]:
         """(per layer, once) seconds of the operators but decode attention, then their HBM-bound part."""
