@@ -70,8 +70,7 @@ class TransferQueue:
             req.block_table = [b for b, _ in hit] + dst
             if full:
                 hs = prefix_hashes(req, pool.block_size, full)
-                for i in range(len(hit), full):
-                    pool.cache(req.block_table[i], hs[i])
+                pool.cache_many(req.block_table[len(hit):full], hs[len(hit):full])
                 req.num_registered_blocks = full  # this pool's count from here on (the sender's was its own)
             self.pending.popleft()
             done.append((t, nbytes, seconds, len(hit)))

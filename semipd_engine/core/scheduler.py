@@ -354,8 +354,8 @@ class Scheduler:
         if need <= pool.num_free:  # one allocation: which request gets which free block changes no count, no time
             if need:
                 ids = iter(pool.try_allocate(need))
-                for req in due:
-                    req.block_table.append(next(ids))
+                for req, b in zip(due, ids):
+                    req.block_table.append(b)
                 for req, k in zip(new, needs):
                     if k:
                         req.block_table.extend(itertools.islice(ids, k))

@@ -7,13 +7,12 @@ requests, and any model (roofline, fitted CPU table) can replace another without
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 
-@dataclass(frozen=True, slots=True)
-class BatchShape:
-    """What a cost model sees of one iteration."""
+class BatchShape(NamedTuple):
+    """What a cost model sees of one iteration (a named tuple: one is made per simulated iteration, and a tuple is
+    made three times faster than a frozen dataclass)."""
 
     prefill_seqs: int = 0  # sequences computing more than one new token (prefill, chunk, recompute)
     prefill_tokens: int = 0  # their new tokens, summed

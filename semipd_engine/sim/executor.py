@@ -13,7 +13,7 @@ iteration in flight when that changes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from semipd_engine.core.scheduler import ExecuteResult, ScheduledBatch
 from semipd_engine.sim.batch import BatchShape, shape_and_sampled
@@ -22,9 +22,8 @@ from semipd_engine.sim.stack import IDEAL, ServingStack
 SIM_TOKEN = 0
 
 
-@dataclass(frozen=True, slots=True)
-class Work:
-    """What one iteration costs before any compute share or contention applies."""
+class Work(NamedTuple):
+    """What one iteration costs before any compute share or contention applies (a named tuple, as BatchShape)."""
 
     host_s: float  # the serving stack's CPU time (never slowed by a share)
     device_s: float  # the cost model's time on the whole device, alone

@@ -167,7 +167,7 @@ def measure(model_cfg, engine_cfg, thread_counts: list[int], repeats: int = 5) -
                 pool.free(r.block_table)
             shape = batch_shape(batch)
             samples.append({"kind": kind, "threads": threads, "seconds": statistics.median(times[1:]),
-                            "shape": {f: getattr(shape, f) for f in shape.__dataclass_fields__}})
+                            "shape": shape._asdict()})
     return samples
 
 
