@@ -342,7 +342,8 @@ def prefix_cache_hit_rate(ok: pd.DataFrame) -> Optional[float]:
 
 
 def aggregate(df: pd.DataFrame, ttft_slo: float, tpot_slo: float, duration_s: float,
-              tpot_definition: str = "mean") -> dict[str, Any]:
+              tpot_definition: str = "mean", sample_cis: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The run's statistics over `df` (its measured requests); `sample_cis`: uncertainty.request_cis's."""
     ok = df[df["error"].isna()]
     out: dict[str, Any] = {
         "num_requests": int(len(df)), "num_ok": int(len(ok)), "num_errors": int(df["error"].notna().sum()),
@@ -361,7 +362,7 @@ def aggregate(df: pd.DataFrame, ttft_slo: float, tpot_slo: float, duration_s: fl
     out["slo_attainment"] = float(met.mean()) if len(df) else 0.0
     out["tpot_definitions"] = tpot_definitions(df, ttft_slo, tpot_slo, tpot_definition)
     out["goodput"] = float(met.sum()) / dur
-    out["ci"] = U.request_cis(df, met, duration_s)  # 95% intervals: experiments/analysis/uncertainty.py
+    out["ci"] = U.request_cis(df, met, duration_s, sample=sample_cis)  # 95% intervals: analysis/uncertainty.py
     return out
 
 

@@ -179,16 +179,34 @@ def cluster_quantile_cis(groups: Sequence[Sequence[float]], qs: Sequence[float],
     return [_pct_interval(r, conf) for r in reps]
 
 
-def request_cis(df: pd.DataFrame, met: pd.Series, duration_s: float, conf: float = CONFIDENCE) -> dict[str, Any]:
+def request_cis(df: pd.DataFrame, met: pd.Series, duration_s: float, conf: float = CONFIDENCE,
+                sample: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Intervals of one run's statistics over its measured requests: {statistic: [low, high]}.
 
     Keys follow the aggregates: `slo_attainment`, `request_throughput`, `output_token_throughput`, `goodput`,
-    and `<latency>.<mean|p50|p90|p99>` for ttft_s, tpot_s, e2e_s, itl_s.
+    and `<latency>.<mean|p50|p90|p99>` for ttft_s, tpot_s, e2e_s, itl_s. `sample`: the intervals that do not read
+    the SLOs (`sample_cis`) where the caller keeps them for runs judged alike; an empty dict is filled in.
     """
-    out: dict[str, Any] = {}
     n = len(df)
+    if not sample:
+        computed = sample_cis(df, duration_s, conf)
+        if sample is not None:
+            sample.update(computed)
+        sample = computed
+    out: dict[str, Any] = {"slo_attainment": list(wilson(int(met.sum()), n, conf)) if n else [math.nan, math.nan]}
+    out.update((k, v) for k, v in sample.items() if k != "output_token_throughput")
+    glo, ghi = garwood(int(met.sum()), conf)
+    dur = max(duration_s, 1e-9)
+    out["goodput"] = [glo / dur, ghi / dur]
+    out["output_token_throughput"] = sample["output_token_throughput"]
+    return out
+
+
+def sample_cis(df: pd.DataFrame, duration_s: float, conf: float = CONFIDENCE) -> dict[str, Any]:
+    """The intervals of `request_cis` that depend on the requests alone (every one but attainment and goodput):
+    the bootstraps, most of a run's judging time."""
+    out: dict[str, Any] = {}
     ok = df[df["error"].isna()]
-    out["slo_attainment"] = list(wilson(int(met.sum()), n, conf)) if n else [math.nan, math.nan]
     for col in LATENCIES:
         v = _finite(ok[col]) if col in ok else np.array([])
         out[f"{col}.mean"] = list(bootstrap_ci(v, conf=conf))
@@ -204,8 +222,6 @@ def request_cis(df: pd.DataFrame, met: pd.Series, duration_s: float, conf: float
     dur = max(duration_s, 1e-9)
     lo, hi = garwood(len(ok), conf)
     out["request_throughput"] = [lo / dur, hi / dur]
-    glo, ghi = garwood(int(met.sum()), conf)
-    out["goodput"] = [glo / dur, ghi / dur]
     toks = _finite(ok["output_tokens"]) if len(ok) else np.array([])
     if toks.size:
         mlo, mhi = bootstrap_ci(toks, conf=conf)

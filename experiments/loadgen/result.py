@@ -295,17 +295,20 @@ class RunResult:
         return self.to_dict().get(key, default)
 
 
-def measured(df: pd.DataFrame, lcfg, slo, offered_rate: Optional[float] = None) -> tuple[pd.DataFrame, Aggregates]:
+def measured(df: pd.DataFrame, lcfg, slo, offered_rate: Optional[float] = None, marked: bool = False,
+             sample_cis: Optional[dict[str, Any]] = None) -> tuple[pd.DataFrame, Aggregates]:
     """The requests with the measurement window marked (warm-up and cool-down out: `loadgen.*`), and the
     statistics over that window against the SLOs (TPOT read as `slo.tpot_definition`), with whether the run
     reached steady state (and, for conversations, the `offered_rate` in requests/s): the one computation both
-    backends share."""
+    backends share. Runs judged alike (the same rows, the same window, other SLOs) may share what does not read
+    the SLOs: rows already `marked` by this function, and their `sample_cis` (uncertainty.request_cis)."""
     definition = M.check_tpot_definition(getattr(slo, "tpot_definition", "mean"))
-    df = M.mark_measured(df, lcfg, conversations=offered_rate is not None)
+    if not marked:
+        df = M.mark_measured(df, lcfg, conversations=offered_rate is not None)
     window = df[df["measured"]]
     sent = window["send_s"].dropna()
     duration = float(window["finish_s"].max() - sent.min()) if len(sent) else 0.0
-    agg = M.aggregate(window, slo.ttft_s, slo.tpot_s, duration, definition)
+    agg = M.aggregate(window, slo.ttft_s, slo.tpot_s, duration, definition, sample_cis)
     agg["steady_state"] = M.steady_state(df, M.slo_met(window, slo.ttft_s, slo.tpot_s, definition), offered_rate)
     return df, Aggregates.from_dict(agg)
 

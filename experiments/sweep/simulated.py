@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,12 +200,12 @@ def simulation(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg,
     if cache_dir is not None:  # written whole or not at all: a concurrent job reads a complete entry or none
         d = Path(cache_dir)
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".{key}.{os.getpid()}"
-        run.frame.to_parquet(tmp.with_suffix(".parquet"), index=False)
-        os.replace(tmp.with_suffix(".parquet"), d / f"{key}.parquet")
-        tmp.with_suffix(".json").write_text(json.dumps({"backend": backend, "samples": run.samples,
-                                                        "decisions": run.decisions}, default=float))
-        os.replace(tmp.with_suffix(".json"), d / f"{key}.json")
+        tmp = f".{key}.{os.getpid()}"  # this process's own: two jobs may write the same entry at once
+        run.frame.to_parquet(d / f"{tmp}.parquet", index=False)
+        os.replace(d / f"{tmp}.parquet", d / f"{key}.parquet")
+        (d / f"{tmp}.json").write_text(json.dumps({"backend": backend, "samples": run.samples,
+                                                  "decisions": run.decisions}, default=float))
+        os.replace(d / f"{tmp}.json", d / f"{key}.json")
     return run, workload, lengths
 
 
@@ -230,15 +231,36 @@ def _turns(items, builder: PromptBuilder, history: str):
     return recorded, next_turn
 
 
+def judge_key(run: Simulation, lcfg, conversations: bool) -> str:
+    """What a simulation's rows are judged by before any SLO reads them: the simulation, where latencies count
+    from, the measurement window."""
+    parts = {"simulation": run.key, "measure_from": lcfg.measure_from, "warmup_s": lcfg.warmup_s,
+             "cooldown_s": lcfg.cooldown_s, "warmup_requests": getattr(lcfg, "warmup_requests", 0),
+             "conversations": conversations}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
 def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, slo,
                   output_dir: Optional[str] = None, resolved_config: Any = None,
                   cache_dir: Optional[Path] = None) -> RunResult:
     """The simulated twin of `experiments.loadgen.run_loadgen`: same inputs, same files, the same result type.
 
     With `cache_dir` (a sweep's), runs that differ only in how they are judged (SLOs, the measurement window)
-    share one simulation: the first simulates and stores it under `simulation_key`, the others read it."""
+    share one simulation: the first simulates and stores it under `simulation_key`, the others read it. Runs that
+    differ only in their SLOs also share the judging that does not read them (`judge_key`): the rows with their
+    latencies and window (the first run's `requests.parquet`, copied) and their bootstrapped intervals."""
     run, workload, lengths = simulation(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, cache_dir)
-    df, aggregates = measured(M.derive(run.frame, lcfg.measure_from), lcfg, slo, offered_rate(workload, wcfg))
+    offered = offered_rate(workload, wcfg)
+    judged = Path(cache_dir) / "judged" / judge_key(run, lcfg, offered is not None) if cache_dir and run.key \
+        else None
+    rows_file = judged.with_suffix(".parquet") if judged is not None else None
+    cis: dict[str, Any] = {}
+    reuse = judged is not None and rows_file.is_file() and judged.with_suffix(".json").is_file()
+    if reuse:
+        cis = json.loads(judged.with_suffix(".json").read_text())
+        df, aggregates = measured(pd.read_parquet(rows_file), lcfg, slo, offered, marked=True, sample_cis=cis)
+    else:
+        df, aggregates = measured(M.derive(run.frame, lcfg.measure_from), lcfg, slo, offered, sample_cis=cis)
     result = RunResult(
         aggregates=aggregates, slo=SLOs(slo.ttft_s, slo.tpot_s, slo.tpot_definition),
         # No client, no host: nothing can be late or disturbed. The model's own validity is in docs/benchmarks.md.
@@ -246,13 +268,19 @@ def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, 
         workload=workload_run(workload, wcfg, len(workload.items), lengths), model=model_cfg.path or model_cfg.name,
         length_mismatch={"prompt_mismatched": 0, "output_mismatched": int(
             (df["output_tokens"] != df["expected_output_tokens"]).sum()), "checked": int(len(df))},
-        backend={**run.backend, **({"simulation_key": run.key, "from_cache": run.cached} if run.key else {})},
+        backend={**run.backend, **({"simulation_key": run.key, "from_cache": run.cached,
+                                    "judged_from_cache": reuse} if run.key else {})},
         config=resolved_config,
         t0_monotonic=0.0)  # the virtual clock starts with the load: server samples are on the load's clock
+    written = None
     if output_dir:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        df.to_parquet(out / "requests.parquet", index=False)
+        written = out / "requests.parquet"
+        if reuse:
+            shutil.copyfile(rows_file, written)
+        else:
+            df.to_parquet(written, index=False)
         if run.samples:  # the same file a real job's MetricsRecorder writes (monotonic_s: the virtual time)
             pd.DataFrame(run.samples).assign(monotonic_s=lambda f: f["time_s"]).to_parquet(
                 out / "server_metrics.parquet", index=False)
@@ -263,6 +291,16 @@ def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, 
             with open(out / "partition_log.jsonl", "w") as f:
                 for row in [first, *run.decisions]:
                     f.write(json.dumps(row, default=float) + "\n")
+    if judged is not None and not reuse:  # written whole or not at all, as the simulation is
+        judged.parent.mkdir(parents=True, exist_ok=True)
+        tmp = judged.parent / f".{judged.name}.{os.getpid()}"
+        if written is not None:
+            shutil.copyfile(written, f"{tmp}.parquet")
+        else:
+            df.to_parquet(f"{tmp}.parquet", index=False)
+        os.replace(f"{tmp}.parquet", rows_file)
+        Path(f"{tmp}.json").write_text(json.dumps(cis))
+        os.replace(f"{tmp}.json", judged.with_suffix(".json"))
     return result
 
 

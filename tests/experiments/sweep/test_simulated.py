@@ -233,6 +233,33 @@ def test_runs_judged_differently_share_one_simulation_and_a_changed_simulation_n
     assert len(list(cache.glob("*.json"))) == 1 + len(changed)
 
 
+def test_runs_that_differ_in_their_slos_alone_share_the_judging_that_does_not_read_them(tmp_path):
+    """The second of two SLO twins reads the first's rows and bootstrapped intervals: its summary and its
+    requests.parquet are those a fresh judging gives; another measurement window judges afresh."""
+    from experiments.sweep.config import SLOConfig
+
+    e = freeze(EngineConfig, {"name": "unified", "max_num_seqs": 64})
+    w = workload_cfg(num_requests=150, rate=10.0)
+    lcfg = loadgen_cfg("http://unused")
+    tight, loose = freeze(SLOConfig, {"ttft_s": 0.05, "tpot_s": 0.02}), freeze(SLOConfig, {"ttft_s": 5.0,
+                                                                                            "tpot_s": 0.5})
+    cache = tmp_path / "sim_cache"
+    a = simulated.run_simulated(LLAMA8B, e, A100, SIM, lcfg, w, tight, str(tmp_path / "a"), cache_dir=cache)
+    b = simulated.run_simulated(LLAMA8B, e, A100, SIM, lcfg, w, loose, str(tmp_path / "b"), cache_dir=cache)
+    ref = simulated.run_simulated(LLAMA8B, e, A100, SIM, lcfg, w, loose, str(tmp_path / "ref"))
+    assert not a.backend["judged_from_cache"] and b.backend["judged_from_cache"]
+    same = json.dumps(dataclasses.asdict(b.aggregates), sort_keys=True)
+    assert same == json.dumps(dataclasses.asdict(ref.aggregates), sort_keys=True)  # every interval, NaN included
+    assert same != json.dumps(dataclasses.asdict(a.aggregates), sort_keys=True)  # its SLOs judged it
+    assert (tmp_path / "b" / "requests.parquet").read_bytes() == (tmp_path / "a" / "requests.parquet").read_bytes()
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "b" / "requests.parquet"),
+                                  pd.read_parquet(tmp_path / "ref" / "requests.parquet"))
+    other = simulated.run_simulated(LLAMA8B, e, A100, SIM, loadgen_cfg("http://unused", warmup_requests=40), w,
+                                    loose, cache_dir=cache)
+    assert other.backend["from_cache"] and not other.backend["judged_from_cache"]
+    assert other.aggregates.num_requests < b.aggregates.num_requests
+
+
 def test_a_simulated_job_names_the_serving_stack_it_charges():
     from experiments.sweep.simulated import stack_name
 
