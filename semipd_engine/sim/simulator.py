@@ -440,21 +440,8 @@ class Simulator:
                 return None  # a request finishes at the next iteration (at saturation: most iterations)
             if room < k:
                 k = room
-        price = w.executor.price  # the other phase's state holds through the stretch (see above)
-        nb = len(batch.items)
         ctx = sum(r.num_computed_tokens + 1 for r, _ in batch.items)  # context of iteration 0
-        later = w.executor.decode_works(nb, ctx + nb, int(min(k - 1, 4096)))  # iterations 1, 2, ...
-        ends: list[float] = []
-        end, d = t, result.duration_s
-        while True:
-            e = end + d
-            if e >= horizon:
-                break
-            ends.append(e)
-            end = e
-            if len(ends) >= k or len(ends) > len(later):
-                break
-            d = price(later[len(ends) - 1])
+        ends = self._stretch(w, len(batch.items), ctx, k, t, result.duration_s, horizon)
         applied = self._grow_blocks(sched, batch, len(ends))
         if applied == 0:
             return None
@@ -466,10 +453,33 @@ class Simulator:
             r.num_computed_tokens += applied
         if sched.pool.prefix_caching:
             sched.register(batch)
-        w.iterations += applied - 1  # iteration 0 is counted by the caller
-        w.fast_forwarded += applied
+        return self._applied(w, ends, t)
+
+    @staticmethod
+    def _stretch(w: SimWorker, nb: int, ctx: int, k: int, t: float, d: float, horizon: float) -> list[float]:
+        """End times of up to `k` decode iterations of `nb` sequences from `t` (the first, of context `ctx`, takes
+        `d`), each ending before `horizon`."""
+        price = w.executor.price  # the other phase's state holds through the stretch (see _fast_forward)
+        later = w.executor.decode_works(nb, ctx + nb, int(min(k - 1, 4096)))  # iterations 1, 2, ...
+        ends: list[float] = []
+        end = t
+        while True:
+            e = end + d
+            if e >= horizon:
+                break
+            ends.append(e)
+            end = e
+            if len(ends) >= k or len(ends) > len(later):
+                break
+            d = price(later[len(ends) - 1])
+        return ends
+
+    def _applied(self, w: SimWorker, ends: list[float], t: float) -> float:
+        """Count a stretch that started at `t` as run; returns its end (the policy decides again then)."""
+        w.iterations += len(ends) - 1  # iteration 0 is counted by the caller
+        w.fast_forwarded += len(ends)
         self._iter_time["decode"] = self._iter_time.get("decode", 0.0) + (ends[-1] - t)
-        self._iter_n["decode"] = self._iter_n.get("decode", 0) + applied
+        self._iter_n["decode"] = self._iter_n.get("decode", 0) + len(ends)
         return ends[-1]
 
     def _fast_forward_group(self, w: SimWorker, batch: ScheduledBatch, result: ExecuteResult, t: float,
@@ -482,28 +492,9 @@ class Simulator:
         k = g.next_finish() - it  # iterations it .. it + k - 1 end without a last token
         if k < 2:
             return None
-        nb, price = batch.group, w.executor.price
-        later = w.executor.decode_works(nb, batch.group_ctx + nb, int(min(k - 1, 4096)))  # iterations 1, 2, ...
-        ends: list[float] = []
-        end, d = t, result.duration_s
-        while True:
-            e = end + d
-            if e >= horizon:
-                break
-            ends.append(e)
-            end = e
-            if len(ends) >= k or len(ends) > len(later):
-                break
-            d = price(later[len(ends) - 1])
+        ends = self._stretch(w, batch.group, batch.group_ctx, k, t, result.duration_s, horizon)
         applied = sched.group_run(ends) if ends else 0
-        if applied == 0:
-            return None
-        ends = ends[:applied]
-        w.iterations += applied - 1  # iteration 0 is counted by the caller
-        w.fast_forwarded += applied
-        self._iter_time["decode"] = self._iter_time.get("decode", 0.0) + (ends[-1] - t)
-        self._iter_n["decode"] = self._iter_n.get("decode", 0) + applied
-        return ends[-1]
+        return self._applied(w, ends[:applied], t) if applied else None
 
     @staticmethod
     def _grow_blocks(sched: Scheduler, batch: ScheduledBatch, applied: int) -> int:

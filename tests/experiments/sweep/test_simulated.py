@@ -199,14 +199,18 @@ def test_generated_answers_are_cached_where_the_next_turn_is_prefilled_unless_th
             assert df.loc[i, "prompt_tokens"] == it.prompt_len  # the answer had the recorded length (ignore_eos)
 
 
-def test_runs_judged_differently_share_one_simulation_and_a_changed_simulation_never_does(tmp_path):
+def _twins():
+    """An engine, a workload and a load generator's settings, with a tight and a loose pair of SLOs."""
     from experiments.sweep.config import SLOConfig
 
-    e = freeze(EngineConfig, {"name": "unified", "max_num_seqs": 64})
-    w = workload_cfg(num_requests=150, rate=10.0)
-    lcfg = loadgen_cfg("http://unused")
     tight, loose = freeze(SLOConfig, {"ttft_s": 0.05, "tpot_s": 0.02}), freeze(SLOConfig, {"ttft_s": 5.0,
                                                                                             "tpot_s": 0.5})
+    return (freeze(EngineConfig, {"name": "unified", "max_num_seqs": 64}), workload_cfg(num_requests=150, rate=10.0),
+            loadgen_cfg("http://unused"), tight, loose)
+
+
+def test_runs_judged_differently_share_one_simulation_and_a_changed_simulation_never_does(tmp_path):
+    e, w, lcfg, tight, loose = _twins()
     cache = tmp_path / "sim_cache"
     a = simulated.run_simulated(LLAMA8B, e, A100, SIM, lcfg, w, tight, cache_dir=cache)
     b = simulated.run_simulated(LLAMA8B, e, A100, SIM, lcfg, w, loose, str(tmp_path / "b"), cache_dir=cache)
@@ -236,13 +240,7 @@ def test_runs_judged_differently_share_one_simulation_and_a_changed_simulation_n
 def test_runs_that_differ_in_their_slos_alone_share_the_judging_that_does_not_read_them(tmp_path):
     """The second of two SLO twins reads the first's rows and bootstrapped intervals: its summary and its
     requests.parquet are those a fresh judging gives; another measurement window judges afresh."""
-    from experiments.sweep.config import SLOConfig
-
-    e = freeze(EngineConfig, {"name": "unified", "max_num_seqs": 64})
-    w = workload_cfg(num_requests=150, rate=10.0)
-    lcfg = loadgen_cfg("http://unused")
-    tight, loose = freeze(SLOConfig, {"ttft_s": 0.05, "tpot_s": 0.02}), freeze(SLOConfig, {"ttft_s": 5.0,
-                                                                                            "tpot_s": 0.5})
+    e, w, lcfg, tight, loose = _twins()
     cache = tmp_path / "sim_cache"
     a = simulated.run_simulated(LLAMA8B, e, A100, SIM, lcfg, w, tight, str(tmp_path / "a"), cache_dir=cache)
     b = simulated.run_simulated(LLAMA8B, e, A100, SIM, lcfg, w, loose, str(tmp_path / "b"), cache_dir=cache)
