@@ -20,7 +20,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import pandas as pd
 
@@ -122,12 +122,20 @@ def to_frame(done, expected: dict[str, tuple[int, int]], turns: Optional[dict[st
 class Simulation:
     """What one simulation produced, before any SLO is applied: the requests' rows and the simulator's records."""
 
-    frame: pd.DataFrame  # to_frame(...): one row per request, the load generator's columns
+    rows: Union[pd.DataFrame, Path]  # to_frame(...), or the cached file holding it (read when first asked for)
     backend: dict[str, Any]  # the platform and the simulator's counters (RunResult.backend)
     samples: list[dict]  # the server gauges over virtual time
     decisions: list[dict]  # the controller's log (semipd_dynamic)
     key: str = ""
     cached: bool = False
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """One row per request, the load generator's columns (an SLO twin judged from the judged cache never
+        reads them)."""
+        if not isinstance(self.rows, pd.DataFrame):
+            self.rows = pd.read_parquet(self.rows)
+        return self.rows
 
 
 @functools.lru_cache(maxsize=1)
@@ -166,8 +174,8 @@ def simulation(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg,
     key = simulation_key(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg) if cache_dir else ""
     if cache_dir is not None and (Path(cache_dir) / f"{key}.json").is_file():
         meta = json.loads((Path(cache_dir) / f"{key}.json").read_text())
-        frame = pd.read_parquet(Path(cache_dir) / f"{key}.parquet")
-        return Simulation(frame, meta["backend"], meta["samples"], meta["decisions"], key, True), workload, lengths
+        return Simulation(Path(cache_dir) / f"{key}.parquet", meta["backend"], meta["samples"], meta["decisions"],
+                          key, True), workload, lengths
     items = workload.items
     offsets = conv.offsets(wcfg, workload)
     if offsets is None:

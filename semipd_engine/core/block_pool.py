@@ -67,6 +67,11 @@ def cached_prefix(pool, req, num_blocks: int) -> list[tuple[int, int]]:
     return out
 
 
+def cache_blocks(pool, req, start: int, end: int) -> None:
+    """Register blocks `start`..`end` of `req`'s block table (full, computed) under their prefix hashes."""
+    pool.cache_many(req.block_table[start:end], prefix_hashes(req, pool.block_size, end)[start:end])
+
+
 class BlockPool:
     """Block-id allocator with an admission watermark (new prompts may not eat the last `watermark` of the pool,
     which running decodes need to grow) and, with `prefix_caching`, a cache of full blocks by prefix hash."""
@@ -157,9 +162,7 @@ class BlockPool:
     def cache(self, block: int, h: int) -> None:
         """Register a block whose tokens are all computed under its prefix hash (a first copy wins: a block
         computed again by a request that missed it stays private)."""
-        if self._hash[block] is None and h not in self._cached:
-            self._cached[h] = block
-            self._hash[block] = h
+        self.cache_many((block,), (h,))
 
     def cache_many(self, blocks: Sequence[int], hashes: Sequence[int]) -> None:
         """`cache` each (block, hash) in turn."""

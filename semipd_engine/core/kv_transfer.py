@@ -20,7 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from semipd_engine.core.block_pool import BlockPool, cached_prefix, prefix_hashes
+from semipd_engine.core.block_pool import BlockPool, cache_blocks, cached_prefix
 from semipd_engine.core.request import Request
 
 
@@ -69,8 +69,7 @@ class TransferQueue:
             nbytes, seconds = self.copy(Transfer(req, t.source, t.src_blocks[len(hit):]) if hit else t, dst)
             req.block_table = [b for b, _ in hit] + dst
             if full:
-                hs = prefix_hashes(req, pool.block_size, full)
-                pool.cache_many(req.block_table[len(hit):full], hs[len(hit):full])
+                cache_blocks(pool, req, len(hit), full)
                 req.num_registered_blocks = full  # this pool's count from here on (the sender's was its own)
             self.pending.popleft()
             done.append((t, nbytes, seconds, len(hit)))

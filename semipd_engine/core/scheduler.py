@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
-from semipd_engine.core.block_pool import BlockPool, cached_prefix, prefix_hashes
+from semipd_engine.core.block_pool import BlockPool, cache_blocks, cached_prefix
 from semipd_engine.core.decode_group import DecodeGroup
 from semipd_engine.core.request import FinishReason, Request, RequestOutput, RequestStatus
 
@@ -279,11 +279,9 @@ class Scheduler:
                 self._register(req)
 
     def _register(self, req: Request) -> None:
-        pool, bs = self.pool, self.pool.block_size
-        full = min(req.num_computed_tokens // bs, len(req.block_table))
-        done = req.num_registered_blocks
-        if full > done:
-            pool.cache_many(req.block_table[done:full], prefix_hashes(req, bs, full)[done:full])
+        full = min(req.num_computed_tokens // self.pool.block_size, len(req.block_table))
+        if full > req.num_registered_blocks:
+            cache_blocks(self.pool, req, req.num_registered_blocks, full)
             req.num_registered_blocks = full
 
     def _evict_waiting(self, out: StepOutcome) -> None:
