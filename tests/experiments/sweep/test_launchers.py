@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
 
 from experiments.sweep import conf_store, cores
 from experiments.sweep.aggregate import check_launch
@@ -174,25 +173,6 @@ def test_two_job_sweep_on_the_local_launcher_runs_jobs_side_by_side(tmp_path):
     _two_ok_jobs(tmp_path, out)
     n = min(2, len(cores.machine_cores()))
     assert f"Launching 2 jobs locally, {n} at a time" in out.stdout + out.stderr
-
-
-def test_each_job_is_composed_once_per_sweep():
-    from experiments.sweep.compose import composed
-
-    calls = []
-
-    class Loader:
-        def load_sweep_config(self, master, overrides):
-            calls.append(list(overrides))
-            return OmegaConf.create({"o": list(overrides)})
-
-    master, other = OmegaConf.create({"a": 1}), OmegaConf.create({"a": 1})
-    first = composed(Loader(), master, ["x=1"])
-    assert composed(Loader(), master, ["x=1"]) is first and calls == [["x=1"]]
-    composed(Loader(), master, ["x=2"])
-    assert calls == [["x=1"], ["x=2"]]
-    # another sweep (another master config) never reads the first one's jobs
-    assert composed(Loader(), other, ["x=1"]) is not first and len(calls) == 3
 
 
 @pytest.fixture
