@@ -330,7 +330,10 @@ OWN_METRICS = {"requests_running": "requests_running", "requests_waiting": "requ
                "kv_blocks_used": "kv_blocks_used", "kv_blocks_total": "kv_blocks_total",
                "iteration_time_sum_s": "iteration_time_seconds_sum", "iterations": "iteration_time_seconds_count",
                "partition_prefill_share": "partition_prefill_share",
-               "partition_decode_share": "partition_decode_share"}
+               "partition_decode_share": "partition_decode_share",
+               "iteration_tokens": "iteration_tokens_total", "prompt_tokens": "prompt_tokens_total",
+               "generation_tokens": "generation_tokens_total", "preemptions": "preemptions_total",
+               "prefix_cache_queries": "prefix_cache_queries_total", "prefix_cache_hits": "prefix_cache_hits_total"}
 
 
 class MetricsRecorder:

@@ -143,9 +143,11 @@ def test_ctrl_c_stops_the_sweep_with_a_message_not_a_traceback(tmp_path):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not _server_processes(str(sweep)):
+    # run.py's own command line names the sweep: wait for the job itself (its record, then its server).
+    while time.monotonic() < deadline and not (list(sweep.glob("*/job.json"))
+                                               and set(_server_processes(str(sweep))) - {proc.pid}):
         time.sleep(0.5)
-    time.sleep(5)  # the server is starting or the load is running: either way the job must end `interrupted`
+    time.sleep(3)  # the server is starting or the load is running: either way the job must end `interrupted`
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C reaches the whole foreground group
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, out[-2000:] + err[-3000:]

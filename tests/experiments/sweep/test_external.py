@@ -160,10 +160,11 @@ def test_keys_added_to_the_external_dicts_on_the_command_line():
     """Hydra adds a key that a config does not have with `+`, as the README writes them."""
     cfg = compose_run(["experiment=single", "engine=vllm", "model=hf", "model.path=/m/llama", "slo=default",
                        "+engine.external.env.VLLM_CPU_KVCACHE_SPACE=4",
-                       "+engine.external.metrics.iterations=vllm:iteration_tokens_total_count"])
+                       "+engine.external.metrics.ttft_sum_s=vllm:time_to_first_token_seconds_sum"])
     job = Job.from_cfg(cfg)
     assert job.engine.external.env["VLLM_CPU_KVCACHE_SPACE"] == "4"
-    assert job.engine.external.metrics["iterations"] == "vllm:iteration_tokens_total_count"
+    assert job.engine.external.metrics["ttft_sum_s"] == "vllm:time_to_first_token_seconds_sum"
+    assert job.engine.external.metrics["iterations"] == "vllm:iteration_tokens_total_count"  # the preset's own
 
 
 def test_a_sweep_mixing_vllm_and_a_built_in_engine_composes(tmp_path, monkeypatch):
