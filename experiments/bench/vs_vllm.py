@@ -32,6 +32,7 @@ generator in turn, twice alternated, and sets their TTFT/TPOT side by side.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from experiments.bench.common import emit
+from experiments.sweep.job import server_for
 
 VLLM_ENGINES = ("vllm", "vllm_chunked")
 MAX_NUM_SEQS = 64
@@ -70,14 +72,6 @@ def compose_job(engine: str, checkpoint: str, dtype: str, vllm_python: Optional[
                       f"+engine.external.env.VLLM_CPU_KVCACHE_SPACE={os.environ.get('VLLM_CPU_KVCACHE_SPACE', '1')}"]
     with initialize_config_dir(config_dir=conf_store.CONF_DIR, version_base=None):
         return Job.from_cfg(compose("config", overrides=overrides))
-
-
-def server(job, job_dir: str):
-    from experiments.sweep.launch import EngineServer, ExternalServer
-
-    if job.external:
-        return ExternalServer(job.model, job.engine, job_dir)
-    return EngineServer(job.model, job.engine, job.server, job_dir, job.server.startup_timeout_s)
 
 
 def load(url: str, checkpoint: str, out_dir: str, *, prompt_len: int, output_len: int, requests: int,
@@ -127,7 +121,7 @@ def measure_engine(engine: str, args, checkpoint: str, bandwidth: float, spec, w
     out: dict[str, Any] = {"engine": engine}
     with tempfile.TemporaryDirectory() as d:
         t0 = time.monotonic()
-        with server(job, d) as srv:
+        with server_for(job, job.engine, Path(d)) as srv:
             out["start_s"] = time.monotonic() - t0
             out["warmup_ok"] = warm_up(srv.url, checkpoint, d, args)
             r = load(srv.url, checkpoint, f"{d}/offline", prompt_len=128, output_len=64,
@@ -183,9 +177,7 @@ def compare_clients(args, checkpoint: str) -> dict[str, Any]:
 
     job = compose_job("unified", checkpoint, args.dtype, None)
     runs: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as d, server(job, d) as srv:
-        import asyncio
-
+    with tempfile.TemporaryDirectory() as d, server_for(job, job.engine, Path(d)) as srv:
         model = asyncio.run(fetch_model(srv.url, None))[0]
         warm_up(srv.url, checkpoint, d, args)
         for i in range(args.client_rounds):

@@ -331,7 +331,7 @@ def _run_measurement(job: Job, jd: Path, record: dict[str, Any], prov: dict, res
                                              "note": "simulated: virtual clock"})
 
         return _measure(job, measure, slo_cfg, jd, record)
-    srv = _server(job, engine_cfg, jd)
+    srv = server_for(job, engine_cfg, jd)
     with contextlib.ExitStack() as stack:
         # Stopped even when a signal lands while it starts (a `with` alone would not: __enter__ never returned).
         stack.callback(srv.stop)
@@ -377,7 +377,7 @@ def _run_measurement(job: Job, jd: Path, record: dict[str, Any], prov: dict, res
         return result
 
 
-def _server(job: Job, engine_cfg, jd: Path):
+def server_for(job: Job, engine_cfg, jd: Path):
     """This project's server, an external engine launched from its command template, or one attached to."""
     if not job.external:
         return EngineServer(job.model, engine_cfg, job.server, str(jd), job.server.startup_timeout_s)
