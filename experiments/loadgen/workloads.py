@@ -12,6 +12,9 @@
   decode-heavy), for the dynamic-partitioning experiment.
 - `sharegpt`: the public ShareGPT JSON; a human turn is the prompt and the
   following model turn's length the output length, roles checked.
+- `sharegpt_lengths`: (prompt, output) pairs drawn whole from a table of real
+  lengths (default: ShareGPT's first turns under Llama 3's tokenizer, shipped;
+  experiments/loadgen/length_tables.py), the paper's workload without its text.
 - `mooncake` (JSONL), `azure` (CSV), `burstgpt` (CSV): real traces with their
   own timestamps; a window, a time scale and a length scale apply.
 - `multi_turn` (sharegpt: the dataset's turns; synthetic, longbench_synthetic,
@@ -232,6 +235,30 @@ def shift(cfg) -> Workload:
     return Workload((first.items[:n1] + second.items)[: cfg.num_requests], cfg.name)
 
 
+def sharegpt_lengths(cfg) -> Workload:
+    """Rows of a length table drawn with replacement, each (prompt, output) pair whole; rows outside the length
+    filters (after `length_scale`) are not drawn, as the ShareGPT protocol drops them."""
+    from experiments.loadgen import length_tables
+
+    path = cfg.path or length_tables.SHARED_TABLE
+    if not os.path.isfile(path):
+        raise WorkloadError(f"workload.path={path}: no such file")
+    try:
+        table = length_tables.read(path)
+    except length_tables.LengthTableError as e:
+        raise WorkloadError(str(e)) from None
+    p = np.asarray(_scaled(table[:, 0], cfg)) if cfg.length_scale != 1.0 else table[:, 0]
+    o = np.asarray(_scaled(table[:, 1], cfg)) if cfg.length_scale != 1.0 else table[:, 1]
+    # a length of 0 (an empty answer in the dataset) is not a request, whatever the filters or the scale say
+    ok = ((table[:, 0] > 0) & (table[:, 1] > 0) & (p >= cfg.min_prompt_len) & (p <= cfg.max_prompt_len)
+          & (o >= cfg.min_output_len) & (p + o <= cfg.max_total_len))
+    if not ok.any():
+        raise WorkloadError(f"{path}: no row passes the length filters (max_prompt_len={cfg.max_prompt_len}, "
+                            f"max_total_len={cfg.max_total_len})")
+    rows = np.random.default_rng(cfg.seed).choice(np.flatnonzero(ok), size=cfg.num_requests)
+    return Workload([WorkItem(int(p[i]), int(o[i])) for i in rows.tolist()], cfg.name)
+
+
 def fixed(cfg) -> Workload:
     p, o = _scale(cfg.prompt_len, cfg), _scale(cfg.output_len, cfg)
     return Workload([WorkItem(p, o) for _ in range(cfg.num_requests)], cfg.name)
@@ -419,9 +446,11 @@ def load_workload(cfg, tokenizer=None) -> Workload:
         return shared_prefix(cfg)
     if cfg.name == "sharegpt":
         return sharegpt(cfg, tokenizer)
+    if cfg.name == "sharegpt_lengths":
+        return sharegpt_lengths(cfg)
     loaders = {"mooncake": mooncake, "azure": azure, "burstgpt": burstgpt}
     if cfg.name not in loaders:
         raise WorkloadError(f"unknown workload {cfg.name!r}; known: synthetic, longbench_synthetic, prompt_heavy, "
                             f"fixed, shift, shared_prefix, "
-                            f"sharegpt, {', '.join(loaders)}")
+                            f"sharegpt, sharegpt_lengths, {', '.join(loaders)}")
     return loaders[cfg.name](cfg)

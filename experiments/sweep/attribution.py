@@ -4,8 +4,8 @@
 starts like for like (every engine on one serving stack, steady-state runs, one request cap, a TPOT that a
 stall after the first token cannot hide behind, the share model's defaults) and each factor of
 `experiment.attribution.factors` moves one part of it to what the paper ran (each system's own stack, 1000
-prompts per point, its baselines' 512-request cap, the mean TPOT, ShareGPT's real length means, semi-PD's own
-share fits without contention). Every subset of the factors is a setting; in each, every engine's goodput is
+prompts per point, each system's own cap on running requests, the mean TPOT, real ShareGPT lengths, semi-PD's
+own share fits without contention). Every subset of the factors is a setting; in each, every engine's goodput is
 found by the same bisection as `experiment=goodput` (rates per GPU, `experiment.goodput_*`), so the ratio
 v(S) = log(goodput(target) / goodput(baseline)) is known for all 2^n settings and each factor's contribution is
 its Shapley value: its marginal effect on v averaged over every order in which the factors can be added. The
@@ -13,8 +13,8 @@ contributions add up exactly to v(all) - v(none), so the table does not depend o
 path in the listed order is reported beside it.
 
 Cost is kept down without changing any number: a goodput search depends only on the configs it composes, so
-settings that differ in a factor that does not touch an engine (the request cap of semi-PD, the share model
-of a unified engine) share its search; a simulation depends only on what is simulated, so settings that differ
+settings that differ in a factor that does not touch an engine (the share model of a unified engine) share
+its search; a simulation depends only on what is simulated, so settings that differ
 only in how a run is judged (the TPOT definition) judge the same runs, and a search starts from the bracket its
 family's runs already give (no new simulation), else from the engine's goodput in the last setting.
 """

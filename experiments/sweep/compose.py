@@ -35,10 +35,19 @@ def composed(loader, config: DictConfig, overrides: Sequence[str]) -> DictConfig
         _COMPOSED.clear()
         _BASES.clear()
         _MASTER[:] = [config]
+        _pin_sweep_dir(config)
     key = tuple(overrides)
     if key not in _COMPOSED:
         _COMPOSED[key] = _compose(loader, config, list(overrides))
     return _COMPOSED[key]
+
+
+def _pin_sweep_dir(config: DictConfig) -> None:
+    """Resolve the sweep's directory on the master config before any job copies its resolver cache: a `${now:}`
+    first resolved later, in each job, put every job of a sweep whose jobs were composed early (all of a goodput
+    sweep's) in a directory of its own, and the sweep's end found none of them."""
+    if OmegaConf.select(config, "hydra.sweep", default=None) is not None:
+        OmegaConf.select(config, "hydra.sweep.dir")
 
 
 def _compose(loader, config: DictConfig, overrides: list[str]) -> DictConfig:

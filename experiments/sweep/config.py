@@ -11,7 +11,7 @@ from semipd_engine.sim.config import BackendConfig, HardwareConfig
 
 @dataclass
 class WorkloadConfig:
-    # synthetic | longbench_synthetic | fixed | shift | sharegpt | mooncake | azure | burstgpt
+    # synthetic | longbench_synthetic | fixed | shift | sharegpt | sharegpt_lengths | mooncake | azure | burstgpt
     name: str = "synthetic"
     path: Optional[str] = None  # dataset or trace file (sharegpt, mooncake, azure, burstgpt)
     num_requests: int = 200

@@ -93,7 +93,9 @@ def test_ctrl_c_writes_partial_results(tmp_path):
                                  "workload.output_len=5", "loadgen.tokenizer=none", "loadgen.progress=false",
                                  f"output_dir={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
-        time.sleep(4)
+        deadline = time.monotonic() + 60  # the interpreter and its imports first: seconds on a busy machine
+        while len(srv.bodies) < 6 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         out = proc.communicate(timeout=30)[0].decode()
     assert proc.returncode == 0, out

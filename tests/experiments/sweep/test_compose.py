@@ -73,3 +73,16 @@ def test_a_wrong_value_key_fails_as_hydra_says_it(hydra_sweep):
     with pytest.raises(ConfigCompositionException) as shared:
         C.composed(loader, master, job)
     assert str(shared.value) == str(whole.value) and "workload.rat" in str(shared.value)
+
+
+def test_a_job_composed_before_the_sweep_dir_is_resolved_lands_in_the_sweeps_dir(hydra_sweep):
+    # `${now:}` in hydra.sweep.dir: the jobs of a goodput sweep are composed (validation) before anything asks
+    # for the sweep's directory; each resolved it at its own start and the sweep's end found no job.
+    import time
+
+    loader, master = hydra_sweep
+    job = C.composed(loader, master, ["engine=disagg", "experiment=paper_llama3_8b_sharegpt"])
+    time.sleep(1.1)
+    sweep_dir = master.hydra.sweep.dir
+    time.sleep(1.1)
+    assert job.hydra.sweep.dir == sweep_dir

@@ -88,3 +88,25 @@ def test_aggregate_callback_target_resolves():
 
     target = yaml.safe_load((CONF / "config.yaml").read_text())["hydra"]["callbacks"]["aggregate"]["_target_"]
     assert get_class(target) is AggregateCallback
+
+
+def test_request_caps_paper_gives_each_system_its_own_cap():
+    files = sorted((CONF / "request_caps_engine").glob("*.yaml"))
+    caps = {f.stem.split("_", 1)[1]: yaml.safe_load(f.read_text())["max_num_seqs"] for f in files}
+    options = {f.stem for f in (CONF / "request_caps").glob("*.yaml")}
+    for f in files:  # each names a request_caps option and an engine preset, or it would never be picked
+        option, engine = f.stem.split("_", 1)
+        assert option in options and (CONF / "engine" / f"{engine}.yaml").is_file(), f.name
+    assert caps["unified"] == 512 and caps["disagg"] == 1024 and caps["semipd_uncapped"] == 4096
+    for engine, cap in caps.items():
+        assert compose_run(["experiment=paper_goodput", f"engine={engine}"]).engine.max_num_seqs == cap
+        # the command line sets one cap for all; an experiment's own value does not mask the system's
+        assert compose_run(["experiment=paper_goodput", f"engine={engine}", "engine.max_num_seqs=77"]
+                           ).engine.max_num_seqs == 77
+        assert compose_run(["experiment=prefix_sharing", "request_caps=paper", f"engine={engine}"]
+                           ).engine.max_num_seqs == cap
+    # an engine without a file keeps its preset's cap; request_caps=preset turns it off
+    assert compose_run(["experiment=paper_goodput", "engine=semipd"]).engine.max_num_seqs == EngineConfig().max_num_seqs
+    assert compose_run(["experiment=prefix_sharing", "engine=unified"]).engine.max_num_seqs == 256
+    assert compose_run(["experiment=paper_goodput", "request_caps=preset", "engine=unified"]
+                       ).engine.max_num_seqs == EngineConfig().max_num_seqs
