@@ -63,7 +63,8 @@ def check_config(lcfg, tokenizer, slo=None, wcfg=None) -> None:
     if (getattr(wcfg, "multi_turn", False) and wcfg.history == "generated" and lcfg.prompt_format == "token_ids"
             and (not lcfg.tokenizer or lcfg.tokenizer == "none")):
         raise LoadgenError("workload.history=generated with loadgen.prompt_format=token_ids re-encodes each answer "
-                           "into the next turn's ids: it needs loadgen.tokenizer (or workload.history=recorded)")
+                           "into the next turn's ids where the server does not return them (return_token_ids): it "
+                           "needs loadgen.tokenizer (or workload.history=recorded)")
     if lcfg.endpoint == "chat" and tokenizer is not None and not getattr(tokenizer, "chat_template", None):
         raise LoadgenError(f"loadgen.endpoint=chat sizes prompts under the chat template, and tokenizer "
                            f"{lcfg.tokenizer!r} has none: name one that has (loadgen.tokenizer=DIR), or "
@@ -149,8 +150,10 @@ class LoadGenerator:
     def __init__(self, lcfg, wcfg, model: str, tokenizer=None):
         self.lcfg, self.wcfg, self.model = lcfg, wcfg, model
         # A conversation's next prompt takes the answer the server gave (workload.history=generated): as text, or
-        # re-encoded into ids as a client holding only text must.
+        # as ids: the very ids where the server returns them (vLLM's return_token_ids), else the text re-encoded,
+        # as a client holding only text must (a random model's answer rarely re-encodes to its own ids).
         self.generated = getattr(wcfg, "multi_turn", False) and wcfg.history == "generated"
+        self.want_ids = self.generated and lcfg.prompt_format == "token_ids"
         self.tokenizer = tokenizer
         base = lcfg.base_url.rstrip("/")
         self.url = base + ENDPOINTS[lcfg.endpoint]
@@ -171,12 +174,14 @@ class LoadGenerator:
             body["ignore_eos"] = True
         if self.lcfg.stream:
             body["stream_options"] = {"include_usage": True}
+        if self.want_ids:
+            body["return_token_ids"] = True
         return body
 
     async def one(self, session: aiohttp.ClientSession, p: Planned, rec: Record, prompt: Any = None,
-                  text: Optional[list[str]] = None) -> None:
+                  text: Optional[list[str]] = None, ids: Optional[list[int]] = None) -> None:
         """Send `p` (or `prompt` in its place) and record what came back; the answer's text is appended to
-        `text` where given."""
+        `text` and the ids the server returned (return_token_ids) to `ids`, where given."""
         body = orjson.dumps(self.payload(p, prompt))
         rec.send = time.monotonic()
         try:
@@ -193,6 +198,8 @@ class LoadGenerator:
                     if text is not None and obj.get("choices"):
                         c = obj["choices"][0]
                         text.append(c.get("text") if "text" in c else (c.get("message") or {}).get("content") or "")
+                        if ids is not None and c.get("token_ids"):
+                            ids.extend(c["token_ids"])
                     return
                 async for line in resp.content:
                     if not line.startswith(b"data:"):
@@ -216,6 +223,8 @@ class LoadGenerator:
                                 rec.first_token = now
                             if text is not None:
                                 text.append(piece)
+                        if ids is not None and c.get("token_ids"):
+                            ids.extend(c["token_ids"])
                     self._usage(obj, rec)
             rec.finish = time.monotonic()
             if rec.error is None and math.isnan(rec.first_token) and (rec.output_tokens or 0) > 0:
@@ -332,6 +341,7 @@ class LoadGenerator:
         """One conversation's turns, each sent `think_s` after the answer before it (turn 0 is due now)."""
         sent: Any = None
         answer: list[str] = []
+        answer_ids: list[int] = []
         for k, (p, rec) in enumerate(turns):
             if k:
                 prev = turns[k - 1][1]
@@ -346,11 +356,12 @@ class LoadGenerator:
             prompt = p.prompt
             if self.generated and k:
                 said = "".join(answer)
-                if self.lcfg.prompt_format == "token_ids":
-                    said = self.tokenizer.encode(said, add_special_tokens=False)  # ids: what the text encodes to
+                if self.lcfg.prompt_format == "token_ids":  # the ids returned, else what the text encodes to
+                    said = answer_ids if answer_ids or not said else self.tokenizer.encode(said, add_special_tokens=False)
                 prompt = conv.extend(sent, said, p.user)
-            answer = []
-            await self.one(session, p, rec, prompt, answer if self.generated else None)
+            answer, answer_ids = [], []
+            await self.one(session, p, rec, prompt, answer if self.generated else None,
+                           answer_ids if self.want_ids else None)
             sent = prompt
             tick()
 

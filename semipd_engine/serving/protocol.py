@@ -249,7 +249,7 @@ def parse_messages(body: dict, has_chat_template: bool, max_bytes: int, max_mode
 
 # -- which request keys are honoured ------------------------------------------------------------------------------
 _COMMON = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "stream",
-                     "stream_options", "n", "max_completion_tokens"})
+                     "stream_options", "n", "max_completion_tokens", "return_token_ids"})
 IMPLEMENTED = {"completions": _COMMON | {"prompt"}, "chat": _COMMON | {"messages"}}
 # OpenAI keys that change nothing this server generates (bookkeeping, routing): accepted quietly.
 NO_EFFECT = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls"})
@@ -308,8 +308,17 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+def return_token_ids(body: dict) -> bool:
+    """vLLM's `return_token_ids`: the answer's ids (`choices[0].token_ids`, a stream's chunks carrying their delta)
+    and the prompt's (`prompt_token_ids`: in the choice for completions, in the response for chat; a stream's first
+    chunk only). A multi-turn client resends exactly the ids it got, as text would not re-encode to them."""
+    return _bool(body, "return_token_ids")
+
+
 def completion_body(rid: str, model: str, chat: bool, text: Optional[str], finish: Optional[str],
-                    stream: bool, created: Optional[int] = None, first: bool = False) -> dict[str, Any]:
+                    stream: bool, created: Optional[int] = None, first: bool = False,
+                    token_ids: Optional[list[int]] = None, prompt_token_ids: Optional[list[int]] = None
+                    ) -> dict[str, Any]:
     created = created or int(time.time())
     if chat:
         if stream:
@@ -324,4 +333,9 @@ def completion_body(rid: str, model: str, chat: bool, text: Optional[str], finis
     else:
         choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         obj = "text_completion"
-    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+    body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    if prompt_token_ids is not None:
+        (body if chat else choice)["prompt_token_ids"] = prompt_token_ids
+    return body

@@ -35,6 +35,7 @@ from semipd_engine.serving.protocol import (
     parse_messages,
     parse_prompt,
     parse_sampling,
+    return_token_ids,
     usage,
 )
 from semipd_engine.shares.partition import Partition
@@ -224,7 +225,7 @@ class ApiServer:
     async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
         arrival = time.monotonic()
         try:
-            req, stream, include_usage = await self._parse(request, chat, arrival)
+            req, stream, include_usage, with_ids = await self._parse(request, chat, arrival)
             out_q = self.engine.add(req)
         except EngineDead as e:
             raise ApiError(str(e), status=503, type_="server_error") from None
@@ -234,6 +235,8 @@ class ApiServer:
         done = False  # the engine is finished with the request
         delivered = False  # the client has the whole answer
         n_out, finish, error = 0, None, None
+        ids: list[int] = []  # the answer's ids, and those not yet sent in a chunk (return_token_ids)
+        sent_ids = 0
         try:
             if stream:
                 resp = web.StreamResponse(headers=SSE_HEADERS)
@@ -245,6 +248,8 @@ class ApiServer:
                     error, finish, done = out.error, out.finish_reason or "error", True
                     break
                 detok.add(out.new_token_ids)
+                if with_ids:
+                    ids.extend(out.new_token_ids)
                 n_out = out.num_output_tokens
                 self._record_tokens(req, out)
                 if detok.stopped:
@@ -256,8 +261,9 @@ class ApiServer:
                 text = detok.delta(final=done)
                 if resp is not None and (text or done):
                     body = completion_body(rid, self.model_name, chat, text, finish if done else None, True,
-                                           created, first)
-                    first = False
+                                           created, first, token_ids=ids[sent_ids:] if with_ids else None,
+                                           prompt_token_ids=req.prompt_token_ids if with_ids and first else None)
+                    first, sent_ids = False, len(ids)
                     await self._send_event(resp, body)
             if error:
                 err = ApiError(f"request failed in the engine: {error}", status=500, type_="server_error")
@@ -275,7 +281,9 @@ class ApiServer:
                 await resp.write_eof()
                 delivered = True
                 return resp
-            body = completion_body(rid, self.model_name, chat, detok.text, finish, False, created)
+            body = completion_body(rid, self.model_name, chat, detok.text, finish, False, created,
+                                   token_ids=ids if with_ids else None,
+                                   prompt_token_ids=req.prompt_token_ids if with_ids else None)
             body["usage"] = usage(req.num_prompt_tokens, n_out, req.num_cached_tokens or 0)
             delivered = True
             return web.json_response(body)
@@ -324,7 +332,7 @@ class ApiServer:
         params, stream, include_usage = parse_sampling(body, len(ids), max_len)
         prefix = "chatcmpl" if chat else "cmpl"
         req = Request(f"{prefix}-{uuid.uuid4().hex}", ids, params, times=Timestamps(arrival=arrival))
-        return req, stream, include_usage
+        return req, stream, include_usage, return_token_ids(body)
 
     async def _tokenize(self, fn, arg, size: int) -> list[int]:
         """fn(tokenizer, arg); long inputs on the background thread, so /health and streams never stall."""

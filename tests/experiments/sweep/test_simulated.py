@@ -145,13 +145,16 @@ def test_a_shared_prefix_workload_hits_the_cache_alike_on_both_backends(tmp_path
     assert on.aggregates.ttft_s.p50 < 0.3 * off.aggregates.ttft_s.p50
 
 
-def test_a_conversation_hits_its_history_alike_on_both_backends(tmp_path):
-    """Multi-turn with the recorded history, as token ids: every later turn resends its conversation so far, and
-    the real engine and the simulator find the same cached tokens (think times leave each turn's KV cached)."""
+@pytest.mark.parametrize("history", ["recorded", "generated"])
+def test_a_conversation_hits_its_history_alike_on_both_backends(tmp_path, history):
+    """Multi-turn as token ids: every later turn resends its conversation so far, and the real engine and the
+    simulator find the same cached tokens (think times leave each turn's KV cached). With the generated history
+    the client resends the answer's ids as the server returned them (return_token_ids): the random model's text
+    would not re-encode to them, and the real engine would miss the blocks its decode wrote."""
     from experiments.loadgen.client import run_loadgen
     from tests.helpers.server import ServerProcess
 
-    wcfg = workload_cfg(name="synthetic", multi_turn=True, history="recorded", turns_mean=3.0, num_requests=18,
+    wcfg = workload_cfg(name="synthetic", multi_turn=True, history=history, turns_mean=3.0, num_requests=18,
                         prompt_mean=40, prompt_sigma=0.3, output_mean=6, output_sigma=0.3, rate=3.0,
                         think_time_s=0.3, think_time_dist="constant", max_prompt_len=512, max_total_len=600)
     srv = ServerProcess("engine=unified", "model=tiny", "engine.kv_cache_mb=32")

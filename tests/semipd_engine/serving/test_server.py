@@ -295,3 +295,33 @@ def test_a_repeated_prompt_reports_cached_tokens_through_the_openai_sdk(server):
     assert "".join(c.choices[0].text for c in second if c.choices) == first.choices[0].text
     assert metric(server.url, "prefix_cache_hits_total") - hits == 64
     assert metric(server.url, "kv_blocks_cached") >= 5
+
+
+def test_return_token_ids_gives_the_answers_ids_as_vllm_does(server):
+    """vLLM's `return_token_ids`: the answer's ids (a stream's chunks carry their delta), the prompt's ids (in the
+    choice for completions, in the response for chat; a stream's first chunk only). Resending prompt + answer ids
+    finds the answer's KV in the prefix cache: what a multi-turn client needs from a model whose text does not
+    re-encode to its ids."""
+    prompt = list(range(2000, 2032))  # 2 full blocks of 16, unlike any other test's prompt
+    body = {"prompt": prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    assert "token_ids" not in post(server.url + "/v1/completions", body)[1]["choices"][0]
+    status, full = post(server.url + "/v1/completions", {**body, "return_token_ids": True})
+    choice = full["choices"][0]
+    assert status == 200 and choice["prompt_token_ids"] == prompt and len(choice["token_ids"]) == 40
+    with urllib.request.urlopen(urllib.request.Request(
+            server.url + "/v1/completions", data=json.dumps({**body, "return_token_ids": True, "stream": True}).encode(),
+            headers={"Content-Type": "application/json"}), timeout=30) as r:
+        events = [json.loads(line[5:]) for line in r.read().decode().splitlines()
+                  if line.startswith("data:") and line.strip() != "data: [DONE]"]
+    choices = [e["choices"][0] for e in events if e["choices"]]
+    assert sum((c["token_ids"] for c in choices), []) == choice["token_ids"]
+    assert choices[0]["prompt_token_ids"] == prompt and all("prompt_token_ids" not in c for c in choices[1:])
+    # the next turn: prompt + answer ids; 71 tokens were computed (the last output never is), 4 full blocks
+    again = post(server.url + "/v1/completions", {**body, "prompt": prompt + choice["token_ids"], "max_tokens": 2})[1]
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 64
+    chat = post(server.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                                                     "ignore_eos": True, "return_token_ids": True})[1]
+    assert len(chat["prompt_token_ids"]) == chat["usage"]["prompt_tokens"]
+    assert len(chat["choices"][0]["token_ids"]) == chat["usage"]["completion_tokens"] == 5
+    status, err = post(server.url + "/v1/completions", {**body, "return_token_ids": "yes"})
+    assert status == 400 and err["error"]["param"] == "return_token_ids"
