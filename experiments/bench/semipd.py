@@ -1,6 +1,6 @@
 """semi-PD partition switching: what does a switch cost a request?
 
-    python -m experiments.bench.semipd [--switches 20] [--interval 0.5]
+    python -m experiments.bench.semipd [--switches 20] [--interval 0.5] [--device cuda --backend green_context]
 
 A semi-PD server (tiny model) runs a closed-loop decode-heavy load while the
 partition is switched every `interval` seconds. The request-visible stall of a
@@ -28,17 +28,20 @@ from experiments.sweep.launch import EngineServer
 from semipd_engine.config import EngineConfig, ModelConfig, ServerConfig, freeze
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--switches", type=int, default=20)
     ap.add_argument("--interval", type=float, default=0.5)
+    ap.add_argument("--device", default="cpu", help="model.device (cuda: SM shares)")
+    ap.add_argument("--backend", default="auto", help="engine.partition_backend (auto, cpu_quota, cpu_affinity, "
+                                                      "green_context)")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     shares = [(100, 50), (50, 100), (50, 50), (100, 100)]
     with tempfile.TemporaryDirectory() as d:
-        mcfg = freeze(ModelConfig, {"name": "tiny"})
-        ecfg = freeze(EngineConfig, {"name": "semipd", "prefill_share": 50,
-                                     "decode_share": 50})
+        mcfg = freeze(ModelConfig, {"name": "tiny", "device": args.device})
+        ecfg = freeze(EngineConfig, {"name": "semipd", "prefill_share": 50, "decode_share": 50,
+                                     "partition_backend": args.backend})
         with EngineServer(mcfg, ecfg, freeze(ServerConfig, {}), d) as srv:
             wcfg = freeze(WorkloadConfig, {"name": "fixed", "prompt_len": 64, "output_len": 400,
                                            "num_requests": 64, "arrival": "closed", "max_concurrency": 16})
@@ -84,6 +87,8 @@ def main() -> None:
         "spanning_itl_extra_p90_ms": 1e3 * float(np.percentile(extra, 90)) if extra.size else None,
         "normal_itl_p90_ms": 1e3 * float(np.percentile([g for g, _ in normal], 90)),
         "errors": int(df["error"].notna().sum()),
+        "requests": int(len(df)),
+        "backend": args.backend,
     }
     emit(res, args.out)
 

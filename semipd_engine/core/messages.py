@@ -92,6 +92,7 @@ class ShareSwitched:
     cores: tuple[int, ...]
     stall_s: float
     delay_s: float
+    sms: int = 0  # SMs of its green context (0: every SM, or a CPU share)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from semipd_engine.core.messages import (
 from semipd_engine.core.request import Request, RequestOutput
 from semipd_engine.process.worker import WorkerSpec, worker_main
 from semipd_engine.shares.partition import (
+    GPU_BACKENDS,
     Partition,
     machine_cores,
     pinned_sets,
@@ -83,6 +84,8 @@ class PartitionControl(Protocol):
 class ShareControl:
     """The shares of a topology's partitioned pair (semi-PD's prefill and decode workers on one unit).
 
+    On a GPU a share is a green context of the share's SMs in each worker (`green_context`: switched in-process
+    at the worker's next iteration), or an MPS client's thread percentage, fixed when the worker starts (`mps`).
     On CPU a share is either CPU time (`cpu_quota`: a cgroup per worker whose CFS quota is the share of the
     unit's cores, and a thread count to match) or a core set and a thread count (`cpu_affinity`: caps that
     overlap divide their cores, `partition.pinned_sets`). Either way a switch needs no new process: the
@@ -91,12 +94,17 @@ class ShareControl:
     """
 
     def __init__(self, prefill: str, decode: str, partition: Partition, backend: str, cores: tuple[int, ...],
-                 num_threads: int, send: Callable[[str, Any], None]):
+                 num_threads: int, send: Callable[[str, Any], None], sm_device: Optional[Callable[[], Any]] = None):
         self.workers, self.backend, self.cores = (prefill, decode), backend, cores
         self.num_threads, self._send = num_threads, send
         # No way to cap a phase: say what actually runs.
         self.partition = partition if backend != "none" else Partition(100, 100)
         self.quota, self.groups = None, {}
+        self.sm_device: Optional[tuple[int, int]] = None  # (SMs, compute capability major) under green contexts
+        if backend == "green_context":
+            from semipd_engine.shares.sm_share import TorchGreenContexts
+
+            self.sm_device = (sm_device or TorchGreenContexts)().device()
         if backend == "cpu_quota":
             from semipd_engine.shares.cpu_quota import CpuQuota
 
@@ -112,6 +120,8 @@ class ShareControl:
     def _threads(self, p: Partition) -> tuple[int, int]:
         """`engine.num_threads` if set, else the cores each phase can keep busy: its cores (`thread_counts`), or
         the cores' worth of time its quota allows."""
+        if self.backend in GPU_BACKENDS:
+            return 0, 0
         if self.num_threads:
             return self.num_threads, self.num_threads
         if self.backend == "cpu_affinity":
@@ -132,9 +142,17 @@ class ShareControl:
         Under a CPU-time quota the pair's threads share the cores, and spinning OpenMP threads burn the quota
         at every barrier while a sibling waits for a core: measured on 2 cores (llama-100m, 70/30), prefill
         iterations took 5.5 s spinning against 0.26 s with passive waiting. A user's own setting wins."""
+        if self.backend == "mps" and worker in self.workers:  # an MPS client's share is fixed when it starts
+            from semipd_engine.shares.sm_share import mps_env
+
+            return mps_env(self.shares()[self.workers.index(worker)])
         if self.backend != "cpu_quota" or worker not in self.workers or "OMP_WAIT_POLICY" in os.environ:
             return {}
         return {"OMP_WAIT_POLICY": "PASSIVE"}
+
+    def shares(self, p: Optional[Partition] = None) -> tuple[int, int]:
+        p = p or self.partition
+        return p.prefill_share, p.decode_share
 
     def attach(self, worker: str, pid: int) -> None:
         """A (new) process of the pair: into its group, under the current quota."""
@@ -157,7 +175,11 @@ class ShareControl:
 
     def set_partition(self, p: Partition) -> dict[str, Any]:
         """Switch the shares; each worker applies its own at its next iteration boundary."""
-        if self.backend not in ("cpu_affinity", "cpu_quota"):
+        if self.backend == "mps":
+            raise ValueError("partition backend 'mps' fixes a worker's share when the worker starts; a run-time "
+                             "switch would restart it, which is not built: use engine.partition_backend="
+                             "green_context (switches in-process)")
+        if self.backend not in ("cpu_affinity", "cpu_quota", "green_context"):
             raise ValueError(f"partition backend {self.backend!r} cannot change shares at run time")
         old = self.partition
         new_fit = list(zip(self._cores(p), self._threads(p)))
@@ -184,6 +206,13 @@ class ShareControl:
                "decode_threads": d_threads, "backend": self.backend}
         if self.quota is not None:  # CPUs' worth of time per period
             out["prefill_quota_cpus"], out["decode_quota_cpus"] = self._quotas(self.partition)
+        if self.sm_device is not None:  # what each green context holds, as the workers round it
+            from semipd_engine.shares.sm_share import sm_count, sm_granularity
+
+            total, major = self.sm_device
+            out["prefill_sms"], out["decode_sms"] = (sm_count(s, total, sm_granularity(major)) or total
+                                                     for s in self.shares())
+            out["device_sms"] = total
         return out
 
 
@@ -278,8 +307,11 @@ class EngineClient:
                 cores, threads = self.shares.placement(w.name)
             else:  # its unit to itself: alone on the machine, every core the process may use
                 cores, threads = (None if single else self.unit_cores[w.unit]), self.engine_cfg.num_threads
+            paired = self.shares is not None and w.name in self.shares.workers
             specs.append(WorkerSpec(w.name, w.policy, w.role, cores, threads, pool=w.pool, handoff=w.handoff,
-                                    decode_peers=w.decode_peers, prefill_peers=w.prefill_peers))
+                                    decode_peers=w.decode_peers, prefill_peers=w.prefill_peers,
+                                    sm_backend=self.shares.backend if paired else "none",
+                                    share=self.shares.shares()[self.shares.workers.index(w.name)] if paired else 100))
         return specs
 
     def entry_worker(self, req: Request) -> str:

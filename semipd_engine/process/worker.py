@@ -52,6 +52,8 @@ class WorkerSpec:
     handoff: Optional[str] = None  # how prefilled requests leave: "adopt" | "transfer" (semipd_engine.core.handoff)
     decode_peers: tuple[str, ...] = ()  # where hand-offs go (round robin)
     prefill_peers: tuple[str, ...] = ()  # where evicted requests go back to
+    sm_backend: str = "none"  # "green_context": its kernels run on a green context of `share` % of the SMs
+    share: int = 100
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -90,8 +92,14 @@ def worker_main(spec: WorkerSpec, model_cfg, engine_cfg, in_q, out_q, state=None
         core = build_core(model_cfg, engine_cfg, spec.policy, state)
         if executor_wrapper is not None:
             core.executor = executor_wrapper(core.executor)
+        sm = None
+        if spec.sm_backend == "green_context":
+            from semipd_engine.shares.sm_share import GreenContextShare, TorchGreenContexts
+
+            sm = GreenContextShare(TorchGreenContexts(torch.cuda.current_device()))
+            sm.apply(spec.share)
         kv = core.executor.kv
-        info = dict(pid=os.getpid(), cores=cores, num_threads=torch.get_num_threads(),
+        info = dict(pid=os.getpid(), cores=cores, num_threads=torch.get_num_threads(), sms=sm.sms if sm else 0,
                     max_model_len=core.max_model_len, kv_blocks_total=core.pool.num_blocks,
                     kv_bytes=kv.nbytes, block_size=core.pool.block_size)
         peers = peers or {}
@@ -101,7 +109,7 @@ def worker_main(spec: WorkerSpec, model_cfg, engine_cfg, in_q, out_q, state=None
             kwargs = {"copy": copy} if spec.handoff == "transfer" else {}
             handoff = HANDOFFS.get(spec.handoff)(spec.name, core.pool, lambda peer, m: peers[peer].put(m), **kwargs)
         out_q.put(WorkerReady(spec.name, info))
-        Worker(spec, core, in_q, out_q, peers, handoff, parent_pid).loop()
+        Worker(spec, core, in_q, out_q, peers, handoff, parent_pid, sm).loop()
     except Exception:
         out_q.put(WorkerFailed(spec.name, traceback.format_exc()))
         raise
@@ -109,8 +117,9 @@ def worker_main(spec: WorkerSpec, model_cfg, engine_cfg, in_q, out_q, state=None
 
 class Worker:
     def __init__(self, spec: WorkerSpec, core, in_q, out_q, peers: dict[str, Any], handoff: Optional[Handoff],
-                 parent_pid: Optional[int] = None):
+                 parent_pid: Optional[int] = None, sm=None):
         self.spec, self.core, self.in_q, self.out_q, self.peers = spec, core, in_q, out_q, peers
+        self.sm = sm  # its green-context SM share (sm_share.GreenContextShare), if it has one
         self.handoff = handoff
         self.parent_pid = parent_pid
         self._rr = 0
@@ -190,10 +199,14 @@ class Worker:
 
     def on_share(self, msg: SetShare) -> bool:
         t0 = time.monotonic()
-        # Core sets pin; a CPU-time quota (no cores) only resizes the thread pool, the kernel enforces the rest.
-        applied = apply_share("cpu_affinity" if msg.cores else "none", msg.cores or (), msg.num_threads)
+        sms = 0
+        if self.sm is not None:  # between iterations: the old stream drains, the next runs on the new context
+            applied, sms = (), self.sm.apply(msg.share)
+        else:  # core sets pin; a CPU-time quota (no cores) only resizes the thread pool, the kernel enforces the rest
+            applied = apply_share("cpu_affinity" if msg.cores else "none", msg.cores or (), msg.num_threads)
         t1 = time.monotonic()
-        self.out_q.put(ShareSwitched(self.spec.name, self.spec.role, msg.share, applied, t1 - t0, t1 - msg.sent_at))
+        self.out_q.put(ShareSwitched(self.spec.name, self.spec.role, msg.share, applied, t1 - t0, t1 - msg.sent_at,
+                                     sms))
         return False
 
     # -- hand-offs -----------------------------------------------------------------------------

@@ -20,8 +20,11 @@ Backends:
   can keep busy. (70, 30) on two cores is 1.4 and 0.6 cores' worth, which core sets
   cannot express; caps that add past 100 overlap as MPS caps do. A switch is a write of
   the quota file. `auto` falls back to `cpu_affinity`, saying why, where it cannot run.
-- `green_context` / `mps` (CUDA): SM shares. Not implemented yet: asking for
-  them logs why and falls back to uncapped (`none`), as does `auto` on a GPU.
+- `green_context` / `mps` (CUDA): SM shares (`sm_share.py`): a green context of x% of the SMs per worker,
+  switched in-process at an iteration boundary; or MPS clients capped by CUDA_MPS_ACTIVE_THREAD_PERCENTAGE when
+  they start. `auto` on a GPU picks green contexts where torch has them, else MPS where its daemon runs, else
+  refuses with both reasons (`engine.partition_backend=none` runs uncapped). A backend asked for by name that
+  cannot run logs why and falls back to uncapped (`none`).
 """
 
 from __future__ import annotations
@@ -117,18 +120,25 @@ def _cpu_quota(device: str) -> str | None:
     return CpuQuota.open()[1] or None
 
 
-def _not_built(device: str) -> str | None:
-    import torch  # here, not at the top: the simulator and the controller read partitions without torch
+def _green_context(device: str) -> str | None:
+    from semipd_engine.shares.sm_share import green_context_available  # torch, imported only when asked
 
-    return "no CUDA device here" if not torch.cuda.is_available() else "SM-share backends are not built yet"
+    return green_context_available(device)
 
 
+def _mps(device: str) -> str | None:
+    from semipd_engine.shares.sm_share import mps_available
+
+    return mps_available(device)
+
+
+GPU_BACKENDS = ("green_context", "mps")
 # name -> why it cannot run on `device` (None: it can)
 PARTITION_BACKENDS: Registry[Callable[[str], str | None]] = Registry("partition backend", "engine.partition_backend")
 PARTITION_BACKENDS.register("cpu_affinity", _cpu_affinity)
 PARTITION_BACKENDS.register("cpu_quota", _cpu_quota)
-PARTITION_BACKENDS.register("green_context", _not_built)
-PARTITION_BACKENDS.register("mps", _not_built)
+PARTITION_BACKENDS.register("green_context", _green_context)
+PARTITION_BACKENDS.register("mps", _mps)
 PARTITION_BACKENDS.register("none", lambda device: None)
 
 
@@ -141,7 +151,14 @@ def resolve_backend(name: str, device: str) -> str:
         log.warning("partition backend cpu_quota unavailable (%s): shares are core sets (cpu_affinity)", why)
         return "cpu_affinity"
     if name == "auto":
-        name = "green_context"
+        reasons = {}
+        for candidate in GPU_BACKENDS:
+            reasons[candidate] = PARTITION_BACKENDS.get(candidate)(device)
+            if reasons[candidate] is None:
+                return candidate
+        raise ValueError("engine.partition_backend=auto on " + device + ": no SM-share backend can run ("
+                         + "; ".join(f"{k}: {v}" for k, v in reasons.items())
+                         + "); engine.partition_backend=none runs the workers uncapped")
     why = PARTITION_BACKENDS.get(name)(device)
     if why is not None:
         log.warning("partition backend %s unavailable (%s): running uncapped (100, 100)", name, why)
