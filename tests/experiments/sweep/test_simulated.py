@@ -105,7 +105,9 @@ def test_paper_preset_sweep_with_figures_and_goodput_runs_in_seconds(tmp_path):
     assert {"slo_attainment_vs_rate.png", "p90_latency_vs_rate.png", "mean_e2e_vs_rate.png"} <= figures
     goodput = [sys.executable, "run.py", "experiment=paper_goodput", "engine=unified",
                "experiment.goodput_seeds=[0]", "experiment.goodput_tolerance=2", "experiment.goodput_high=32",
-               *[c.format("goodput") for c in common], "workload.num_requests=400"]
+               *[c.format("goodput") for c in common], "workload.num_requests=400",
+               # fewer running requests than the run sends (the paper's 512 would admit all 400: nothing queues)
+               "request_caps=preset", "engine.max_num_seqs=256"]
     out = subprocess.run(goodput, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     job = json.loads(next((tmp_path / "goodput").glob("*/job.json")).read_text())
