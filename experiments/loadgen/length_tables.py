@@ -96,7 +96,10 @@ def main(argv=None) -> int:
     src = (f"first turns of ShareGPT V3 ({Path(args.sharegpt_wheel).name}), token counts under Llama 3's tokenizer "
            f"({Path(args.reference_wheel).name}); python -m experiments.loadgen.length_tables")
     write(table, args.out, src)
-    keep = (table[:, 0] > 0) & (table[:, 1] > 0) & (table[:, 0] <= 1024) & (table.sum(1) <= 2048)
+    from semipd_engine.serving.tokenizer_data.derive import PAPER_FILTER
+
+    keep = ((table[:, 0] > 0) & (table[:, 1] > 0) & (table[:, 0] <= PAPER_FILTER[0])
+            & (table.sum(1) <= PAPER_FILTER[1]))
     print(f"{len(table)} pairs -> {args.out}; mean prompt / output {table[:, 0].mean():.1f} / {table[:, 1].mean():.1f}; "
           f"under the paper's filter ({keep.sum()}): {table[keep, 0].mean():.1f} / {table[keep, 1].mean():.1f}")
     return 0

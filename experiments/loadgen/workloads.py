@@ -247,8 +247,7 @@ def sharegpt_lengths(cfg) -> Workload:
         table = length_tables.read(path)
     except length_tables.LengthTableError as e:
         raise WorkloadError(str(e)) from None
-    p = np.asarray(_scaled(table[:, 0], cfg)) if cfg.length_scale != 1.0 else table[:, 0]
-    o = np.asarray(_scaled(table[:, 1], cfg)) if cfg.length_scale != 1.0 else table[:, 1]
+    p, o = (np.asarray(_scaled(table[:, k], cfg)) for k in (0, 1))
     # a length of 0 (an empty answer in the dataset) is not a request, whatever the filters or the scale say
     ok = ((table[:, 0] > 0) & (table[:, 1] > 0) & (p >= cfg.min_prompt_len) & (p <= cfg.max_prompt_len)
           & (o >= cfg.min_output_len) & (p + o <= cfg.max_total_len))

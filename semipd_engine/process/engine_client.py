@@ -145,14 +145,14 @@ class ShareControl:
         if self.backend == "mps" and worker in self.workers:  # an MPS client's share is fixed when it starts
             from semipd_engine.shares.sm_share import mps_env
 
-            return mps_env(self.shares()[self.workers.index(worker)])
+            return mps_env(self.share_of(worker))
         if self.backend != "cpu_quota" or worker not in self.workers or "OMP_WAIT_POLICY" in os.environ:
             return {}
         return {"OMP_WAIT_POLICY": "PASSIVE"}
 
-    def shares(self, p: Optional[Partition] = None) -> tuple[int, int]:
-        p = p or self.partition
-        return p.prefill_share, p.decode_share
+    def share_of(self, worker: str) -> int:
+        """The current share (%) of a worker of the pair."""
+        return (self.partition.prefill_share, self.partition.decode_share)[self.workers.index(worker)]
 
     def attach(self, worker: str, pid: int) -> None:
         """A (new) process of the pair: into its group, under the current quota."""
@@ -211,7 +211,7 @@ class ShareControl:
 
             total, major = self.sm_device
             out["prefill_sms"], out["decode_sms"] = (sm_count(s, total, sm_granularity(major)) or total
-                                                     for s in self.shares())
+                                                     for s in map(self.share_of, self.workers))
             out["device_sms"] = total
         return out
 
@@ -311,7 +311,7 @@ class EngineClient:
             specs.append(WorkerSpec(w.name, w.policy, w.role, cores, threads, pool=w.pool, handoff=w.handoff,
                                     decode_peers=w.decode_peers, prefill_peers=w.prefill_peers,
                                     sm_backend=self.shares.backend if paired else "none",
-                                    share=self.shares.shares()[self.shares.workers.index(w.name)] if paired else 100))
+                                    share=self.shares.share_of(w.name) if paired else 100))
         return specs
 
     def entry_worker(self, req: Request) -> str:
