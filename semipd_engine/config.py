@@ -32,6 +32,10 @@ class ModelConfig:
     max_model_len: int = 0
     attention_backend: str = "auto"  # auto | torch | triton
     device: str = "cpu"
+    # CUDA graphs for decode-only iterations (runtime/cuda_graph.py), on CUDA only: batch sizes bucketed up to
+    # min(cuda_graph_max_bs, engine.max_num_seqs). enforce_eager (vLLM's flag) turns them off.
+    enforce_eager: bool = False
+    cuda_graph_max_bs: int = 256
     # GPUs per model replica (the simulator models it; external engines get it as a flag).
     tensor_parallel_size: int = 1
 

@@ -4,9 +4,10 @@
 
 On a machine with a CUDA device it runs, each as its own process with a time limit:
 - the `gpu`-marked tests (the Triton attention kernels against the torch reference, greedy equality of the engine
-  on CUDA with transformers, a green context running kernels on its share of the SMs);
-- a semi-PD partition switch under load on each SM-share backend that can run here (green contexts; MPS shares
-  are fixed when a worker starts, so they are not switched): nothing lost or failed, every switch applied
+  on CUDA with transformers, decode CUDA graphs against eager execution, a green context running kernels on its
+  share of the SMs);
+- a semi-PD partition switch under load on each SM-share backend that can run here (green contexts in-process;
+  MPS by a standby worker started with the new percentage): nothing lost or failed, every switch applied
   (`experiments.bench.semipd --device cuda`);
 - a short real sweep (`run.py`, semi-PD on CUDA) that writes the usual results.
 It prints one table (check, passed, seconds, the numbers) and writes `gpu_check.json` under `--out`. Where no CUDA
@@ -27,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU_TESTS = ["tests/semipd_engine/test_gpu.py", "tests/semipd_engine/model/test_triton_attention.py",
-             "tests/semipd_engine/shares/test_sm_share.py"]
+             "tests/semipd_engine/shares/test_sm_share.py", "tests/semipd_engine/runtime/test_cuda_graph.py"]
 
 
 @dataclass
@@ -66,8 +67,10 @@ def gpu_tests(out: Path, timeout_s: float) -> list[Check]:
 
 def switch_under_load(backend: str, out: Path, timeout_s: float) -> Check:
     res_path = out / f"switch_{backend}.json"
+    # An MPS switch starts a process (seconds): fewer, further apart, so none is folded into the next.
+    switches, interval = ("10", "0.5") if backend == "green_context" else ("5", "6")
     rc, log, secs = _run([sys.executable, "-m", "experiments.bench.semipd", "--device", "cuda", "--backend", backend,
-                          "--switches", "10", "--interval", "0.5", "--out", str(res_path)], timeout_s)
+                          "--switches", switches, "--interval", interval, "--out", str(res_path)], timeout_s)
     if rc != 0 or not res_path.exists():
         return Check(f"semi-PD switch under load ({backend})", False, secs, log[-500:])
     r = json.loads(res_path.read_text())
@@ -104,14 +107,18 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; every check of this command needs one (nothing was run)")
         return 2
-    from semipd_engine.shares.sm_share import green_context_available
+    from semipd_engine.shares.sm_share import green_context_available, mps_available
 
     out = Path(args.out or tempfile.mkdtemp(prefix="gpu_check_"))
     out.mkdir(parents=True, exist_ok=True)
     checks = gpu_tests(out, args.timeout_s)
-    why = green_context_available("cuda")
-    checks.append(switch_under_load("green_context", out, args.timeout_s) if why is None
-                  else Check("semi-PD switch under load (green_context)", False, 0.0, f"cannot run: {why}"))
+    # Green contexts are this project's SM shares on any recent torch: not running them is a failure. MPS needs its
+    # daemon started by the machine's owner: not running it is a skip.
+    for backend, available, miss in (("green_context", green_context_available, "cannot run"),
+                                     ("mps", mps_available, "skipped: cannot run")):
+        why = available("cuda")
+        checks.append(switch_under_load(backend, out, args.timeout_s) if why is None
+                      else Check(f"semi-PD switch under load ({backend})", False, 0.0, f"{miss}: {why}"))
     checks.append(short_sweep(out, args.timeout_s))
     print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}\n{table(checks)}")
     (out / "gpu_check.json").write_text(json.dumps([asdict(c) for c in checks], indent=2))

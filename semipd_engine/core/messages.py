@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from semipd_engine.core.request import Request, RequestOutput
+from semipd_engine.core.scheduler import SchedulerState
 
 
 # -- to a worker ---------------------------------------------------------------------------------
@@ -68,6 +69,31 @@ class Shutdown:
     pass
 
 
+@dataclass(frozen=True)
+class HandOver:
+    """Stop at this iteration boundary and hand everything held to a successor (its standby, ready with a new MPS
+    share); messages queued after this one are the successor's."""
+
+    sent_at: float
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """What a retiring worker holds, for its successor."""
+
+    scheduler: SchedulerState
+    aborted: tuple[str, ...]  # requests aborted while in transit: dropped when they arrive
+
+
+@dataclass(frozen=True)
+class TakeOver:
+    """To a standby: its predecessor's state; go on from it."""
+
+    state: WorkerState
+    handover_at: float  # when the predecessor stopped (its last iteration had ended)
+    switch_sent_at: float  # when the share was asked for
+
+
 # -- from a worker ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WorkerReady:
@@ -82,6 +108,32 @@ class StepReport:
     worker: str
     outputs: list[RequestOutput]
     stats: Optional[Any]  # engine_core.IterationStats
+
+
+@dataclass(frozen=True)
+class StandbyReady:
+    """A standby started with its new share (model and pool mapped) and waits to take over."""
+
+    worker: str
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StandbyFailed:
+    """A standby could not start: the worker it was to replace keeps running with its old share."""
+
+    worker: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class Retired:
+    """A worker stopped after a `HandOver` and exits; its state goes to the standby."""
+
+    worker: str
+    state: WorkerState
+    handover_at: float
+    sent_at: float
 
 
 @dataclass(frozen=True)

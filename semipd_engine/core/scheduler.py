@@ -87,6 +87,19 @@ class StepOutcome:
         return bool(self.num_prefill_tokens or self.num_decode_tokens)
 
 
+@dataclass(frozen=True)
+class SchedulerState:
+    """A scheduler's requests and counters, to continue in another process (a worker replaced to change its MPS
+    share): the requests keep their blocks, which live in the shared pool, and their order."""
+
+    waiting: tuple[Request, ...]
+    running: tuple[Request, ...]
+    parked: tuple[Request, ...]
+    num_preemptions: int
+    prefix_queries: int
+    prefix_hits: int
+
+
 class Scheduler:
     """Queues, admission, preemption and postprocessing; subclasses are the policies."""
 
@@ -185,6 +198,29 @@ class Scheduler:
         if free and req.block_table:
             self.pool.free(req.block_table)
             req.block_table = []
+
+    def snapshot(self) -> SchedulerState:
+        """Everything a successor needs to go on where this scheduler stops (between iterations)."""
+        if self.group is not None:
+            raise ValueError("a decode group's tokens are not materialised: snapshot a scheduler without one")
+        return SchedulerState(tuple(self.waiting), tuple(self.running), tuple(self.parked), self.num_preemptions,
+                              self.prefix_queries, self.prefix_hits)
+
+    def restore(self, state: SchedulerState) -> None:
+        """Continue from a predecessor's `snapshot` (this scheduler is new: nothing queued yet)."""
+        if self.has_work():
+            raise ValueError("restore into a scheduler that already holds requests")
+        for req in state.running:  # in their order: preemption still picks the newest
+            self.requests[req.request_id] = req
+            self._run(req)
+        for req in state.parked:
+            self.requests[req.request_id] = req
+            self.parked.append(req)
+        for req in state.waiting:
+            self.requests[req.request_id] = req
+            self.waiting.append(req)
+        self.num_preemptions = state.num_preemptions
+        self.prefix_queries, self.prefix_hits = state.prefix_queries, state.prefix_hits
 
     # -- the policy ----------------------------------------------------------------------------
     def schedule(self, now: float) -> ScheduledBatch:

@@ -30,12 +30,17 @@ from semipd_engine.control.loop import ControlLoop
 from semipd_engine.core.messages import (
     AbortRequest,
     AddRequest,
+    HandOver,
     KVTransferred,
     ResetPrefixCache,
+    Retired,
     SetShare,
     ShareSwitched,
     Shutdown,
+    StandbyFailed,
+    StandbyReady,
     StepReport,
+    TakeOver,
     WorkerFailed,
     WorkerReady,
     WorkersRestarted,
@@ -85,7 +90,9 @@ class ShareControl:
     """The shares of a topology's partitioned pair (semi-PD's prefill and decode workers on one unit).
 
     On a GPU a share is a green context of the share's SMs in each worker (`green_context`: switched in-process
-    at the worker's next iteration), or an MPS client's thread percentage, fixed when the worker starts (`mps`).
+    at the worker's next iteration), or an MPS client's thread percentage, fixed when the worker starts (`mps`:
+    a switch starts a standby with the new percentage over the same weights and pool, and it takes over at the
+    old worker's next iteration boundary; `EngineClient._start_standby`).
     On CPU a share is either CPU time (`cpu_quota`: a cgroup per worker whose CFS quota is the share of the
     unit's cores, and a thread count to match) or a core set and a thread count (`cpu_affinity`: caps that
     overlap divide their cores, `partition.pinned_sets`). Either way a switch needs no new process: the
@@ -94,9 +101,11 @@ class ShareControl:
     """
 
     def __init__(self, prefill: str, decode: str, partition: Partition, backend: str, cores: tuple[int, ...],
-                 num_threads: int, send: Callable[[str, Any], None], sm_device: Optional[Callable[[], Any]] = None):
+                 num_threads: int, send: Callable[[str, Any], None], sm_device: Optional[Callable[[], Any]] = None,
+                 restart: Optional[Callable[[str, float], None]] = None):
         self.workers, self.backend, self.cores = (prefill, decode), backend, cores
         self.num_threads, self._send = num_threads, send
+        self._restart = restart  # mps: (worker, asked at) -> a standby with the new share replaces the worker
         # No way to cap a phase: say what actually runs.
         self.partition = partition if backend != "none" else Partition(100, 100)
         self.quota, self.groups = None, {}
@@ -175,11 +184,10 @@ class ShareControl:
 
     def set_partition(self, p: Partition) -> dict[str, Any]:
         """Switch the shares; each worker applies its own at its next iteration boundary."""
-        if self.backend == "mps":
-            raise ValueError("partition backend 'mps' fixes a worker's share when the worker starts; a run-time "
-                             "switch would restart it, which is not built: use engine.partition_backend="
-                             "green_context (switches in-process)")
-        if self.backend not in ("cpu_affinity", "cpu_quota", "green_context"):
+        if self.backend == "mps" and self._restart is None:
+            raise ValueError("partition backend 'mps' fixes a worker's share when the worker starts, and this "
+                             "engine cannot replace its workers")
+        if self.backend not in ("cpu_affinity", "cpu_quota", "green_context", "mps"):
             raise ValueError(f"partition backend {self.backend!r} cannot change shares at run time")
         old = self.partition
         new_fit = list(zip(self._cores(p), self._threads(p)))
@@ -190,13 +198,23 @@ class ShareControl:
                     self.quota.set(self.groups[name], cores)
         now = time.monotonic()
         # A phase whose share is unchanged may still run on other cores (the overlap changed).
-        for i, (share, old_share) in enumerate([(p.prefill_share, old.prefill_share),
-                                                (p.decode_share, old.decode_share)]):
-            if share != old_share or new_fit[i] != old_fit[i]:
+        changed = [i for i, (share, old_share) in enumerate([(p.prefill_share, old.prefill_share),
+                                                             (p.decode_share, old.decode_share)])
+                   if share != old_share or new_fit[i] != old_fit[i]]
+        self.partition = p  # replacement workers (and MPS standbys) start with it
+        for i in changed:
+            if self.backend == "mps":  # a new process: MPS reads the percentage when a client's context is created
+                self._restart(self.workers[i], now)
+            else:
                 cores, threads = new_fit[i]
-                self._send(self.workers[i], SetShare(cores, share, now, threads))
-        self.partition = p  # replacement workers start with it too
+                self._send(self.workers[i], SetShare(cores, self.share_of(self.workers[i]), now, threads))
         return self.describe()
+
+    def running(self, worker: str, share: int) -> None:
+        """Record that `worker` runs at `share` after all (its MPS standby could not start)."""
+        p = self.partition
+        self.partition = (Partition(share, p.decode_share) if self.workers.index(worker) == 0
+                          else Partition(p.prefill_share, share))
 
     def describe(self) -> dict[str, Any]:
         p_cores, d_cores = self._cores(self.partition)
@@ -271,7 +289,12 @@ class EngineClient:
             pre, dec = pair
             backend = resolve_backend(engine_cfg.partition_backend, model_cfg.device)
             self.shares = ShareControl(pre.name, dec.name, Partition(pre.share, dec.share), backend,
-                                       self.unit_cores[pre.unit], engine_cfg.num_threads, self._send)
+                                       self.unit_cores[pre.unit], engine_cfg.num_threads, self._send,
+                                       restart=self._start_standby)
+        # MPS share switches (`_start_standby`): the standby process of a worker, its queue and the share it starts
+        # with; the process it replaces until that one has exited.
+        self._standbys: dict[str, tuple[Any, Any, int, float]] = {}  # (process, queue, share, asked at)
+        self._retiring: dict[str, Any] = {}
         self.control: Optional[ControlLoop] = None
         if topo.controller == "slo":
             self.control = ControlLoop(engine_cfg, self.unit_cores[pair[0].unit]
@@ -439,15 +462,7 @@ class EngineClient:
         self._in_qs = {spec.name: self._ctx.Queue() for spec in specs}
         self._procs = {}
         for spec in specs:
-            # Spawned from the event-loop thread: the workers' parent-death signal is tied to it.
-            p = self._ctx.Process(target=worker_main, name=f"worker-{spec.name}", daemon=True,
-                                  args=(spec, self.model_cfg, self.engine_cfg, self._in_qs[spec.name], out_q),
-                                  kwargs={**self.worker_kwargs(spec), "parent_pid": os.getpid()})
-            with _environ(self.shares.worker_env(spec.name) if self.shares is not None else {}):
-                p.start()
-            self._procs[spec.name] = p
-            if self.shares is not None and spec.name in self.shares.workers:
-                self.shares.attach(spec.name, p.pid)
+            self._procs[spec.name] = self._start_process(spec, out_q)
         info: dict[str, dict] = {}
         deadline = time.monotonic() + timeout_s
         while len(info) < len(self._procs):
@@ -467,6 +482,63 @@ class EngineClient:
         self.worker_info = info
         threading.Thread(target=self._read_loop, args=(gen, out_q), name=f"engine-reader-{gen}",
                          daemon=True).start()
+
+    def _start_process(self, spec: WorkerSpec, out_q, standby=None):
+        # Spawned from the event-loop thread: the workers' parent-death signal is tied to it.
+        p = self._ctx.Process(target=worker_main, name=f"worker-{spec.name}", daemon=True,
+                              args=(spec, self.model_cfg, self.engine_cfg, self._in_qs[spec.name], out_q),
+                              kwargs={**self.worker_kwargs(spec), "parent_pid": os.getpid(), "standby": standby})
+        with _environ(self.shares.worker_env(spec.name) if self.shares is not None else {}):
+            p.start()
+        if self.shares is not None and spec.name in self.shares.workers:
+            self.shares.attach(spec.name, p.pid)
+        return p
+
+    # -- MPS share switches: a standby takes over ------------------------------------------------
+    def _start_standby(self, worker: str, sent_at: float) -> None:
+        """Start `worker`'s successor with its new share (MPS fixes a client's percentage when it starts). It maps
+        the same weights and KV pool, says `StandbyReady`; the old worker is then told to hand over at its next
+        iteration boundary (`HandOver`), and the successor goes on from its state (`TakeOver`): nothing is failed,
+        lost or recomputed. Prefill and decode switch independently; a share asked for while a standby is still
+        starting is applied by another standby once this one has taken over."""
+        if self.state != "ready" or worker in self._standbys:
+            return  # a restart starts every worker at the current partition; a standby in flight re-checks
+        spec = next(s for s in self.worker_specs() if s.name == worker)
+        q = self._ctx.Queue()
+        proc = self._start_process(spec, self._out_q, standby=q)
+        self._standbys[worker] = (proc, q, spec.share, sent_at)
+        log.info("engine %s: standby for %s started (pid %d) with share %d", self.name, worker, proc.pid, spec.share)
+
+    def _standby_ready(self, msg: StandbyReady) -> None:
+        proc, q, share, sent_at = self._standbys[msg.worker]
+        self._retiring[msg.worker] = self._procs[msg.worker]
+        self._procs[msg.worker] = proc  # crash detection watches the successor from now on (and the old one)
+        self.worker_info[msg.worker] = msg.info
+        self._send(msg.worker, HandOver(sent_at))
+
+    def _retired(self, msg: Retired) -> None:
+        proc, q, share, sent_at = self._standbys.pop(msg.worker)
+        self._put(q, TakeOver(msg.state, msg.handover_at, msg.sent_at))
+        old = self._retiring.get(msg.worker)
+        if old is not None:
+            self._loop.create_task(self._reap(msg.worker, old))
+        if self.shares.share_of(msg.worker) != share:  # asked for again while this standby started
+            self._start_standby(msg.worker, time.monotonic())
+
+    async def _reap(self, worker: str, proc) -> None:
+        await asyncio.to_thread(proc.join, 10.0)
+        if proc.is_alive():
+            proc.kill()
+        if self._retiring.get(worker) is proc:
+            del self._retiring[worker]
+
+    def _standby_failed(self, msg: StandbyFailed) -> None:
+        proc, q, share, sent_at = self._standbys.pop(msg.worker)
+        old_share = self.worker_info.get(msg.worker, {}).get("share", 100)
+        log.error("engine %s: the standby for %s (share %d) failed to start; it keeps share %d:\n%s", self.name,
+                  msg.worker, share, old_share, msg.traceback)
+        self.shares.running(msg.worker, old_share)
+        self._loop.create_task(self._reap("", proc))
 
     @property
     def ready(self) -> bool:
@@ -494,8 +566,10 @@ class EngineClient:
                 task.cancel()
         for q in self._in_qs.values():
             self._put(q, Shutdown())
+        for _, q, *_ in self._standbys.values():
+            self._put(q, Shutdown())
         deadline = time.monotonic() + timeout_s
-        for p in self._procs.values():
+        for p in [*self._procs.values(), *self._retiring.values(), *(p for p, *_ in self._standbys.values())]:
             await asyncio.to_thread(p.join, max(0.1, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
@@ -551,23 +625,28 @@ class EngineClient:
         self._notify(WorkersRestarted(reason, seconds, self.restarts, dict(self.worker_info)))
 
     async def _stop_workers(self) -> None:
-        """Kill every worker of the current generation; their queues are abandoned."""
-        procs, in_qs = self._procs, self._in_qs
-        self._in_qs = {}
-        for p in procs.values():
+        """Kill every worker of the current generation (standbys and retiring ones too); their queues are
+        abandoned."""
+        procs, in_qs = [*self._procs.values(), *self._retiring.values()], self._in_qs
+        procs += [proc for proc, *_ in self._standbys.values()]
+        self._in_qs, self._standbys, self._retiring = {}, {}, {}
+        for p in procs:
             if p.is_alive():
                 p.kill()
-        for p in procs.values():
+        for p in procs:
             await asyncio.to_thread(p.join, 5.0)
         for q in in_qs.values():
             q.cancel_join_thread()  # a feeder blocked on a dead reader must not hold up exit
             q.close()
 
     @staticmethod
-    def _dead_worker(procs: dict) -> Optional[str]:
+    def _dead_worker(procs: dict, retiring: Optional[dict] = None) -> Optional[str]:
         for name, p in procs.items():
             if not p.is_alive():
                 return f"worker {name} (pid {p.pid}) exited with code {p.exitcode}"
+        for name, p in (retiring or {}).items():  # handing over: only a crash is a failure, not its exit
+            if not p.is_alive() and p.exitcode != 0:
+                return f"worker {name} (pid {p.pid}, handing over) exited with code {p.exitcode}"
         return None
 
     def _monitor_loop(self) -> None:
@@ -576,12 +655,14 @@ class EngineClient:
 
         while self.state not in ("stopping", "dead"):
             gen, procs = self._gen, dict(self._procs)
+            retiring = {n: p for n, p in dict(self._retiring).items() if p.exitcode != 0}
             if self.state != "ready" or not procs:
                 time.sleep(0.05)
                 continue
-            if not wait([p.sentinel for p in procs.values()], timeout=0.2) or gen != self._gen:
+            sentinels = [p.sentinel for p in procs.values()] + [p.sentinel for p in retiring.values()]
+            if not wait(sentinels, timeout=0.2) or gen != self._gen:
                 continue
-            reason = self._dead_worker(procs)
+            reason = self._dead_worker(procs, retiring)
             if reason is None:
                 continue
             self._call(self._worker_died, gen, reason)
@@ -667,6 +748,12 @@ class EngineClient:
                 self._deliver(out)
         elif isinstance(msg, (ShareSwitched, KVTransferred)):
             self._notify(msg)
+        elif isinstance(msg, StandbyReady) and msg.worker in self._standbys:
+            self._standby_ready(msg)
+        elif isinstance(msg, Retired) and msg.worker in self._standbys:
+            self._retired(msg)
+        elif isinstance(msg, StandbyFailed) and msg.worker in self._standbys:
+            self._standby_failed(msg)
         elif isinstance(msg, WorkerFailed):
             tb = msg.traceback.strip().splitlines()
             self._worker_died(gen, f"worker {msg.worker} crashed: {tb[-1] if tb else ''}\n{msg.traceback}")

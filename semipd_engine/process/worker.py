@@ -26,17 +26,23 @@ from semipd_engine.core.messages import (
     AbortRequest,
     AddRequest,
     AdoptRequest,
+    HandOver,
     OfferKV,
     ReleaseKV,
     ResetPrefixCache,
+    Retired,
     SetShare,
     ShareSwitched,
     Shutdown,
+    StandbyFailed,
+    StandbyReady,
     StepReport,
     WorkerFailed,
     WorkerReady,
+    WorkerState,
 )
 from semipd_engine.shares.partition import apply_share
+from semipd_engine.shares.sm_share import MPS_PERCENTAGE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +85,10 @@ def die_with_parent(parent_pid: Optional[int]) -> None:
 
 def worker_main(spec: WorkerSpec, model_cfg, engine_cfg, in_q, out_q, state=None,
                 peers: Optional[dict[str, Any]] = None, sources: Optional[dict[str, Any]] = None,
-                parent_pid: Optional[int] = None, executor_wrapper=None) -> None:
+                parent_pid: Optional[int] = None, executor_wrapper=None, standby=None) -> None:
+    """Build the worker's core and run its loop. With `standby` (a queue), it is a successor started with a new
+    share: once built it says so (`StandbyReady`) and waits there for its predecessor's state (`TakeOver`) before
+    it reads `in_q`, which it shares with the predecessor."""
     die_with_parent(parent_pid)
     import torch
 
@@ -101,15 +110,27 @@ def worker_main(spec: WorkerSpec, model_cfg, engine_cfg, in_q, out_q, state=None
         kv = core.executor.kv
         info = dict(pid=os.getpid(), cores=cores, num_threads=torch.get_num_threads(), sms=sm.sms if sm else 0,
                     max_model_len=core.max_model_len, kv_blocks_total=core.pool.num_blocks,
-                    kv_bytes=kv.nbytes, block_size=core.pool.block_size)
+                    kv_bytes=kv.nbytes, block_size=core.pool.block_size, share=spec.share)
+        if MPS_PERCENTAGE_ENV in os.environ:  # what the MPS server caps this client at
+            info["mps_active_thread_percentage"] = int(os.environ[MPS_PERCENTAGE_ENV])
         peers = peers or {}
         handoff = None
         if spec.handoff is not None:
             copy = TensorBlockCopy(sources, kv) if sources else None
             kwargs = {"copy": copy} if spec.handoff == "transfer" else {}
             handoff = HANDOFFS.get(spec.handoff)(spec.name, core.pool, lambda peer, m: peers[peer].put(m), **kwargs)
-        out_q.put(WorkerReady(spec.name, info))
-        Worker(spec, core, in_q, out_q, peers, handoff, parent_pid, sm).loop()
+        worker = Worker(spec, core, in_q, out_q, peers, handoff, parent_pid, sm)
+        if standby is None:
+            out_q.put(WorkerReady(spec.name, info))
+        else:
+            out_q.put(StandbyReady(spec.name, info))
+            if not worker.take_over(standby):
+                return
+    except Exception:
+        out_q.put((StandbyFailed if standby is not None else WorkerFailed)(spec.name, traceback.format_exc()))
+        raise
+    try:
+        worker.loop()
     except Exception:
         out_q.put(WorkerFailed(spec.name, traceback.format_exc()))
         raise
@@ -147,6 +168,9 @@ class Worker:
             while msg is not None:
                 if isinstance(msg, Shutdown):
                     return
+                if isinstance(msg, HandOver):  # what is still queued is the successor's
+                    self.retire(msg)
+                    return
                 changed |= bool(self.handlers[type(msg)](msg))
                 try:
                     msg = self.in_q.get_nowait()
@@ -161,6 +185,39 @@ class Worker:
                 # An idle snapshot when blocks changed hands keeps /metrics true while nothing runs.
                 self.out_q.put(StepReport(self.spec.name, outcome.outputs, self.core.stats(outcome)))
             self.publish(outcome)
+
+    # -- replaced by a standby (a new MPS share) ------------------------------------------------
+    def retire(self, msg: HandOver) -> None:
+        """Between iterations: hand what this worker holds to its successor, then exit."""
+        if self.handoff is not None and self.handoff.busy:
+            raise RuntimeError("a worker with KV transfers in flight cannot hand over")  # transfer hand-offs only
+        if self.cuda:
+            import torch
+
+            torch.cuda.current_stream().synchronize()  # its KV writes are complete before the successor reads them
+        state = WorkerState(self.core.scheduler.snapshot(), tuple(self.aborted))
+        log.info("handing over %d running, %d parked and %d waiting requests", len(state.scheduler.running),
+                 len(state.scheduler.parked), len(state.scheduler.waiting))
+        self.out_q.put(Retired(self.spec.name, state, time.monotonic(), msg.sent_at))
+
+    def take_over(self, standby) -> bool:
+        """Wait for the predecessor's state and continue from it; False if told to shut down instead."""
+        while True:
+            if self.parent_pid is not None and os.getppid() != self.parent_pid:
+                return False
+            try:
+                msg = standby.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if isinstance(msg, Shutdown):
+                return False
+            self.core.scheduler.restore(msg.state.scheduler)
+            self.aborted.update(dict.fromkeys(msg.state.aborted))
+            now = time.monotonic()
+            self.out_q.put(ShareSwitched(self.spec.name, self.spec.role, self.spec.share, (),
+                                         now - msg.handover_at, now - msg.switch_sent_at, self.sm.sms if self.sm else 0))
+            self.out_q.put(StepReport(self.spec.name, [], self.core.stats()))  # /metrics: its queues, at once
+            return True
 
     # -- messages ------------------------------------------------------------------------------
     def on_add(self, msg: AddRequest) -> bool:
@@ -202,6 +259,9 @@ class Worker:
         sms = 0
         if self.sm is not None:  # between iterations: the old stream drains, the next runs on the new context
             applied, sms = (), self.sm.apply(msg.share)
+            graphs = getattr(self.core.executor, "graphs", None)
+            if graphs is not None:  # recorded on the old context: recaptured on the new one at their next use
+                graphs.invalidate()
         else:  # core sets pin; a CPU-time quota (no cores) only resizes the thread pool, the kernel enforces the rest
             applied = apply_share("cpu_affinity" if msg.cores else "none", msg.cores or (), msg.num_threads)
         t1 = time.monotonic()

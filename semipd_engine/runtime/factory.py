@@ -20,6 +20,7 @@ from semipd_engine.core.policies import make_scheduler
 from semipd_engine.model import load_weights, resolve
 from semipd_engine.model.loader import build_model, torch_dtype
 from semipd_engine.model.spec import ModelSpec
+from semipd_engine.runtime.cuda_graph import DecodeGraphs
 from semipd_engine.runtime.kv_cache import KVCache, SharedBlockPool
 from semipd_engine.runtime.runner import ModelRunner
 from semipd_engine.serving.tokenizer import stop_token_ids
@@ -98,6 +99,19 @@ def build_core(model_cfg, engine_cfg, policy: Optional[str] = None, state: Optio
     if state.pool is None:
         state.pool = BlockPool(state.kv.num_blocks, state.kv.block_size, engine_cfg.watermark,
                                engine_cfg.enable_prefix_caching)
-    scheduler = make_scheduler(policy or engine_cfg.policy, state.pool, engine_cfg,
-                               max_model_len(state.spec, model_cfg, state.pool))
-    return EngineCore(scheduler, ModelRunner(state.model, state.kv), clock, state.eos_token_ids)
+    limit = max_model_len(state.spec, model_cfg, state.pool)
+    scheduler = make_scheduler(policy or engine_cfg.policy, state.pool, engine_cfg, limit)
+    return EngineCore(scheduler, ModelRunner(state.model, state.kv, decode_graphs(model_cfg, engine_cfg, state, limit)),
+                      clock, state.eos_token_ids)
+
+
+def decode_graphs(model_cfg, engine_cfg, state: ModelState, limit: int, api=None) -> Optional[DecodeGraphs]:
+    """CUDA graphs for the runner's decode batches, where they can run (CUDA, a scratch block, not eager)."""
+    kv = state.kv
+    if api is None and (kv.data.device.type != "cuda" or model_cfg.enforce_eager):
+        return None
+    if kv.scratch_block is None:
+        return None
+    max_bs = min(model_cfg.cuda_graph_max_bs, engine_cfg.max_num_seqs)
+    return DecodeGraphs(state.model, kv.layers(), kv.data.device, kv.block_size, max_bs,
+                        -(-limit // kv.block_size), kv.scratch_block, api)

@@ -12,6 +12,8 @@ workers allocate from one pool.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -23,11 +25,16 @@ class KVCache:
     layout = "head_major"  # what attention backends declare they read (`kv_layout`)
 
     def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: str = "cpu", share: bool = True):
+                 device: str = "cpu", share: bool = True, scratch: Optional[bool] = None):
         self.num_blocks, self.block_size = num_blocks, block_size
+        # One block past the allocator's, never handed to a request: the padded rows of a CUDA graph's batch
+        # write and read it (runtime/cuda_graph.py). Only where graphs can run, unless asked for.
+        if scratch is None:
+            scratch = torch.device(device).type == "cuda"
+        self.scratch_block: Optional[int] = num_blocks if scratch else None
         # Head-major blocks: a gathered block is [kv_heads, block_size, head_dim], so decode attention
         # can run per block over gathered K/V without re-laying them out (see model/attention.py).
-        shape = (spec.num_layers, 2, num_blocks, spec.num_kv_heads, block_size, spec.head_dim)
+        shape = (spec.num_layers, 2, num_blocks + int(scratch), spec.num_kv_heads, block_size, spec.head_dim)
         self.data = torch.zeros(shape, dtype=dtype, device=device)
         if share and self.data.device.type == "cpu":
             self.data.share_memory_()

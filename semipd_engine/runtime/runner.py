@@ -8,18 +8,20 @@ The simulator's executor returns the same `ExecuteResult` from a cost model.
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import torch
 
 from semipd_engine.core.request import Request
 from semipd_engine.core.scheduler import ExecuteResult, ScheduledBatch
 from semipd_engine.model.attention_metadata import AttentionMetadata, PrefillSeq
+from semipd_engine.runtime.cuda_graph import DecodeGraphs
 from semipd_engine.runtime.kv_cache import KVCache
 from semipd_engine.runtime.sampler import sample
 
 
 class ModelRunner:
-    def __init__(self, model, kv: KVCache):
+    def __init__(self, model, kv: KVCache, graphs: Optional[DecodeGraphs] = None):
         need = getattr(getattr(model, "attention_backend", None), "kv_layout", kv.layout)
         if need != kv.layout:
             raise ValueError(f"attention backend reads a {need!r} KV cache, the pool is {kv.layout!r}")
@@ -27,6 +29,7 @@ class ModelRunner:
         self.kv_layers = kv.layers()
         self.block_size = kv.block_size
         self.device = kv.data.device
+        self.graphs = graphs  # decode-only batches replay a CUDA graph (runtime/cuda_graph.py); None: always eager
 
     def prepare(self, items: list[tuple[Request, int]]):
         bs = self.block_size
@@ -77,12 +80,30 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, items: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
         """Run one iteration; returns (request, sampled token) for requests that reached their end."""
-        input_ids, positions, meta, rows, reqs = self.prepare(items)
-        hidden = self.model(input_ids, positions, meta, self.kv_layers)
+        hidden = self._graphed(items) if self.graphs is not None else None
+        if hidden is not None:
+            rows, reqs = list(range(len(items))), [req for req, _ in items]
+        else:
+            input_ids, positions, meta, rows, reqs = self.prepare(items)
+            hidden = self.model(input_ids, positions, meta, self.kv_layers)
         if not rows:
             return []
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         return list(zip(reqs, sample(logits, reqs)))
+
+    def _graphed(self, items: list[tuple[Request, int]]) -> Optional[torch.Tensor]:
+        """The batch's hidden states from a CUDA graph, if it is all decodes (one new token each, every one sampled)
+        and a bucket takes it; else None (it runs eagerly)."""
+        ids, pos, tables = [], [], []
+        bs = self.block_size
+        for req, n in items:
+            end = req.num_computed_tokens + 1
+            if n != 1 or end != req.num_tokens:
+                return None
+            ids.append(req.token_ids(end - 1, end)[0])
+            pos.append(end - 1)
+            tables.append(req.block_table[: (end + bs - 1) // bs])
+        return self.graphs.run(ids, pos, tables)
 
     @torch.inference_mode()
     def prefill_logits(self, items: list[tuple[Request, int]]) -> torch.Tensor:

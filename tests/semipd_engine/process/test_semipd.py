@@ -297,3 +297,78 @@ def test_unavailable_share_backend_falls_back_to_uncapped(llama_checkpoint, capl
     assert "running uncapped" in caplog.text
     with pytest.raises(ValueError):
         shares.set_partition(shares.partition)
+
+
+def test_an_mps_share_switch_hands_running_requests_to_a_standby(llama_checkpoint, monkeypatch):
+    """MPS fixes a client's share when it starts: a switch starts a standby with the new percentage, and it takes
+    over at the old worker's iteration boundary. Under a stream of requests nothing is failed, lost or duplicated
+    (every output is transformers' greedy one, no block leaks), both phases switch independently, and a share asked
+    for while a standby starts is applied by the next one. The MPS daemon is not needed for the protocol: on a CPU
+    the percentage is only an environment variable the workers report."""
+    import semipd_engine.process.engine_client as ec
+    from semipd_engine.core.messages import ShareSwitched
+    from semipd_engine.core.request import Request, SamplingParams
+    from semipd_engine.shares.partition import Partition
+
+    monkeypatch.setattr(ec, "resolve_backend", lambda name, device: "mps")
+    engine = make_engine(model_cfg(llama_checkpoint), engine_cfg(name="semipd", num_kv_blocks=128, block_size=4,
+                                                                    prefill_share=50, decode_share=50))
+    ps = prompts(engine_vocab(llama_checkpoint), seed=7)
+    expected = [hf_greedy(llama_checkpoint, p, 24) for p in ps]
+    switched = []
+
+    class Events:
+        def observe_iteration(self, worker, stats):
+            pass
+
+        def observe_event(self, event):
+            if isinstance(event, ShareSwitched):
+                switched.append((event.worker, event.share))
+                print(f"{event.worker} -> {event.share}: stall {1e3 * event.stall_s:.1f} ms, "
+                      f"{event.delay_s:.2f} s after it was asked for")
+
+    engine.subscribe(Events())
+
+    async def one(i: int):
+        s = engine.add(Request(f"m{i}", ps[i % len(ps)], SamplingParams(max_tokens=24, temperature=0.0,
+                                                                        ignore_eos=True)))
+        toks = []
+        while True:
+            o = await asyncio.wait_for(s.get(), 120)
+            assert o.error is None, o.error
+            toks += o.new_token_ids
+            if o.finished:
+                return i, toks
+
+    async def main():
+        await engine.start(120)
+        try:
+            old = {w: engine.worker_info[w]["pid"] for w in ("prefill", "decode")}
+            assert engine.worker_info["decode"]["mps_active_thread_percentage"] == 50
+            tasks = [asyncio.create_task(one(i)) for i in range(4)]
+            await asyncio.sleep(0.2)
+            engine.partition_control.set_partition(Partition(70, 30))
+            await asyncio.sleep(0.3)
+            engine.partition_control.set_partition(Partition(70, 100))  # decode again, while its standby starts
+            i = len(tasks)
+            deadline = time.monotonic() + 90
+            while len(switched) < 3 and time.monotonic() < deadline:  # load all along the switches
+                tasks.append(asyncio.create_task(one(i)))
+                i += 1
+                await asyncio.sleep(0.05)
+            results = await asyncio.gather(*tasks)
+            assert sorted(switched) == [("decode", 30), ("decode", 100), ("prefill", 70)], switched
+            for i, toks in results:
+                assert toks == expected[i % len(ps)], i
+            info = engine.worker_info
+            assert info["prefill"]["mps_active_thread_percentage"] == 70
+            assert "mps_active_thread_percentage" not in info["decode"]  # 100: uncapped, no variable
+            assert info["prefill"]["pid"] != old["prefill"] and info["decode"]["pid"] != old["decode"]
+            assert engine.partition_control.describe()["decode_share"] == 100 and engine.restarts == 0
+            await asyncio.sleep(0.3)
+            assert engine.states["shared"].pool.num_used == 0
+            assert not engine._standbys and not alive(list(old.values()))
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())

@@ -102,14 +102,21 @@ def test_green_context_shares_switch_by_message_and_say_their_sms():
     assert ctl.describe()["prefill_sms"] == 132  # uncapped: the whole device
 
 
-def test_mps_shares_are_fixed_when_a_worker_starts():
+def test_mps_shares_are_fixed_when_a_worker_starts_and_switch_by_a_new_process():
     ctl, sent = _control("mps")
     assert ctl.worker_env("prefill") == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "70"}
     assert ctl.worker_env("decode") == {"CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "30"}
     assert ctl.worker_env("other") == {}
-    with pytest.raises(ValueError, match="restart it, which is not built"):
+    with pytest.raises(ValueError, match="cannot replace its workers"):  # no engine to start a standby
         ctl.set_partition(Partition(50, 50))
     assert sent == []
+    restarted = []
+    ctl = ShareControl("prefill", "decode", Partition(70, 30), "mps", (0, 1), 0, lambda w, m: sent.append((w, m)),
+                       restart=lambda w, t: restarted.append((w, ctl.worker_env(w))))
+    ctl.set_partition(Partition(70, 100))  # only decode changed; uncapped: no percentage at all
+    assert restarted == [("decode", {})] and sent == []
+    ctl.running("decode", 30)  # its standby failed: the old share is what runs
+    assert ctl.describe()["decode_share"] == 30
 
 
 def test_a_worker_applies_its_sm_share_at_the_message_and_reports_the_sms():
