@@ -102,6 +102,11 @@ class EngineConfig:
     max_step: int = 3
     min_share: int = 10
     max_share: int = 100
+    # An extension of Algorithm 1 (control/slo_partitioner.py): a raise whose next window shows less than
+    # futile_fraction of the latency fall the model predicted is undone, and the phase capped at its old share for
+    # futile_cap_windows windows. 0 = Algorithm 1 as published.
+    futile_cap_windows: int = 0
+    futile_fraction: float = 0.25
     decision_log: Optional[str] = None  # JSONL of every decision (the runner saves it with the job)
     # Disaggregated baseline: instance counts and KV memory split.
     num_prefill_instances: int = 1

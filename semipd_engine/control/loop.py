@@ -24,7 +24,7 @@ def make_partitioner(engine_cfg, cores: Optional[Sequence[int]] = None) -> SLOPa
     differently are distinct steps."""
     e = engine_cfg
     cfg = ControllerConfig(e.slo_ttft_s, e.slo_tpot_s, e.slo_percentile, e.step_size, e.max_step, e.min_share,
-                           e.max_share)
+                           e.max_share, futile_cap_windows=e.futile_cap_windows, futile_fraction=e.futile_fraction)
     if cores:
         cores = tuple(cores)
         return SLOPartitioner(cfg, distinct=lambda a, b: placement(a, cores) != placement(b, cores))

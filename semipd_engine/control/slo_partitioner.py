@@ -18,6 +18,13 @@ taken; a raise past `max_share` lowers the other share instead. Both pass or
 both fail -> keep. Steps that the backend cannot distinguish (on 2 CPU cores
 only a handful of partitions differ) are skipped, not counted.
 
+An optional third rule (`futile_cap_windows`), for devices where a share stops buying speed (measured on two CPU
+cores under CPU-time quotas: decode is no faster above one core's worth while prefill runs, so TPOT(y) = a2/y + b2
+promises gains the hardware does not give, and the loop kept raising decode, taking prefill's share until TTFT
+failed): a raise whose next window shows less than `futile_fraction` of the improvement the model predicted is
+undone (the other phase gets its share back) and the phase is capped at its old share for `futile_cap_windows`
+windows.
+
 Two rules the paper's text leaves implicit, without which the loop oscillates
 (found replaying the paper preset's decision log: from (100, 100) with TPOT
 failing it cut prefill to 70, 40, 10, then TTFT failed and it swung back):
@@ -51,6 +58,10 @@ class ControllerConfig:
     min_share: int = 10
     max_share: int = 100
     min_requests: int = 5  # fewer finished requests in a window: no decision
+    # Revert a raise that did not pay (see `SLOPartitioner._futile`) and cap that phase at its old share for this
+    # many windows; 0: never (Algorithm 1 as published).
+    futile_cap_windows: int = 0
+    futile_fraction: float = 0.25  # a raise pays when at least this fraction of the gain its model predicted shows
 
 
 class InverseModel:
@@ -134,6 +145,9 @@ class SLOPartitioner:
         self.ttft_model = InverseModel()
         self.tpot_model = InverseModel()
         self.l_100: Optional[float] = None  # prefill seconds per request at full share
+        # The last window's raise: (phase, partition before it, observed and predicted latency of that phase).
+        self._raised: Optional[tuple[str, Partition, float, float, float]] = None
+        self.caps: dict[str, tuple[int, int]] = {}  # phase -> (share it may not pass, windows left)
 
     @staticmethod
     def effective(p: Partition) -> tuple[float, float]:
@@ -179,7 +193,16 @@ class SLOPartitioner:
         ttft, tpot, rate, lam = self.observe(w, p)
         c = self.cfg
         reason, new = "keep", p
+        raised, self._raised = self._raised, None
+        self.caps = {ph: (cap, left - 1) for ph, (cap, left) in self.caps.items() if left > 1}
+        futile = None
         if len(w.ttfts) < c.min_requests:
+            self._raised = raised  # judged by the next window that says something
+        else:
+            futile = self._futile(raised, p, ttft, tpot)
+        if futile is not None:
+            new, reason = futile
+        elif len(w.ttfts) < c.min_requests:
             reason = "too few requests"
         else:
             ttft_fail, tpot_fail = ttft > c.ttft_slo_s, (tpot > c.tpot_slo_s if w.tpots else False)
@@ -191,13 +214,39 @@ class SLOPartitioner:
                 phase = "prefill" if ttft_fail else "decode"
                 new, why = self._raise(p, phase, lam)
                 reason = f"{'ttft' if ttft_fail else 'tpot'} fails: " + (f"more {phase}" if new != p else why)
+                if new != p and c.futile_cap_windows:
+                    observed, (pred_now, pred_new) = (ttft if ttft_fail else tpot), (
+                        self._phase_prediction(p, phase, lam), self._phase_prediction(new, phase, lam))
+                    self._raised = (phase, p, observed, pred_now, pred_new)
         pred_ttft, pred_tpot = self.predict(new, lam)
         return Decision(now, p, new, reason, ttft, tpot, pred_ttft, pred_tpot, rate, lam, self.coefficients())
+
+    def _phase_prediction(self, p: Partition, phase: str, lam: float) -> float:
+        return self.predict(p, lam)[0 if phase == "prefill" else 1]
+
+    def _futile(self, raised, p: Partition, ttft: float, tpot: float) -> Optional[tuple[Partition, str]]:
+        """After a raise: did the raised phase's latency fall by at least `futile_fraction` of what its model
+        predicted? If not, the partition before the raise and the phase capped at its share there."""
+        if raised is None:
+            return None
+        phase, before, observed_before, pred_before, pred_after = raised
+        now = ttft if phase == "prefill" else tpot
+        if not all(math.isfinite(v) for v in (now, observed_before, pred_before, pred_after)) or pred_before <= 0:
+            return None
+        promised = 1.0 - pred_after / pred_before  # the fall the model predicted, as a fraction
+        if promised <= 0 or 1.0 - now / observed_before >= self.cfg.futile_fraction * promised:
+            return None
+        share = before.prefill_share if phase == "prefill" else before.decode_share
+        self.caps[phase] = (share, self.cfg.futile_cap_windows)
+        return before, (f"more {phase} did not help ({observed_before * 1e3:.1f} -> {now * 1e3:.1f} ms, "
+                        f"{promised:.0%} predicted): back, {phase} capped at {share}")
 
     def _raise(self, p: Partition, phase: str, lam: float) -> tuple[Partition, str]:
         """The partition to move to, and why it is `p` when it is."""
         c = self.cfg
         best, why = p, "no distinct step left"
+        if phase in self.caps:
+            why = f"{phase} capped at {self.caps[phase][0]} (more did not help)"
         taken = 0
         k = 0
         while taken < c.max_step:
@@ -220,6 +269,11 @@ class SLOPartitioner:
         """`phase`'s share raised by `delta`; what would pass max_share lowers the other share instead."""
         c = self.cfg
         mine, other = (p.prefill_share, p.decode_share) if phase == "prefill" else (p.decode_share, p.prefill_share)
+        if phase in self.caps:  # more did not help: not past its cap, and the other phase is not asked to pay
+            cap = self.caps[phase][0]
+            if mine >= cap:
+                return None
+            delta = min(delta, cap - mine)
         excess = max(0, mine + delta - c.max_share)
         mine, other = min(c.max_share, mine + delta), other - excess
         if other < c.min_share:

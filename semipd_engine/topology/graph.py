@@ -143,7 +143,8 @@ COMMON_KEYS = frozenset({"name", "max_num_seqs", "max_num_batched_tokens", "bloc
                          "kv_cache_mb", "watermark", "num_threads", "max_worker_restarts",
                          "enable_prefix_caching"})
 CONTROLLER_KEYS = frozenset({"slo_ttft_s", "slo_tpot_s", "slo_percentile", "control_window_s", "step_size",
-                             "max_step", "min_share", "max_share", "decision_log"})
+                             "max_step", "min_share", "max_share", "decision_log", "futile_cap_windows",
+                             "futile_fraction"})
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -231,3 +232,29 @@ def test_no_step_into_a_partition_where_the_other_phase_is_predicted_to_fail():
     # Raising decode to 90 would leave prefill an effective 35 * 100 / 125 = 28 % (caps past 100 % split pro rata)
     new, why = ctl._raise(Partition(35, 60), "decode", lam=0.0)
     assert new == Partition(35, 80) and "other phase" in why
+
+
+def _saturating(p: Partition, n: int = 40) -> Window:
+    """Decode no faster above a third of the device (two CPU cores under quotas: one core's worth while prefill
+    runs); prefill as `simulate`'s."""
+    w = simulate(p, n)
+    _, y = SLOPartitioner.effective(p)
+    return dataclasses.replace(w, tpots=[2.0 / min(y, 100 / 3) + 0.005] * n)
+
+
+@pytest.mark.parametrize("cap_windows", [0, 4])
+def test_a_raise_that_does_not_pay_is_undone_and_capped(cap_windows):
+    ctl = SLOPartitioner(ControllerConfig(0.03, 0.05, futile_cap_windows=cap_windows))
+    p, hist, reasons = Partition(100, 50), [], []
+    for i in range(12):
+        d = ctl.step(float(i), _saturating(p), p)
+        p = d.new
+        hist.append(p)
+        reasons.append(d.reason)
+    assert hist[0] != Partition(100, 50)  # TPOT fails: Algorithm 1 raises decode (past 100: prefill pays)
+    if cap_windows == 0:  # as published: it keeps raising, at prefill's expense
+        assert min(h.prefill_share for h in hist) < 100
+        return
+    assert hist[1] == Partition(100, 50) and "did not help" in reasons[1]  # undone at once
+    assert set(hist[1:5]) == {Partition(100, 50)} and "decode capped at 50" in reasons[2]
+    assert hist[5] != Partition(100, 50) and hist[6] == Partition(100, 50)  # the cap lapsed: tried, undone again
