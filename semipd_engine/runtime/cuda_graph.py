@@ -8,7 +8,9 @@ graph replayed, and the first n rows of the output kept.
 
 Padded rows must not touch a real request's KV: they write their K/V to the pool's scratch block
 (`KVCache.scratch_block`, which no request is ever given) and attend to that one slot. Their outputs are
-discarded. Prefills, mixed batches and batches larger than the largest bucket run eagerly.
+discarded. Prefills, mixed batches and batches larger than the largest bucket run eagerly. A bucket's graph is
+captured at its first use, not at start-up: a worker's SM share is applied after its runner is built, and a
+green-context switch drops the graphs (recorded on the old context) to be captured again on the new one.
 
 The CUDA calls sit behind `GraphApi`; `EagerGraphs` stands in for them on a CPU (its "replay" runs the
 function again on the same static buffers), so the padding, the bucket choice and the buffer copies are tested
@@ -18,15 +20,12 @@ everywhere, and the real graphs against eager execution in `gpu`-marked tests.
 from __future__ import annotations
 
 import bisect
-import logging
 from collections.abc import Callable
 from typing import Optional, Protocol
 
 import torch
 
 from semipd_engine.model.attention_metadata import AttentionMetadata
-
-log = logging.getLogger(__name__)
 
 
 def graph_batch_sizes(max_bs: int) -> tuple[int, ...]:
@@ -46,7 +45,7 @@ class GraphApi(Protocol):
 
 class TorchCudaGraphs:
     """torch.cuda.CUDAGraph, warmed up on a side stream first (torch's documented recipe); every graph shares one
-    memory pool, captured largest first where they are captured together, so they reuse one another's memory."""
+    memory pool, so the buckets' graphs reuse one another's memory."""
 
     def __init__(self):
         self.pool = None
@@ -110,10 +109,6 @@ class DecodeGraphs:
         """Forget every graph (they are recaptured at their next use): after the worker's SM share changed, a
         graph recorded on the old green context must not replay."""
         self._graphs.clear()
-
-    def capture_all(self) -> None:
-        for size in reversed(self.sizes):  # largest first: the smaller graphs fit in its memory
-            self._graph(size)
 
     def _graph(self, size: int) -> Callable[[], torch.Tensor]:
         g = self._graphs.get(size)
