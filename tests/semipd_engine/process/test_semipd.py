@@ -372,3 +372,40 @@ def test_an_mps_share_switch_hands_running_requests_to_a_standby(llama_checkpoin
             await engine.shutdown()
 
     asyncio.run(main())
+
+
+def _no_standby_at_30(executor):
+    """An executor wrapper (importable: workers are spawned) under which a worker capped at 30 % cannot start."""
+    if os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE") == "30":
+        raise RuntimeError("this standby cannot start")
+    return executor
+
+
+def test_a_standby_that_cannot_start_leaves_the_worker_and_its_share(llama_checkpoint, monkeypatch):
+    import semipd_engine.process.engine_client as ec
+    from semipd_engine.process.engine_client import EngineClient
+    from semipd_engine.shares.partition import Partition
+
+    monkeypatch.setattr(ec, "resolve_backend", lambda name, device: "mps")
+    engine = EngineClient(model_cfg(llama_checkpoint), engine_cfg(name="semipd", num_kv_blocks=128, block_size=4,
+                                                                    prefill_share=50, decode_share=50),
+                          executor_wrapper=_no_standby_at_30)
+    ps = prompts(engine_vocab(llama_checkpoint), seed=9)[:3]
+    expected = [hf_greedy(llama_checkpoint, p, 16) for p in ps]
+
+    async def main():
+        await engine.start(120)
+        try:
+            decode_pid = engine.worker_info["decode"]["pid"]
+            engine.partition_control.set_partition(Partition(50, 30))
+            deadline = time.monotonic() + 60
+            while engine._standbys and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert not engine._standbys
+            assert engine.partition_control.describe()["decode_share"] == 50  # what runs, not what was asked
+            assert engine.worker_info["decode"]["pid"] == decode_pid and engine.restarts == 0
+            assert await stream_greedy(engine, ps, 16) == expected
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
