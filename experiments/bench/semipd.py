@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     ap.add_argument("--interval", type=float, default=0.5)
     ap.add_argument("--device", default="cpu", help="model.device (cuda: SM shares)")
     ap.add_argument("--backend", default="auto", help="engine.partition_backend (auto, cpu_quota, cpu_affinity, "
-                                                      "green_context)")
+                                                      "green_context, mps)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     shares = [(100, 50), (50, 100), (50, 50), (100, 100)]

@@ -521,16 +521,17 @@ class EngineClient:
         self._put(q, TakeOver(msg.state, msg.handover_at, msg.sent_at))
         old = self._retiring.get(msg.worker)
         if old is not None:
-            self._loop.create_task(self._reap(msg.worker, old))
+            self._loop.create_task(self._reap(old, msg.worker))
         if self.shares.share_of(msg.worker) != share:  # asked for again while this standby started
             self._start_standby(msg.worker, time.monotonic())
 
-    async def _reap(self, worker: str, proc) -> None:
+    async def _reap(self, proc, retiring: Optional[str] = None) -> None:
+        """Join an exiting process (a retired worker, named by `retiring`, or a failed standby)."""
         await asyncio.to_thread(proc.join, 10.0)
         if proc.is_alive():
             proc.kill()
-        if self._retiring.get(worker) is proc:
-            del self._retiring[worker]
+        if retiring is not None and self._retiring.get(retiring) is proc:
+            del self._retiring[retiring]
 
     def _standby_failed(self, msg: StandbyFailed) -> None:
         proc, q, share, sent_at = self._standbys.pop(msg.worker)
@@ -538,7 +539,7 @@ class EngineClient:
         log.error("engine %s: the standby for %s (share %d) failed to start; it keeps share %d:\n%s", self.name,
                   msg.worker, share, old_share, msg.traceback)
         self.shares.running(msg.worker, old_share)
-        self._loop.create_task(self._reap("", proc))
+        self._loop.create_task(self._reap(proc))
 
     @property
     def ready(self) -> bool:

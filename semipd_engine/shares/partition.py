@@ -22,7 +22,7 @@ Backends:
   the quota file. `auto` falls back to `cpu_affinity`, saying why, where it cannot run.
 - `green_context` / `mps` (CUDA): SM shares (`sm_share.py`): a green context of x% of the SMs per worker,
   switched in-process at an iteration boundary; or MPS clients capped by CUDA_MPS_ACTIVE_THREAD_PERCENTAGE when
-  they start. `auto` on a GPU picks green contexts where torch has them, else MPS where its daemon runs, else
+  they start (a switch: a standby with the new percentage takes over). `auto` on a GPU picks green contexts where torch has them, else MPS where its daemon runs, else
   refuses with both reasons (`engine.partition_backend=none` runs uncapped). A backend asked for by name that
   cannot run logs why and falls back to uncapped (`none`).
 """

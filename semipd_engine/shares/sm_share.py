@@ -8,8 +8,9 @@ Two backends, one arithmetic (`sm_count`):
   group, at least one group; 100 % needs no context at all (the device's own, every SM). Caps that add past 100
   overlap, as MPS caps do: each context may use its SMs, and the hardware schedules the overlap.
 - `mps`: each worker is an MPS client started with CUDA_MPS_ACTIVE_THREAD_PERCENTAGE (what the semi-PD fork does).
-  MPS fixes a client's share when its context is created, so the share is the one the worker started with; a
-  run-time switch would restart the worker (not built: `set_partition` refuses it, saying so).
+  MPS fixes a client's share when its context is created, so a run-time switch replaces the worker: a standby
+  started with the new percentage takes over its requests at an iteration boundary
+  (`process/engine_client.EngineClient._start_standby`).
 
 Every CUDA call goes through a `GreenContextApi`, so the arithmetic, the rounding and what is created on a switch
 are tested without a GPU (tests/semipd_engine/shares/test_sm_share.py); the real calls are in `gpu`-marked tests.
