@@ -12,7 +12,8 @@ two requests whose prompts begin alike share the blocks of their common full-blo
 prefix. Blocks are reference counted; one that nobody references but that holds a
 registered prefix stays cached, least recently freed first out, and is evicted only
 when a fresh block is needed. `num_free` counts those too: a cached block is free to
-take.
+take. A finished request whose blocks nobody can look up again (`retire`) leaves them in the eviction order
+unhashed, as one run, so they cost nothing per block to register or to evict.
 """
 
 from __future__ import annotations
@@ -86,11 +87,14 @@ class BlockPool:
         self._ref = [0] * num_blocks
         self._hash: list[Optional[int]] = [None] * num_blocks
         self._cached: dict[int, int] = {}  # prefix hash -> block
-        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; least recently freed first
+        # Unreferenced blocks in eviction order, least recently freed first: a cached block (its id), or a retired
+        # run of blocks nobody can look up (a tuple of ids, taken together).
+        self._evictable: OrderedDict[int | tuple[int, ...], None] = OrderedDict()
+        self._num_evictable = 0
 
     @property
     def num_free(self) -> int:
-        return len(self._free) + len(self._evictable)
+        return len(self._free) + self._num_evictable
 
     @property
     def num_used(self) -> int:
@@ -123,21 +127,34 @@ class BlockPool:
                 ref[b] = 1
             return ids
         revive = sum(1 for b, _ in hit if ref[b] == 0)
-        if n + revive > len(free) + len(self._evictable) - reserve:
+        if n + revive > len(free) + self._num_evictable - reserve:
             return None
         for b, _ in hit:
             if ref[b] == 0:
                 del self._evictable[b]
             ref[b] += 1
+        self._num_evictable -= revive
         take = min(n, len(free))  # the uncached ones first, then evictions, least recently freed first
         ids = [free.pop() for _ in range(take)]
         if take < n:
             evictable, cached, hashes = self._evictable, self._cached, self._hash
-            for _ in range(n - take):
+            need = n - take
+            self._num_evictable -= need
+            while need:
                 b = evictable.popitem(last=False)[0]
-                del cached[hashes[b]]
-                hashes[b] = None
-                ids.append(b)
+                if type(b) is int:
+                    del cached[hashes[b]]
+                    hashes[b] = None
+                    ids.append(b)
+                    need -= 1
+                elif len(b) <= need:  # a retired run: all of it
+                    ids += b
+                    need -= len(b)
+                else:  # part of it; the rest keeps its place at the head
+                    ids += b[:need]
+                    evictable[b[need:]] = None
+                    evictable.move_to_end(b[need:], last=False)
+                    need = 0
         for b in ids:
             if ref[b]:
                 raise RuntimeError(f"allocator corrupted: free block {b} is referenced")
@@ -158,6 +175,28 @@ class BlockPool:
                     free.append(b)
                 else:
                     evictable[b] = None
+                    self._num_evictable += 1
+
+    def retire(self, blocks: list[int], registered: int) -> None:
+        """`free` a finished request's blocks (each held by it alone) when nobody can ever look them up again: the
+        simulator's placeholder tokens, hashed by the request's own salt, of a request never preempted (so this
+        pool holds no other copy of them). Where `free` would leave them after the request's first `registered`
+        blocks were registered (those in the eviction order, the rest on the free list), they go, the first
+        ones as one unhashed run: later allocations evict the same cached blocks at the same moments, and
+        nothing is hashed, indexed or evicted block by block for a prefix no lookup can match."""
+        ref, hashes, cached = self._ref, self._hash, self._cached
+        for b in blocks:
+            if ref[b] != 1:  # a block listed twice is at 0 the second time
+                raise RuntimeError(f"retire: block {b} shared or freed twice among {blocks}")
+            ref[b] = 0
+            h = hashes[b]
+            if h is not None:
+                del cached[h]
+                hashes[b] = None
+        self._free.extend(reversed(blocks[registered:]))
+        if registered:
+            self._evictable[tuple(blocks[registered - 1::-1])] = None
+            self._num_evictable += registered
 
     def cache(self, block: int, h: int) -> None:
         """Register a block whose tokens are all computed under its prefix hash (a first copy wins: a block
@@ -175,8 +214,12 @@ class BlockPool:
     def reset_cache(self) -> None:
         """Forget every cached prefix (what vLLM's /reset_prefix_cache does); referenced blocks stay."""
         for b in self._evictable:
-            self._free.append(b)
+            if type(b) is int:
+                self._free.append(b)
+            else:
+                self._free.extend(b)
         self._evictable.clear()
+        self._num_evictable = 0
         for b in self._cached.values():
             self._hash[b] = None
         self._cached.clear()

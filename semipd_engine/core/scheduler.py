@@ -163,7 +163,7 @@ class Scheduler:
         req = self.requests.get(request_id)
         if req is None:
             return False
-        self._drop(req)
+        self._drop(req, done=True)
         req.status, req.finish_reason = RequestStatus.FINISHED, FinishReason.ABORT
         return True
 
@@ -178,12 +178,14 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.parked)
 
-    def _drop(self, req: Request, free: bool = True) -> None:
-        """Forget a request (finished, aborted, handed off or evicted); free its blocks unless they travel."""
+    def _drop(self, req: Request, free: bool = True, done: bool = False) -> None:
+        """Forget a request (finished, aborted, handed off or evicted); free its blocks unless they travel. A
+        request `done` for good whose blocks nobody can look up (`_unreachable`) retires them, unregistered."""
         g = self.group
+        retire = done and free and self.pool.prefix_caching and self._unreachable(req)
         if g is not None:
             if g.leave(req):
-                if self.pool.prefix_caching:
+                if self.pool.prefix_caching and not retire:
                     self._register(req)
             elif req in g.pending:
                 g.pending.remove(req)
@@ -196,8 +198,19 @@ class Scheduler:
                 self.parked.remove(req)
         self.requests.pop(req.request_id, None)
         if free and req.block_table:
-            self.pool.free(req.block_table)
+            if retire:  # the blocks `_register` would have registered by now: every one its computed tokens fill
+                self.pool.retire(req.block_table,
+                                 min(req.num_computed_tokens // self.pool.block_size, len(req.block_table)))
+            else:
+                self.pool.free(req.block_table)
             req.block_table = []
+
+    @staticmethod
+    def _unreachable(req: Request) -> bool:
+        """Its blocks' prefix hashes can never be looked up again once it is done: the simulator's placeholder
+        tokens hash by the request's own salt, and a request never preempted left no other copy of them behind
+        (that copy would decide where a recomputed block goes)."""
+        return req.placeholder_tokens and not req.times.preemptions
 
     def snapshot(self) -> SchedulerState:
         """Everything a successor needs to go on where this scheduler stops (between iterations)."""
@@ -260,7 +273,7 @@ class Scheduler:
         if g is not None:  # they come first in the batch: their last tokens before the other requests' tokens
             decode += batch.group
             for req in g.finishing(it):
-                if full:
+                if full and not self._unreachable(req):
                     self._register(req)
                 self.finish(req, FinishReason.LENGTH, now)
                 out.finished.append(req)
@@ -299,7 +312,7 @@ class Scheduler:
 
     def finish(self, req: Request, reason: FinishReason, now: float) -> None:
         """`req` is done (its end of sequence, its length, or an abort by the policy): forget it, free its blocks."""
-        self._drop(req)
+        self._drop(req, done=True)
         req.status, req.finish_reason = RequestStatus.FINISHED, reason
         req.times.finished = now
 

@@ -190,6 +190,9 @@ class SharedBlockPool(BlockPool):
                         top += 1
             v["top"][0] = top
 
+    def retire(self, blocks: list[int], registered: int) -> None:
+        raise NotImplementedError("retire is the simulator's (placeholder tokens): a worker process's pool frees")
+
     def cache(self, block: int, h: int) -> None:
         v = self.v
         with self._lock:

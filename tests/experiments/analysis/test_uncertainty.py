@@ -92,6 +92,13 @@ def test_the_cluster_quantile_interval_is_the_pooled_bootstrap():
         groups = [rng.exponential(1.0, rng.integers(1, longest + 1)).round(3) for _ in range(n_groups)]
         for q in (0.5, 0.9, 0.99):
             assert U.cluster_quantile_ci(groups, q, n_boot=100) == pytest.approx(pooled(groups, q, 100), rel=1e-12)
+        # chunks of a few gaps: ranks land in every chunk of the window and at its edges
+        assert U.cluster_quantile_cis(groups, (0.5, 0.9, 0.99), n_boot=100, chunk=3) == \
+            U.cluster_quantile_cis(groups, (0.5, 0.9, 0.99), n_boot=100)
+    # two long groups far apart: a replicate that draws one of them twice moves every rank out of the window
+    groups = [rng.exponential(1.0, 3000), 10 + rng.exponential(1.0, 3000)]
+    for q in (0.5, 0.9):
+        assert U.cluster_quantile_cis(groups, [q], n_boot=50, chunk=64)[0] == pytest.approx(pooled(groups, q, 50), rel=1e-12)
 
 
 def test_several_quantiles_at_once_are_each_quantile_alone():

@@ -98,6 +98,50 @@ def test_many_cached_blocks_evicted_in_any_order_keep_the_index_whole(kind):
     assert all(pool.cached_block(h) == b for h, b in live.items())
 
 
+def test_retiring_unreachable_blocks_evicts_what_registering_and_freeing_them_evicts():
+    """`retire` (blocks no lookup can match) against `cache_many` + `free`: every later allocation evicts the same
+    reachable cached blocks at the same moment, and the same lookups hit."""
+    import random
+
+    rng = random.Random(1)
+    a, b = BlockPool(96, 4, prefix_caching=True), BlockPool(96, 4, prefix_caching=True)
+    held: list[tuple[list[int], list[int], list[int], bool]] = []  # a's blocks, b's, their hashes, unreachable
+    reachable: set[int] = set()
+    ever: set[int] = set()
+    for step in range(3000):
+        if held and (rng.random() < 0.45 or a.num_free < 12):
+            ba, bb, hs, gone = held.pop(rng.randrange(len(held)))
+            k = len(ba) if rng.random() < 0.7 else rng.randint(0, len(ba))  # registered by now (computed)
+            a.cache_many(ba[:k], hs[:k])
+            a.free(ba)
+            if gone:
+                b.retire(bb, k)
+            else:
+                b.cache_many(bb[:k], hs[:k])
+                b.free(bb)
+                reachable.update(hs[:k])
+        else:
+            n = rng.randint(1, 10)
+            looked_up = rng.sample(sorted(reachable), min(2, len(reachable))) if rng.random() < 0.3 else []
+            hit_a = [(a.cached_block(h), h) for h in looked_up]
+            hit_a = [(x, h) for x, h in hit_a if x is not None]
+            hit_b = [(b.cached_block(h), h) for _, h in hit_a]
+            assert all(x is not None for x, _ in hit_b), step
+            ga, gb = a.try_allocate(n, hit=hit_a), b.try_allocate(n, hit=hit_b)
+            assert (ga is None) == (gb is None), step
+            if ga is None:
+                continue
+            hs = [rng.randrange(-2**62, 2**62) for _ in range(n)]
+            held.append(([x for x, _ in hit_a] + ga, [x for x, _ in hit_b] + gb, [h for _, h in hit_a] + hs,
+                         not hit_a and rng.random() < 0.8))
+        assert a.num_free == b.num_free, step
+        ever |= reachable
+        reachable = {h for h in ever if a.cached_block(h) is not None}
+        assert reachable == {h for h in ever if b.cached_block(h) is not None}, step
+        assert b.num_cached == len(reachable), step  # nothing retired stays indexed
+    assert ever and len(ever) > len(reachable)  # cached blocks were evicted on the way
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_reset_forgets_cached_prefixes_only(kind):
     pool = _pool(kind)

@@ -59,6 +59,24 @@ def test_fast_forward_equals_the_step_by_step_loop(engine, load):
 
 
 @pytest.mark.parametrize("engine", sim_engines())
+def test_retiring_a_finished_requests_placeholder_blocks_changes_nothing(engine, monkeypatch):
+    """A finished request's placeholder blocks retire unregistered (`BlockPool.retire`): in a pool small enough to
+    preempt and evict, every token time, preemption and prefix hit (preempted requests find their own blocks)
+    is what registering and freeing them gives."""
+    from semipd_engine.core.scheduler import Scheduler
+
+    def run():
+        sim, got = _simulate(engine, rate=40.0, num_kv_blocks=400)
+        return got, sum(w.scheduler.prefix_hits for w in sim.workers.values())
+
+    retired = run()
+    monkeypatch.setattr(Scheduler, "_unreachable", staticmethod(lambda req: False))
+    assert run() == retired
+    if engine != "disagg":
+        assert retired[1] > 0 and any(v[5] for v in retired[0].values())
+
+
+@pytest.mark.parametrize("engine", sim_engines())
 def test_the_shortcuts_keep_the_prefix_cache_exact(engine):
     """Shared prefixes and conversations whose next turn resends the answer, in a pool small enough to evict:
     the decode group registers the blocks its members fill when the per-request loop would, so every hit, every
