@@ -648,7 +648,8 @@ def partition_figure(timeline: pd.DataFrame, requests: Optional[dict[str, pd.Dat
                         color="0.25", ha="left", va="bottom")
         ax.set(ylim=(0, 110), ylabel="share (%)")
         ax.legend(fontsize=6.5, loc="center right", frameon=True, ncol=2)
-        sf.suptitle(_run_title(g, varying), fontsize=8)
+        # wrapped to its panel (~13 characters an inch at 8 pt): a long title ran into its neighbour's
+        sf.suptitle(textwrap.fill(_run_title(g, varying), 56), fontsize=8)
         diffs = np.diff(g["time_s"].to_numpy(dtype=float))
         width = float(np.median(diffs[diffs > 0])) if (diffs > 0).any() else 2.0
         edges = np.arange(min(0.0, float(g["time_s"].min())), t_end + width, width)

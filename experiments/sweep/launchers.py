@@ -18,7 +18,9 @@ every job's config first, validate it, size it, and only then start anything:
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -163,6 +165,66 @@ def run_composed(sweep_config: DictConfig, hydra_context, task_function, singlet
                    job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
 
 
+_SHARED: dict[str, tuple] = {}  # a worker's unpickled sweep-wide arguments, by digest
+
+
+def _pool_options(launcher) -> dict[str, Any]:
+    from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
+
+    options = {k: v for k, v in launcher.joblib.items() if k not in ("n_jobs", "backend")}
+    process_joblib_cfg(options)
+    return options
+
+
+def _warm() -> int:
+    """What a simulated job imports (~3 s of a fresh interpreter), paid while the sweep is still validated."""
+    import experiments.sweep.job  # noqa: F401
+    import experiments.sweep.simulated  # noqa: F401
+    import semipd_engine.sim.build  # noqa: F401
+
+    return os.getpid()
+
+
+def prestart_local(launcher) -> Optional[threading.Thread]:
+    """Start the pool's workers and their imports now, beside the sweep's own start-up (composing and checking
+    every job: seconds for a large sweep), when the sweep is simulated (`backend=sim`: one job per core, in the
+    pool). The joblib pool is reused by the launch when its size and options are the same; a launch that decides
+    otherwise (real engines run in this process) waits for this and lets the idle workers time out."""
+    cfg = launcher.config
+    try:
+        simulated = str(cfg.backend.name) == "sim"
+    except Exception:  # a config without the project's schema (tests of the launcher alone)
+        return None
+    n = launcher.requested_n_jobs
+    n = len(cores.machine_cores()) if n < 0 else n
+    if not simulated or n < 2:
+        return None
+
+    def start() -> None:
+        from joblib import Parallel, delayed
+
+        try:
+            Parallel(n_jobs=n, backend="loky", **_pool_options(launcher))(delayed(_warm)() for _ in range(n))
+        except Exception as e:  # the launch starts its own pool
+            log.debug("pool pre-start failed: %s", e)
+
+    t = threading.Thread(target=start, name="pool-prestart", daemon=True)
+    t.start()
+    return t
+
+
+def run_pooled(sweep_config: DictConfig, shared: bytes, digest: str):
+    """`run_composed` in a pool worker; `shared` is the sweep-wide arguments (Hydra's context, the task function,
+    the singletons' state) pickled once by the sweep: each job's task carries those bytes, not the objects
+    (pickling them anew was ~20 ms of the sweep's process per job), and a worker unpickles them once."""
+    if digest not in _SHARED:
+        from joblib.externals import cloudpickle
+
+        _SHARED.clear()
+        _SHARED[digest] = cloudpickle.loads(shared)
+    return run_composed(sweep_config, *_SHARED[digest])
+
+
 def launch_local(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
     """Jobs side by side in worker processes that live for the whole sweep (joblib's loky pool: one interpreter
     per parallel slot, its imports paid once), each started from the config composed at validation; one slot
@@ -178,14 +240,19 @@ def launch_local(launcher, job_overrides: Sequence[Sequence[str]], initial_job_i
     for c, overrides in zip(configs, job_overrides):
         log.info("\t#%d : %s", c.hydra.job.num, " ".join(filter_overrides(list(overrides))))
     state = Singleton.get_state()
+    prestart = getattr(launcher, "prestart", None)
+    if prestart is not None:  # one pool at a time: the launch below reuses the one it started
+        prestart.join()
     if n == 1:
         return [run_composed(c, launcher.hydra_context, launcher.task_function, state) for c in configs]
-    from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
+    import hashlib
 
-    options = {k: v for k, v in launcher.joblib.items() if k not in ("n_jobs", "backend")}
-    process_joblib_cfg(options)
-    return Parallel(n_jobs=n, backend="loky", **options)(
-        delayed(run_composed)(c, launcher.hydra_context, launcher.task_function, state) for c in configs)
+    from joblib.externals import cloudpickle
+
+    shared = cloudpickle.dumps((launcher.hydra_context, launcher.task_function, state))
+    digest = hashlib.blake2b(shared, digest_size=16).hexdigest()
+    return Parallel(n_jobs=n, backend="loky", **_pool_options(launcher))(
+        delayed(run_pooled)(c, shared, digest) for c in configs)
 
 
 # --- Ray -----------------------------------------------------------------------------------------------------------
