@@ -30,6 +30,9 @@ from experiments.loadgen.lengths import report as report_lengths
 from experiments.loadgen.prompts import PromptBuilder, prompt_token_ids, turn_parts
 from experiments.loadgen.result import RunResult, SLOs, measured, offered_rate, workload_run
 from experiments.loadgen.workloads import load_workload
+from semipd_engine.control.loop import STEERING_KEYS, ControlLoop
+from semipd_engine.topology.engines import engine_kind
+from semipd_engine.topology.graph import CONTROLLER_KEYS
 
 
 def _tokenizer(lcfg, wcfg, for_ids: bool = False):
@@ -151,13 +154,16 @@ def code_version() -> str:
     return h.hexdigest()[:16]
 
 
-def simulation_key(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg) -> str:
+def simulation_key(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, steering: bool = True) -> str:
     """Everything that changes what is simulated: the model, the engine (its decision log's path aside), the
     platform, the workload and its arrivals, the tokenizer (a shared-prefix workload's token ids), the code. The
     SLOs and the measurement window are not in it: they only judge the result (a controller's SLOs are engine
-    keys, so a `semipd_dynamic` run is keyed by them)."""
+    keys, so a `semipd_dynamic` run is keyed by them). Without `steering`, the key of every run that differs from
+    this one only in what its controller steers to (`ControlLoop.STEERING_KEYS`): the candidates for a replay."""
     engine = dataclasses.asdict(engine_cfg)
     engine.pop("decision_log", None)
+    if not steering:
+        engine.update({k: None for k in STEERING_KEYS})
     parts = {"model": dataclasses.asdict(model_cfg), "engine": engine, "hardware": dataclasses.asdict(hardware_cfg),
              "backend": dataclasses.asdict(backend_cfg), "workload": dataclasses.asdict(wcfg),
              "tokenizer": lcfg.tokenizer, "code": code_version()}
@@ -172,10 +178,16 @@ def simulation(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg,
     workload = load_workload(wcfg, tokenizer)
     lengths = report_lengths(workload, wcfg, lcfg.tokenizer)
     key = simulation_key(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg) if cache_dir else ""
+    steered = CONTROLLER_KEYS <= engine_kind(engine_cfg.name).keys
     if cache_dir is not None and (Path(cache_dir) / f"{key}.json").is_file():
         meta = json.loads((Path(cache_dir) / f"{key}.json").read_text())
         return Simulation(Path(cache_dir) / f"{key}.parquet", meta["backend"], meta["samples"], meta["decisions"],
                           key, True), workload, lengths
+    if cache_dir is not None and steered:
+        replayed = _replayed(Path(cache_dir), engine_cfg,
+                             simulation_key(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, False))
+        if replayed is not None:
+            return replayed, workload, lengths
     items = workload.items
     offsets = conv.offsets(wcfg, workload)
     if offsets is None:
@@ -211,10 +223,38 @@ def simulation(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg,
         tmp = f".{key}.{os.getpid()}"  # this process's own: two jobs may write the same entry at once
         run.frame.to_parquet(d / f"{tmp}.parquet", index=False)
         os.replace(d / f"{tmp}.parquet", d / f"{key}.parquet")
-        (d / f"{tmp}.json").write_text(json.dumps({"backend": backend, "samples": run.samples,
-                                                  "decisions": run.decisions}, default=float))
+        meta = {"backend": backend, "samples": run.samples, "decisions": run.decisions}
+        if sim.control is not None:  # what its controller decided from, for runs that differ in their SLOs
+            meta["control"] = {"cores": sim.control.cores, "inputs": st.control_inputs}
+        (d / f"{tmp}.json").write_text(json.dumps(meta, default=float))
         os.replace(d / f"{tmp}.json", d / f"{key}.json")
+        if sim.control is not None:  # found by its steering-free key (an empty file names the entry)
+            twins = d / "steered" / simulation_key(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, False)
+            twins.mkdir(parents=True, exist_ok=True)
+            (twins / key).touch()
     return run, workload, lengths
+
+
+def _replayed(cache_dir: Path, engine_cfg, steering_free: str) -> Optional[Simulation]:
+    """A cached simulation of a run that differs from this one only in what its controller steers to, whose
+    decisions this run's controller makes too (`ControlLoop.replay`: then every step of the two runs is the
+    same): its rows, samples and counters, with this controller's own decision rows (their observed and
+    predicted latencies read this run's percentile and SLOs). None when no such run is cached, or when this
+    controller would have moved elsewhere in each (simulated anew)."""
+    twins = cache_dir / "steered" / steering_free
+    for entry in sorted(twins.iterdir()) if twins.is_dir() else ():
+        meta_file = cache_dir / f"{entry.name}.json"
+        if not meta_file.is_file():
+            continue
+        meta = json.loads(meta_file.read_text())
+        control = meta.get("control")
+        if control is None:
+            continue
+        rows = ControlLoop.replay(engine_cfg, control["cores"], control["inputs"], meta["decisions"])
+        if rows is not None:
+            return Simulation(cache_dir / f"{entry.name}.parquet", {**meta["backend"], "replayed_controller": True},
+                              meta["samples"], rows, entry.name, True)
+    return None
 
 
 def _turns(items, builder: PromptBuilder, history: str):

@@ -11,6 +11,7 @@ window closes differs (an asyncio timer, a CONTROL event).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from typing import Optional
@@ -31,12 +32,21 @@ def make_partitioner(engine_cfg, cores: Optional[Sequence[int]] = None) -> SLOPa
     return SLOPartitioner(cfg)
 
 
+# The engine keys that only say what the controller steers to: runs that differ in them alone behave the same until
+# their controllers decide differently (`ControlLoop.replay`).
+STEERING_KEYS = ("slo_ttft_s", "slo_tpot_s", "slo_percentile")
+
+
 class ControlLoop:
-    def __init__(self, engine_cfg, cores: Optional[Sequence[int]] = None, log_path: Optional[str] = None):
+    def __init__(self, engine_cfg, cores: Optional[Sequence[int]] = None, log_path: Optional[str] = None,
+                 keep_inputs: bool = False):
         self.partitioner = make_partitioner(engine_cfg, cores)
+        self.cores = list(cores) if cores else None
         self.window_s = engine_cfg.control_window_s
         self.log_path = log_path  # one JSON line per decision (the job saves it as partition_log.jsonl)
         self.decisions: list[dict] = []
+        # What each decision was made from (`replay`), where asked: a simulation keeps them, a server does not.
+        self.inputs: Optional[list[dict]] = [] if keep_inputs else None
         self.reset(0.0)
 
     # -- observations ----------------------------------------------------------------------------
@@ -64,9 +74,31 @@ class ControlLoop:
         """Close the window at `now` and decide; `time_s` is the decision's time on the run's clock."""
         window = Window(now - self._start, self._ttfts, self._tpots, self._arrivals, self._busy_s, self._prefilled)
         self.reset(now)
+        if self.inputs is not None:
+            self.inputs.append({"time_s": time_s, "window": dataclasses.asdict(window),
+                                "current": [current.prefill_share, current.decode_share]})
         d = self.partitioner.step(time_s, window, current)
         self.record(d.row())
         return d
+
+    @staticmethod
+    def replay(engine_cfg, cores: Optional[Sequence[int]], inputs: Sequence[dict],
+               decisions: Sequence[dict]) -> Optional[list[dict]]:
+        """The decisions `engine_cfg`'s controller makes from another run's `inputs` (its windows and partitions),
+        or None as soon as one moves to another partition than that run's `decisions` did. Until a controller
+        decides differently its run is the same (a decision is the only way the controller acts on the engine),
+        so when none does, the other run is this one's, step for step: a sweep over the SLOs simulates a
+        `semipd_dynamic` run once for all the SLOs its controller does not tell apart."""
+        if len(inputs) != len(decisions):
+            return None
+        part = make_partitioner(engine_cfg, cores)
+        rows = []
+        for x, done in zip(inputs, decisions):
+            d = part.step(x["time_s"], Window(**x["window"]), Partition(*x["current"]))
+            if (d.new.prefill_share, d.new.decode_share) != (done["prefill_share"], done["decode_share"]):
+                return None
+            rows.append(d.row())
+        return rows
 
     def record(self, row: dict) -> None:
         self.decisions.append(row)

@@ -235,6 +235,6 @@ def simulate(topo: Topology, model_cfg, engine_cfg, plat: Platform, backend) -> 
         pre.colocated, dec.colocated = dec, pre
         share_models = plat.share_models
     if topo.controller == "slo":  # the real loop; on CPU only partitions placed differently are distinct steps
-        control = ControlLoop(e, range(plat.devices) if cpu else None)
+        control = ControlLoop(e, range(plat.devices) if cpu else None, keep_inputs=True)
     return Simulator(list(workers.values()), list(topo.entry), VirtualClock(), share_models, plat.link,
                      plat.kv_bytes_per_token * bs, control, backend.switch_cost_s, backend.fast_forward)

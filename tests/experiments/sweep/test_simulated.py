@@ -272,3 +272,40 @@ def test_a_simulated_job_names_the_serving_stack_it_charges():
     assert stack_name(unified, freeze(BackendConfig, {"name": "sim", "stack": {"name": "ideal"}})) == "ideal"
     assert stack_name(unified, freeze(BackendConfig, {"name": "sim", "overhead_s": 0.002})) == "vllm-0.6*"
     assert stack_name(unified, freeze(BackendConfig, {"name": "sim", "cost_model": "profile"})) == "profile"
+
+
+def test_a_controller_that_decides_alike_under_other_slos_replays_the_simulation(tmp_path):
+    """semipd_dynamic runs that differ in their SLOs alone: where the second's controller makes every decision
+    the first's made, from the first's windows, it is served the first's simulation (rows, partition log and
+    summary those of simulating it); where it would move elsewhere, it is simulated."""
+    from experiments.sweep.config import SLOConfig
+
+    def engine(ttft, tpot):
+        return freeze(EngineConfig, {"name": "semipd_dynamic", "prefill_share": 50, "decode_share": 50,
+                                     "control_window_s": 1.0, "max_num_seqs": 64, "slo_ttft_s": ttft,
+                                     "slo_tpot_s": tpot})
+
+    w, lcfg, cache = workload_cfg(num_requests=200, rate=10.0), loadgen_cfg("http://unused"), tmp_path / "sim_cache"
+
+    def run(ttft, tpot, out, cached=True):
+        slo = freeze(SLOConfig, {"ttft_s": ttft, "tpot_s": tpot})
+        return simulated.run_simulated(LLAMA8B, engine(ttft, tpot), A100, SIM, lcfg, w, slo, str(tmp_path / out),
+                                       cache_dir=cache if cached else None)
+
+    a = run(5.0, 0.5, "a")
+    b, ref = run(8.0, 0.8, "b"), run(8.0, 0.8, "ref", cached=False)
+    assert not a.backend["from_cache"] and b.backend["from_cache"] and b.backend["replayed_controller"]
+    decisions = [json.loads(x) for x in (tmp_path / "b" / "partition_log.jsonl").read_text().splitlines()]
+    assert len(decisions) > 10 and any(d["reason"] == "both pass: keep" for d in decisions)
+    assert (tmp_path / "b" / "partition_log.jsonl").read_text() == (tmp_path / "ref" / "partition_log.jsonl").read_text()
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "b" / "requests.parquet"),
+                                  pd.read_parquet(tmp_path / "ref" / "requests.parquet"))
+    assert json.dumps(dataclasses.asdict(b.aggregates), sort_keys=True) == \
+        json.dumps(dataclasses.asdict(ref.aggregates), sort_keys=True)
+    c = run(0.001, 0.5, "c")  # TTFT fails: it moves to prefill
+    run(0.001, 0.5, "ref_c", cached=False)
+    assert not c.backend["from_cache"]
+    assert any(d["prefill_share"] != 50 for d in map(json.loads, (tmp_path / "c" / "partition_log.jsonl")
+                                                     .read_text().splitlines()))
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "c" / "requests.parquet"),
+                                  pd.read_parquet(tmp_path / "ref_c" / "requests.parquet"))
