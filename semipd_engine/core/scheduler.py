@@ -272,11 +272,7 @@ class Scheduler:
                 self._register(req)
         if g is not None:  # they come first in the batch: their last tokens before the other requests' tokens
             decode += batch.group
-            for req in g.finishing(it):
-                if full and not self._unreachable(req):
-                    self._register(req)
-                self.finish(req, FinishReason.LENGTH, now)
-                out.finished.append(req)
+            out.finished += self.group_finish(now)
         out.num_decode_tokens, out.num_prefill_tokens = decode, prefill
         max_len, emit = self.max_model_len, self.emit_outputs
         after = None if type(self)._after_token is Scheduler._after_token else self._after_token
@@ -430,18 +426,23 @@ class Scheduler:
             if self.pool.prefix_caching:
                 self._register(req)
 
-    def group_run(self, ends: list[float]) -> int:
-        """The decode group runs the iterations that end at `ends`, the first already scheduled and none a member's
-        last (the simulator's fast-forward): the blocks the later ones need are reserved, up to the first the pool
-        cannot give, the members advance, the blocks they filled are registered. Returns the iterations run."""
+    def group_run(self, ends: list[float], scheduled: bool = True) -> int:
+        """The decode group runs the iterations that end at `ends`, none but the last a member's last (the
+        simulator's fast-forward; the first already `scheduled`, or not: the group's next after a finish): the
+        blocks they need are reserved, up to the first iteration the pool cannot give, the members advance, the
+        blocks they filled are registered. Returns the iterations run; a member's last token ends the run
+        (`group_finish`)."""
         g, pool = self.group, self.pool
         first, run, free, need = g.gen, len(ends), pool.num_free, 0
-        for j in range(1, run):
+        start = 1 if scheduled else 0
+        for j in range(start, run):
             need += len(g.buckets[(first + j) % g.bs])
             if need > free:
                 run = j
                 break
-        for j in range(1, run):
+        if run == 0:
+            return 0
+        for j in range(start, run):
             due = g.reservations(first + j)
             if due:
                 for req, b in zip(due, pool.try_allocate(len(due))):
@@ -451,6 +452,16 @@ class Scheduler:
             self._register(req)
             g.registered(req)
         return run
+
+    def group_finish(self, now: float) -> list[Request]:
+        """The members whose last token the group's latest iteration sampled, finished (in running order)."""
+        out = []
+        for req in self.group.finishing(self.group.gen - 1):
+            if self.pool.prefix_caching and not self._unreachable(req):
+                self._register(req)
+            self.finish(req, FinishReason.LENGTH, now)
+            out.append(req)
+        return out
 
     def _continue_prefills(self, batch: ScheduledBatch, budget: int, skip_decodes: bool = True) -> int:
         """Chunks of partly computed prompts. A recompute whose last chunk is one token looks like a decode:

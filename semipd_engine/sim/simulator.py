@@ -457,11 +457,18 @@ class Simulator:
         return self._applied(w, ends, t)
 
     @staticmethod
-    def _stretch(w: SimWorker, nb: int, ctx: int, k: int, t: float, d: float, horizon: float) -> list[float]:
+    def _stretch(w: SimWorker, nb: int, ctx: int, k: int, t: float, d: Optional[float],
+                 horizon: float) -> list[float]:
         """End times of up to `k` decode iterations of `nb` sequences from `t` (the first, of context `ctx`, takes
-        `d`), each ending before `horizon`."""
+        `d`; None: priced here), each ending before `horizon`."""
         price = w.executor.price  # the other phase's state holds through the stretch (see _fast_forward)
-        later = w.executor.decode_works(nb, ctx + nb, int(min(k - 1, 4096)))  # iterations 1, 2, ...
+        if d is None:
+            if k < 1:
+                return []
+            first, *later = w.executor.decode_works(nb, ctx, int(min(k, 4097)))
+            d = price(first)
+        else:
+            later = w.executor.decode_works(nb, ctx + nb, int(min(k - 1, 4096)))  # iterations 1, 2, ...
         ends: list[float] = []
         end = t
         while True:
@@ -485,17 +492,45 @@ class Simulator:
 
     def _fast_forward_group(self, w: SimWorker, batch: ScheduledBatch, result: ExecuteResult, t: float,
                             horizon: float) -> Optional[float]:
-        """`_fast_forward` for a decode group: the same stretch, up to the first member's last token, its blocks
-        reserved iteration by iteration (`Scheduler.group_run`), one end time per iteration for all members."""
+        """`_fast_forward` for a decode group: the same stretch, its blocks reserved iteration by iteration
+        (`Scheduler.group_run`), one end time per iteration for all members; and through the members' last
+        tokens where a finish cannot change anything but the batch (`_finishes_pass`): the finished leave as
+        `update` finishes them, at their iteration's end, and the group goes on with the rest, priced anew.
+        A stretch with a finish ends before the next server sample (the queues it reads are the stretch's end)."""
         sched = w.scheduler
         g = sched.group
-        it = g.gen  # the stretch's iteration 0, scheduled at t
-        k = g.next_finish() - it  # iterations it .. it + k - 1 end without a last token
-        if k < 2:
-            return None
-        ends = self._stretch(w, batch.group, batch.group_ctx, k, t, result.duration_s, horizon)
-        applied = sched.group_run(ends) if ends else 0
-        return self._applied(w, ends[:applied], t) if applied else None
+        through = self._finishes_pass(w)
+        ends_all: list[float] = []
+        nb, ctx, d, start, scheduled = batch.group, batch.group_ctx, result.duration_s, t, True
+        while True:
+            k = g.next_finish() - g.gen  # iterations gen .. gen + k - 1 end without a last token
+            limit = min(horizon, self._next_sample) if ends_all else horizon  # a finish passed: stop before a sample
+            ends = self._stretch(w, nb, ctx, k + 1 if through else k, start, d, limit)
+            finishing = through and len(ends) == k + 1
+            if finishing and ends[-1] >= self._next_sample:
+                ends, finishing = ends[:k], False  # its queues would be sampled as the stretch's end has them
+            if not ends_all and len(ends) < 2 and not finishing:
+                return None  # nothing to skip: the policy runs the iteration as scheduled
+            applied = sched.group_run(ends, scheduled) if ends else 0
+            ends_all += ends[:applied]
+            if applied < len(ends) or not finishing:
+                break
+            self._track_pool(sched.pool)  # the peak before the finished free their blocks
+            for req in sched.group_finish(ends[-1]):
+                self._finish(req, ends[-1])
+            if not g.n:
+                break
+            nb, ctx, start, scheduled = g.n, g.ctx, ends[-1], False
+            d = None  # the next iteration is priced here, as the policy's batch of the remaining members would be
+        return self._applied(w, ends_all, t) if ends_all else None
+
+    def _finishes_pass(self, w: SimWorker) -> bool:
+        """Can a member's last token leave everything but the batch as it is, until the next event? Not where the
+        freed room admits a queued request (waiting or parked here, or a transfer to this worker), nor where
+        the finish starts a conversation's next turn."""
+        sched = w.scheduler
+        return (self._follow is None and not sched.waiting and not sched.parked and not sched.group.pending
+                and not (w.handoff is not None and w.handoff.busy))
 
     @staticmethod
     def _grow_blocks(sched: Scheduler, batch: ScheduledBatch, applied: int) -> int:

@@ -34,3 +34,18 @@ def test_collect_outside_a_git_checkout(tmp_path, monkeypatch):
     monkeypatch.setattr(provenance, "ROOT", tmp_path)
     p = provenance.collect()
     assert p["git_commit"] is None and p["git_dirty"] is None and p["config"] is None
+
+
+def test_gpus_are_named_without_importing_torch(monkeypatch, tmp_path):
+    """A process that has not imported torch reads the driver's pages (a simulated job never needs torch)."""
+    import sys
+
+    for i, model in enumerate(("NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3")):
+        (tmp_path / f"0000:0{i}:00.0").mkdir()
+        (tmp_path / f"0000:0{i}:00.0" / "information").write_text(f"Model: \t\t {model}\nIRQ:   \t\t 42\n")
+    monkeypatch.setattr(provenance, "NVIDIA_GPUS", tmp_path)
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    assert provenance.machine()["gpus"] == ["NVIDIA H100 80GB HBM3"] * 2
+    assert "torch" not in sys.modules
+    monkeypatch.setattr(provenance, "NVIDIA_GPUS", tmp_path / "none")
+    assert "gpus" not in provenance.machine()
