@@ -98,6 +98,7 @@ class SimStats:
     transfer_bytes: int = 0
     transfer_cached_blocks: int = 0  # not sent: the decode instance had them cached
     switches: int = 0
+    finished_in_stretches: int = 0  # requests whose last token a fast-forwarded stretch sampled
     decisions: list[dict[str, Any]] = field(default_factory=list)
     control_inputs: list[dict[str, Any]] = field(default_factory=list)  # what each decision was made from
     kv_peak_blocks: dict[str, int] = field(default_factory=dict)
@@ -518,6 +519,7 @@ class Simulator:
             self._track_pool(sched.pool)  # the peak before the finished free their blocks
             for req in sched.group_finish(ends[-1]):
                 self._finish(req, ends[-1])
+                self.stats.finished_in_stretches += 1
             if not g.n:
                 break
             nb, ctx, start, scheduled = g.n, g.ctx, ends[-1], False

@@ -54,8 +54,27 @@ def test_fast_forward_equals_the_step_by_step_loop(engine, load):
         assert (sim.stats.fast_forwarded > 0) == ff
         assert sim.stats.iterations == slow_sim.stats.iterations
         assert sim.stats.kv_peak_blocks == slow_sim.stats.kv_peak_blocks
+        if ff and group and load == "moderate":  # stretches went through members' last tokens
+            assert sim.stats.finished_in_stretches > 0
     if load == "preempting" and engine != "disagg":
         assert any(v[5] for v in slow.values()), "the small pool should force preemptions"
+
+
+@pytest.mark.parametrize("engine", sim_engines())
+def test_fast_forwarded_finishes_keep_the_server_samples_exact(engine):
+    """A stretch that passes a finish ends before the next sample: the queues sampled every quarter second are
+    those of the step-by-step loop."""
+    def samples(ff):
+        m, e, h = _cfgs(engine)
+        sim, _ = build_simulator(m, e, h, freeze(BackendConfig, {"name": "sim", "fast_forward": ff}))
+        sim.sample_every(0.25)
+        sim.run(make_requests(*_workload(300, 4.0)))
+        return sim, [(r["time_s"], r["metric"], r["labels"], r["value"]) for r in sim.stats.samples
+                     if r["metric"].startswith("requests_")]
+
+    (slow, ref), (fast, got) = samples(False), samples(True)
+    assert got == ref and len(ref) > 500
+    assert fast.stats.finished_in_stretches > 0 and fast.stats.events < slow.stats.events
 
 
 @pytest.mark.parametrize("engine", sim_engines())
