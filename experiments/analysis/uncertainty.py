@@ -87,7 +87,7 @@ def garwood(count: int, conf: float = CONFIDENCE) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-_LAST_DRAWS: dict[str, Any] = {}
+_LAST_DRAWS: dict[tuple[int, int, int], np.ndarray] = {}
 _MEAN_CIS: dict[tuple, tuple[float, float]] = {}  # bootstrap_ci of np.mean, by its values' bytes and settings
 
 
@@ -106,7 +106,10 @@ def bootstrap_ci(values, stat=np.mean, n_boot: int = BOOTSTRAP, conf: float = CO
         if stat is np.mean else None
     if key is not None and key in _MEAN_CIS:
         return _MEAN_CIS[key]
-    out = _pct_interval(stat(v[_draws(v.size, n_boot, seed)], axis=1), conf)
+    idx = _draws(v.size, n_boot, seed)
+    # A block of replicates at a time: the same numbers (each replicate is its own row's reduction) with the
+    # gathered values kept in cache, ~3x faster than gathering all 4M at once.
+    out = _pct_interval(np.concatenate([stat(v[idx[i:i + 100]], axis=1) for i in range(0, len(idx), 100)]), conf)
     if key is not None:
         if len(_MEAN_CIS) >= 4096:
             _MEAN_CIS.clear()
@@ -115,12 +118,17 @@ def bootstrap_ci(values, stat=np.mean, n_boot: int = BOOTSTRAP, conf: float = CO
 
 
 def _draws(n: int, n_boot: int, seed: int) -> np.ndarray:
-    """The bootstrap's resampling indices, (n_boot, n), the last ones kept: a run's latencies (TTFT, E2E, often
-    TPOT) have the same count and seed, hence the same draws, and drawing 4M indices costs more than using them."""
+    """The bootstrap's resampling indices, (n_boot, n), the last few kept: a run's latencies (TTFT, E2E, often
+    TPOT) have the same count and seed, hence the same draws, and drawing 4M indices costs more than using them
+    (a run's TPOT and ITL counts may differ from its TTFT's: three sets, asked for in turn, all stay)."""
     key = (n, n_boot, seed)
-    if _LAST_DRAWS.get("key") != key:
-        _LAST_DRAWS.update(key=key, idx=_rng(seed).integers(0, n, (n_boot, n)))
-    return _LAST_DRAWS["idx"]
+    idx = _LAST_DRAWS.pop(key, None)
+    if idx is None:
+        idx = _rng(seed).integers(0, n, (n_boot, n))
+        while len(_LAST_DRAWS) >= 3:
+            _LAST_DRAWS.pop(next(iter(_LAST_DRAWS)))
+    _LAST_DRAWS[key] = idx  # the most recent last
+    return idx
 
 
 def _pct_interval(reps, conf: float) -> tuple[float, float]:
@@ -260,7 +268,8 @@ def _cluster_mean_ci(groups, conf: float, n_boot: int = BOOTSTRAP, seed: int = 0
     sums = np.array([float(np.sum(g)) for g in groups])
     counts = np.array([len(g) for g in groups], dtype=float)
     idx = _draws(len(groups), n_boot, seed)
-    return _pct_interval(sums[idx].sum(axis=1) / counts[idx].sum(axis=1), conf)
+    reps = [sums[b].sum(axis=1) / counts[b].sum(axis=1) for b in (idx[i:i + 100] for i in range(0, len(idx), 100))]
+    return _pct_interval(np.concatenate(reps), conf)
 
 
 # -- one point, several seeds ----------------------------------------------------------------------------------
