@@ -118,26 +118,33 @@ def to_frame(done, expected: dict[str, tuple[int, int]], turns: Optional[dict[st
             "cached_tokens": r.num_cached_tokens or 0,
             "conversation_id": conversation, "turn": turn,
         })
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=ROW_COLUMNS)
+
+
+ROW_COLUMNS = ["request_id", "scheduled_s", "send_s", "first_token_s", "finish_s", "token_times_s", "prompt_tokens",
+               "output_tokens", "expected_prompt_tokens", "expected_output_tokens", "num_chunks", "http_status",
+               "error", "cached_tokens", "conversation_id", "turn"]  # to_frame's
 
 
 @dataclass
 class Simulation:
     """What one simulation produced, before any SLO is applied: the requests' rows and the simulator's records."""
 
-    rows: Union[pd.DataFrame, Path]  # to_frame(...), or the cached file holding it (read when first asked for)
+    rows: Union[pd.DataFrame, Path]  # to_frame(...), or a cached file holding them (read when first asked for)
     backend: dict[str, Any]  # the platform and the simulator's counters (RunResult.backend)
     samples: list[dict]  # the server gauges over virtual time
     decisions: list[dict]  # the controller's log (semipd_dynamic)
     key: str = ""
     cached: bool = False
+    control: Optional[dict] = None  # what its controller decided from (`ControlLoop.replay`), if it has one
+    steering_free: str = ""  # its key without what a controller steers to (`simulation_key(..., steering=False)`)
 
     @property
     def frame(self) -> pd.DataFrame:
         """One row per request, the load generator's columns (an SLO twin judged from the judged cache never
-        reads them)."""
+        reads them). A cached file is the first judging's rows, whose other columns are read again (`derive`)."""
         if not isinstance(self.rows, pd.DataFrame):
-            self.rows = pd.read_parquet(self.rows)
+            self.rows = pd.read_parquet(self.rows, columns=ROW_COLUMNS)
         return self.rows
 
 
@@ -181,7 +188,7 @@ def simulation(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg,
     steered = CONTROLLER_KEYS <= engine_kind(engine_cfg.name).keys
     if cache_dir is not None and (Path(cache_dir) / f"{key}.json").is_file():
         meta = json.loads((Path(cache_dir) / f"{key}.json").read_text())
-        return Simulation(Path(cache_dir) / f"{key}.parquet", meta["backend"], meta["samples"], meta["decisions"],
+        return Simulation(Path(cache_dir) / meta["rows"], meta["backend"], meta["samples"], meta["decisions"],
                           key, True), workload, lengths
     if cache_dir is not None and steered:
         replayed = _replayed(Path(cache_dir), engine_cfg,
@@ -217,22 +224,29 @@ def simulation(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg,
                "partition_switches": st.switches, "kv_blocks_used_peak": st.kv_peak_blocks}
     turns = {f"sim-{i}": (it.conversation, it.turn) for i, it in enumerate(items)}
     run = Simulation(to_frame(done, expected, turns), backend, st.samples, st.decisions, key)
-    if cache_dir is not None:  # written whole or not at all: a concurrent job reads a complete entry or none
-        d = Path(cache_dir)
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = f".{key}.{os.getpid()}"  # this process's own: two jobs may write the same entry at once
-        run.frame.to_parquet(d / f"{tmp}.parquet", index=False)
-        os.replace(d / f"{tmp}.parquet", d / f"{key}.parquet")
-        meta = {"backend": backend, "samples": run.samples, "decisions": run.decisions}
-        if sim.control is not None:  # what its controller decided from, for runs that differ in their SLOs
-            meta["control"] = {"cores": sim.control.cores, "inputs": st.control_inputs}
-        (d / f"{tmp}.json").write_text(json.dumps(meta, default=float))
-        os.replace(d / f"{tmp}.json", d / f"{key}.json")
-        if sim.control is not None:  # found by its steering-free key (an empty file names the entry)
-            twins = d / "steered" / simulation_key(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, False)
-            twins.mkdir(parents=True, exist_ok=True)
-            (twins / key).touch()
+    if sim.control is not None and cache_dir is not None:
+        run.control = {"cores": sim.control.cores, "inputs": st.control_inputs}
+        run.steering_free = simulation_key(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, False)
     return run, workload, lengths
+
+
+def store(cache_dir: Path, run: Simulation, rows: Path) -> None:
+    """Cache a simulation whose rows are in `rows` (under `cache_dir`: the first judging's, its requests'
+    columns among them), once they are: written whole or not at all, a concurrent job reads a complete entry
+    or none. Its rows are not written again: a second parquet of ~1M token times per job cost more than the
+    JSON of everything else."""
+    d = Path(cache_dir)
+    meta = {"rows": str(rows.relative_to(d)), "backend": run.backend, "samples": run.samples,
+            "decisions": run.decisions}
+    if run.control is not None:  # what its controller decided from, for runs that differ in their SLOs
+        meta["control"] = run.control
+    tmp = d / f".{run.key}.{os.getpid()}.json"  # this process's own: two jobs may write the same entry at once
+    tmp.write_text(json.dumps(meta, default=float))
+    os.replace(tmp, d / f"{run.key}.json")
+    if run.control is not None:  # found by its steering-free key (an empty file names the entry)
+        twins = d / "steered" / run.steering_free
+        twins.mkdir(parents=True, exist_ok=True)
+        (twins / run.key).touch()
 
 
 def _replayed(cache_dir: Path, engine_cfg, steering_free: str) -> Optional[Simulation]:
@@ -252,7 +266,7 @@ def _replayed(cache_dir: Path, engine_cfg, steering_free: str) -> Optional[Simul
             continue
         rows = ControlLoop.replay(engine_cfg, control["cores"], control["inputs"], meta["decisions"])
         if rows is not None:
-            return Simulation(cache_dir / f"{entry.name}.parquet", {**meta["backend"], "replayed_controller": True},
+            return Simulation(cache_dir / meta["rows"], {**meta["backend"], "replayed_controller": True},
                               meta["samples"], rows, entry.name, True)
     return None
 
@@ -349,6 +363,8 @@ def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, 
         os.replace(f"{tmp}.parquet", rows_file)
         Path(f"{tmp}.json").write_text(json.dumps(cis))
         os.replace(f"{tmp}.json", judged.with_suffix(".json"))
+    if judged is not None and not run.cached:  # the simulation, now that its rows are on disk
+        store(Path(cache_dir), run, rows_file)
     return result
 
 

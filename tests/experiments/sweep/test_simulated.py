@@ -258,9 +258,16 @@ def test_runs_that_differ_in_their_slos_alone_share_the_judging_that_does_not_re
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "b" / "requests.parquet"),
                                   pd.read_parquet(tmp_path / "ref" / "requests.parquet"))
     other = simulated.run_simulated(LLAMA8B, e, A100, SIM, loadgen_cfg("http://unused", warmup_requests=40), w,
-                                    loose, cache_dir=cache)
+                                    loose, str(tmp_path / "other"), cache_dir=cache)
     assert other.backend["from_cache"] and not other.backend["judged_from_cache"]
     assert other.aggregates.num_requests < b.aggregates.num_requests
+    # its rows read back from the first judging's file, judged anew: what simulating it gives
+    fresh = simulated.run_simulated(LLAMA8B, e, A100, SIM, loadgen_cfg("http://unused", warmup_requests=40), w,
+                                    loose, str(tmp_path / "fresh"))
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "other" / "requests.parquet"),
+                                  pd.read_parquet(tmp_path / "fresh" / "requests.parquet"))
+    assert json.dumps(dataclasses.asdict(other.aggregates), sort_keys=True) == \
+        json.dumps(dataclasses.asdict(fresh.aggregates), sort_keys=True)
 
 
 def test_a_simulated_job_names_the_serving_stack_it_charges():
