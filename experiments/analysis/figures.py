@@ -756,8 +756,12 @@ def main() -> None:
     draw = make_figures
     if args[:1] == ["--job-files"]:  # only the figures drawn from the jobs' own files (a sweep's second process)
         draw, args = job_file_figures, args[1:]
+    if args[:1] == ["--on-go"]:  # started with its sweep: imported, it waits for the jobs to end
+        args = args[1:]
+        if sys.stdin.readline().strip() != "go":
+            return  # the sweep ended without its figures (end of file)
     if len(args) != 1 or not Path(args[0]).is_dir():
-        print("usage: python -m experiments.figures [--job-files] <sweep dir>", file=sys.stderr)
+        print("usage: python -m experiments.figures [--job-files [--on-go]] <sweep dir>", file=sys.stderr)
         sys.exit(2)
     for p in draw(args[0]):
         print(p)

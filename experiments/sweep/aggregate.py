@@ -221,14 +221,28 @@ def format_goodput(gp: pd.DataFrame) -> str:
 
 
 class _JobFigures:
-    """`python -m experiments.analysis.figures --job-files SWEEP` running beside the aggregation."""
+    """`python -m experiments.analysis.figures --job-files SWEEP` running beside the aggregation. `ready`: started
+    before the sweep's jobs (its imports, ~2.5 s, paid while the sweep is still validated, not at its end) and
+    waiting on its stdin for `go`; it exits at end-of-file (a sweep that never ends closes the pipe)."""
 
-    def __init__(self, sweep_dir: Path):
+    def __init__(self, sweep_dir: Path, ready: bool = False):
+        self.ready = ready
         self.proc = subprocess.Popen([sys.executable, "-m", "experiments.analysis.figures", "--job-files",
-                                      str(sweep_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+                                      *(["--on-go"] if ready else []), str(sweep_dir)], cwd=ROOT,
+                                     stdin=subprocess.PIPE if ready else None, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+
+    def go(self) -> None:
+        if self.ready:
+            self.ready = False
+            try:
+                self.proc.stdin.write("go\n")
+                self.proc.stdin.flush()
+            except (BrokenPipeError, ValueError):  # it died: `paths` says so
+                pass
 
     def paths(self) -> list[str]:
+        self.go()
         out, err = self.proc.communicate()
         if self.proc.returncode:
             log.warning("the partition and server figures failed: %s", err.strip()[-2000:])
@@ -241,14 +255,24 @@ class _JobFigures:
             self.proc.wait()
 
 
-def finish_sweep(sweep_dir: Path, wandb_cfg=None, experiment: Optional[str] = None) -> None:
-    """Aggregate, print, draw; with `wandb_cfg`, log the sweep's summary run into the group `experiment`."""
+# The second figure process of each sweep running here, started with it (not on the callback: Hydra pickles its
+# callbacks into every job's context, and a process is not picklable).
+_SIDE: dict[str, _JobFigures] = {}
+
+
+def finish_sweep(sweep_dir: Path, wandb_cfg=None, experiment: Optional[str] = None,
+                 side: Optional[_JobFigures] = None) -> None:
+    """Aggregate, print, draw; with `wandb_cfg`, log the sweep's summary run into the group `experiment`. `side`:
+    the second figure process, started with the sweep (`_JobFigures(..., ready=True)`)."""
     from experiments.analysis import figures
     from experiments.sweep import tracking
 
     # The figures drawn from the jobs' own files need no aggregation: a large sweep draws them in a second process
     # meanwhile (a new interpreter: this one runs a writer thread, which a fork would copy mid-flight).
-    side = _JobFigures(sweep_dir) if len(job_dirs(sweep_dir)) >= SIDE_FIGURES_MIN_JOBS else None
+    if side is None and len(job_dirs(sweep_dir)) >= SIDE_FIGURES_MIN_JOBS:
+        side = _JobFigures(sweep_dir)
+    if side is not None:
+        side.go()
     try:
         summary, requests, pts, gp = aggregate_sweep(sweep_dir, with_points=True, wait=False)
         # The summary as its file reads (the figures' captions read it so), the rest as just made.
@@ -309,7 +333,9 @@ class AggregateCallback(Callback):
         self.started = time.monotonic()
         try:
             check_launch(config)
-            plan.check_jobs(config)
+            n_jobs = plan.check_jobs(config)
+            if n_jobs >= SIDE_FIGURES_MIN_JOBS:  # its imports now, beside the sweep's start, not at its end
+                _SIDE[str(config.hydra.sweep.dir)] = _JobFigures(Path(config.hydra.sweep.dir), ready=True)
             # Real engines: the machine's dtype and capacity decided once, and the sweep's wall time estimated.
             self.estimate_s = plan.announce(config, config.hydra.sweep.dir)
         except ValueError as e:  # Hydra turns a callback's exception into a warning: stop here instead
@@ -320,7 +346,8 @@ class AggregateCallback(Callback):
         from experiments.sweep.config import WandbConfig
         from semipd_engine.config import freeze
 
-        finish_sweep(Path(config.hydra.sweep.dir), freeze(WandbConfig, config.wandb), config.experiment.name)
+        finish_sweep(Path(config.hydra.sweep.dir), freeze(WandbConfig, config.wandb), config.experiment.name,
+                     _SIDE.pop(str(config.hydra.sweep.dir), None))
         if self.started is not None and self.estimate_s:
             print(f"wall time {(time.monotonic() - self.started) / 60:.1f} min (estimated "
                   f"{self.estimate_s / 60:.1f} min before the start)")

@@ -18,20 +18,23 @@ from semipd_engine.config import EngineConfig, freeze
 from semipd_engine.topology.engines import check_engine_config
 
 
-def check_jobs(config) -> None:
+def check_jobs(config) -> int:
     """Compose every job of the sweep and check its engine config: a key its engine does not read fails the
-    sweep here, naming the key, the engine and the job, before any calibration or job starts."""
+    sweep here, naming the key, the engine and the job, before any calibration or job starts. Returns the number
+    of jobs (0 outside a Hydra run)."""
     from hydra.core.global_hydra import GlobalHydra
 
     if not GlobalHydra.instance().is_initialized():
-        return
+        return 0
     loader = GlobalHydra.instance().config_loader()
-    for overrides in capacity.sweep_overrides(config):
+    jobs = capacity.sweep_overrides(config)
+    for overrides in jobs:
         cfg = composed(loader, config, overrides)
         try:
             check_engine_config(freeze(EngineConfig, cfg.engine))
         except ValueError as e:
             raise ValueError(f"job {' '.join(overrides)}: {e}") from None
+    return len(jobs)
 
 
 def _value(v: Optional[str], default):
