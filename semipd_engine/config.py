@@ -9,6 +9,7 @@ config is composed, before any process starts. Engines receive frozen copies
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, TypeVar
@@ -153,8 +154,7 @@ def freeze(cls: type[T], cfg: Any) -> T:
         cfg = OmegaConf.to_container(cfg, resolve=True)
     elif dataclasses.is_dataclass(cfg):
         cfg = dataclasses.asdict(cfg)
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    hints, names = _fields(cls)
     unknown = set(cfg) - names
     if unknown:
         raise ValueError(f"unknown {cls.__name__} key(s): {sorted(unknown)}")
@@ -164,6 +164,12 @@ def freeze(cls: type[T], cfg: Any) -> T:
             value = freeze(hints[name], value)
         kwargs[name] = value
     return _frozen_twin(cls)(**kwargs)
+
+
+@functools.cache
+def _fields(cls: type) -> tuple[dict[str, Any], frozenset[str]]:
+    # the annotations are strings (postponed evaluation): resolving them took half of a freeze
+    return typing.get_type_hints(cls), frozenset(f.name for f in dataclasses.fields(cls))
 
 
 _FROZEN: dict[type, type] = {}

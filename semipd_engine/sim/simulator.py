@@ -462,14 +462,13 @@ class Simulator:
                  horizon: float) -> list[float]:
         """End times of up to `k` decode iterations of `nb` sequences from `t` (the first, of context `ctx`, takes
         `d`; None: priced here), each ending before `horizon`."""
-        price = w.executor.price  # the other phase's state holds through the stretch (see _fast_forward)
+        price, works = w.executor.price, w.executor.decode_works  # the other phase holds (see _fast_forward)
         if d is None:
             if k < 1:
                 return []
-            first, *later = w.executor.decode_works(nb, ctx, int(min(k, 4097)))
-            d = price(first)
-        else:
-            later = w.executor.decode_works(nb, ctx + nb, int(min(k - 1, 4096)))  # iterations 1, 2, ...
+            d = price(works(nb, ctx, 1)[0])
+        cap = int(min(k - 1, 4096))  # iterations 1, 2, ... priced at most
+        later: list = []  # their work, priced a chunk at a time: the next event usually ends a stretch early
         ends: list[float] = []
         end = t
         while True:
@@ -478,9 +477,12 @@ class Simulator:
                 break
             ends.append(e)
             end = e
-            if len(ends) >= k or len(ends) > len(later):
+            i = len(ends) - 1
+            if len(ends) >= k or i >= cap:
                 break
-            d = price(later[len(ends) - 1])
+            if i == len(later):
+                later += works(nb, ctx + nb * (1 + i), min(cap - i, max(16, i)))
+            d = price(later[i])
         return ends
 
     def _applied(self, w: SimWorker, ends: list[float], t: float) -> float:
