@@ -260,6 +260,14 @@ class _JobFigures:
 _SIDE: dict[str, _JobFigures] = {}
 
 
+def start_side_figures(config: DictConfig, n_jobs: int) -> None:
+    """The sweep's second figure process, started now (its imports beside the sweep's start, not at its end) for a
+    sweep of enough jobs; once per sweep (the local launcher starts it first, with its pool)."""
+    key = str(config.hydra.sweep.dir)
+    if n_jobs >= SIDE_FIGURES_MIN_JOBS and key not in _SIDE:
+        _SIDE[key] = _JobFigures(Path(key), ready=True)
+
+
 def finish_sweep(sweep_dir: Path, wandb_cfg=None, experiment: Optional[str] = None,
                  side: Optional[_JobFigures] = None) -> None:
     """Aggregate, print, draw; with `wandb_cfg`, log the sweep's summary run into the group `experiment`. `side`:
@@ -329,13 +337,13 @@ class AggregateCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from experiments.sweep import plan
+        from experiments.sweep.launchers import prestart_local
 
         self.started = time.monotonic()
         try:
             check_launch(config)
-            n_jobs = plan.check_jobs(config)
-            if n_jobs >= SIDE_FIGURES_MIN_JOBS:  # its imports now, beside the sweep's start, not at its end
-                _SIDE[str(config.hydra.sweep.dir)] = _JobFigures(Path(config.hydra.sweep.dir), ready=True)
+            prestart_local(config)  # a simulated sweep's pool and figure process start beside the checks below
+            start_side_figures(config, plan.check_jobs(config))
             # Real engines: the machine's dtype and capacity decided once, and the sweep's wall time estimated.
             self.estimate_s = plan.announce(config, config.hydra.sweep.dir)
         except ValueError as e:  # Hydra turns a callback's exception into a warning: stop here instead

@@ -168,10 +168,10 @@ def run_composed(sweep_config: DictConfig, hydra_context, task_function, singlet
 _SHARED: dict[str, tuple] = {}  # a worker's unpickled sweep-wide arguments, by digest
 
 
-def _pool_options(launcher) -> dict[str, Any]:
+def _pool_options(joblib_kwargs: dict[str, Any]) -> dict[str, Any]:
     from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
 
-    options = {k: v for k, v in launcher.joblib.items() if k not in ("n_jobs", "backend")}
+    options = {k: v for k, v in joblib_kwargs.items() if k not in ("_target_", "n_jobs", "backend")}
     process_joblib_cfg(options)
     return options
 
@@ -188,32 +188,50 @@ def _warm() -> int:
     return os.getpid()
 
 
-def prestart_local(launcher) -> Optional[threading.Thread]:
-    """Start the pool's workers and their imports now, beside the sweep's own start-up (composing and checking
-    every job: seconds for a large sweep), when the sweep is simulated (`backend=sim`: one job per core, in the
-    pool). The joblib pool is reused by the launch when its size and options are the same; a launch that decides
-    otherwise (real engines run in this process) waits for this and lets the idle workers time out."""
-    cfg = launcher.config
+_PRESTARTED: dict[str, threading.Thread] = {}  # by sweep directory: the thread starting its pool
+
+
+def prestart_local(config: DictConfig) -> None:
+    """Start the local launcher's pool (its workers and their imports) and the sweep's second figure process now,
+    beside the sweep's own start-up (composing and checking every job: seconds for a large sweep), when the sweep
+    is simulated (`backend=sim`: one job per core, in the pool). Called where the sweep starts (its callback's
+    `on_multirun_start`) and again by the launcher (a no-op then). The joblib pool is reused by the launch when its
+    size and options are the same; a launch that decides otherwise (real engines run in this process) waits for
+    this and lets the idle workers time out."""
+    launcher_cfg = OmegaConf.to_container(config.hydra.get("launcher") or {}, resolve=True)
+    key = str(config.hydra.sweep.dir)
+    if launcher_cfg.get("_target_") != LOCAL_LAUNCHER or key in _PRESTARTED:
+        return
     try:
-        simulated = str(cfg.backend.name) == "sim"
+        simulated = str(config.backend.name) == "sim"
     except Exception:  # a config without the project's schema (tests of the launcher alone)
-        return None
-    n = launcher.requested_n_jobs
+        return
+    n = int(launcher_cfg.get("n_jobs", -1))
     n = len(cores.machine_cores()) if n < 0 else n
     if not simulated or n < 2:
-        return None
+        return
 
     def start() -> None:
         from joblib import Parallel, delayed
 
         try:
-            Parallel(n_jobs=n, backend="loky", **_pool_options(launcher))(delayed(_warm)() for _ in range(n))
+            Parallel(n_jobs=n, backend="loky", **_pool_options(launcher_cfg))(delayed(_warm)() for _ in range(n))
         except Exception as e:  # the launch starts its own pool
             log.debug("pool pre-start failed: %s", e)
 
     t = threading.Thread(target=start, name="pool-prestart", daemon=True)
     t.start()
-    return t
+    _PRESTARTED[key] = t
+    from experiments.sweep.aggregate import start_side_figures
+    from experiments.sweep.capacity import sweep_overrides
+
+    try:  # the figure process too: its imports while this one is still composing
+        start_side_figures(config, len(sweep_overrides(config)))
+    except Exception as e:  # the sweep's callback starts it after its checks
+        log.debug("figure process pre-start failed: %s", e)
+
+
+_SHARED: dict[str, tuple] = {}  # a worker's unpickled sweep-wide arguments, by digest
 
 
 def run_pooled(sweep_config: DictConfig, shared: bytes, digest: str):
@@ -243,7 +261,7 @@ def launch_local(launcher, job_overrides: Sequence[Sequence[str]], initial_job_i
     for c, overrides in zip(configs, job_overrides):
         log.info("\t#%d : %s", c.hydra.job.num, " ".join(filter_overrides(list(overrides))))
     state = Singleton.get_state()
-    prestart = getattr(launcher, "prestart", None)
+    prestart = _PRESTARTED.pop(str(launcher.config.hydra.sweep.dir), None)
     if prestart is not None:  # one pool at a time: the launch below reuses the one it started
         prestart.join()
     if n == 1:
@@ -254,7 +272,7 @@ def launch_local(launcher, job_overrides: Sequence[Sequence[str]], initial_job_i
 
     shared = cloudpickle.dumps((launcher.hydra_context, launcher.task_function, state))
     digest = hashlib.blake2b(shared, digest_size=16).hexdigest()
-    return Parallel(n_jobs=n, backend="loky", **_pool_options(launcher))(
+    return Parallel(n_jobs=n, backend="loky", **_pool_options(dict(launcher.joblib)))(
         delayed(run_pooled)(c, shared, digest) for c in configs)
 
 

@@ -19,13 +19,12 @@ class LocalLauncher(JoblibLauncher):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.requested_n_jobs = int(kwargs.get("n_jobs", -1))
-        self.prestart = None  # the pool's workers, started while the sweep is validated (launchers.prestart_local)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from experiments.sweep import launchers
 
         super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
-        self.prestart = launchers.prestart_local(self)
+        launchers.prestart_local(config)  # where the sweep's callback has not already
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from experiments.sweep import launchers
