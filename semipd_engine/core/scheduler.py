@@ -466,11 +466,16 @@ class Scheduler:
     def _continue_prefills(self, batch: ScheduledBatch, budget: int, skip_decodes: bool = True) -> int:
         """Chunks of partly computed prompts. A recompute whose last chunk is one token looks like a decode:
         policies that schedule decodes themselves skip those (`skip_decodes`), a prefill-only one must not."""
+        # A decode group's members are decoding: skipped at a dict lookup (a chunked policy's batch holds ~250).
+        members = self.group.members if skip_decodes and self.group is not None else {}
         for req in self.running:
             if budget <= 0:
                 break
-            if req.num_remaining > 0 and not (skip_decodes and req.in_decode):
-                n = min(req.num_remaining, budget)
+            if req in members:
+                continue
+            left = len(req.prompt_token_ids) + len(req.output_token_ids) - req.num_computed_tokens  # num_remaining
+            if left > 0 and not (skip_decodes and left == 1 and req.output_token_ids):  # not in_decode
+                n = min(left, budget)
                 batch.items.append((req, n))
                 budget -= n
         return budget
