@@ -226,7 +226,7 @@ class _JobFigures:
     waiting on its stdin for `go`; it exits at end-of-file (a sweep that never ends closes the pipe)."""
 
     def __init__(self, sweep_dir: Path, ready: bool = False):
-        self.ready = ready
+        self.ready, self._paths = ready, None
         self.proc = subprocess.Popen([sys.executable, "-m", "experiments.analysis.figures", "--job-files",
                                       *(["--on-go"] if ready else []), str(sweep_dir)], cwd=ROOT,
                                      stdin=subprocess.PIPE if ready else None, stdout=subprocess.PIPE,
@@ -242,12 +242,16 @@ class _JobFigures:
                 pass
 
     def paths(self) -> list[str]:
-        self.go()
-        out, err = self.proc.communicate()
-        if self.proc.returncode:
-            log.warning("the partition and server figures failed: %s", err.strip()[-2000:])
-            return []
-        return [p for p in out.splitlines() if p.strip()]
+        """Its figures' files, once drawn (asked again, the same)."""
+        if self._paths is None:
+            self.go()
+            out, err = self.proc.communicate()
+            if self.proc.returncode:
+                log.warning("the partition and server figures failed: %s", err.strip()[-2000:])
+                self._paths = []
+            else:
+                self._paths = [p for p in out.splitlines() if p.strip()]
+        return self._paths
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -287,30 +291,32 @@ def finish_sweep(sweep_dir: Path, wandb_cfg=None, experiment: Optional[str] = No
         tables = (pd.read_csv(sweep_dir / "summary.csv"), requests, pts, gp)
         if side is None:
             paths = figures.make_figures(sweep_dir, tables)
-        else:
-            paths = figures.sweep_figures(sweep_dir, tables) + side.paths()
+        else:  # the side's figures are asked for last (the W&B run logs everything else meanwhile)
+            paths = figures.sweep_figures(sweep_dir, tables)
+        n_ok = int((summary["status"] == "ok").sum()) if len(summary) else 0
+        n_invalid = int((summary["valid"].map(lambda v: v is False or str(v) == "False")).sum()) \
+            if "valid" in summary else 0
+        table = format_table(summary, summary.attrs.get("swept", []))
+        print(f"\nsweep {sweep_dir}: {len(summary)} jobs ({n_ok} ok, {n_invalid} invalid)\n{table}")
+        if not pts.empty and (pts["n_seeds"] > 1).any():
+            print(f"\npoints (seeds pooled; 95% intervals over requests and seeds):\n{format_points(pts)}")
+        if not gp.empty:
+            print("\n" + format_goodput(gp))
+        if n_invalid and "invalid_reasons" in summary:
+            print("\ninvalid runs (left out of the figures' lines):")
+            for _, r in summary[summary["valid"].map(lambda v: v is False or str(v) == "False")].iterrows():
+                print(f"  {r['job']}: {r['invalid_reasons']}")
+        if wandb_cfg is not None:
+            try:
+                tracking.log_sweep(wandb_cfg, str(sweep_dir), summary, paths, group=experiment or sweep_dir.name,
+                                   points=pts, goodput=gp, more_figures=side.paths if side is not None else None)
+            except Exception as e:
+                log.warning("W&B sweep logging failed: %s", e)
+        if side is not None:
+            side.paths()  # drawn, whether W&B asked or not
     finally:
         if side is not None:
             side.stop()
-    n_ok = int((summary["status"] == "ok").sum()) if len(summary) else 0
-    n_invalid = int((summary["valid"].map(lambda v: v is False or str(v) == "False")).sum()) \
-        if "valid" in summary else 0
-    table = format_table(summary, summary.attrs.get("swept", []))
-    print(f"\nsweep {sweep_dir}: {len(summary)} jobs ({n_ok} ok, {n_invalid} invalid)\n{table}")
-    if not pts.empty and (pts["n_seeds"] > 1).any():
-        print(f"\npoints (seeds pooled; 95% intervals over requests and seeds):\n{format_points(pts)}")
-    if not gp.empty:
-        print("\n" + format_goodput(gp))
-    if n_invalid and "invalid_reasons" in summary:
-        print("\ninvalid runs (left out of the figures' lines):")
-        for _, r in summary[summary["valid"].map(lambda v: v is False or str(v) == "False")].iterrows():
-            print(f"  {r['job']}: {r['invalid_reasons']}")
-    if wandb_cfg is not None:
-        try:
-            tracking.log_sweep(wandb_cfg, str(sweep_dir), summary, paths, group=experiment or sweep_dir.name,
-                               points=pts, goodput=gp)
-        except Exception as e:
-            log.warning("W&B sweep logging failed: %s", e)
     wait_for_requests()  # the sweep's requests.parquet, written while the figures were drawn
     print(f"aggregate: {sweep_dir / 'requests.parquet'}, {sweep_dir / 'summary.csv'}; figures: {sweep_dir / 'figures'}")
 

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -173,8 +174,10 @@ def log_job(wcfg, job_dir: str, wandb_dir: str, name: str, group: str, sweep_id:
 
 
 def log_sweep(wcfg, sweep_dir: str, summary: pd.DataFrame, figures: list[str], group: str,
-              points: Optional[pd.DataFrame] = None, goodput: Optional[pd.DataFrame] = None) -> Optional[str]:
-    """One summary run per sweep, beside its jobs' runs: the aggregate tables and the figures."""
+              points: Optional[pd.DataFrame] = None, goodput: Optional[pd.DataFrame] = None,
+              more_figures: Optional[Callable[[], list[str]]] = None) -> Optional[str]:
+    """One summary run per sweep, beside its jobs' runs: the aggregate tables and the figures. `more_figures`:
+    figures still being drawn (another process), asked for once the rest is logged."""
     if wcfg.mode == "disabled":
         return None
     import wandb
@@ -189,7 +192,7 @@ def log_sweep(wcfg, sweep_dir: str, summary: pd.DataFrame, figures: list[str], g
         for key, df in (("points", points), ("goodput", goodput)):
             if df is not None and not df.empty:
                 run.log({key: to_table(df)})
-        for path in figures:
+        for path in [*figures, *(more_figures() if more_figures is not None else [])]:
             if path.endswith(".png"):
                 run.log({f"figures/{Path(path).stem}": wandb.Image(path)})
         return run.dir

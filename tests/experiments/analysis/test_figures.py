@@ -135,3 +135,26 @@ def test_a_point_whose_run_did_not_reach_steady_state_is_drawn_hollow(tmp_path):
     assert not [c for c in fig.axes[0].collections if c.get_gid() == "unsteady"]
     assert "no steady state (backlog still growing)" not in [t.get_text() for t in fig.legends[0].get_texts()]
     figures.plt.close(fig)
+
+
+def test_fixing_the_ticks_before_saving_changes_no_pixel(tmp_path, monkeypatch):
+    """`_save` fixes every axis' ticks after the layout's draw: the PNG is the one drawn without that (linear,
+    log, shared and offset axes, a constrained layout)."""
+    import matplotlib.pyplot as plt
+
+    def draw():
+        fig, axes = plt.subplots(2, 2, figsize=(6, 4), sharex="col", layout="constrained")
+        x = np.linspace(1, 50, 40)
+        axes[0, 0].plot(x, x ** 3)
+        axes[0, 0].set_yscale("log")
+        axes[1, 0].plot(x, 1e6 + x)  # an offset on the y axis
+        axes[0, 1].step(x, np.sin(x), where="post")
+        axes[1, 1].bar(x, np.cos(x) ** 2, width=0.8)
+        axes[1, 1].set_xscale("log")
+        fig.suptitle("ticks")
+        return fig
+
+    figures._save(draw(), tmp_path / "fixed", "f")
+    monkeypatch.setattr(figures, "_freeze_ticks", lambda fig: None)
+    figures._save(draw(), tmp_path / "free", "f")
+    assert (tmp_path / "fixed" / "f.png").read_bytes() == (tmp_path / "free" / "f.png").read_bytes()
