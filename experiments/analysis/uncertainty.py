@@ -150,12 +150,12 @@ def cluster_quantile_cis(groups: Sequence[Sequence[float]], qs: Sequence[float],
                          conf: float = CONFIDENCE, seed: int = 0, chunk: int = 1024) -> list[tuple[float, float]]:
     """Bootstrap of pooled quantiles resampling whole groups (a request's inter-token gaps), one interval per q.
 
-    A replicate is `np.percentile` of the picked groups' gaps pooled, computed without pooling them: every gap is
-    sorted once (for every q), a replicate weighs each by how often its group was picked, and only the two order
+    A replicate is `np.percentile` of the picked groups' gaps pooled, computed without pooling them: the gaps are
+    sorted once around every q (`_window_order`), a replicate weighs each by how often its group was picked, and only the two order
     statistics the linear interpolation reads are looked up. The lookup works on a window of the sorted gaps
     around each quantile, cut into chunks of `chunk` gaps: one matrix product gives every replicate's weighted
     count per chunk (integers, exact in float32 at these sizes), so a replicate only sums the one chunk where its
-    rank falls (the whole array where a replicate's ranks fall outside the window). Same draws and numbers as
+    rank falls (the whole array, then sorted, where a replicate's ranks fall outside the window). Same draws and numbers as
     pooling (to the last bit of the interpolation), and each q's interval the same as bootstrapping it alone
     (every q sees the same picks); a 4000-request run's ~1M gaps cost a few milliseconds per run of 200
     replicates, not a sort per replicate."""
@@ -166,19 +166,19 @@ def cluster_quantile_cis(groups: Sequence[Sequence[float]], qs: Sequence[float],
     n_groups = len(groups)
     sizes = np.array([len(g) for g in groups])
     values = np.concatenate(groups)
-    owner = np.repeat(np.arange(n_groups), sizes)
-    # Ties may come in any order: the k-th weighted value lands in the same run of equal values either way.
-    order = np.argsort(values)
-    v, o = values[order], owner[order]
-    n = v.size
+    owner = np.repeat(np.arange(n_groups, dtype=np.int32), sizes)  # int32: half the bytes to gather
+    n = values.size
+    margin = max(256, int(0.05 * n))
+    spans = [(max(0, int(q * (n - 1)) - margin), min(n, int(q * (n - 1)) + margin + 1)) for q in qs]
+    # Sorted inside the windows only, the rest partitioned around them (each side the right set of gaps). Ties may
+    # come in any order: the k-th weighted value lands in the same run of equal values either way.
+    order = _window_order(values, spans)
+    o = owner[order]  # the values only where a replicate reads one
     # The draws one replicate at a time, as pooling makes them (one call per replicate: the same stream).
     counts = np.stack([np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups) for _ in range(n_boot)])
     totals = counts @ sizes
-    margin = max(256, int(0.05 * n))
     windows, per_chunk, first = [], [], 0
-    for q in qs:
-        mid = int(q * (n - 1))
-        lo_i, hi_i = max(0, mid - margin), min(n, mid + margin + 1)
+    for lo_i, hi_i in spans:
         n_chunks = -(-(hi_i - lo_i) // chunk)
         cells = np.bincount((np.arange(hi_i - lo_i) // chunk) * n_groups + o[lo_i:hi_i],
                             minlength=n_chunks * n_groups)
@@ -190,6 +190,7 @@ def cluster_quantile_cis(groups: Sequence[Sequence[float]], qs: Sequence[float],
     # Every replicate's weighted gaps per chunk: integer sums far below 2**24, so float32 is exact.
     within = np.rint(counts.astype(np.float32) @ np.concatenate(per_chunk).T.astype(np.float32)).astype(np.int64)
     reps = np.empty((len(qs), n_boot))
+    full = None
     for b in range(n_boot):
         total, row, whole = int(totals[b]), counts[b], None
         for j, (q, (lo_i, hi_i, first, n_chunks)) in enumerate(zip(qs, windows)):
@@ -204,12 +205,29 @@ def cluster_quantile_cis(groups: Sequence[Sequence[float]], qs: Sequence[float],
                     c = int(np.searchsorted(ends, rank, side="right"))
                     a = lo_i + c * chunk
                     cw = (ends[c - 1] if c else start) + np.cumsum(row[o[a:min(a + chunk, hi_i)]])
-                    xs.append(v[a + int(np.searchsorted(cw, rank, side="right"))])
-                else:  # outside the window: the whole sorted array
-                    whole = np.cumsum(row[o]) if whole is None else whole
-                    xs.append(v[int(np.searchsorted(whole, rank, side="right"))])
+                    xs.append(values[order[a + int(np.searchsorted(cw, rank, side="right"))]])
+                else:  # outside the window: the whole array, sorted now if no replicate needed it before
+                    if full is None:
+                        full = np.argsort(values, kind="stable")
+                        full = values[full], owner[full]
+                    whole = np.cumsum(row[full[1]]) if whole is None else whole
+                    xs.append(full[0][int(np.searchsorted(whole, rank, side="right"))])
             reps[j, b] = xs[0] + (h - k) * (xs[1] - xs[0])
     return [_pct_interval(r, conf) for r in reps]
+
+
+def _window_order(values: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Indices that sort `values` at every position inside the spans [lo, hi) and put the right set of values
+    before and after each span (the order between spans left as a partition leaves it): a partition at the spans'
+    edges, then a sort of each piece a span covers. ~4x cheaper than sorting a run's ~1M gaps whole."""
+    n = values.size
+    cuts = sorted({c for span in spans for c in span if 0 < c < n})
+    order = np.argpartition(values, cuts) if cuts else np.arange(n)
+    for a, b in zip([0, *cuts], [*cuts, n]):
+        if any(lo < b and a < hi for lo, hi in spans):
+            piece = order[a:b]
+            order[a:b] = piece[np.argsort(values[piece], kind="stable")]
+    return order
 
 
 def request_cis(df: pd.DataFrame, met: pd.Series, duration_s: float, conf: float = CONFIDENCE,

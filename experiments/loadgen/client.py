@@ -31,6 +31,7 @@ from experiments.loadgen.lengths import format_lengths
 from experiments.loadgen.lengths import report as report_lengths
 from experiments.loadgen.prompts import PromptBuilder, prompt_token_ids, turn_parts
 from experiments.loadgen.result import RunResult, SLOs, measured, offered_rate, workload_run
+from experiments.loadgen.rows import write_rows
 from experiments.loadgen.workloads import Workload, load_workload
 
 log = logging.getLogger(__name__)
@@ -550,7 +551,7 @@ def run_loadgen(lcfg, wcfg, slo, output_dir: Optional[str] = None, resolved_conf
         config=resolved_config, t0_monotonic=gen.t0)  # the monotonic origin all *_s columns are relative to
     if output_dir:
         os.makedirs(output_dir, exist_ok=True)
-        df.to_parquet(os.path.join(output_dir, "requests.parquet"), index=False)
+        write_rows(df, os.path.join(output_dir, "requests.parquet"))
         result.write(output_dir)
     return result
 

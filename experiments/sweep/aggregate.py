@@ -30,6 +30,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from experiments.analysis.sweep_dir import PER_TOKEN, job_dirs
+from experiments.loadgen.rows import write_table
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]  # the repository root
@@ -64,10 +65,9 @@ def write_requests(jobs: list[tuple[Path, dict[str, Any]]], out: Path) -> None:
     objects) and written whole or not at all."""
     table = pa.concat_tables([_tagged(pq.read_table(f), extra) for f, extra in jobs], promote_options="permissive")
     tmp = out.with_name(f".{out.name}.{os.getpid()}")
-    # zstd at level 1 and no dictionary for the per-token lists (their values are nearly all distinct): on the
-    # paper preset's 320,000 rows 55 MB instead of 259 (snappy with dictionaries), written as fast, read faster.
-    plain = [f.name for f in table.schema if not (pa.types.is_list(f.type) or pa.types.is_large_list(f.type))]
-    pq.write_table(table, tmp, compression="zstd", compression_level=1, use_dictionary=plain)
+    # Encoded as the jobs' (loadgen/rows.py): on the paper preset's 320,000 rows 55 MB instead of 259 (snappy with
+    # dictionaries), written as fast, read faster.
+    write_table(table, tmp)
     os.replace(tmp, out)
 
 

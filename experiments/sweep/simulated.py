@@ -29,6 +29,7 @@ from experiments.loadgen import conversations as conv
 from experiments.loadgen.lengths import report as report_lengths
 from experiments.loadgen.prompts import PromptBuilder, prompt_token_ids, turn_parts
 from experiments.loadgen.result import RunResult, SLOs, measured, offered_rate, workload_run
+from experiments.loadgen.rows import write_rows
 from experiments.loadgen.workloads import load_workload
 from semipd_engine.control.loop import STEERING_KEYS, ControlLoop
 from semipd_engine.topology.engines import engine_kind
@@ -342,7 +343,7 @@ def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, 
         if reuse:
             shutil.copyfile(rows_file, written)
         else:
-            df.to_parquet(written, index=False)
+            write_rows(df, written)
         if run.samples:  # the same file a real job's MetricsRecorder writes (monotonic_s: the virtual time)
             pd.DataFrame(run.samples).assign(monotonic_s=lambda f: f["time_s"]).to_parquet(
                 out / "server_metrics.parquet", index=False)
@@ -359,7 +360,7 @@ def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, 
         if written is not None:
             shutil.copyfile(written, f"{tmp}.parquet")
         else:
-            df.to_parquet(f"{tmp}.parquet", index=False)
+            write_rows(df, f"{tmp}.parquet")
         os.replace(f"{tmp}.parquet", rows_file)
         Path(f"{tmp}.json").write_text(json.dumps(cis))
         os.replace(f"{tmp}.json", judged.with_suffix(".json"))

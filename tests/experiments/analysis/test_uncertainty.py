@@ -115,3 +115,31 @@ def test_a_remembered_mean_interval_is_the_one_computed_afresh():
     assert U.bootstrap_ci(v.copy()) == fresh and len(U._MEAN_CIS) == 1  # same values: read back
     assert U.bootstrap_ci(v, seed=1) != fresh  # another seed (or other values) is another interval
     assert U.bootstrap_ci(v[:-1]) != fresh and len(U._MEAN_CIS) == 3
+
+
+def test_the_quantile_bootstrap_on_a_simulations_gaps_is_the_pooled_one():
+    """A simulated run's gaps take a few thousand distinct values (one per decode batch shape): runs of ties cross
+    the windows' edges, where only a partition, not a sort, has put the gaps."""
+    from experiments.analysis import uncertainty as U
+
+    rng = np.random.default_rng(11)
+    levels = rng.uniform(0.01, 0.05, 40)
+    groups = [levels[rng.integers(0, 40, rng.integers(1, 120))] for _ in range(600)]
+    values = np.concatenate(groups)
+    owner = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+    spans = [(1000, 5000), (20000, 26000), (30000, values.size)]
+    order = U._window_order(values, spans)
+    ref = np.sort(values)
+    for lo, hi in spans:  # sorted inside each span, the right set before it
+        assert np.array_equal(values[order[lo:hi]], ref[lo:hi])
+        assert np.array_equal(np.sort(values[order[:lo]]), ref[:lo])
+    # and the intervals: every replicate's quantiles as a sort of the whole array gives them
+    whole = np.argsort(values, kind="stable")
+    for q in (0.5, 0.9, 0.99):
+        rng_b = U._rng(0)
+        reps = []
+        for _ in range(60):
+            w = np.bincount(rng_b.integers(0, len(groups), len(groups)), minlength=len(groups))
+            reps.append(np.percentile(np.repeat(values[whole], w[owner[whole]]), q * 100))
+        assert U.cluster_quantile_cis(groups, [q], n_boot=60, chunk=50)[0] == \
+            pytest.approx(U._pct_interval(np.array(reps), 0.95), rel=1e-12)
