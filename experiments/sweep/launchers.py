@@ -165,9 +165,6 @@ def run_composed(sweep_config: DictConfig, hydra_context, task_function, singlet
                    job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
 
 
-_SHARED: dict[str, tuple] = {}  # a worker's unpickled sweep-wide arguments, by digest
-
-
 def _pool_options(joblib_kwargs: dict[str, Any]) -> dict[str, Any]:
     from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
 
