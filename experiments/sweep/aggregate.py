@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import subprocess
 import sys
 import threading
@@ -30,7 +29,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from experiments.analysis.sweep_dir import PER_TOKEN, job_dirs
-from experiments.loadgen.rows import write_table
+from experiments.loadgen.rows import join_rows, with_columns
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]  # the repository root
@@ -51,26 +50,6 @@ _WRITING: list[_Writer] = []
 SIDE_FIGURES_MIN_JOBS = 16  # below, a second process costs more to start than the figures it would draw
 
 
-def _tagged(table: pa.Table, extra: dict[str, Any]) -> pa.Table:
-    """A job's rows with its job-level columns (those the rows do not have already)."""
-    for k, v in extra.items():
-        if k not in table.column_names:
-            table = table.append_column(k, pa.array([v] * table.num_rows))
-    return table
-
-
-def write_requests(jobs: list[tuple[Path, dict[str, Any]]], out: Path) -> None:
-    """The sweep's requests.parquet: every job's rows, per-token lists included, with its job-level columns.
-    Joined as Arrow tables (for the paper presets, hundreds of millions of token times never become Python
-    objects) and written whole or not at all."""
-    table = pa.concat_tables([_tagged(pq.read_table(f), extra) for f, extra in jobs], promote_options="permissive")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}")
-    # Encoded as the jobs' (loadgen/rows.py): on the paper preset's 320,000 rows 55 MB instead of 259 (snappy with
-    # dictionaries), written as fast, read faster.
-    write_table(table, tmp)
-    os.replace(tmp, out)
-
-
 class _Writer(threading.Thread):
     def __init__(self, jobs: list[tuple[Path, dict[str, Any]]], out: Path):
         super().__init__(name="sweep-requests")
@@ -78,7 +57,7 @@ class _Writer(threading.Thread):
 
     def run(self) -> None:
         try:
-            write_requests(self.jobs, self.out)
+            join_rows(self.jobs, self.out)
         except BaseException as e:  # raised where the sweep waits for the file, not lost in this thread
             self.error = e
 
@@ -125,7 +104,7 @@ def aggregate_sweep(sweep_dir: str | Path, with_points: bool = False, wait: bool
             extra = {k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in extra.items()}
             tagged.append((req, extra))
             names = pq.read_schema(req).names
-            frames.append(_tagged(pq.read_table(req, columns=[c for c in names if c not in PER_TOKEN]), extra))
+            frames.append(with_columns(pq.read_table(req, columns=[c for c in names if c not in PER_TOKEN]), extra))
     summary = pd.DataFrame(rows)
     summary.attrs["swept"] = sorted(swept_keys)
     summary.to_csv(sweep_dir / "summary.csv", index=False)
@@ -343,12 +322,17 @@ class AggregateCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from experiments.sweep import plan
+        from experiments.sweep.capacity import sweep_overrides
         from experiments.sweep.launchers import prestart_local
 
         self.started = time.monotonic()
         try:
             check_launch(config)
-            prestart_local(config)  # a simulated sweep's pool and figure process start beside the checks below
+            if prestart_local(config):  # a simulated sweep's pool, and its figure process, start beside the checks
+                try:
+                    start_side_figures(config, len(sweep_overrides(config)))
+                except Exception as e:  # started below, after the checks
+                    log.debug("figure process pre-start failed: %s", e)
             start_side_figures(config, plan.check_jobs(config))
             # Real engines: the machine's dtype and capacity decided once, and the sweep's wall time estimated.
             self.estimate_s = plan.announce(config, config.hydra.sweep.dir)

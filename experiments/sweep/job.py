@@ -32,9 +32,9 @@ from experiments.analysis.request_metrics import check_tpot_definition
 from experiments.loadgen import run_loadgen
 from experiments.loadgen.client import LoadgenError, check_config
 from experiments.loadgen.result import GoodputSearch, RunResult, Validity
+from experiments.loadgen.rows import join_rows
 from experiments.loadgen.workloads import check_multi_turn
 from experiments.sweep import capacity, cores, probe, provenance, simulated, tracking
-from experiments.sweep.aggregate import write_requests
 from experiments.sweep.config import ExperimentConfig, LoadgenConfig, SLOConfig, WandbConfig, WorkloadConfig
 from experiments.sweep.host import HostMonitor
 from experiments.sweep.launch import OWN_METRICS, AttachedServer, EngineServer, ExternalServer, MetricsRecorder
@@ -488,7 +488,7 @@ def goodput_search(measure, wcfg, slo_cfg, exp, jd: Path) -> RunResult:
         goodput = lo
     # Joined as Arrow tables, as a sweep joins its jobs' (a search's 20 probes' per-token lists through pandas took
     # seconds per search).
-    write_requests(files, jd / "requests.parquet")
+    join_rows(files, jd / "requests.parquet")
     best = max((p for p in probes if p["rate"] <= goodput), key=lambda p: p["rate"], default=probes[0])
     by_rate = pd.DataFrame(probes).groupby("rate")["slo_attainment"].mean()
     search = GoodputSearch(goodput_rate=goodput, target_attainment=target, goodput_at_range_top=at_top,

@@ -188,25 +188,25 @@ def _warm() -> int:
 _PRESTARTED: dict[str, threading.Thread] = {}  # by sweep directory: the thread starting its pool
 
 
-def prestart_local(config: DictConfig) -> None:
-    """Start the local launcher's pool (its workers and their imports) and the sweep's second figure process now,
-    beside the sweep's own start-up (composing and checking every job: seconds for a large sweep), when the sweep
+def prestart_local(config: DictConfig) -> bool:
+    """Start the local launcher's pool (its workers and their imports) now, beside the sweep's own start-up (composing and checking every job: seconds for a large sweep), when the sweep
     is simulated (`backend=sim`: one job per core, in the pool). Called where the sweep starts (its callback's
     `on_multirun_start`) and again by the launcher (a no-op then). The joblib pool is reused by the launch when its
     size and options are the same; a launch that decides otherwise (real engines run in this process) waits for
-    this and lets the idle workers time out."""
+    this and lets the idle workers time out. True when it started one (the caller may start the sweep's figure
+    process beside it too)."""
     launcher_cfg = OmegaConf.to_container(config.hydra.get("launcher") or {}, resolve=True)
     key = str(config.hydra.sweep.dir)
     if launcher_cfg.get("_target_") != LOCAL_LAUNCHER or key in _PRESTARTED:
-        return
+        return False
     try:
         simulated = str(config.backend.name) == "sim"
     except Exception:  # a config without the project's schema (tests of the launcher alone)
-        return
+        return False
     n = int(launcher_cfg.get("n_jobs", -1))
     n = len(cores.machine_cores()) if n < 0 else n
     if not simulated or n < 2:
-        return
+        return False
 
     def start() -> None:
         from joblib import Parallel, delayed
@@ -219,13 +219,7 @@ def prestart_local(config: DictConfig) -> None:
     t = threading.Thread(target=start, name="pool-prestart", daemon=True)
     t.start()
     _PRESTARTED[key] = t
-    from experiments.sweep.aggregate import start_side_figures
-    from experiments.sweep.capacity import sweep_overrides
-
-    try:  # the figure process too: its imports while this one is still composing
-        start_side_figures(config, len(sweep_overrides(config)))
-    except Exception as e:  # the sweep's callback starts it after its checks
-        log.debug("figure process pre-start failed: %s", e)
+    return True
 
 
 _SHARED: dict[str, tuple] = {}  # a worker's unpickled sweep-wide arguments, by digest
