@@ -189,8 +189,9 @@ _PRESTARTED: dict[str, threading.Thread] = {}  # by sweep directory: the thread 
 
 
 def prestart_local(config: DictConfig) -> bool:
-    """Start the local launcher's pool (its workers and their imports) now, beside the sweep's own start-up (composing and checking every job: seconds for a large sweep), when the sweep
-    is simulated (`backend=sim`: one job per core, in the pool). Called where the sweep starts (its callback's
+    """Start the local launcher's pool (its workers and their imports) now, beside the sweep's own start-up
+    (composing and checking every job: seconds for a large sweep), when the sweep is simulated (`backend=sim`: one
+    job per core, in the pool). Called where the sweep starts (its callback's
     `on_multirun_start`) and again by the launcher (a no-op then). The joblib pool is reused by the launch when its
     size and options are the same; a launch that decides otherwise (real engines run in this process) waits for
     this and lets the idle workers time out. True when it started one (the caller may start the sweep's figure
