@@ -107,14 +107,18 @@ def bootstrap_ci(values, stat=np.mean, n_boot: int = BOOTSTRAP, conf: float = CO
     if key is not None and key in _MEAN_CIS:
         return _MEAN_CIS[key]
     idx = _draws(v.size, n_boot, seed)
-    # A block of replicates at a time: the same numbers (each replicate is its own row's reduction) with the
-    # gathered values kept in cache, ~3x faster than gathering all 4M at once.
-    out = _pct_interval(np.concatenate([stat(v[idx[i:i + 100]], axis=1) for i in range(0, len(idx), 100)]), conf)
+    out = _pct_interval(np.concatenate([stat(v[b], axis=1) for b in _blocks(idx)]), conf)
     if key is not None:
         if len(_MEAN_CIS) >= 4096:
             _MEAN_CIS.clear()
         _MEAN_CIS[key] = out
     return out
+
+
+def _blocks(idx: np.ndarray, size: int = 100):
+    """The replicates' index rows a block at a time: the same numbers (each replicate is its own row's reduction)
+    with the gathered values kept in cache, ~3x faster than gathering all 4M at once."""
+    return (idx[i:i + size] for i in range(0, len(idx), size))
 
 
 def _draws(n: int, n_boot: int, seed: int) -> np.ndarray:
@@ -151,12 +155,12 @@ def cluster_quantile_cis(groups: Sequence[Sequence[float]], qs: Sequence[float],
     """Bootstrap of pooled quantiles resampling whole groups (a request's inter-token gaps), one interval per q.
 
     A replicate is `np.percentile` of the picked groups' gaps pooled, computed without pooling them: the gaps are
-    sorted once around every q (`_window_order`), a replicate weighs each by how often its group was picked, and only the two order
-    statistics the linear interpolation reads are looked up. The lookup works on a window of the sorted gaps
-    around each quantile, cut into chunks of `chunk` gaps: one matrix product gives every replicate's weighted
-    count per chunk (integers, exact in float32 at these sizes), so a replicate only sums the one chunk where its
-    rank falls (the whole array, then sorted, where a replicate's ranks fall outside the window). Same draws and numbers as
-    pooling (to the last bit of the interpolation), and each q's interval the same as bootstrapping it alone
+    sorted once around every q (`_window_order`), a replicate weighs each by how often its group was picked, and
+    only the two order statistics the linear interpolation reads are looked up. The lookup works on a window of
+    the sorted gaps around each quantile, cut into chunks of `chunk` gaps: one matrix product gives every
+    replicate's weighted count per chunk (integers, exact in float32 at these sizes), so a replicate only sums the
+    one chunk where its rank falls (the whole array, then sorted, where a replicate's ranks fall outside the
+    window). Same draws and numbers as pooling (to the last bit of the interpolation), and each q's interval the same as bootstrapping it alone
     (every q sees the same picks); a 4000-request run's ~1M gaps cost a few milliseconds per run of 200
     replicates, not a sort per replicate."""
     groups = [np.asarray(g, dtype=float) for g in groups if len(g)]
@@ -286,7 +290,7 @@ def _cluster_mean_ci(groups, conf: float, n_boot: int = BOOTSTRAP, seed: int = 0
     sums = np.array([float(np.sum(g)) for g in groups])
     counts = np.array([len(g) for g in groups], dtype=float)
     idx = _draws(len(groups), n_boot, seed)
-    reps = [sums[b].sum(axis=1) / counts[b].sum(axis=1) for b in (idx[i:i + 100] for i in range(0, len(idx), 100))]
+    reps = [sums[b].sum(axis=1) / counts[b].sum(axis=1) for b in _blocks(idx)]
     return _pct_interval(np.concatenate(reps), conf)
 
 

@@ -245,7 +245,8 @@ _SIDE: dict[str, _JobFigures] = {}
 
 def start_side_figures(config: DictConfig, n_jobs: int) -> None:
     """The sweep's second figure process, started now (its imports beside the sweep's start, not at its end) for a
-    sweep of enough jobs; once per sweep (the local launcher starts it first, with its pool)."""
+    sweep of enough jobs; once per sweep (a simulated sweep's callback starts it with the pool's pre-start, before
+    the jobs are checked)."""
     key = str(config.hydra.sweep.dir)
     if n_jobs >= SIDE_FIGURES_MIN_JOBS and key not in _SIDE:
         _SIDE[key] = _JobFigures(Path(key), ready=True)

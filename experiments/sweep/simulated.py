@@ -226,7 +226,7 @@ def simulation(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg,
     turns = {f"sim-{i}": (it.conversation, it.turn) for i, it in enumerate(items)}
     run = Simulation(to_frame(done, expected, turns), backend, st.samples, st.decisions, key)
     if sim.control is not None and cache_dir is not None:
-        run.control = {"cores": sim.control.cores, "inputs": st.control_inputs}
+        run.control = {"cores": sim.control.cores, "inputs": sim.control.inputs}
         run.steering_free = simulation_key(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, False)
     return run, workload, lengths
 

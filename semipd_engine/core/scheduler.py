@@ -473,9 +473,8 @@ class Scheduler:
                 break
             if req in members:
                 continue
-            left = len(req.prompt_token_ids) + len(req.output_token_ids) - req.num_computed_tokens  # num_remaining
-            if left > 0 and not (skip_decodes and left == 1 and req.output_token_ids):  # not in_decode
-                n = min(left, budget)
+            if req.num_remaining > 0 and not (skip_decodes and req.in_decode):
+                n = min(req.num_remaining, budget)
                 batch.items.append((req, n))
                 budget -= n
         return budget

@@ -100,7 +100,6 @@ class SimStats:
     switches: int = 0
     finished_in_stretches: int = 0  # requests whose last token a fast-forwarded stretch sampled
     decisions: list[dict[str, Any]] = field(default_factory=list)
-    control_inputs: list[dict[str, Any]] = field(default_factory=list)  # what each decision was made from
     kv_peak_blocks: dict[str, int] = field(default_factory=dict)
     # What a real server's /metrics would have shown, every `sample_every_s` of virtual time: rows of
     # (time_s, metric, labels, value) under the canonical names of experiments.analysis.server_metrics.
@@ -614,7 +613,6 @@ class Simulator:
         if d.new != current:
             prefill.pending_share, decode.pending_share = d.new.prefill_share, d.new.decode_share
         self.stats.decisions.append(d.row())
-        self.stats.control_inputs.append(self.control.inputs[-1])
         if self._heap or self._ai < len(self._arrivals):  # stop controlling once nothing else can happen
             self._push(t + self.control.window_s, CONTROL, None)
 
