@@ -34,7 +34,7 @@ from experiments.loadgen.client import LoadgenError, check_config
 from experiments.loadgen.result import GoodputSearch, RunResult, Validity
 from experiments.loadgen.rows import join_rows
 from experiments.loadgen.workloads import check_multi_turn
-from experiments.sweep import capacity, cores, probe, provenance, simulated, tracking
+from experiments.sweep import capacity, cores, exchange, probe, provenance, simulated, tracking
 from experiments.sweep.config import ExperimentConfig, LoadgenConfig, SLOConfig, WandbConfig, WorkloadConfig
 from experiments.sweep.host import HostMonitor
 from experiments.sweep.launch import OWN_METRICS, AttachedServer, EngineServer, ExternalServer, MetricsRecorder
@@ -323,14 +323,8 @@ def _run_measurement(job: Job, jd: Path, record: dict[str, Any], prov: dict, res
                                          slo_percentile=job.slo.percentile,
                                          decision_log=str(jd / "partition_log.jsonl"))
     if job.simulated:
-        def measure(wcfg, out_dir):
-            r = simulated.run_simulated(job.model, engine_cfg, job.hardware, job.backend, job.loadgen,
-                                        dataclasses.replace(wcfg, rate=wcfg.rate * load), slo_cfg, out_dir, resolved,
-                                        cache_dir=sim_cache)
-            # A virtual clock: nothing on the host can disturb it.
-            return _finish(r, out_dir, host={"checked": False, "valid": True, "reasons": [],
-                                             "note": "simulated: virtual clock"})
-
+        measure = SimulatedProbe(job.model, engine_cfg, job.hardware, job.backend, job.loadgen, load, slo_cfg,
+                                 resolved, sim_cache)
         return _measure(job, measure, slo_cfg, jd, record)
     srv = server_for(job, engine_cfg, jd)
     with contextlib.ExitStack() as stack:
@@ -387,12 +381,36 @@ def server_for(job: Job, engine_cfg, jd: Path):
     return ExternalServer(job.model, engine_cfg, str(jd))
 
 
+@dataclasses.dataclass(frozen=True)
+class SimulatedProbe:
+    """`measure(workload_cfg, out_dir)` of a simulated job: one simulated run, judged and written. A value (it
+    pickles), so that another worker of a pooled sweep can run it (exchange.py)."""
+
+    model: ModelConfig
+    engine: EngineConfig
+    hardware: HardwareConfig
+    backend: BackendConfig
+    loadgen: LoadgenConfig
+    load: int  # GPUs the rate is per
+    slo: SLOConfig
+    resolved: Any
+    sim_cache: Optional[Path]
+
+    def __call__(self, wcfg: WorkloadConfig, out_dir: Optional[str]) -> RunResult:
+        r = simulated.run_simulated(self.model, self.engine, self.hardware, self.backend, self.loadgen,
+                                    dataclasses.replace(wcfg, rate=wcfg.rate * self.load), self.slo, out_dir,
+                                    self.resolved, cache_dir=self.sim_cache)
+        # A virtual clock: nothing on the host can disturb it.
+        return _finish(r, out_dir, host={"checked": False, "valid": True, "reasons": [],
+                                         "note": "simulated: virtual clock"})
+
+
 def _finish(r: RunResult, out_dir: Optional[str], **checks) -> RunResult:
     """The run with what was checked around it, judged, and written: a signal mid-run stops the job here."""
     if r.completeness is None and out_dir and (Path(out_dir) / "requests.parquet").is_file():
         from experiments.loadgen.client import completeness
 
-        checks["completeness"] = completeness(pd.read_parquet(Path(out_dir) / "requests.parquet"),
+        checks["completeness"] = completeness(_error_column(Path(out_dir) / "requests.parquet"),
                                               r.workload.num_requests)
     r = r.with_checks(**checks)
     if out_dir:
@@ -400,6 +418,16 @@ def _finish(r: RunResult, out_dir: Optional[str], **checks) -> RunResult:
     if r.interrupted:
         raise JobInterrupted(r.signal or "requests cancelled")
     return r
+
+
+def _error_column(path: Path) -> pd.DataFrame:
+    """A rows file's `error` column (all `completeness` reads; the per-token lists are most of the file)."""
+    import pyarrow.parquet as pq
+
+    f = pq.ParquetFile(path)
+    if "error" in f.schema_arrow.names:
+        return f.read(columns=["error"]).to_pandas()
+    return pd.DataFrame(index=range(f.metadata.num_rows))
 
 
 def _measure(job: Job, measure, slo_cfg, jd: Path, record: dict[str, Any]) -> RunResult:
@@ -456,13 +484,17 @@ def goodput_search(measure, wcfg, slo_cfg, exp, jd: Path) -> RunResult:
     files: list[tuple[Path, dict[str, Any]]] = []  # each probe's rows, with its rate and seed
     reasons: list[str] = []
 
+    ex = exchange.current() if isinstance(measure, SimulatedProbe) else None
+
     def passes(rate: float) -> bool:
         """Mean attainment over the seeds meets the target. A rate some seed did not manage to offer (a
         multi-turn run too short for its conversations: request_metrics.steady_state) is not certified."""
         vals, offered = [], True
-        for seed in exp.goodput_seeds:
-            d = jd / "probes" / f"rate{rate:.4f}_seed{seed}"
-            r = measure(dataclasses.replace(wcfg, rate=rate, seed=seed), str(d))
+        dirs = [Path(jd).absolute() / "probes" / f"rate{rate:.4f}_seed{seed}" for seed in exp.goodput_seeds]
+        calls = [(dataclasses.replace(wcfg, rate=rate, seed=seed), str(d)) for seed, d in zip(exp.goodput_seeds, dirs)]
+        # A pooled sweep's idle workers may run some of them (exchange.py); else one after another, here.
+        results = ex.map(measure, calls) if ex is not None else [measure(*c) for c in calls]
+        for seed, d, r in zip(exp.goodput_seeds, dirs, results):
             vals.append(r.aggregates.slo_attainment)
             offered &= (r.aggregates.steady_state or {}).get("offered_rate_reached") is not False
             first.setdefault(rate, r)

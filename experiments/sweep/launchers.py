@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import threading
 import time
@@ -29,7 +30,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from experiments.sweep import cores
+from experiments.sweep import cores, exchange
 from experiments.sweep.compose import composed
 
 log = logging.getLogger(__name__)
@@ -226,16 +227,26 @@ def prestart_local(config: DictConfig) -> bool:
 _SHARED: dict[str, tuple] = {}  # a worker's unpickled sweep-wide arguments, by digest
 
 
-def run_pooled(sweep_config: DictConfig, shared: bytes, digest: str):
+def run_pooled(sweep_config: DictConfig, shared: bytes, digest: str, probes: Optional[str] = None):
     """`run_composed` in a pool worker; `shared` is the sweep-wide arguments (Hydra's context, the task function,
     the singletons' state) pickled once by the sweep: each job's task carries those bytes, not the objects
-    (pickling them anew was ~20 ms of the sweep's process per job), and a worker unpickles them once."""
+    (pickling them anew was ~20 ms of the sweep's process per job), and a worker unpickles them once. `probes`:
+    the sweep's probe exchange (exchange.py), where the job's goodput search may post probes."""
     if digest not in _SHARED:
         from joblib.externals import cloudpickle
 
         _SHARED.clear()
         _SHARED[digest] = cloudpickle.loads(shared)
-    return run_composed(sweep_config, *_SHARED[digest])
+    with exchange.active(probes, sweep_config.hydra.job.num):
+        return run_composed(sweep_config, *_SHARED[digest])
+
+
+def shares_probes(config: DictConfig) -> bool:
+    """A simulated goodput search: its probes may run in other workers of the pool (exchange.py)."""
+    try:
+        return str(config.backend.name) == "sim" and str(config.experiment.mode) == "goodput"
+    except Exception:  # a config without the project's schema (tests of the launcher alone)
+        return False
 
 
 def launch_local(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
@@ -264,8 +275,22 @@ def launch_local(launcher, job_overrides: Sequence[Sequence[str]], initial_job_i
 
     shared = cloudpickle.dumps((launcher.hydra_context, launcher.task_function, state))
     digest = hashlib.blake2b(shared, digest_size=16).hexdigest()
-    return Parallel(n_jobs=n, backend="loky", **_pool_options(dict(launcher.joblib)))(
-        delayed(run_pooled)(c, shared, digest) for c in configs)
+    tasks = [delayed(run_pooled)(c, shared, digest) for c in configs]
+    probes = None
+    if any(shares_probes(c) for c in configs):
+        # Queued after every job: a worker starts a helper only once no job is left to start, and the helpers
+        # return once every job has finished.
+        probes = Path(str(launcher.config.hydra.sweep.dir)).absolute() / ".probe_exchange"
+        tasks = [delayed(run_pooled)(c, shared, digest, str(probes)) for c in configs]
+        tasks += [delayed(exchange.serve)(str(probes), len(configs)) for _ in range(n - 1)]
+    try:
+        results = Parallel(n_jobs=n, backend="loky", **_pool_options(dict(launcher.joblib)))(tasks)
+    finally:
+        if probes is not None:
+            shutil.rmtree(probes, ignore_errors=True)
+    if probes is not None:
+        log.info("goodput probes run by workers with no job left: %d", sum(results[len(configs):]))
+    return results[:len(configs)]
 
 
 # --- Ray -----------------------------------------------------------------------------------------------------------

@@ -311,7 +311,18 @@ def run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, 
     With `cache_dir` (a sweep's), runs that differ only in how they are judged (SLOs, the measurement window)
     share one simulation: the first simulates and stores it under `simulation_key`, the others read it. Runs that
     differ only in their SLOs also share the judging that does not read them (`judge_key`): the rows with their
-    latencies and window (the first run's `requests.parquet`, copied) and their bootstrapped intervals."""
+    latencies and window (the first run's `requests.parquet`, copied) and their bootstrapped intervals.
+    Judging and writing, too, run without cyclic garbage collection (`paused_gc`): their frames hold a list per
+    request and token."""
+    from semipd_engine.sim.simulator import paused_gc
+
+    with paused_gc():
+        return _run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, slo, output_dir,
+                              resolved_config, cache_dir)
+
+
+def _run_simulated(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, slo, output_dir, resolved_config,
+                   cache_dir) -> RunResult:
     run, workload, lengths = simulation(model_cfg, engine_cfg, hardware_cfg, backend_cfg, lcfg, wcfg, cache_dir)
     offered = offered_rate(workload, wcfg)
     judged = Path(cache_dir) / "judged" / judge_key(run, lcfg, offered is not None) if cache_dir and run.key \

@@ -257,3 +257,37 @@ def test_a_simulated_sweep_gives_the_same_rows_in_worker_processes_and_in_one_pr
         cached = [b for name, b in backends.items() if f"engine={engine}," in name and b.get("from_cache")]
         assert len(cached) == 2, (engine, backends.keys())  # one of each rate's twins
         assert all(b.get("replayed_controller", False) == (engine != "unified") for b in cached)
+
+
+def test_a_pooled_goodput_sweep_shares_its_probes_and_finds_what_one_process_finds(tmp_path):
+    """Three searches on two workers: the third's probes may run in the worker the others left idle (exchange.py).
+    Whichever process ran a probe, the searches, their probes' rows and the goodput are the same."""
+    # unified last: its bisection (6 rates; the others pass at the top of the range) is the one left alone
+    sweep = ["-m", "experiment=paper_goodput", "engine=disagg,semipd_uncapped,unified", "workload.num_requests=80",
+             "experiment.goodput_tolerance=8", "request_caps=preset", "engine.max_num_seqs=48",
+             "loadgen.progress=false"]
+
+    def run(name, *extra):
+        out = subprocess.run([sys.executable, "run.py", *sweep, f"hydra.sweep.dir={tmp_path / name}", *extra],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "WANDB_MODE": "disabled"})
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out.stdout + out.stderr
+
+    pooled = run("pooled")
+    run("single", "hydra.launcher.n_jobs=1")
+    if len(cores.machine_cores()) >= 2:
+        assert re.search(r"goodput probes run by workers with no job left: \d+", pooled)
+    assert not (tmp_path / "pooled" / ".probe_exchange").exists()
+    assert (tmp_path / "pooled" / "goodput.csv").read_text() == (tmp_path / "single" / "goodput.csv").read_text()
+    ra, rb = (pd.read_parquet(tmp_path / name / "requests.parquet").sort_values(["job", "probe_rate", "probe_seed",
+                                                                                 "request_id"])
+              .reset_index(drop=True) for name in ("pooled", "single"))
+    pd.testing.assert_frame_equal(ra, rb[ra.columns])
+    probes = {}
+    for job in (tmp_path / "pooled").glob("*/job.json"):
+        a, b = (json.loads((tmp_path / name / job.parent.name / "summary.json").read_text())
+                for name in ("pooled", "single"))
+        assert a["probes"] == b["probes"]
+        probes[job.parent.name] = len(a["probes"])
+    assert [n for job, n in probes.items() if "engine=unified" in job][0] >= 10, probes

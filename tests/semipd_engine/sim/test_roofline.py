@@ -156,11 +156,14 @@ def test_bad_configs_name_their_key():
 @pytest.mark.parametrize("name,tp", [("llama3-8b", 1), ("llama3-70b", 8), ("llama-100m", 1), ("qwen2.5-7b", 4)])
 def test_decode_times_equal_the_iteration_loop_bit_for_bit(hw, name, tp):
     m = model(name, hw, tp)
-    for batch, ctx, steps in ((1, 7, 300), (37, 37 * 900, 200), (256, 256 * 3000, 50)):
+    for batch, ctx, steps in ((1, 7, 300), (37, 37 * 900, 200), (256, 256 * 3000, 50), (200, 200 * 3, 40)):
         loop = [m.iteration_time(BatchShape(decode_seqs=batch, decode_ctx_tokens=ctx + batch * i, sampled=batch))
                 for i in range(steps)]
         assert m.decode_times(batch, ctx, steps) == loop
         assert BaseCostModel.decode_times(m, batch, ctx, steps) == loop
+        mem = [m.memory_bound_time(BatchShape(decode_seqs=batch, decode_ctx_tokens=ctx + batch * i, sampled=batch))
+               for i in range(steps)]
+        assert m.decode_times_memory_bound(batch, ctx, steps) == (loop, mem)
     assert m.decode_times(4, 100, 0) == []
 
 

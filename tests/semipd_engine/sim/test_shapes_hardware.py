@@ -67,6 +67,14 @@ def test_curve_interpolates_as_a_power_law_and_clamps():
         Curve((2.0, 1.0), (1.0, 1.0))
 
 
+def test_curve_many_is_the_curve_at_each_value_to_the_bit():
+    c = Curve((1.0, 4.0, 50.0, 1e4), (0.2, 0.5, 0.55, 0.9))
+    rising = [0.5, 1.0, 1.5, 3.999, 4.0, 4.0, 17.0, 49.9, 50.0, 51.0, 9e3, 1e4, 2e4]
+    for xs in (rising, rising[::-1], [17.0, 0.3, 5e3, 4.0, 2.0, 2.0, 1e9, 60.0], []):
+        assert c.many(xs) == [c(x) for x in xs]
+    assert Curve.constant(0.7).many([0.1, 1.0, 10.0]) == [0.7] * 3
+
+
 def test_calibration_file_has_what_the_roofline_reads():
     cal = load_calibration()
     prov = cal["provenance"]

@@ -202,3 +202,40 @@ def test_a_job_counts_the_gpus_of_each_instance():
     assert Job.from_cfg(sim).num_gpus == 2 + 2 * 1
     with pytest.raises(ValueError, match="engine.prefill_tp"):
         Job.from_cfg(real)
+
+
+@pytest.mark.parametrize("engine", ["unified", "disagg", "semipd"])
+def test_a_finished_simulation_frees_its_requests_without_a_collection(engine):
+    """The simulator's parts refer to each other; its requests (and their token times) must not wait for a
+    full collection, which walks every live token list."""
+    import gc
+    import weakref
+
+    m, e, h = _cfgs(engine)
+    sim, _ = build_simulator(m, e, h, freeze(BackendConfig, {"name": "sim"}))
+    gc.disable()
+    try:
+        done = sim.run(make_requests(*_workload(50, 12.0)))
+        assert len(done) == 50 and not gc.isenabled()  # run() leaves the caller's choice alone
+        refs = [weakref.ref(r) for r in done]
+        del done
+        assert all(r() is None for r in refs)
+    finally:
+        gc.enable()
+
+
+def test_paused_gc_pauses_and_restores():
+    import gc
+
+    from semipd_engine.sim.simulator import paused_gc
+
+    assert gc.isenabled()
+    with paused_gc():
+        assert not gc.isenabled()
+        with paused_gc():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), paused_gc():
+        raise RuntimeError("boom")
+    assert gc.isenabled()
