@@ -322,11 +322,12 @@ def parse_args(argv=None):
 def time_preset(args) -> dict[str, Any]:
     """`--preset NAME`: the wall time of `python run.py experiment=NAME` as a user runs it (every job, the sweep's
     aggregation, figures and W&B summary run), here and, with `--baseline DIR`, in another checkout of this
-    project (say the previous commit), alternated `--repeats` times; their points.csv compared."""
+    project (say the previous commit), alternated `--repeats` times; their points.csv (a goodput preset: goodput.csv)
+    compared (`points_identical`)."""
     here = Path(__file__).resolve().parents[2]
     trees = {"this": here, **({"baseline": Path(args.baseline).resolve()} if args.baseline else {})}
     runs: dict[str, list[float]] = {k: [] for k in trees}
-    points: dict[str, str] = {}
+    points: dict[str, dict[str, str]] = {}
     with tempfile.TemporaryDirectory() as d:
         for rep in range(args.repeats):
             for name, tree in trees.items():
@@ -338,8 +339,9 @@ def time_preset(args) -> dict[str, Any]:
                 if proc.returncode:
                     raise SystemExit(f"{name} ({tree}): run.py failed:\n{proc.stderr[-3000:]}")
                 runs[name].append(wall)
-                if (sweep / "points.csv").is_file():
-                    points[name] = (sweep / "points.csv").read_text()
+                for table in ("points.csv", "goodput.csv"):  # a rate sweep's; a goodput search's
+                    if (sweep / table).is_file():
+                        points.setdefault(name, {})[table] = (sweep / table).read_text()
                 print(f"{name}: {wall:.1f} s", flush=True)
     out = {"preset": args.preset, "repeats": args.repeats, "environment": environment(None),
            "trees": {k: str(v) for k, v in trees.items()},
@@ -351,7 +353,8 @@ def time_preset(args) -> dict[str, Any]:
     for k, v in out["wall_s"].items():
         print(f"{args.preset} [{k}]: wall min / median / max {v['min']:.1f} / {v['median']:.1f} / {v['max']:.1f} s")
     if "points_identical" in out:
-        print(f"points.csv identical to the baseline's: {out['points_identical']}")
+        print(f"{', '.join(points.get('this', {})) or 'no table'} identical to the baseline's: "
+              f"{out['points_identical']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)

@@ -238,6 +238,8 @@ class RooflineCostModel(BaseCostModel):
         return out
 
     def _decode_attn_steps(self, seqs: int, ctx_tokens: int, steps: int) -> list[tuple[float, bool]]:
+        if steps <= 2:  # a saturated engine's stretches: the last shape priced is often this one (`_decode_attn`)
+            return [self._decode_attn(seqs, ctx_tokens + seqs * i) for i in range(steps)]
         return self.ops.decode_attn_steps(seqs, ctx_tokens, steps, self.heads, self.kv_heads, self.model.head_dim)
 
     def _sums(self, s: BatchShape) -> tuple[float, float, float, float]:
