@@ -215,6 +215,14 @@ def test_two_job_sweep_on_submitit_local(tmp_path):
     assert len(list((tmp_path / "sweep" / ".submitit").glob("*/*_result.pkl"))) == 2  # each ran as its own process
 
 
+def _run_ok(sweep_dir: Path, sweep: list[str], wandb_mode: str, *extra: str) -> str:
+    """`python run.py` with `sweep` into `sweep_dir`, which must succeed; its output."""
+    out = subprocess.run([sys.executable, "run.py", *sweep, f"hydra.sweep.dir={sweep_dir}", *extra], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "WANDB_MODE": wandb_mode})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
 def test_a_simulated_sweep_gives_the_same_rows_in_worker_processes_and_in_one_process(tmp_path):
     """The default path (jobs side by side in worker processes that live for the sweep, twins that differ in their
     SLOs reading one simulation, no W&B run per job) against the per-job path it replaced (one job after another in
@@ -222,16 +230,8 @@ def test_a_simulated_sweep_gives_the_same_rows_in_worker_processes_and_in_one_pr
     sweep = ["-m", "experiment=paper_llama3_8b_sharegpt", "engine=unified,semipd_dynamic_paper", "workload.rate=8,24",
              "slo=llama3_8b_sharegpt_tight,llama3_8b_sharegpt_loose", "workload.num_requests=150",
              "loadgen.progress=false"]
-
-    def run(name, *extra):
-        out = subprocess.run([sys.executable, "run.py", *sweep, f"hydra.sweep.dir={tmp_path / name}", *extra],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "WANDB_MODE": "offline"})
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        return out.stdout + out.stderr
-
-    pooled = run("pooled")
-    single = run("single", "hydra.launcher.n_jobs=1", "wandb.per_job_runs=true")
+    pooled = _run_ok(tmp_path / "pooled", sweep, "offline")
+    single = _run_ok(tmp_path / "single", sweep, "offline", "hydra.launcher.n_jobs=1", "wandb.per_job_runs=true")
     assert "8 jobs locally, 2 at a time" in pooled or len(cores.machine_cores()) < 2
     assert "8 jobs locally, 1 at a time" in single
     # W&B: the summary run only, against one run per job beside it
@@ -266,16 +266,8 @@ def test_a_pooled_goodput_sweep_shares_its_probes_and_finds_what_one_process_fin
     sweep = ["-m", "experiment=paper_goodput", "engine=disagg,semipd_uncapped,unified", "workload.num_requests=80",
              "experiment.goodput_tolerance=8", "request_caps=preset", "engine.max_num_seqs=48",
              "loadgen.progress=false"]
-
-    def run(name, *extra):
-        out = subprocess.run([sys.executable, "run.py", *sweep, f"hydra.sweep.dir={tmp_path / name}", *extra],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300,
-                             env={**os.environ, "WANDB_MODE": "disabled"})
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        return out.stdout + out.stderr
-
-    pooled = run("pooled")
-    run("single", "hydra.launcher.n_jobs=1")
+    pooled = _run_ok(tmp_path / "pooled", sweep, "disabled")
+    _run_ok(tmp_path / "single", sweep, "disabled", "hydra.launcher.n_jobs=1")
     if len(cores.machine_cores()) >= 2:
         assert re.search(r"goodput probes run by workers with no job left: \d+", pooled)
     assert not (tmp_path / "pooled" / ".probe_exchange").exists()
