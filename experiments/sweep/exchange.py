@@ -85,8 +85,6 @@ class Exchange:
         return value
 
     def _claimer_alive(self, task_id: str) -> bool:
-        if (self.root / "done" / task_id).is_file():
-            return True
         for f in (self.root / "claimed").glob(f"{task_id}.*"):
             try:
                 os.kill(int(f.suffix[1:]), 0)

@@ -201,13 +201,9 @@ def prestart_local(config: DictConfig) -> bool:
     key = str(config.hydra.sweep.dir)
     if launcher_cfg.get("_target_") != LOCAL_LAUNCHER or key in _PRESTARTED:
         return False
-    try:
-        simulated = str(config.backend.name) == "sim"
-    except Exception:  # a config without the project's schema (tests of the launcher alone)
-        return False
     n = int(launcher_cfg.get("n_jobs", -1))
     n = len(cores.machine_cores()) if n < 0 else n
-    if not simulated or n < 2:
+    if not _simulated(config) or n < 2:
         return False
 
     def start() -> None:
@@ -241,12 +237,17 @@ def run_pooled(sweep_config: DictConfig, shared: bytes, digest: str, probes: Opt
         return run_composed(sweep_config, *_SHARED[digest])
 
 
-def shares_probes(config: DictConfig) -> bool:
-    """A simulated goodput search: its probes may run in other workers of the pool (exchange.py)."""
+def _simulated(config: DictConfig, mode: Optional[str] = None) -> bool:
+    """The job runs on `backend=sim` (and in experiment `mode`, if given)."""
     try:
-        return str(config.backend.name) == "sim" and str(config.experiment.mode) == "goodput"
+        return str(config.backend.name) == "sim" and (mode is None or str(config.experiment.mode) == mode)
     except Exception:  # a config without the project's schema (tests of the launcher alone)
         return False
+
+
+def shares_probes(config: DictConfig) -> bool:
+    """A simulated goodput search: its probes may run in other workers of the pool (exchange.py)."""
+    return _simulated(config, "goodput")
 
 
 def launch_local(launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
@@ -275,13 +276,12 @@ def launch_local(launcher, job_overrides: Sequence[Sequence[str]], initial_job_i
 
     shared = cloudpickle.dumps((launcher.hydra_context, launcher.task_function, state))
     digest = hashlib.blake2b(shared, digest_size=16).hexdigest()
-    tasks = [delayed(run_pooled)(c, shared, digest) for c in configs]
-    probes = None
-    if any(shares_probes(c) for c in configs):
+    probes = Path(str(launcher.config.hydra.sweep.dir)).absolute() / ".probe_exchange" \
+        if any(shares_probes(c) for c in configs) else None
+    tasks = [delayed(run_pooled)(c, shared, digest, str(probes) if probes else None) for c in configs]
+    if probes is not None:
         # Queued after every job: a worker starts a helper only once no job is left to start, and the helpers
         # return once every job has finished.
-        probes = Path(str(launcher.config.hydra.sweep.dir)).absolute() / ".probe_exchange"
-        tasks = [delayed(run_pooled)(c, shared, digest, str(probes)) for c in configs]
         tasks += [delayed(exchange.serve)(str(probes), len(configs)) for _ in range(n - 1)]
     try:
         results = Parallel(n_jobs=n, backend="loky", **_pool_options(dict(launcher.joblib)))(tasks)
