@@ -209,13 +209,24 @@ async def _paced_token_times(engine, vocab: int) -> list[list[float]]:
 
 @pytest.mark.parametrize("name", [*PARITY, "semipd_two_decoders"])
 def test_both_drivers_give_the_same_token_times(llama_checkpoint, two_decoders, name):
-    """Fixed iteration times on both drivers: every token of every request at the same time, to under half an
-    iteration (30 ms): the same batches in the same order, the same hand-offs, on processes and on events. What
-    is left is the process driver's own lag (IPC, a KV copy), a few ms."""
+    """Fixed iteration times on both drivers: the same batches (the tokens stamped with one iteration's end are
+    the same tokens of the same requests), the same hand-offs, on processes and on events, and every token at the
+    same time but for the process driver's own lag (IPC, a KV copy): a few ms, ~20 on a busy machine, under one
+    iteration (30 ms)."""
     ecfg = engine_cfg(name=name, num_kv_blocks=256, block_size=16, num_threads=1, **PARITY.get(name, {}))
     sim = _simulated_token_times(ecfg)
     engine = EngineClient(model_cfg(llama_checkpoint), ecfg, build_topology(ecfg), executor_wrapper=Paced(COST))
     real = asyncio.run(_paced_token_times(engine, engine_vocab(llama_checkpoint)))
     assert [len(t) for t in real] == [len(t) for t in sim] == list(OUTPUT_LENS)
+    assert _iterations(real) == _iterations(sim)
     worst = max(abs(a - b) for r, s in zip(real, sim) for a, b in zip(r, s))
-    assert worst < 0.015, [[round(a - b, 4) for a, b in zip(r, s)] for r, s in zip(real, sim)]
+    assert worst < 0.030, [[round(a - b, 4) for a, b in zip(r, s)] for r, s in zip(real, sim)]
+
+
+def _iterations(times: list[list[float]]) -> list[list[tuple[int, int]]]:
+    """The tokens each iteration emitted, as (request, token index): those stamped with its end time."""
+    by_end: dict[float, list[tuple[int, int]]] = {}
+    for i, ts in enumerate(times):
+        for k, t in enumerate(ts):
+            by_end.setdefault(t, []).append((i, k))
+    return sorted(by_end.values())
