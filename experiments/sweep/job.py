@@ -518,8 +518,8 @@ def goodput_search(measure, wcfg, slo_cfg, exp, jd: Path) -> RunResult:
             else:
                 hi = mid
         goodput = lo
-    # Joined as Arrow tables, as a sweep joins its jobs' (a search's 20 probes' per-token lists through pandas took
-    # seconds per search).
+    # Joined as a sweep joins its jobs' (their encoded row groups copied: a search's 20 probes' per-token lists
+    # through pandas took seconds, through Arrow ~1 s).
     join_rows(files, jd / "requests.parquet")
     best = max((p for p in probes if p["rate"] <= goodput), key=lambda p: p["rate"], default=probes[0])
     by_rate = pd.DataFrame(probes).groupby("rate")["slo_attainment"].mean()
