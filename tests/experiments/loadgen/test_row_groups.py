@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from experiments.loadgen import row_groups
-from experiments.loadgen.rows import join_rows, with_columns, write_rows
+from experiments.loadgen.rows import join_rows, with_columns, write_rows, write_table
 
 
 def _run(path, seed, n, **kw):
@@ -76,3 +76,14 @@ def test_a_file_with_a_page_index_is_refused_before_anything_is_written(tmp_path
 def test_not_a_parquet_file_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="not a Parquet file"):
         row_groups.footer(b"PAR1 not really")
+
+
+def test_a_run_without_rows_joins_as_arrow_joins_it(tmp_path):
+    empty = tmp_path / "empty.parquet"
+    write_table(pq.read_table(_run(tmp_path / "a.parquet", 1, 5)).slice(0, 0), empty)  # one row group, no rows
+    runs = [(tmp_path / "a.parquet", {"job": "a", "rate": 1.0}), (empty, {"job": "b", "rate": 2.0})]
+    join_rows(runs, tmp_path / "joined.parquet")
+    expected = _arrow_join(runs)
+    got = pq.read_table(tmp_path / "joined.parquet")
+    assert got.equals(expected) and got.schema.equals(expected.schema, check_metadata=True)
+    assert _row_groups(tmp_path / "joined.parquet") == 2
