@@ -22,9 +22,9 @@ from experiments.loadgen import thrift_compact as T
 
 MAGIC = b"PAR1"
 # parquet.thrift's field ids. FileMetaData: 3 num_rows, 4 row_groups. RowGroup: 1 columns, 2 total_byte_size,
-# 3 num_rows, 5 file_offset, 6 total_compressed_size, 7 ordinal. ColumnChunk: 1 file_path, 3 meta_data, 4-7 page
-# index, 8-9 encryption. ColumnMetaData: 7 total_compressed_size, 9 data_page_offset, 10 index_page_offset,
-# 11 dictionary_page_offset, 14-15 bloom filter.
+# 3 num_rows, 5 file_offset, 6 total_compressed_size (7, ordinal, left out, as Arrow writes none). ColumnChunk:
+# 1 file_path, 3 meta_data, 4-7 page index, 8-9 encryption. ColumnMetaData: 7 total_compressed_size,
+# 9 data_page_offset, 10 index_page_offset, 11 dictionary_page_offset, 14-15 bloom filter.
 _UNHANDLED_CHUNK = (1, 4, 5, 6, 7, 8, 9)
 _UNHANDLED_META = (10, 14, 15)
 Chunks = list[tuple[T.Struct, list[tuple[T.Struct, int, int]]]]
@@ -34,7 +34,10 @@ def footer(data: bytes | memoryview) -> T.Struct:
     if bytes(data[:4]) != MAGIC or bytes(data[-4:]) != MAGIC:
         raise ValueError("not a Parquet file")
     n = struct.unpack("<I", data[-8:-4])[0]
-    meta, end = T.loads(data[-8 - n:-8])
+    try:
+        meta, end = T.loads(data[-8 - n:-8])
+    except IndexError:
+        end = -1
     if end != n:
         raise ValueError("Parquet footer of unexpected length")
     return meta
@@ -98,7 +101,7 @@ def concat(parts: list[tuple[bytes, Optional[Callable[[int], pa.Table]]]], schem
                     new_cols.append(_moved(cc, pos - start))
                     pos += length
             row_groups.append({1: (T.LIST, (T.STRUCT, new_cols)), 2: (T.I64, size), 3: (T.I64, n),
-                               5: (T.I64, first), 6: (T.I64, pos - first), 7: (T.I16, len(row_groups))})
+                               5: (T.I64, first), 6: (T.I64, pos - first)})
             num_rows += n
     meta = T.dumps({**head, 3: (T.I64, num_rows), 4: (T.LIST, (T.STRUCT, row_groups))})
     out.write(meta)

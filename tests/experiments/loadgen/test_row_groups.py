@@ -76,6 +76,8 @@ def test_a_file_with_a_page_index_is_refused_before_anything_is_written(tmp_path
 def test_not_a_parquet_file_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="not a Parquet file"):
         row_groups.footer(b"PAR1 not really")
+    with pytest.raises(ValueError, match="unexpected length"):
+        row_groups.footer(b"PAR1" + bytes([0x15]) + (1).to_bytes(4, "little") + b"PAR1")  # a struct cut short
 
 
 def test_a_run_without_rows_joins_as_arrow_joins_it(tmp_path):
