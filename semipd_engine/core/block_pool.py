@@ -33,6 +33,15 @@ def salt_hash(salt: Optional[str]) -> int:
     return int.from_bytes(hashlib.blake2b(salt.encode(), digest_size=8).digest(), "little", signed=True)
 
 
+def private_blocks(req) -> bool:
+    """No lookup but the request's own can match its blocks' prefix hashes, and no pool holds an earlier copy of
+    them: the simulator's placeholder tokens (hashed by the request's own salt) of a request never preempted (a
+    preempted one's copy would decide where a recomputed block goes). While it holds them nobody looks them up, so
+    registering them as it leaves gives the cache that registering them as they fill gives; once it is done,
+    nobody ever will (`BlockPool.retire`)."""
+    return req.placeholder_tokens and not req.times.preemptions
+
+
 def prefix_hashes(req, block_size: int, num_blocks: int) -> list[int]:
     """`req.block_hashes`, extended to (at least) its first `num_blocks` full blocks: computed once per request.
 

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from semipd_engine.core import block_pool
 from semipd_engine.core.block_pool import BlockPool, cache_blocks, cached_prefix
 from semipd_engine.core.request import Request
 
@@ -62,6 +63,8 @@ class TransferQueue:
             t = self.pending[0]
             req = t.request
             full = min(len(t.src_blocks), req.num_computed_tokens // pool.block_size) if pool.prefix_caching else 0
+            if full and block_pool.private_blocks(req):  # nothing here to find, nobody to look: registered as it leaves
+                full = req.num_registered_blocks = 0
             hit = cached_prefix(pool, req, full) if full else []
             dst = pool.try_allocate(len(t.src_blocks) - len(hit), hit=hit)
             if dst is None:

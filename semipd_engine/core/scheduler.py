@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Optional
 
+from semipd_engine.core import block_pool
 from semipd_engine.core.block_pool import BlockPool, cache_blocks, cached_prefix
 from semipd_engine.core.decode_group import DecodeGroup
 from semipd_engine.core.request import FinishReason, Request, RequestOutput, RequestStatus
@@ -180,9 +181,9 @@ class Scheduler:
 
     def _drop(self, req: Request, free: bool = True, done: bool = False) -> None:
         """Forget a request (finished, aborted, handed off or evicted); free its blocks unless they travel. A
-        request `done` for good whose blocks nobody can look up (`_unreachable`) retires them, unregistered."""
+        request `done` for good whose blocks nobody can look up (`block_pool.private_blocks`) retires them, unregistered."""
         g = self.group
-        retire = done and free and self.pool.prefix_caching and self._unreachable(req)
+        retire = done and free and self.pool.prefix_caching and block_pool.private_blocks(req)
         if g is not None:
             if g.leave(req):
                 if self.pool.prefix_caching and not retire:
@@ -202,15 +203,10 @@ class Scheduler:
                 self.pool.retire(req.block_table,
                                  min(req.num_computed_tokens // self.pool.block_size, len(req.block_table)))
             else:
+                if self.pool.prefix_caching:  # private blocks register as they leave (else: registered already)
+                    self._register(req)
                 self.pool.free(req.block_table)
             req.block_table = []
-
-    @staticmethod
-    def _unreachable(req: Request) -> bool:
-        """Its blocks' prefix hashes can never be looked up again once it is done: the simulator's placeholder
-        tokens hash by the request's own salt, and a request never preempted left no other copy of them behind
-        (that copy would decide where a recomputed block goes)."""
-        return req.placeholder_tokens and not req.times.preemptions
 
     def snapshot(self) -> SchedulerState:
         """Everything a successor needs to go on where this scheduler stops (between iterations)."""
@@ -457,7 +453,7 @@ class Scheduler:
         """The members whose last token the group's latest iteration sampled, finished (in running order)."""
         out = []
         for req in self.group.finishing(self.group.gen - 1):
-            if self.pool.prefix_caching and not self._unreachable(req):
+            if self.pool.prefix_caching and not block_pool.private_blocks(req):
                 self._register(req)
             self.finish(req, FinishReason.LENGTH, now)
             out.append(req)
@@ -527,6 +523,8 @@ class Scheduler:
         self.running.remove(req)
         batch.items = [(r, n) for r, n in batch.items if r is not req]
         if req.block_table:
+            if self.pool.prefix_caching:  # private blocks register as they leave (else: registered already)
+                self._register(req)
             self.pool.free(req.block_table)
             req.block_table = []
         req.num_computed_tokens = req.num_registered_blocks = 0

@@ -82,14 +82,14 @@ def test_retiring_a_finished_requests_placeholder_blocks_changes_nothing(engine,
     """A finished request's placeholder blocks retire unregistered (`BlockPool.retire`): in a pool small enough to
     preempt and evict, every token time, preemption and prefix hit (preempted requests find their own blocks)
     is what registering and freeing them gives."""
-    from semipd_engine.core.scheduler import Scheduler
+    from semipd_engine.core import block_pool
 
     def run():
         sim, got = _simulate(engine, rate=40.0, num_kv_blocks=400)
         return got, sum(w.scheduler.prefix_hits for w in sim.workers.values())
 
     retired = run()
-    monkeypatch.setattr(Scheduler, "_unreachable", staticmethod(lambda req: False))
+    monkeypatch.setattr(block_pool, "private_blocks", lambda req: False)
     assert run() == retired
     if engine != "disagg":
         assert retired[1] > 0 and any(v[5] for v in retired[0].values())
