@@ -479,7 +479,9 @@ class Scheduler:
         pool = self.pool
         while self.waiting and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            hit = self._cached_prefix(req) if pool.prefix_caching and not req.block_table else ()
+            # A private request's blocks are in no pool (`block_pool.private_blocks`): nothing to look up.
+            hit = (self._cached_prefix(req) if pool.prefix_caching and not req.block_table
+                   and not block_pool.private_blocks(req) else ())
             n = req.num_remaining - len(hit) * pool.block_size
             if chunk:
                 if budget <= 0:
