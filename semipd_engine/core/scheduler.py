@@ -181,7 +181,8 @@ class Scheduler:
 
     def _drop(self, req: Request, free: bool = True, done: bool = False) -> None:
         """Forget a request (finished, aborted, handed off or evicted); free its blocks unless they travel. A
-        request `done` for good whose blocks nobody can look up (`block_pool.private_blocks`) retires them, unregistered."""
+        request `done` for good whose blocks nobody can look up (`block_pool.private_blocks`) retires them,
+        unregistered."""
         g = self.group
         retire = done and free and self.pool.prefix_caching and block_pool.private_blocks(req)
         if g is not None:

@@ -23,7 +23,8 @@ def test_a_parquet_footer_reads_and_writes_back_byte_for_byte():
 
 def test_every_type_round_trips():
     s = {1: (T.TRUE, True), 2: (T.FALSE, False), 3: (T.BYTE, -7), 4: (T.I16, -300), 5: (T.I32, 2**31 - 1),
-         6: (T.I64, -(2**62)), 7: (T.DOUBLE, 0.1), 8: (T.BINARY, b"\x00\xff"), 30: (T.LIST, (T.I32, list(range(-20, 20)))),
+         6: (T.I64, -(2**62)), 7: (T.DOUBLE, 0.1), 8: (T.BINARY, b"\x00\xff"),
+         30: (T.LIST, (T.I32, list(range(-20, 20)))),
          31: (T.LIST, (T.TRUE, [True, False, True])), 32: (T.SET, (T.BINARY, [b"a"])),
          33: (T.MAP, (T.BINARY, T.I64, [(b"k", 1), (b"j", -2)])), 34: (T.MAP, (0, 0, [])),
          200: (T.STRUCT, {1: (T.LIST, (T.STRUCT, [{1: (T.I64, 5)}, {}]))})}

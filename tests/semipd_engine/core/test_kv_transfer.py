@@ -50,7 +50,6 @@ def test_a_transfer_copies_only_the_blocks_the_receiver_holds_no_cached_copy_of(
     assert plain.pull()[0][1:] == (40, 0.0, 0)
 
 
-
 def _decode_until_a_preemption(monkeypatch, eager: bool):
     """Two placeholder requests pulled into a decode pool with room for one more block: the first decode step
     preempts the second before any iteration ran. `eager`: every request's blocks registered as they arrive."""
