@@ -82,6 +82,27 @@ def cache_blocks(pool, req, start: int, end: int) -> None:
     pool.cache_many(req.block_table[start:end], prefix_hashes(req, pool.block_size, end)[start:end])
 
 
+def register_computed(pool, req) -> None:
+    """Register every block of `req`'s block table its computed tokens fill (those not registered yet)."""
+    full = min(req.num_computed_tokens // pool.block_size, len(req.block_table))
+    if full > req.num_registered_blocks:
+        cache_blocks(pool, req, req.num_registered_blocks, full)
+        req.num_registered_blocks = full
+
+
+class _Released:
+    """A released private request's full blocks, one entry of the eviction order: tail first from `start` (the
+    order `free` leaves them in), registered only once its first block's hash is looked up (`key`). It carries the
+    request's hash chain, not the request (a pool outlives its requests)."""
+
+    __slots__ = ("blocks", "start", "block_hashes", "cache_salt", "key", "registered")
+    placeholder_tokens = True  # what `prefix_hashes` reads of it, as of the request
+
+    def __init__(self, blocks: list[int], req, key: int):
+        self.blocks, self.start, self.key, self.registered = blocks, 0, key, False
+        self.block_hashes, self.cache_salt = req.block_hashes, req.cache_salt
+
+
 class BlockPool:
     """Block-id allocator with an admission watermark (new prompts may not eat the last `watermark` of the pool,
     which running decodes need to grow) and, with `prefix_caching`, a cache of full blocks by prefix hash."""
@@ -96,10 +117,14 @@ class BlockPool:
         self._ref = [0] * num_blocks
         self._hash: list[Optional[int]] = [None] * num_blocks
         self._cached: dict[int, int] = {}  # prefix hash -> block
-        # Unreferenced blocks in eviction order, least recently freed first: a cached block (its id), or a retired
-        # run of blocks nobody can look up (a tuple of ids, taken together).
-        self._evictable: OrderedDict[int | tuple[int, ...], None] = OrderedDict()
+        # Unreferenced blocks in eviction order, least recently freed first: a cached block (its id), a retired
+        # run of blocks nobody can look up (a tuple of ids, taken together), or a released private request's
+        # (`_Released`, registered when looked up).
+        self._evictable: OrderedDict[int | tuple[int, ...] | _Released, None] = OrderedDict()
         self._num_evictable = 0
+        self._released: dict[int, _Released] = {}  # not yet looked up, by the hash of the request's first block
+        self._num_released = 0  # their blocks: cached, though not in `_cached` yet
+        self._released_of: dict[int, _Released] = {}  # a looked-up release's blocks -> it
 
     @property
     def num_free(self) -> int:
@@ -112,14 +137,36 @@ class BlockPool:
 
     @property
     def num_cached(self) -> int:
-        return len(self._cached)
+        return len(self._cached) + self._num_released
 
     def blocks_needed(self, num_tokens: int, have: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - have)
 
     def cached_block(self, h: int) -> Optional[int]:
         """The block cached under prefix hash `h` (no reference taken: `try_allocate(..., hit=)` takes it)."""
-        return self._cached.get(h)
+        b = self._cached.get(h)
+        if b is None and self._released:
+            run = self._released.pop(h, None)
+            if run is not None:
+                self._register_released(run)
+                b = self._cached.get(h)
+        return b
+
+    def _register_released(self, run: _Released) -> None:
+        """Register what is left of a release, as `cache_many` would have when its request filled the blocks (the
+        request's first blocks: evictions took its tail), where the release stands in the eviction order."""
+        left = run.blocks[run.start:]
+        n = len(left)
+        hs = prefix_hashes(run, self.block_size, n)
+        cached, owner, of = self._cached, self._hash, self._released_of
+        for i in range(n):
+            b = left[n - 1 - i]
+            of[b] = run
+            if owner[b] is None and hs[i] not in cached:
+                cached[hs[i]] = b
+                owner[b] = hs[i]
+        run.registered = True
+        self._num_released -= n
 
     def try_allocate(self, n: int, admission: bool = False,
                      hit: Sequence[tuple[int, int]] = ()) -> list[int] | None:
@@ -140,7 +187,13 @@ class BlockPool:
             return None
         for b, _ in hit:
             if ref[b] == 0:
-                del self._evictable[b]
+                run = self._released_of.pop(b, None) if self._released_of else None
+                if run is None:
+                    del self._evictable[b]
+                else:  # out of its release's entry, the rest keeping their places
+                    del run.blocks[run.blocks.index(b, run.start)]
+                    if run.start == len(run.blocks):
+                        del self._evictable[run]
             ref[b] += 1
         self._num_evictable -= revive
         take = min(n, len(free))  # the uncached ones first, then evictions, least recently freed first
@@ -156,19 +209,45 @@ class BlockPool:
                     hashes[b] = None
                     ids.append(b)
                     need -= 1
-                elif len(b) <= need:  # a retired run: all of it
-                    ids += b
-                    need -= len(b)
-                else:  # part of it; the rest keeps its place at the head
-                    ids += b[:need]
-                    evictable[b[need:]] = None
-                    evictable.move_to_end(b[need:], last=False)
-                    need = 0
+                elif type(b) is tuple:
+                    if len(b) <= need:  # a retired run: all of it
+                        ids += b
+                        need -= len(b)
+                    else:  # part of it; the rest keeps its place at the head
+                        ids += b[:need]
+                        evictable[b[need:]] = None
+                        evictable.move_to_end(b[need:], last=False)
+                        need = 0
+                else:
+                    need -= self._evict_released(b, need, ids)
         for b in ids:
             if ref[b]:
                 raise RuntimeError(f"allocator corrupted: free block {b} is referenced")
             ref[b] = 1
         return ids
+
+    def _evict_released(self, run: _Released, need: int, ids: list[int]) -> int:
+        """Take up to `need` blocks from the head of a release (popped from the eviction order's head; what is
+        left goes back there); returns how many."""
+        taken = run.blocks[run.start:run.start + need]
+        run.start += len(taken)
+        if run.registered:
+            cached, hashes, of = self._cached, self._hash, self._released_of
+            for b in taken:
+                del of[b]
+                h = hashes[b]
+                if h is not None:
+                    del cached[h]
+                    hashes[b] = None
+        else:
+            self._num_released -= len(taken)
+        ids += taken
+        if run.start < len(run.blocks):
+            self._evictable[run] = None
+            self._evictable.move_to_end(run, last=False)
+        elif not run.registered:
+            del self._released[run.key]
+        return len(taken)
 
     def free(self, blocks: list[int]) -> None:
         """Drop one reference on each block. Its tail first, so a sequence's own tail is evicted before the head
@@ -207,6 +286,29 @@ class BlockPool:
             self._evictable[tuple(blocks[registered - 1::-1])] = None
             self._num_evictable += registered
 
+    def release(self, req, blocks: list[int], registered: int) -> None:
+        """`free` the blocks of a request whose blocks only its own lookups can match (`private_blocks`: none of
+        them registered yet, each held by it alone) once its first `registered` are full and computed, while it
+        lives on elsewhere (a KV transfer's sender, the copy done). They go where registering and freeing them
+        would put them (the rest on the free list, those in the eviction order as one entry) and are registered
+        only if the request looks its first block up here again, back after a preemption."""
+        if not req.placeholder_tokens:
+            raise ValueError(f"release: {req.request_id}'s tokens are real: free its blocks")
+        ref, hashes = self._ref, self._hash
+        for b in blocks:
+            if ref[b] != 1 or hashes[b] is not None:
+                raise RuntimeError(f"release: block {b} shared, freed twice or registered among {blocks}")
+            ref[b] = 0
+        self._free.extend(reversed(blocks[registered:]))
+        if registered:
+            key = prefix_hashes(req, self.block_size, 1)[0]
+            if key in self._released:
+                raise RuntimeError(f"release: {req.request_id} released twice")
+            run = self._released[key] = _Released(blocks[registered - 1::-1], req, key)
+            self._evictable[run] = None
+            self._num_evictable += registered
+            self._num_released += registered
+
     def cache(self, block: int, h: int) -> None:
         """Register a block whose tokens are all computed under its prefix hash (a first copy wins: a block
         computed again by a request that missed it stays private)."""
@@ -225,10 +327,15 @@ class BlockPool:
         for b in self._evictable:
             if type(b) is int:
                 self._free.append(b)
-            else:
+            elif type(b) is tuple:
                 self._free.extend(b)
+            else:
+                self._free.extend(b.blocks[b.start:])
         self._evictable.clear()
         self._num_evictable = 0
+        self._released.clear()
+        self._released_of.clear()
+        self._num_released = 0
         for b in self._cached.values():
             self._hash[b] = None
         self._cached.clear()

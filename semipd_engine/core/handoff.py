@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Optional
 
-from semipd_engine.core.block_pool import BlockPool
+from semipd_engine.core import block_pool
+from semipd_engine.core.block_pool import BlockPool, register_computed
 from semipd_engine.core.kv_transfer import TransferQueue
 from semipd_engine.core.messages import AdoptRequest, KVTransferred, OfferKV, ReleaseKV
 from semipd_engine.core.request import Request
@@ -60,6 +61,8 @@ class AdoptHandoff(Handoff):
     def arrived_aborted(self, msg) -> None:
         req = msg.request  # same pool: its blocks are freed here
         if req.block_table:
+            if self.pool.prefix_caching:  # a private request's blocks register as they leave
+                register_computed(self.pool, req)
             self.pool.free(req.block_table)
             req.block_table = []
 
@@ -88,7 +91,11 @@ class TransferHandoff(Handoff):
         req, blocks = self.held.pop(request_id, (None, None))
         if req is None:
             return False
-        self.pool.free(blocks)
+        pool = self.pool
+        if pool.prefix_caching and block_pool.private_blocks(req):  # its prompt's blocks, never registered: released as a run
+            pool.release(req, blocks, min(req.num_computed_tokens // pool.block_size, len(blocks)))
+        else:
+            pool.free(blocks)
         if req.block_table is blocks:
             req.block_table = []
         return True

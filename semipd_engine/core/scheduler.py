@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from semipd_engine.core import block_pool
-from semipd_engine.core.block_pool import BlockPool, cache_blocks, cached_prefix
+from semipd_engine.core.block_pool import BlockPool, cached_prefix, register_computed
 from semipd_engine.core.decode_group import DecodeGroup
 from semipd_engine.core.request import FinishReason, Request, RequestOutput, RequestStatus
 
@@ -265,7 +265,7 @@ class Scheduler:
             else:
                 prefill += n
             req.num_computed_tokens = c = c + n
-            if full and c >= (req.num_registered_blocks + 1) * full:
+            if full and c >= (req.num_registered_blocks + 1) * full and not block_pool.private_blocks(req):
                 self._register(req)
         if g is not None:  # they come first in the batch: their last tokens before the other requests' tokens
             decode += batch.group
@@ -317,14 +317,12 @@ class Scheduler:
         after the simulator's fast-forward applied several)."""
         bs = self.pool.block_size
         for req, _ in batch.items:
-            if req.num_computed_tokens >= (req.num_registered_blocks + 1) * bs:  # else no block boundary crossed
+            # else no block boundary crossed, or a private request's (registered as it leaves)
+            if req.num_computed_tokens >= (req.num_registered_blocks + 1) * bs and not block_pool.private_blocks(req):
                 self._register(req)
 
     def _register(self, req: Request) -> None:
-        full = min(req.num_computed_tokens // self.pool.block_size, len(req.block_table))
-        if full > req.num_registered_blocks:
-            cache_blocks(self.pool, req, req.num_registered_blocks, full)
-            req.num_registered_blocks = full
+        register_computed(self.pool, req)
 
     def _evict_waiting(self, out: StepOutcome) -> None:
         # A worker that cannot prefill sends preempted requests back for recompute.

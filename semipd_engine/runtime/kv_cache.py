@@ -193,6 +193,9 @@ class SharedBlockPool(BlockPool):
     def retire(self, blocks: list[int], registered: int) -> None:
         raise NotImplementedError("retire is the simulator's (placeholder tokens): a worker process's pool frees")
 
+    def release(self, req, blocks: list[int], registered: int) -> None:
+        raise NotImplementedError("release is the simulator's (placeholder tokens): a worker process's pool frees")
+
     def cache(self, block: int, h: int) -> None:
         v = self.v
         with self._lock:

@@ -202,3 +202,63 @@ def test_prefix_caching_off_caches_nothing():
         sched.update(batch, _FakeExecutor().execute(batch), 0.0)
         sched.abort(rid)
     assert pool.num_cached == 0 and pool.num_free == 32
+
+
+def test_releasing_private_blocks_evicts_and_finds_what_registering_and_freeing_them_does():
+    """`release` (a private request's blocks, registered only if it looks them up again) against `cache_many` +
+    `free`: every allocation takes the same block ids, every lookup finds the same blocks (released requests come
+    back and look their blocks up; hits take them from the middle of a partly evicted release), the same counts."""
+    import random
+    from types import SimpleNamespace
+
+    from semipd_engine.core.block_pool import prefix_hashes
+
+    rng = random.Random(3)
+    a, b = BlockPool(160, 4, prefix_caching=True), BlockPool(160, 4, prefix_caching=True)
+
+    def req(i):  # one request as each pool's side knows it: the same salt, its own hash cache
+        return [SimpleNamespace(request_id=f"r{i}", placeholder_tokens=True, cache_salt=f"r{i}", block_hashes=[])
+                for _ in range(2)]
+
+    held: list[tuple[list, list[int], list[int], bool]] = []  # (the two requests), a's blocks, b's, private
+    back: list[tuple[list, int]] = []  # released requests that may return, with how many blocks they had
+    hits = found = 0
+    for step in range(4000):
+        r = rng.random()
+        if held and (r < 0.4 or a.num_free < 12):
+            (ra, rb), ba, bb, private = held.pop(rng.randrange(len(held)))
+            k = len(ba) if rng.random() < 0.8 else rng.randint(0, len(ba))  # full and computed by now
+            if private:
+                a.cache_many(ba[:k], prefix_hashes(ra, 4, k)[:k])
+                a.free(ba)
+                b.release(rb, bb, k)
+                back.append(((ra, rb), len(ba)))
+            else:  # a returned request: registered as it computed, in both
+                a.cache_many(ba[:k], prefix_hashes(ra, 4, k)[:k])
+                b.cache_many(bb[:k], prefix_hashes(rb, 4, k)[:k])
+                a.free(ba)
+                b.free(bb)
+        elif back and r < 0.55:  # a released request back (after a preemption): its cached prefix, then the rest
+            (ra, rb), n = back.pop(-1 - rng.randrange(min(6, len(back))))  # mostly a recent one
+            hit_a, hit_b = [], []
+            for i in range(n):
+                xa, xb = a.cached_block(prefix_hashes(ra, 4, i + 1)[i]), b.cached_block(prefix_hashes(rb, 4, i + 1)[i])
+                assert xa == xb, step
+                if xa is None:
+                    break
+                hit_a.append((xa, ra.block_hashes[i]))
+                hit_b.append((xb, rb.block_hashes[i]))
+            hits += len(hit_a)
+            found += bool(hit_a)
+            ga, gb = a.try_allocate(n - len(hit_a), hit=hit_a), b.try_allocate(n - len(hit_b), hit=hit_b)
+            assert ga == gb, step
+            if ga is not None:
+                held.append(((ra, rb), [x for x, _ in hit_a] + ga, [x for x, _ in hit_b] + gb, False))
+        else:
+            n = rng.randint(1, 10)
+            ga, gb = a.try_allocate(n), b.try_allocate(n)
+            assert ga == gb, step
+            if ga is not None:
+                held.append((req(step), ga, gb, True))
+        assert (a.num_free, a.num_cached, a.num_used) == (b.num_free, b.num_cached, b.num_used), step
+    assert hits > 500 and found > 100  # released blocks were found again
