@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Optional
 
 ROOT_HASH = 0x5E1FD  # the chain's seed for requests without a cache salt
@@ -88,6 +89,23 @@ def register_computed(pool, req) -> None:
     if full > req.num_registered_blocks:
         cache_blocks(pool, req, req.num_registered_blocks, full)
         req.num_registered_blocks = full
+
+
+def _values(xs: list, idx: list[int]) -> tuple:
+    """(xs[i] for i in idx) as a tuple, gathered in C."""
+    if len(idx) > 1:
+        return itemgetter(*idx)(xs)
+    return (xs[idx[0]],) if idx else ()
+
+
+def _pop(stack: list[int], n: int) -> list[int]:
+    """`[stack.pop() for _ in range(n)]`, in C."""
+    if not n:
+        return []
+    out = stack[-n:]
+    del stack[-n:]
+    out.reverse()
+    return out
 
 
 class _Released:
@@ -176,10 +194,10 @@ class BlockPool:
         reserve = self.watermark_blocks if admission else 0
         ref, free = self._ref, self._free
         if not hit and n <= len(free) - reserve:  # the common case: uncached free blocks are enough
-            ids = [free.pop() for _ in range(n)]
+            ids = _pop(free, n)
+            if any(_values(ref, ids)):
+                raise RuntimeError(f"allocator corrupted: a free block among {ids} is referenced")
             for b in ids:
-                if ref[b]:
-                    raise RuntimeError(f"allocator corrupted: free block {b} is referenced")
                 ref[b] = 1
             return ids
         revive = sum(1 for b, _ in hit if ref[b] == 0)
@@ -197,7 +215,7 @@ class BlockPool:
             ref[b] += 1
         self._num_evictable -= revive
         take = min(n, len(free))  # the uncached ones first, then evictions, least recently freed first
-        ids = [free.pop() for _ in range(take)]
+        ids = _pop(free, take)
         if take < n:
             evictable, cached, hashes = self._evictable, self._cached, self._hash
             need = n - take
@@ -220,9 +238,9 @@ class BlockPool:
                         need = 0
                 else:
                     need -= self._evict_released(b, need, ids)
+        if any(_values(ref, ids)):
+            raise RuntimeError(f"allocator corrupted: a free block among {ids} is referenced")
         for b in ids:
-            if ref[b]:
-                raise RuntimeError(f"allocator corrupted: free block {b} is referenced")
             ref[b] = 1
         return ids
 
@@ -272,15 +290,17 @@ class BlockPool:
         blocks were registered (those in the eviction order, the rest on the free list), they go, the first
         ones as one unhashed run: later allocations evict the same cached blocks at the same moments, and
         nothing is hashed, indexed or evicted block by block for a prefix no lookup can match."""
-        ref, hashes, cached = self._ref, self._hash, self._cached
+        ref, hashes = self._ref, self._hash
+        if _values(ref, blocks).count(1) != len(blocks) or len(set(blocks)) != len(blocks):
+            raise RuntimeError(f"retire: a block shared or freed twice among {blocks}")
         for b in blocks:
-            if ref[b] != 1:  # a block listed twice is at 0 the second time
-                raise RuntimeError(f"retire: block {b} shared or freed twice among {blocks}")
             ref[b] = 0
-            h = hashes[b]
-            if h is not None:
-                del cached[h]
-                hashes[b] = None
+        hs = _values(hashes, blocks)
+        if hs.count(None) != len(hs):  # registered ones (a private request's are not)
+            for b, h in zip(blocks, hs):
+                if h is not None:
+                    del self._cached[h]
+                    hashes[b] = None
         self._free.extend(reversed(blocks[registered:]))
         if registered:
             self._evictable[tuple(blocks[registered - 1::-1])] = None
@@ -294,10 +314,11 @@ class BlockPool:
         only if the request looks its first block up here again, back after a preemption."""
         if not req.placeholder_tokens:
             raise ValueError(f"release: {req.request_id}'s tokens are real: free its blocks")
-        ref, hashes = self._ref, self._hash
+        ref = self._ref
+        if (_values(ref, blocks).count(1) != len(blocks) or len(set(blocks)) != len(blocks)
+                or _values(self._hash, blocks).count(None) != len(blocks)):
+            raise RuntimeError(f"release: a block shared, freed twice or registered among {blocks}")
         for b in blocks:
-            if ref[b] != 1 or hashes[b] is not None:
-                raise RuntimeError(f"release: block {b} shared, freed twice or registered among {blocks}")
             ref[b] = 0
         self._free.extend(reversed(blocks[registered:]))
         if registered:
