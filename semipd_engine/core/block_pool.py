@@ -108,16 +108,26 @@ def _pop(stack: list[int], n: int) -> list[int]:
     return out
 
 
-class _Released:
-    """A released private request's full blocks, one entry of the eviction order: tail first from `start` (the
-    order `free` leaves them in), registered only once its first block's hash is looked up (`key`). It carries the
-    request's hash chain, not the request (a pool outlives its requests)."""
+class _Run:
+    """A finished request's retired blocks, one entry of the eviction order: tail first from `start` (the order
+    `free` leaves them in); evictions take them from `start` on, the rest keeping the entry's place."""
 
-    __slots__ = ("blocks", "start", "block_hashes", "cache_salt", "key", "registered")
+    __slots__ = ("blocks", "start")
+
+    def __init__(self, blocks: list[int]):
+        self.blocks, self.start = blocks, 0
+
+
+class _Released(_Run):
+    """A released private request's full blocks, registered only once its first block's hash is looked up
+    (`key`). It carries the request's hash chain, not the request (a pool outlives its requests)."""
+
+    __slots__ = ("block_hashes", "cache_salt", "key", "registered")
     placeholder_tokens = True  # what `prefix_hashes` reads of it, as of the request
 
     def __init__(self, blocks: list[int], req, key: int):
-        self.blocks, self.start, self.key, self.registered = blocks, 0, key, False
+        super().__init__(blocks)
+        self.key, self.registered = key, False
         self.block_hashes, self.cache_salt = req.block_hashes, req.cache_salt
 
 
@@ -136,9 +146,9 @@ class BlockPool:
         self._hash: list[Optional[int]] = [None] * num_blocks
         self._cached: dict[int, int] = {}  # prefix hash -> block
         # Unreferenced blocks in eviction order, least recently freed first: a cached block (its id), a retired
-        # run of blocks nobody can look up (a tuple of ids, taken together), or a released private request's
-        # (`_Released`, registered when looked up).
-        self._evictable: OrderedDict[int | tuple[int, ...] | _Released, None] = OrderedDict()
+        # run of blocks nobody can look up (`_Run`), or a released private request's (`_Released`, registered
+        # when looked up).
+        self._evictable: OrderedDict[int | _Run, None] = OrderedDict()
         self._num_evictable = 0
         self._released: dict[int, _Released] = {}  # not yet looked up, by the hash of the request's first block
         self._num_released = 0  # their blocks: cached, though not in `_cached` yet
@@ -221,50 +231,43 @@ class BlockPool:
             need = n - take
             self._num_evictable -= need
             while need:
-                b = evictable.popitem(last=False)[0]
+                b = next(iter(evictable))
                 if type(b) is int:
+                    del evictable[b]
                     del cached[hashes[b]]
                     hashes[b] = None
                     ids.append(b)
                     need -= 1
-                elif type(b) is tuple:
-                    if len(b) <= need:  # a retired run: all of it
-                        ids += b
-                        need -= len(b)
-                    else:  # part of it; the rest keeps its place at the head
-                        ids += b[:need]
-                        evictable[b[need:]] = None
-                        evictable.move_to_end(b[need:], last=False)
-                        need = 0
                 else:
-                    need -= self._evict_released(b, need, ids)
+                    need -= self._evict_run(b, need, ids)
         if any(_values(ref, ids)):
             raise RuntimeError(f"allocator corrupted: a free block among {ids} is referenced")
         for b in ids:
             ref[b] = 1
         return ids
 
-    def _evict_released(self, run: _Released, need: int, ids: list[int]) -> int:
-        """Take up to `need` blocks from the head of a release (popped from the eviction order's head; what is
-        left goes back there); returns how many."""
-        taken = run.blocks[run.start:run.start + need]
-        run.start += len(taken)
-        if run.registered:
-            cached, hashes, of = self._cached, self._hash, self._released_of
-            for b in taken:
-                del of[b]
-                h = hashes[b]
-                if h is not None:
-                    del cached[h]
-                    hashes[b] = None
-        else:
-            self._num_released -= len(taken)
+    def _evict_run(self, run: _Run, need: int, ids: list[int]) -> int:
+        """Take up to `need` blocks from the head of a run, at the head of the eviction order (what is left of it
+        stays there); returns how many."""
+        start = run.start
+        taken = run.blocks[start:start + need]
+        run.start = start + len(taken)
+        if type(run) is _Released:
+            if run.registered:
+                cached, hashes, of = self._cached, self._hash, self._released_of
+                for b in taken:
+                    del of[b]
+                    h = hashes[b]
+                    if h is not None:
+                        del cached[h]
+                        hashes[b] = None
+            else:
+                self._num_released -= len(taken)
+                if run.start == len(run.blocks):
+                    del self._released[run.key]
         ids += taken
-        if run.start < len(run.blocks):
-            self._evictable[run] = None
-            self._evictable.move_to_end(run, last=False)
-        elif not run.registered:
-            del self._released[run.key]
+        if run.start == len(run.blocks):
+            del self._evictable[run]
         return len(taken)
 
     def free(self, blocks: list[int]) -> None:
@@ -303,7 +306,7 @@ class BlockPool:
                     hashes[b] = None
         self._free.extend(reversed(blocks[registered:]))
         if registered:
-            self._evictable[tuple(blocks[registered - 1::-1])] = None
+            self._evictable[_Run(blocks[registered - 1::-1])] = None
             self._num_evictable += registered
 
     def release(self, req, blocks: list[int], registered: int) -> None:
@@ -348,8 +351,6 @@ class BlockPool:
         for b in self._evictable:
             if type(b) is int:
                 self._free.append(b)
-            elif type(b) is tuple:
-                self._free.extend(b)
             else:
                 self._free.extend(b.blocks[b.start:])
         self._evictable.clear()
