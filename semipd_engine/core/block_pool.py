@@ -13,7 +13,8 @@ prefix. Blocks are reference counted; one that nobody references but that holds 
 registered prefix stays cached, least recently freed first out, and is evicted only
 when a fresh block is needed. `num_free` counts those too: a cached block is free to
 take. A finished request whose blocks nobody can look up again (`retire`) leaves them in the eviction order
-unhashed, as one run, so they cost nothing per block to register or to evict.
+unhashed, as one run, so they cost nothing per block to register or to evict; a simulated request released by a
+KV transfer's sender (`release`) leaves its blocks as one run too, registered only if it looks them up again.
 """
 
 from __future__ import annotations
