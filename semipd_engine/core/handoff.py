@@ -92,7 +92,7 @@ class TransferHandoff(Handoff):
         if req is None:
             return False
         pool = self.pool
-        if pool.prefix_caching and block_pool.private_blocks(req):  # its prompt's blocks, never registered: released as a run
+        if pool.prefix_caching and block_pool.private_blocks(req):  # never registered: released as one run
             pool.release(req, blocks, min(req.num_computed_tokens // pool.block_size, len(blocks)))
         else:
             pool.free(blocks)
