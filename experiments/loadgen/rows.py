@@ -20,18 +20,14 @@ import pyarrow.parquet as pq
 from experiments.loadgen import row_groups
 
 
-def _encode(table: pa.Table, where) -> None:
+def write_table(table: pa.Table, where: str | Path | io.BytesIO) -> None:
     plain = [f.name for f in table.schema if not (pa.types.is_list(f.type) or pa.types.is_large_list(f.type))]
     pq.write_table(table, where, compression="zstd", compression_level=1, use_dictionary=plain)
 
 
-def write_table(table: pa.Table, path: str | Path) -> None:
-    _encode(table, path)
-
-
 def encoded(table: pa.Table) -> bytes:
     buf = io.BytesIO()
-    _encode(table, buf)
+    write_table(table, buf)
     return buf.getvalue()
 
 

@@ -294,21 +294,27 @@ class BlockPool:
         blocks were registered (those in the eviction order, the rest on the free list), they go, the first
         ones as one unhashed run: later allocations evict the same cached blocks at the same moments, and
         nothing is hashed, indexed or evicted block by block for a prefix no lookup can match."""
-        ref, hashes = self._ref, self._hash
-        if _values(ref, blocks).count(1) != len(blocks) or len(set(blocks)) != len(blocks):
-            raise RuntimeError(f"retire: a block shared or freed twice among {blocks}")
-        for b in blocks:
-            ref[b] = 0
+        self._unref_sole(blocks, registered, "retire")
+        hashes = self._hash
         hs = _values(hashes, blocks)
         if hs.count(None) != len(hs):  # registered ones (a private request's are not)
             for b, h in zip(blocks, hs):
                 if h is not None:
                     del self._cached[h]
                     hashes[b] = None
-        self._free.extend(reversed(blocks[registered:]))
         if registered:
             self._evictable[_Run(blocks[registered - 1::-1])] = None
             self._num_evictable += registered
+
+    def _unref_sole(self, blocks: list[int], registered: int, what: str) -> None:
+        """Drop a request's references on blocks it alone holds, its blocks past the first `registered` onto the
+        free list, where `free` would put them (the caller places the first ones)."""
+        ref = self._ref
+        if _values(ref, blocks).count(1) != len(blocks) or len(set(blocks)) != len(blocks):
+            raise RuntimeError(f"{what}: a block shared or freed twice among {blocks}")
+        for b in blocks:
+            ref[b] = 0
+        self._free.extend(reversed(blocks[registered:]))
 
     def release(self, req, blocks: list[int], registered: int) -> None:
         """`free` the blocks of a request whose blocks only its own lookups can match (`private_blocks`: none of
@@ -318,13 +324,9 @@ class BlockPool:
         only if the request looks its first block up here again, back after a preemption."""
         if not req.placeholder_tokens:
             raise ValueError(f"release: {req.request_id}'s tokens are real: free its blocks")
-        ref = self._ref
-        if (_values(ref, blocks).count(1) != len(blocks) or len(set(blocks)) != len(blocks)
-                or _values(self._hash, blocks).count(None) != len(blocks)):
-            raise RuntimeError(f"release: a block shared, freed twice or registered among {blocks}")
-        for b in blocks:
-            ref[b] = 0
-        self._free.extend(reversed(blocks[registered:]))
+        if _values(self._hash, blocks).count(None) != len(blocks):
+            raise RuntimeError(f"release: a block registered among {blocks}")
+        self._unref_sole(blocks, registered, "release")
         if registered:
             key = prefix_hashes(req, self.block_size, 1)[0]
             if key in self._released:
