@@ -206,25 +206,26 @@ class BlockPool:
         ref, free = self._ref, self._free
         if not hit and n <= len(free) - reserve:  # the common case: uncached free blocks are enough
             ids = _pop(free, n)
-            if any(_values(ref, ids)):
-                raise RuntimeError(f"allocator corrupted: a free block among {ids} is referenced")
-            for b in ids:
+            for b in ids:  # checked as set: cheaper than a gather first, for the one or two blocks of a decode
+                if ref[b]:
+                    raise RuntimeError(f"allocator corrupted: free block {b} is referenced")
                 ref[b] = 1
             return ids
-        revive = sum(1 for b, _ in hit if ref[b] == 0)
+        revive = sum(1 for b, _ in hit if ref[b] == 0) if hit else 0
         if n + revive > len(free) + self._num_evictable - reserve:
             return None
-        for b, _ in hit:
-            if ref[b] == 0:
-                run = self._released_of.pop(b, None) if self._released_of else None
-                if run is None:
-                    del self._evictable[b]
-                else:  # out of its release's entry, the rest keeping their places
-                    del run.blocks[run.blocks.index(b, run.start)]
-                    if run.start == len(run.blocks):
-                        del self._evictable[run]
-            ref[b] += 1
-        self._num_evictable -= revive
+        if hit:
+            for b, _ in hit:
+                if ref[b] == 0:
+                    run = self._released_of.pop(b, None) if self._released_of else None
+                    if run is None:
+                        del self._evictable[b]
+                    else:  # out of its release's entry, the rest keeping their places
+                        del run.blocks[run.blocks.index(b, run.start)]
+                        if run.start == len(run.blocks):
+                            del self._evictable[run]
+                ref[b] += 1
+            self._num_evictable -= revive
         take = min(n, len(free))  # the uncached ones first, then evictions, least recently freed first
         ids = _pop(free, take)
         if take < n:
@@ -241,9 +242,9 @@ class BlockPool:
                     need -= 1
                 else:
                     need -= self._evict_run(b, need, ids)
-        if any(_values(ref, ids)):
-            raise RuntimeError(f"allocator corrupted: a free block among {ids} is referenced")
         for b in ids:
+            if ref[b]:
+                raise RuntimeError(f"allocator corrupted: free block {b} is referenced")
             ref[b] = 1
         return ids
 
@@ -287,21 +288,23 @@ class BlockPool:
                     evictable[b] = None
                     self._num_evictable += 1
 
-    def retire(self, blocks: list[int], registered: int) -> None:
+    def retire(self, blocks: list[int], registered: int, hashed: bool = True) -> None:
         """`free` a finished request's blocks (each held by it alone) when nobody can ever look them up again: the
         simulator's placeholder tokens, hashed by the request's own salt, of a request never preempted (so this
         pool holds no other copy of them). Where `free` would leave them after the request's first `registered`
         blocks were registered (those in the eviction order, the rest on the free list), they go, the first
         ones as one unhashed run: later allocations evict the same cached blocks at the same moments, and
-        nothing is hashed, indexed or evicted block by block for a prefix no lookup can match."""
+        nothing is hashed, indexed or evicted block by block for a prefix no lookup can match. `hashed`: False when
+        the request registered none of them (its `num_registered_blocks` is 0), so none is looked at."""
         self._unref_sole(blocks, registered, "retire")
-        hashes = self._hash
-        hs = _values(hashes, blocks)
-        if hs.count(None) != len(hs):  # registered ones (a private request's are not)
-            for b, h in zip(blocks, hs):
-                if h is not None:
-                    del self._cached[h]
-                    hashes[b] = None
+        if hashed:
+            hashes = self._hash
+            hs = _values(hashes, blocks)
+            if hs.count(None) != len(hs):  # registered ones (a private request's are, once its group dissolved)
+                for b, h in zip(blocks, hs):
+                    if h is not None:
+                        del self._cached[h]
+                        hashes[b] = None
         if registered:
             self._evictable[_Run(blocks[registered - 1::-1])] = None
             self._num_evictable += registered
@@ -310,9 +313,11 @@ class BlockPool:
         """Drop a request's references on blocks it alone holds, its blocks past the first `registered` onto the
         free list, where `free` would put them (the caller places the first ones)."""
         ref = self._ref
-        if _values(ref, blocks).count(1) != len(blocks) or len(set(blocks)) != len(blocks):
-            raise RuntimeError(f"{what}: a block shared or freed twice among {blocks}")
-        for b in blocks:
+        for i, b in enumerate(blocks):  # checked as dropped (a repeated block finds its reference gone)
+            if ref[b] != 1:
+                for d in blocks[:i]:
+                    ref[d] = 1
+                raise RuntimeError(f"{what}: block {b} shared or freed twice among {blocks}")
             ref[b] = 0
         self._free.extend(reversed(blocks[registered:]))
 

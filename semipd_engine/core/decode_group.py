@@ -43,7 +43,8 @@ class DecodeGroup:
         self.ends: list[float] = []  # their end times
         self.members: dict[Request, Member] = {}
         self.ctx = 0  # sum over members of the tokens the next iteration attends (computed + 1)
-        self.buckets: list[dict[Member, None]] = [{} for _ in range(block_size)]
+        # Members by reservation phase, as their requests (what `reservations` hands out, gathered in C).
+        self.buckets: list[dict[Request, None]] = [{} for _ in range(block_size)]
         # (iteration, seq, member): a block registered after it (real tokens only), its last token
         self.registers: list[tuple[int, int, Member]] = []
         self.finishes: list[tuple[int, int, Member]] = []
@@ -71,7 +72,7 @@ class DecodeGroup:
         self.ctx += n_tok
         heapq.heappush(self.finishes, (m.end, m.seq, m))
         if m.bucket >= 0:
-            self.buckets[m.bucket][m] = None
+            self.buckets[m.bucket][req] = None
         if self.prefix_caching and not req.placeholder_tokens:
             self._push_register(m)
 
@@ -91,7 +92,7 @@ class DecodeGroup:
             return False
         self.materialise(m)
         if m.bucket >= 0:
-            del self.buckets[m.bucket][m]
+            del self.buckets[m.bucket][req]
         self.ctx -= req.num_computed_tokens + 1
         return True
 
@@ -117,7 +118,7 @@ class DecodeGroup:
     # -- what falls due -----------------------------------------------------------------------
     def reservations(self, at: int) -> list[Request]:
         """The members that need one more block for iteration `at` (each exactly one)."""
-        return [m.req for m in self.buckets[at % self.bs]]
+        return list(self.buckets[at % self.bs])
 
     def registrations(self, after: int) -> list[Request]:
         """Members with real tokens that filled a block in iteration `after` (or, after a fast-forward to it, in

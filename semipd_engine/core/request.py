@@ -49,7 +49,7 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"  # the engine failed
 
 
-@dataclass
+@dataclass(slots=True)
 class Timestamps:
     """Server-side lifecycle, all read from the engine's clock (`semipd_engine.core.clock`): wall
     monotonic time for real engines (comparable across processes), virtual seconds in the simulator."""
@@ -62,7 +62,7 @@ class Timestamps:
     preemptions: list[float] = field(default_factory=list)
 
 
-@dataclass(eq=False)  # identity semantics: queues use `in` / `remove`
+@dataclass(eq=False, slots=True, weakref_slot=True)  # identity: queues use `in` / `remove`; slots: read every iteration
 class Request:
     request_id: str
     prompt_token_ids: list[int]

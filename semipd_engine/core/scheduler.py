@@ -20,15 +20,19 @@ so the same objects run in worker processes and in the simulator.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
+from operator import attrgetter
+from typing import NamedTuple, Optional
 
 from semipd_engine.core import block_pool
 from semipd_engine.core.block_pool import BlockPool, cached_prefix, register_computed
 from semipd_engine.core.decode_group import DecodeGroup
 from semipd_engine.core.request import FinishReason, Request, RequestOutput, RequestStatus
+
+_RUN_SEQ = attrgetter("run_seq")
 
 
 @dataclass
@@ -52,9 +56,9 @@ class ScheduledBatch:
         return bool(self.items) or self.group > 0
 
 
-@dataclass(frozen=True)
-class ExecuteResult:
-    """What an executor returns: the token sampled for each request that reached its end, and how long it took."""
+class ExecuteResult(NamedTuple):
+    """What an executor returns: the token sampled for each request that reached its end, and how long it took.
+    (A named tuple: built every iteration, at a third of a frozen dataclass's cost.)"""
 
     sampled: list[tuple[Request, int]]
     duration_s: float
@@ -135,6 +139,16 @@ class Scheduler:
         req.run_seq = next(self._run_seq)
         self.running.append(req)
 
+    def _unrun(self, req: Request) -> bool:
+        """Take `req` out of `running`; False if it is not there. `running` is in `run_seq` order (`_run` appends,
+        nothing else inserts): a bisection finds it without comparing it with every request before it."""
+        running = self.running
+        i = bisect.bisect_left(running, req.run_seq, key=_RUN_SEQ)
+        if i < len(running) and running[i] is req:
+            del running[i]
+            return True
+        return False
+
     def _unpark(self) -> None:
         """A slot freed: the oldest adopted request joins the running ones."""
         req = self.parked.popleft()
@@ -194,15 +208,14 @@ class Scheduler:
         if req.status is not RequestStatus.RUNNING:
             self.waiting.remove(req)
         else:
-            try:  # running first: the parked queue of a saturated decode worker is long, and nothing finishes there
-                self.running.remove(req)
-            except ValueError:
+            if not self._unrun(req):  # running first: a saturated decode worker's parked queue is long
                 self.parked.remove(req)
         self.requests.pop(req.request_id, None)
         if free and req.block_table:
             if retire:  # the blocks `_register` would have registered by now: every one its computed tokens fill
                 self.pool.retire(req.block_table,
-                                 min(req.num_computed_tokens // self.pool.block_size, len(req.block_table)))
+                                 min(req.num_computed_tokens // self.pool.block_size, len(req.block_table)),
+                                 hashed=req.num_registered_blocks > 0)
             else:
                 if self.pool.prefix_caching:  # private blocks register as they leave (else: registered already)
                     self._register(req)
@@ -521,7 +534,8 @@ class Scheduler:
         return True
 
     def _preempt(self, req: Request, batch: ScheduledBatch, now: float) -> None:
-        self.running.remove(req)
+        if not self._unrun(req):
+            raise ValueError(f"{self.name}: preempting {req.request_id}, which is not running")
         batch.items = [(r, n) for r, n in batch.items if r is not req]
         if req.block_table:
             if self.pool.prefix_caching:  # private blocks register as they leave (else: registered already)

@@ -190,7 +190,7 @@ class SharedBlockPool(BlockPool):
                         top += 1
             v["top"][0] = top
 
-    def retire(self, blocks: list[int], registered: int) -> None:
+    def retire(self, blocks: list[int], registered: int, hashed: bool = True) -> None:
         raise NotImplementedError("retire is the simulator's (placeholder tokens): a worker process's pool frees")
 
     def release(self, req, blocks: list[int], registered: int) -> None:
