@@ -37,7 +37,6 @@ class Curve:
             raise ValueError("a curve needs as many ys as xs, at least one")
         if any(b <= a for a, b in zip(self.xs, self.xs[1:])) or min(self.xs) <= 0 or min(self.ys) <= 0:
             raise ValueError(f"curve breakpoints must be positive and strictly increasing: {self.xs}, {self.ys}")
-        object.__setattr__(self, "low", min(self.ys))  # no value is below it (a bound for callers to skip a curve)
         # Each piece's log-width and rise, computed once (the simulator evaluates curves ~10^5 times a run)
         object.__setattr__(self, "_pieces", tuple((math.log(b / a), d / c) for a, b, c, d in
                                                   zip(self.xs, self.xs[1:], self.ys, self.ys[1:])))

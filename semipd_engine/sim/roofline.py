@@ -69,12 +69,6 @@ class Ops:
         hw = self.hw
         flops = 4.0 * ctx_tokens * heads * head_dim
         nbytes = (ctx_tokens * 2 * kv_heads + 2 * seqs * heads) * head_dim * self.b
-        tm = nbytes / (hw.mem_bw * hw.decode_attn_bw_eff(nbytes))
-        if flops / (hw.peak_flops * hw.prefill_attn_eff.low) < tm * (1.0 - 1e-9):
-            # Bound by the bytes even at the curve's lowest compute efficiency (a decode's usual case): `_roof`'s
-            # answer without evaluating the compute curve.
-            floor = hw.decode_attn_floor_s
-            return max(tm, floor), tm >= floor
         return self._roof(flops, hw.prefill_attn_eff(max(ctx_tokens / seqs, 1.0)), nbytes,
                           hw.decode_attn_bw_eff(nbytes), hw.decode_attn_floor_s)
 
