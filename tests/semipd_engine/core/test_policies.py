@@ -234,3 +234,23 @@ def test_a_restored_scheduler_goes_on_as_the_original_would(policy):
         core = _core(policy, 12, 16)
         core.add_request(_req(0, 4))
         core.scheduler.restore(core.scheduler.snapshot())
+
+
+def test_running_stays_in_admission_order_and_any_request_leaves_it():
+    """`running` is kept in `run_seq` order (a bisection finds the request to drop): requests leave from its
+    middle and its ends, and the order holds for whoever joins after."""
+    core = _core("prefill_priority", 200, 1000, seqs=6)
+    sched = core.scheduler
+    reqs = [_req(i, 4) for i in range(6)]
+    for r in reqs:
+        core.add_request(r)
+    core.step()
+    assert [r.run_seq for r in sched.running] == sorted(r.run_seq for r in sched.running) and len(sched.running) == 6
+    for victim in (reqs[3], reqs[0], reqs[5]):
+        assert sched.abort(victim.request_id) and victim not in sched.running
+    assert sched.running == [reqs[1], reqs[2], reqs[4]]
+    assert not sched._unrun(reqs[3])  # gone already: nothing else is taken out
+    late = _req(9, 4)
+    core.add_request(late)
+    core.step()
+    assert sched.running[-1] is late and [r.run_seq for r in sched.running] == sorted(r.run_seq for r in sched.running)
