@@ -251,9 +251,9 @@ class BlockPool:
     def _evict_run(self, run: _Run, need: int, ids: list[int]) -> int:
         """Take up to `need` blocks from the head of a run, at the head of the eviction order (what is left of it
         stays there); returns how many."""
-        start = run.start
+        start, end = run.start, len(run.blocks)
         taken = run.blocks[start:start + need]
-        run.start = start + len(taken)
+        run.start = start = start + len(taken)
         if type(run) is _Released:
             if run.registered:
                 cached, hashes, of = self._cached, self._hash, self._released_of
@@ -265,10 +265,10 @@ class BlockPool:
                         hashes[b] = None
             else:
                 self._num_released -= len(taken)
-                if run.start == len(run.blocks):
+                if start == end:
                     del self._released[run.key]
         ids += taken
-        if run.start == len(run.blocks):
+        if start == end:
             del self._evictable[run]
         return len(taken)
 

@@ -251,7 +251,8 @@ class Simulator:
                     nxt = arrivals[self._ai].times.arrival if self._ai < n else math.inf
                     if (heap[0][0] if heap and heap[0][0] < nxt else nxt) > t:
                         self._flush_kicks(t)
-                        self._settle(t)
+                        if self._dirty:
+                            self._settle(t)
         finally:
             self.stats.events += events
 
@@ -630,10 +631,10 @@ class Simulator:
             self._push(t + self.control.window_s, CONTROL, None)
 
     def _track_pool(self, pool: BlockPool) -> None:
-        name = self._pools[id(pool)][0]
+        used, name = pool.num_used, self._pools[id(pool)][0]
         peak = self.stats.kv_peak_blocks
-        if pool.num_used > peak.get(name, 0):
-            peak[name] = pool.num_used
+        if used > peak.get(name, 0):
+            peak[name] = used
 
 
 @contextlib.contextmanager
