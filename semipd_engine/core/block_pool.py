@@ -92,6 +92,16 @@ def register_computed(pool, req) -> None:
         req.num_registered_blocks = full
 
 
+def free_request(pool, req) -> None:
+    """Free `req`'s blocks, first registering those its computed tokens fill: a private request's register as it
+    leaves (`private_blocks`); anyone else's are registered already, so that is a no-op."""
+    if req.block_table:
+        if pool.prefix_caching:
+            register_computed(pool, req)
+        pool.free(req.block_table)
+        req.block_table = []
+
+
 def _values(xs: list, idx: list[int]) -> tuple:
     """(xs[i] for i in idx) as a tuple, gathered in C."""
     if len(idx) > 1:

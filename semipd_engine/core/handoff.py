@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from semipd_engine.core import block_pool
-from semipd_engine.core.block_pool import BlockPool, register_computed
+from semipd_engine.core.block_pool import BlockPool, free_request
 from semipd_engine.core.kv_transfer import TransferQueue
 from semipd_engine.core.messages import AdoptRequest, KVTransferred, OfferKV, ReleaseKV
 from semipd_engine.core.request import Request
@@ -59,12 +59,7 @@ class AdoptHandoff(Handoff):
         self.send(target, AdoptRequest(req))  # same pool: the decode worker reads the blocks in place
 
     def arrived_aborted(self, msg) -> None:
-        req = msg.request  # same pool: its blocks are freed here
-        if req.block_table:
-            if self.pool.prefix_caching:  # a private request's blocks register as they leave
-                register_computed(self.pool, req)
-            self.pool.free(req.block_table)
-            req.block_table = []
+        free_request(self.pool, msg.request)  # same pool: its blocks are freed here
 
 
 class TransferHandoff(Handoff):

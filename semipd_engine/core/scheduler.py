@@ -28,7 +28,7 @@ from operator import attrgetter
 from typing import NamedTuple, Optional
 
 from semipd_engine.core import block_pool
-from semipd_engine.core.block_pool import BlockPool, cached_prefix, register_computed
+from semipd_engine.core.block_pool import BlockPool, cached_prefix, free_request, register_computed
 from semipd_engine.core.decode_group import DecodeGroup
 from semipd_engine.core.request import FinishReason, Request, RequestOutput, RequestStatus
 
@@ -217,11 +217,9 @@ class Scheduler:
                 self.pool.retire(req.block_table,
                                  min(req.num_computed_tokens // self.pool.block_size, len(req.block_table)),
                                  hashed=req.num_registered_blocks > 0)
+                req.block_table = []
             else:
-                if self.pool.prefix_caching:  # private blocks register as they leave (else: registered already)
-                    self._register(req)
-                self.pool.free(req.block_table)
-            req.block_table = []
+                free_request(self.pool, req)
 
     def snapshot(self) -> SchedulerState:
         """Everything a successor needs to go on where this scheduler stops (between iterations)."""
@@ -538,11 +536,7 @@ class Scheduler:
         if not self._unrun(req):
             raise ValueError(f"{self.name}: preempting {req.request_id}, which is not running")
         batch.items = [(r, n) for r, n in batch.items if r is not req]
-        if req.block_table:
-            if self.pool.prefix_caching:  # private blocks register as they leave (else: registered already)
-                self._register(req)
-            self.pool.free(req.block_table)
-            req.block_table = []
+        free_request(self.pool, req)
         req.num_computed_tokens = req.num_registered_blocks = 0
         req.status = RequestStatus.WAITING
         req.times.preemptions.append(now)

@@ -220,41 +220,39 @@ class Simulator:
         # Run for every event (~4 per request): what it reads of `self` is read once, before the loop.
         heap, arrivals, done, advance, pop = self._heap, self._arrivals, self._done, self.clock.advance_to, heapq.heappop
         events = 0
-        try:
-            while len(done) < total:
-                if self._ai < n and (not heap or arrivals[self._ai].times.arrival <= heap[0][0]):
-                    req = arrivals[self._ai]
-                    self._ai += 1
-                    t, kind, payload = req.times.arrival, ARRIVAL, req
-                elif heap:
-                    t, _, kind, payload = pop(heap)
-                else:
-                    break
-                while self._next_sample <= t:  # the state between two events holds until the later one
-                    self._sample(self._next_sample)
-                    self._next_sample += self.sample_every_s
-                advance(t)
-                events += 1
-                if kind == ITER_END:
-                    w, gen = payload
-                    if gen == w.gen:  # else re-priced: a later event ends it
-                        self._end_iteration(w, t)
-                elif kind == ARRIVAL:
-                    self._arrive(payload, t)
-                elif kind == RESUME:
-                    self._resume(payload, t)
-                elif kind == TRANSFER_DONE:
-                    self._transfer_done(payload, t)
-                else:
-                    self._control(t)
-                if self._kicks or self._dirty:
-                    nxt = arrivals[self._ai].times.arrival if self._ai < n else math.inf
-                    if (heap[0][0] if heap and heap[0][0] < nxt else nxt) > t:
-                        self._flush_kicks(t)
-                        if self._dirty:
-                            self._settle(t)
-        finally:
-            self.stats.events += events
+        while len(done) < total:
+            if self._ai < n and (not heap or arrivals[self._ai].times.arrival <= heap[0][0]):
+                req = arrivals[self._ai]
+                self._ai += 1
+                t, kind, payload = req.times.arrival, ARRIVAL, req
+            elif heap:
+                t, _, kind, payload = pop(heap)
+            else:
+                break
+            while self._next_sample <= t:  # the state between two events holds until the later one
+                self._sample(self._next_sample)
+                self._next_sample += self.sample_every_s
+            advance(t)
+            events += 1
+            if kind == ITER_END:
+                w, gen = payload
+                if gen == w.gen:  # else re-priced: a later event ends it
+                    self._end_iteration(w, t)
+            elif kind == ARRIVAL:
+                self._arrive(payload, t)
+            elif kind == RESUME:
+                self._resume(payload, t)
+            elif kind == TRANSFER_DONE:
+                self._transfer_done(payload, t)
+            else:
+                self._control(t)
+            if self._kicks or self._dirty:
+                nxt = arrivals[self._ai].times.arrival if self._ai < n else math.inf
+                if (heap[0][0] if heap and heap[0][0] < nxt else nxt) > t:
+                    self._flush_kicks(t)
+                    if self._dirty:
+                        self._settle(t)
+        self.stats.events += events
 
     def sample_every(self, seconds: float) -> None:
         """Record `stats.samples` every `seconds` of virtual time from 0 (off by default: a speed benchmark
